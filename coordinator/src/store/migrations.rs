@@ -1,0 +1,31 @@
+//! The numbered SQL files in `migrations/`, embedded at build time.
+
+use std::borrow::Cow;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+
+macro_rules! migrations {
+    ($dir:literal: $($version:literal => $file:literal),+ $(,)?) => {
+        vec![$(Migration::new(
+            $version,
+            Cow::Borrowed($file),
+            MigrationType::Simple,
+            sqlx::SqlSafeStr::into_sql_str(include_str!(concat!("../../../migrations/", $dir, "/", $file))),
+            false,
+        )),+]
+    };
+}
+
+pub fn sqlite() -> Migrator {
+    Migrator {
+        migrations: Cow::Owned(migrations!("sqlite": 1 => "0001_initial.sql")),
+        ..Migrator::DEFAULT
+    }
+}
+
+pub fn postgres() -> Migrator {
+    Migrator {
+        migrations: Cow::Owned(migrations!("postgres": 1 => "0001_initial.sql")),
+        ..Migrator::DEFAULT
+    }
+}

@@ -1,0 +1,192 @@
+//! The store: jobs, shards, parts and the lease protocol, behind one interface with one
+//! implementation per SQL dialect (SQLite embedded, PostgreSQL in production). Lease times come
+//! from the database clock only. Every lease write is guarded by `(shard, fencing token)`.
+
+mod migrations;
+pub mod postgres;
+mod records;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use nightshift_proto::wire::{
+    HeartbeatResponse, InputFile, JobPlan, LeaseRef, PartRecord, ShardCounts, ShardLease,
+};
+use nightshift_proto::{FailureClass, JobSpec, JobState};
+
+pub use records::{JobRecord, PartRow, ShardRow, StoreMetrics};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("lease lost: shard {shard_id} is no longer held under token {token}")]
+    LeaseLost { shard_id: i64, token: i64 },
+    #[error("job {job_id} is {state}, not running")]
+    JobNotRunning { job_id: i64, state: JobState },
+    #[error(
+        "checkpoint of shard {shard_id} must start at row {expected}, not {got}: parts must be contiguous"
+    )]
+    CheckpointGap {
+        shard_id: i64,
+        expected: u64,
+        got: u64,
+    },
+    #[error("shard {shard_id} cannot complete: {done} of {rows} rows checkpointed")]
+    Incomplete { shard_id: i64, done: u64, rows: u64 },
+    #[error("job {0} not found")]
+    JobNotFound(i64),
+    #[error("idempotency key `{key}` already names job {job_id}, submitted with another spec")]
+    IdempotencyConflict { key: String, job_id: i64 },
+    #[error("job {job_id} is {state}: {action} does not apply")]
+    BadTransition {
+        job_id: i64,
+        state: JobState,
+        action: &'static str,
+    },
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unreadable row: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A job to insert: validated and planned.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub uid: String,
+    pub spec: JobSpec,
+    pub idempotency_key: Option<String>,
+    pub plan: JobPlan,
+}
+
+/// What `create_job` did.
+#[derive(Debug, Clone)]
+pub enum Submitted {
+    Created(JobRecord),
+    /// The idempotency key already named a job with the same spec.
+    Existing(JobRecord),
+}
+
+impl Submitted {
+    pub fn job(&self) -> &JobRecord {
+        match self {
+            Submitted::Created(j) | Submitted::Existing(j) => j,
+        }
+    }
+}
+
+/// Timing of the lease protocol, owned by the coordinator's config.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTiming {
+    pub ttl_ms: i64,
+    /// First retry delay after a failure or expiry; doubles per attempt.
+    pub backoff_base_ms: i64,
+    pub backoff_max_ms: i64,
+}
+
+impl LeaseTiming {
+    /// Delay before the next grant of a shard that has been tried `attempts` times.
+    pub fn backoff_ms(&self, attempts: i64) -> i64 {
+        let exp = attempts.clamp(1, 20) - 1;
+        self.backoff_base_ms
+            .saturating_mul(1 << exp)
+            .min(self.backoff_max_ms)
+    }
+}
+
+/// How a finished job ends.
+#[derive(Debug, Clone)]
+pub enum JobOutcome {
+    Succeeded,
+    Failed(String),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Brings the schema up to date.
+    async fn migrate(&self) -> Result<()>;
+    /// The database answers and every migration is applied.
+    async fn ready(&self) -> Result<bool>;
+
+    // Jobs.
+
+    /// Inserts a planned job, its input snapshot and its shards in one transaction, ready to
+    /// run. With an idempotency key: the same key and spec returns the existing job; the same
+    /// key with another spec is refused.
+    async fn create_job(&self, job: NewJob) -> Result<Submitted>;
+    async fn job_by_key(&self, key: &str) -> Result<Option<JobRecord>>;
+    async fn job(&self, id: i64) -> Result<Option<JobRecord>>;
+    /// The newest job of that name.
+    async fn job_by_name(&self, name: &str) -> Result<Option<JobRecord>>;
+    /// Newest first.
+    async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRecord>>;
+    async fn shard_counts(&self, job_id: i64) -> Result<(ShardCounts, u64, u64)>;
+    async fn shards(&self, job_id: i64) -> Result<Vec<ShardRow>>;
+    async fn input_files(&self, job_id: i64) -> Result<Vec<InputFile>>;
+    async fn cancel_job(&self, id: i64) -> Result<JobRecord>;
+    /// A failed or cancelled job runs again: dead shards go back to pending with fresh
+    /// attempts; committed checkpoints stay.
+    async fn retry_job(&self, id: i64) -> Result<JobRecord>;
+    /// Removes a job and everything it owns.
+    async fn delete_job(&self, id: i64) -> Result<()>;
+
+    // Lease protocol.
+
+    /// Grants up to `max` pending shards of running jobs, highest priority first.
+    async fn claim(&self, worker: &str, max: u32, timing: LeaseTiming) -> Result<Vec<ShardLease>>;
+    /// Extends every lease still held; says which are lost or cancelled.
+    async fn heartbeat(
+        &self,
+        worker: &str,
+        leases: &[LeaseRef],
+        timing: LeaseTiming,
+    ) -> Result<HeartbeatResponse>;
+    /// Records a durably written part and moves the checkpoint past it.
+    async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()>;
+    async fn complete(&self, lease: LeaseRef) -> Result<()>;
+    async fn fail(
+        &self,
+        lease: LeaseRef,
+        class: FailureClass,
+        message: &str,
+        timing: LeaseTiming,
+    ) -> Result<()>;
+    /// Gives a shard back with its progress; does not count as an attempt.
+    async fn release(&self, lease: LeaseRef) -> Result<()>;
+
+    // Background loops; each safe to run on several replicas at once.
+
+    /// Expired leases go back to pending after a backoff, or dead past max attempts.
+    async fn reap_expired(&self, timing: LeaseTiming) -> Result<u64>;
+    /// Running jobs with no open shards move on: to finalizing, or to failed when shards died
+    /// or too many rows were poison.
+    async fn settle_jobs(&self) -> Result<u64>;
+    /// Takes a finalizing job for `ttl_ms`, unless another finalizer holds it.
+    async fn claim_finalize(&self, owner: &str, ttl_ms: i64) -> Result<Option<JobRecord>>;
+    async fn parts(&self, job_id: i64) -> Result<Vec<PartRow>>;
+    /// Ends a finalizing job (only its finalizer's claim may).
+    async fn finish_job(&self, job_id: i64, owner: &str, outcome: JobOutcome) -> Result<()>;
+
+    async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics>;
+    /// The database clock.
+    async fn now_ms(&self) -> Result<i64>;
+}
+
+pub type DynStore = Arc<dyn Store>;
+
+/// Opens the store a URL names: `sqlite://path` (or a bare path ending in `.db`) or
+/// `postgres://...`, and migrates it.
+pub async fn open(url: &str) -> Result<DynStore> {
+    let store: DynStore = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let _pg = postgres::PgStore::connect(url).await?;
+        unreachable!()
+    } else {
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path)).await?)
+    };
+    store.migrate().await?;
+    Ok(store)
+}

@@ -1,0 +1,31 @@
+//! Error codes carried in API error bodies, so clients act on a code rather than on text.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The spec does not parse or breaks a rule.
+    InvalidSpec,
+    /// The input, model or output does not fit the spec.
+    InvalidJob,
+    /// A URI outside the coordinator's allow-list.
+    UriNotAllowed,
+    NotFound,
+    /// Same idempotency key, different spec; or a transition that no longer applies.
+    Conflict,
+    /// The fencing token is stale: the lease is gone.
+    LeaseLost,
+    Unauthorized,
+    Forbidden,
+    BadRequest,
+    Unavailable,
+    Internal,
+}
+
+/// The JSON body of every API error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}

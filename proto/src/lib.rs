@@ -1,0 +1,15 @@
+//! Plain data shared by every nightshift role: the job spec, the wire types of the HTTP API and
+//! the lease protocol, and error codes. No I/O, no runtime: everything here is serde data.
+
+pub mod error_code;
+pub mod spec;
+pub mod spec_check;
+pub mod state;
+pub mod wire;
+
+pub use error_code::{ErrorBody, ErrorCode};
+pub use spec::{
+    BatchSpec, Device, ErrorSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, RetrySpec, ShardSpec,
+};
+pub use spec_check::SpecError;
+pub use state::{FailureClass, JobState, LeaseState, ShardState};

@@ -1,0 +1,254 @@
+//! The job spec: what a user writes in a TOML file (or posts as JSON). Unknown keys are errors.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::{Digest, Sha256};
+
+/// A whole job spec, defaults filled in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Letters, digits, '-' and '_'; at most 64 characters.
+    pub name: String,
+    pub input: InputSpec,
+    pub model: ModelSpec,
+    pub output: OutputSpec,
+    #[serde(default)]
+    pub batch: BatchSpec,
+    #[serde(default)]
+    pub shards: ShardSpec,
+    #[serde(default)]
+    pub retry: RetrySpec,
+    #[serde(default)]
+    pub errors: ErrorSpec,
+    /// Higher runs first.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// A Parquet file, a directory of them, or a glob; local path or `s3://bucket/...`.
+    pub uri: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub uri: String,
+    #[serde(default)]
+    pub device: Device,
+    /// ONNX input name -> input column.
+    pub inputs: BTreeMap<String, String>,
+    /// ONNX output name -> output column.
+    pub outputs: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// A directory (local or `s3://bucket/prefix/`).
+    pub uri: String,
+    /// Input columns copied unchanged into every output row.
+    #[serde(default)]
+    pub passthrough: Vec<String>,
+    /// Output files are sized toward this many MiB.
+    #[serde(default = "default_target_file_mb")]
+    pub target_file_mb: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSpec {
+    /// Rows per model call.
+    #[serde(default = "default_batch_size")]
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardSpec {
+    /// Target rows per shard, rounded to whole row groups.
+    #[serde(default = "default_shard_rows")]
+    pub rows: u64,
+    /// Rows per output part: the most work a killed worker can lose.
+    #[serde(default = "default_checkpoint_rows")]
+    pub checkpoint_rows: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Grants of one shard before it is dead (a drained release does not count).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorSpec {
+    /// Poison rows tolerated before the job fails (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows: Option<u64>,
+    /// Fraction of input rows tolerated as poison rows (0.0 - 1.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_fraction: Option<f64>,
+}
+
+fn default_target_file_mb() -> u64 {
+    256
+}
+fn default_batch_size() -> u64 {
+    1024
+}
+fn default_shard_rows() -> u64 {
+    200_000
+}
+fn default_checkpoint_rows() -> u64 {
+    65_536
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+
+impl Default for BatchSpec {
+    fn default() -> Self {
+        Self {
+            size: default_batch_size(),
+        }
+    }
+}
+impl Default for ShardSpec {
+    fn default() -> Self {
+        Self {
+            rows: default_shard_rows(),
+            checkpoint_rows: default_checkpoint_rows(),
+        }
+    }
+}
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+        }
+    }
+}
+
+impl ErrorSpec {
+    /// The most poison rows a job of `rows_total` input rows may have and still succeed.
+    pub fn allowed_rows(&self, rows_total: u64) -> u64 {
+        let by_rows = self.max_rows;
+        let by_fraction = self
+            .max_fraction
+            .map(|f| (f * rows_total as f64).floor() as u64);
+        match (by_rows, by_fraction) {
+            (None, None) => 0,
+            (Some(a), None) => a,
+            (None, Some(b)) => b,
+            (Some(a), Some(b)) => a.min(b),
+        }
+    }
+}
+
+impl JobSpec {
+    /// A stable hash of the spec with its defaults filled in: the same spec always hashes the
+    /// same, whatever its formatting, key order or omitted defaults.
+    pub fn hash(&self) -> String {
+        let canonical = serde_json::to_vec(self).unwrap_or_default();
+        hex::encode(Sha256::digest(&canonical))
+    }
+
+    /// Every input column the job reads: model inputs, then passthrough, without repeats.
+    pub fn input_columns(&self) -> Vec<String> {
+        let mut cols: Vec<String> = Vec::new();
+        for c in self.model.inputs.values().chain(self.output.passthrough.iter()) {
+            if !cols.contains(c) {
+                cols.push(c.clone());
+            }
+        }
+        cols
+    }
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    /// CUDA when a usable CUDA provider is present, else CPU; the worker says which it chose.
+    #[default]
+    Auto,
+    Cpu,
+    /// CUDA device N; refused (never a silent CPU fallback) when CUDA is not usable.
+    Cuda(u32),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Auto => f.write_str("auto"),
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(0) => f.write_str("cuda"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<u32>().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| {
+                    format!("unknown device `{other}`: expected auto, cpu, cuda or cuda:N")
+                }),
+        }
+    }
+}
+
+impl Serialize for Device {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_round_trips() {
+        for s in ["auto", "cpu", "cuda", "cuda:3"] {
+            let d: Device = s.parse().unwrap();
+            assert_eq!(d.to_string(), s);
+        }
+        assert!("gpu".parse::<Device>().unwrap_err().contains("gpu"));
+        assert!("cuda:x".parse::<Device>().is_err());
+    }
+
+    #[test]
+    fn allowed_rows_takes_the_stricter_limit() {
+        let e = ErrorSpec {
+            max_rows: Some(10),
+            max_fraction: Some(0.001),
+        };
+        assert_eq!(e.allowed_rows(1_000), 1);
+        assert_eq!(e.allowed_rows(1_000_000), 10);
+        assert_eq!(ErrorSpec::default().allowed_rows(1_000_000), 0);
+    }
+}

@@ -1,0 +1,370 @@
+//! Parsing and checking a spec: every error names the key and, for TOML, the line.
+
+use std::fmt;
+
+use crate::spec::JobSpec;
+
+/// A spec that does not parse or breaks a rule. `key` is the dotted key (`batch.size`) and
+/// `line` the 1-based line in the TOML source when known.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct SpecError {
+    pub key: Option<String>,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("invalid spec")?;
+        if let Some(line) = self.line {
+            write!(f, ", line {line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ", key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+pub const MAX_NAME_LEN: usize = 64;
+pub const MAX_BATCH_SIZE: u64 = 1 << 20;
+pub const MAX_SHARD_ROWS: u64 = 1 << 31;
+pub const MAX_ATTEMPTS: u32 = 100;
+pub const MAX_TARGET_FILE_MB: u64 = 65_536;
+
+impl JobSpec {
+    /// Parses a TOML spec and checks its rules.
+    pub fn from_toml(src: &str) -> Result<JobSpec, SpecError> {
+        let spec: JobSpec = toml::from_str(src).map_err(|e| toml_error(src, &e))?;
+        spec.check().map_err(|mut e| {
+            if let Some(key) = &e.key {
+                e.line = line_of_key(src, key);
+            }
+            e
+        })?;
+        Ok(spec)
+    }
+
+    /// Parses a JSON spec (as the HTTP API receives it) and checks its rules.
+    pub fn from_json(src: &[u8]) -> Result<JobSpec, SpecError> {
+        let spec: JobSpec = serde_json::from_slice(src).map_err(|e| SpecError {
+            key: None,
+            line: Some(e.line()),
+            message: e.to_string(),
+        })?;
+        spec.check()?;
+        Ok(spec)
+    }
+
+    /// The rules a parsed spec must follow beyond its types.
+    pub fn check(&self) -> Result<(), SpecError> {
+        let err = |key: &str, message: String| {
+            Err(SpecError {
+                key: Some(key.to_string()),
+                line: None,
+                message,
+            })
+        };
+        if self.name.is_empty() || self.name.len() > MAX_NAME_LEN {
+            return err(
+                "name",
+                format!(
+                    "name `{}` must be 1 to {MAX_NAME_LEN} characters long",
+                    self.name
+                ),
+            );
+        }
+        if let Some(c) = self
+            .name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        {
+            return err(
+                "name",
+                format!(
+                    "name `{}` may hold only letters, digits, '-' and '_', not {c:?}",
+                    self.name
+                ),
+            );
+        }
+        for (key, uri) in [
+            ("input.uri", &self.input.uri),
+            ("model.uri", &self.model.uri),
+            ("output.uri", &self.output.uri),
+        ] {
+            if uri.trim().is_empty() {
+                return err(key, "must not be empty".into());
+            }
+        }
+        if self.model.inputs.is_empty() {
+            return err(
+                "model.inputs",
+                "map at least one ONNX input to an input column".into(),
+            );
+        }
+        if self.model.outputs.is_empty() {
+            return err(
+                "model.outputs",
+                "map at least one ONNX output to an output column".into(),
+            );
+        }
+        for (table, map) in [
+            ("model.inputs", &self.model.inputs),
+            ("model.outputs", &self.model.outputs),
+        ] {
+            for (name, col) in map {
+                if col.is_empty() {
+                    return err(
+                        &format!("{table}.{name}"),
+                        "column name must not be empty".into(),
+                    );
+                }
+            }
+        }
+        let mut out_cols: Vec<&String> = Vec::new();
+        for (name, col) in &self.model.outputs {
+            if out_cols.contains(&col) {
+                return err(
+                    &format!("model.outputs.{name}"),
+                    format!("output column `{col}` is mapped twice"),
+                );
+            }
+            out_cols.push(col);
+        }
+        let mut seen: Vec<&String> = Vec::new();
+        for col in &self.output.passthrough {
+            if seen.contains(&col) {
+                return err(
+                    "output.passthrough",
+                    format!("column `{col}` is listed twice"),
+                );
+            }
+            if out_cols.contains(&col) {
+                return err(
+                    "output.passthrough",
+                    format!("column `{col}` is also a model output column"),
+                );
+            }
+            seen.push(col);
+        }
+        if !(1..=MAX_BATCH_SIZE).contains(&self.batch.size) {
+            return err(
+                "batch.size",
+                format!(
+                    "must be between 1 and {MAX_BATCH_SIZE}, got {}",
+                    self.batch.size
+                ),
+            );
+        }
+        if !(1..=MAX_SHARD_ROWS).contains(&self.shards.rows) {
+            return err(
+                "shards.rows",
+                format!(
+                    "must be between 1 and {MAX_SHARD_ROWS}, got {}",
+                    self.shards.rows
+                ),
+            );
+        }
+        if !(1..=MAX_SHARD_ROWS).contains(&self.shards.checkpoint_rows) {
+            return err(
+                "shards.checkpoint_rows",
+                format!(
+                    "must be between 1 and {MAX_SHARD_ROWS}, got {}",
+                    self.shards.checkpoint_rows
+                ),
+            );
+        }
+        if !(1..=MAX_ATTEMPTS).contains(&self.retry.max_attempts) {
+            return err(
+                "retry.max_attempts",
+                format!(
+                    "must be between 1 and {MAX_ATTEMPTS}, got {}",
+                    self.retry.max_attempts
+                ),
+            );
+        }
+        if !(1..=MAX_TARGET_FILE_MB).contains(&self.output.target_file_mb) {
+            return err(
+                "output.target_file_mb",
+                format!(
+                    "must be between 1 and {MAX_TARGET_FILE_MB}, got {}",
+                    self.output.target_file_mb
+                ),
+            );
+        }
+        if let Some(f) = self.errors.max_fraction
+            && !(0.0..=1.0).contains(&f)
+        {
+            return err(
+                "errors.max_fraction",
+                format!("must be between 0.0 and 1.0, got {f}"),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Turns a TOML deserialization error into a SpecError with the line and, where the message
+/// names a field, the dotted key.
+fn toml_error(src: &str, e: &toml::de::Error) -> SpecError {
+    let line = e
+        .span()
+        .map(|span| src[..span.start.min(src.len())].lines().count().max(1))
+        .map(|l| {
+            // A span that starts right after a newline belongs to the next line.
+            let start = e.span().map(|s| s.start).unwrap_or(0);
+            if start > 0 && src.as_bytes().get(start - 1) == Some(&b'\n') {
+                l + 1
+            } else {
+                l
+            }
+        });
+    let message = e.message().trim().to_string();
+    let field = message
+        .split('`')
+        .nth(1)
+        .filter(|_| message.starts_with("unknown field") || message.starts_with("missing field"))
+        .map(str::to_string);
+    let table = line.and_then(|l| table_at_line(src, l));
+    let key = field.map(|f| match (&table, message.starts_with("missing field")) {
+        // A missing field is reported on its table's header.
+        (Some(t), _) => format!("{t}.{f}"),
+        (None, _) => f,
+    });
+    SpecError { key, line, message }
+}
+
+/// The `[table]` a 1-based line belongs to, if any.
+fn table_at_line(src: &str, line: usize) -> Option<String> {
+    src.lines()
+        .take(line)
+        .filter_map(|l| {
+            let t = l.trim();
+            t.strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .map(|s| s.trim().to_string())
+        })
+        .last()
+}
+
+/// The 1-based line where a dotted key is written in a TOML source.
+fn line_of_key(src: &str, key: &str) -> Option<usize> {
+    let doc = toml_edit::Document::parse(src).ok()?;
+    let mut item: &toml_edit::Item = doc.as_item();
+    for part in key.split('.') {
+        item = item.get(part)?;
+    }
+    let span = item.span()?;
+    Some(src[..span.start].matches('\n').count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"name = "demo-scores"
+
+[input]
+uri = "data/demo/*.parquet"
+
+[model]
+uri = "models/mlp.onnx"
+device = "auto"
+
+[model.inputs]
+x = "features"
+
+[model.outputs]
+logits = "logits"
+
+[output]
+uri = "out/demo-scores/"
+passthrough = ["id"]
+
+[batch]
+size = 1024
+
+[shards]
+rows = 200000
+"#;
+
+    #[test]
+    fn parses_the_documented_spec() {
+        let spec = JobSpec::from_toml(GOOD).unwrap();
+        assert_eq!(spec.name, "demo-scores");
+        assert_eq!(spec.model.inputs["x"], "features");
+        assert_eq!(spec.batch.size, 1024);
+        assert_eq!(spec.retry.max_attempts, 5);
+        assert_eq!(spec.input_columns(), vec!["features", "id"]);
+    }
+
+    #[test]
+    fn hash_ignores_formatting_and_defaults() {
+        let a = JobSpec::from_toml(GOOD).unwrap();
+        let b = JobSpec::from_toml(&GOOD.replace("[batch]\nsize = 1024\n", "")).unwrap();
+        assert_eq!(a.hash(), b.hash());
+        let c = JobSpec::from_toml(&GOOD.replace("size = 1024", "size = 512")).unwrap();
+        assert_ne!(a.hash(), c.hash());
+        let json = serde_json::to_vec(&a).unwrap();
+        assert_eq!(JobSpec::from_json(&json).unwrap().hash(), a.hash());
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let src = GOOD.replace("size = 1024", "size = 1024\nsizes = 3");
+        let e = JobSpec::from_toml(&src).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("batch.sizes"), "{e}");
+        assert_eq!(e.line, Some(22), "{e}");
+        assert!(e.to_string().contains("sizes"), "{e}");
+    }
+
+    #[test]
+    fn missing_key_names_table_and_key() {
+        let src = GOOD.replace("uri = \"models/mlp.onnx\"\n", "");
+        let e = JobSpec::from_toml(&src).unwrap_err();
+        assert!(e.to_string().contains("uri"), "{e}");
+        assert_eq!(e.key.as_deref(), Some("model.uri"), "{e}");
+        let e = JobSpec::from_toml(&GOOD.replace("name = \"demo-scores\"\n", "")).unwrap_err();
+        assert!(e.to_string().contains("missing field `name`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_line() {
+        let e = JobSpec::from_toml(&GOOD.replace("size = 1024", "size = \"big\"")).unwrap_err();
+        assert_eq!(e.line, Some(21), "{e}");
+        assert!(e.to_string().contains("line 21"), "{e}");
+    }
+
+    #[test]
+    fn rules_name_the_key_and_line() {
+        let cases = [
+            ("name = \"demo-scores\"", "name = \"bad name!\"", "name", 1),
+            ("size = 1024", "size = 0", "batch.size", 21),
+            ("size = 1024", "size = 100000000", "batch.size", 21),
+            ("rows = 200000", "rows = 0", "shards.rows", 24),
+            (
+                "rows = 200000",
+                "rows = 99999999999999",
+                "shards.rows",
+                24,
+            ),
+            ("device = \"auto\"", "device = \"tpu\"", "", 8),
+        ];
+        for (from, to, key, line) in cases {
+            let e = JobSpec::from_toml(&GOOD.replace(from, to)).unwrap_err();
+            if !key.is_empty() {
+                assert_eq!(e.key.as_deref(), Some(key), "{to}: {e}");
+            }
+            assert_eq!(e.line, Some(line), "{to}: {e}");
+        }
+        let long = format!("name = \"{}\"", "a".repeat(65));
+        let e = JobSpec::from_toml(&GOOD.replace("name = \"demo-scores\"", &long)).unwrap_err();
+        assert!(e.message.contains("1 to 64"), "{e}");
+    }
+
+    #[test]
+    fn passthrough_clash_is_refused() {
+        let e = JobSpec::from_toml(&GOOD.replace("[\"id\"]", "[\"id\", \"logits\"]")).unwrap_err();
+        assert!(e.message.contains("logits"), "{e}");
+    }
+}

@@ -1,0 +1,236 @@
+//! JSON bodies of the HTTP API under `/v1`: jobs for people and services, leases for workers.
+//! Times are milliseconds since the Unix epoch, read off the database clock.
+
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::JobSpec;
+use crate::state::{FailureClass, JobState, LeaseState};
+
+/// One input object as it was when the job was planned. Shards that read it refuse to run
+/// against any other version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputFile {
+    pub uri: String,
+    pub size: u64,
+    /// The object's ETag (S3) or modification stamp (local files), when the store has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+}
+
+/// A shard as planned: a contiguous, row-group-aligned range of one input file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardPlan {
+    /// Index into the job's input files.
+    pub file_index: u32,
+    /// Row groups `[row_group_start, row_group_end)`.
+    pub row_group_start: u32,
+    pub row_group_end: u32,
+    /// Index in the file of the shard's first row.
+    pub file_row_start: u64,
+    pub rows: u64,
+}
+
+/// The result of planning a job: its snapshot of the input and its shards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobPlan {
+    pub files: Vec<InputFile>,
+    pub shards: Vec<ShardPlan>,
+    pub rows_total: u64,
+}
+
+/// Shards of a job by state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardCounts {
+    pub pending: u64,
+    pub leased: u64,
+    pub done: u64,
+    pub dead: u64,
+}
+
+impl ShardCounts {
+    pub fn total(&self) -> u64 {
+        self.pending + self.leased + self.done + self.dead
+    }
+}
+
+/// What the API tells about a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: i64,
+    pub name: String,
+    pub state: JobState,
+    pub priority: i32,
+    pub spec_hash: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    pub output_uri: String,
+    pub rows_total: u64,
+    /// Rows with committed output (checkpointed), poison rows included.
+    pub rows_done: u64,
+    /// Poison rows isolated to `_errors/`.
+    pub error_rows: u64,
+    pub shards: ShardCounts,
+    pub rows_per_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub created_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<i64>,
+}
+
+/// `POST /v1/jobs` answer: the job and whether this call created it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitResponse {
+    pub created: bool,
+    pub job: JobView,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobList {
+    pub jobs: Vec<JobView>,
+}
+
+/// `POST /v1/leases`: up to `max` shards for this worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    pub worker_id: String,
+    pub max: u32,
+}
+
+/// A granted shard: everything a worker needs to run it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardLease {
+    pub job_id: i64,
+    /// Random id of the job, unique across databases: the key prefix of its parts.
+    pub job_uid: String,
+    pub shard_id: i64,
+    /// Fencing token: every write for this shard carries it; a stale one is refused.
+    pub token: i64,
+    /// 1 for the first grant.
+    pub attempt: u32,
+    pub file: InputFile,
+    pub plan: ShardPlan,
+    /// Rows of this shard already committed: resume after them.
+    pub checkpoint_rows: u64,
+    pub spec: JobSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseResponse {
+    pub leases: Vec<ShardLease>,
+    /// Heartbeat well inside this.
+    pub lease_ttl_ms: u64,
+}
+
+/// Identifies one lease in writes and heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LeaseRef {
+    pub shard_id: i64,
+    pub token: i64,
+}
+
+/// `POST /v1/heartbeats`: extends every lease still held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub worker_id: String,
+    pub leases: Vec<LeaseRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseStatus {
+    pub shard_id: i64,
+    pub token: i64,
+    pub state: LeaseState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub leases: Vec<LeaseStatus>,
+}
+
+/// One durably written output object of a shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartRecord {
+    /// Full URI of the part object.
+    pub uri: String,
+    /// First row of the part, counted from the shard's start.
+    pub row_start: u64,
+    /// Input rows the part covers: output rows plus error rows.
+    pub rows: u64,
+    pub bytes: u64,
+    /// Rows of this range that went to the error part instead of the output.
+    #[serde(default)]
+    pub error_rows: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_uri: Option<String>,
+    #[serde(default)]
+    pub error_bytes: u64,
+}
+
+/// `POST /v1/checkpoints`: records a part and moves the shard's checkpoint past it. The part
+/// must start exactly at the current checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRequest {
+    pub lease: LeaseRef,
+    pub part: PartRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompleteRequest {
+    pub lease: LeaseRef,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailRequest {
+    pub lease: LeaseRef,
+    pub class: FailureClass,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    pub lease: LeaseRef,
+}
+
+/// The answer to every lease write that was accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub ok: bool,
+}
+
+/// One output file of a committed job, as listed in `_manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// Path relative to the output directory.
+    pub path: String,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// `_manifest.json`: the only files a reader should trust.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub job: String,
+    pub job_uid: String,
+    pub spec_hash: String,
+    pub total_rows: u64,
+    pub input_rows: u64,
+    pub error_rows: u64,
+    pub files: Vec<ManifestFile>,
+    #[serde(default)]
+    pub error_files: Vec<ManifestFile>,
+    /// Arrow schema of the output files, as field name -> data type.
+    pub schema: Vec<ManifestField>,
+    pub input_snapshot: Vec<InputFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestField {
+    pub name: String,
+    pub data_type: String,
+    pub nullable: bool,
+}
+

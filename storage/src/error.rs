@@ -1,0 +1,76 @@
+//! What can go wrong talking to an object store, named by the URI it concerns.
+
+use nightshift_proto::FailureClass;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("unsupported URI `{uri}`: {reason}")]
+    BadUri { uri: String, reason: String },
+    #[error("`{uri}` does not exist")]
+    NotFound { uri: String },
+    #[error("bucket of `{uri}` does not exist")]
+    NoSuchBucket { uri: String },
+    #[error("access to `{uri}` denied: {message}")]
+    AccessDenied { uri: String, message: String },
+    #[error("no input files match `{uri}`")]
+    NoMatch { uri: String },
+    #[error("`{uri}` changed since the job was planned ({detail}); refusing to mix versions")]
+    InputChanged { uri: String, detail: String },
+    #[error("`{uri}` already exists")]
+    AlreadyExists { uri: String },
+    #[error("cannot configure object store for `{uri}`: {message}")]
+    Config { uri: String, message: String },
+    #[error("object store error on `{uri}`: {source}")]
+    Io {
+        uri: String,
+        #[source]
+        source: object_store::Error,
+    },
+}
+
+impl StorageError {
+    /// Maps an object_store error on `uri` to the error a user can act on.
+    pub fn from_store(uri: &str, e: object_store::Error) -> Self {
+        let uri = uri.to_string();
+        match e {
+            object_store::Error::NotFound { ref source, .. } => {
+                if format!("{source:?}").contains("NoSuchBucket") {
+                    StorageError::NoSuchBucket { uri }
+                } else {
+                    StorageError::NotFound { uri }
+                }
+            }
+            object_store::Error::AlreadyExists { .. } => StorageError::AlreadyExists { uri },
+            object_store::Error::Precondition { source, .. } => StorageError::InputChanged {
+                uri,
+                detail: source.to_string(),
+            },
+            object_store::Error::PermissionDenied { source, .. }
+            | object_store::Error::Unauthenticated { source, .. } => StorageError::AccessDenied {
+                uri,
+                message: source.to_string(),
+            },
+            other => {
+                let text = format!("{other:?}");
+                if text.contains("NoSuchBucket") {
+                    StorageError::NoSuchBucket { uri }
+                } else if text.contains("AccessDenied") || text.contains("403 Forbidden") {
+                    StorageError::AccessDenied {
+                        uri,
+                        message: other.to_string(),
+                    }
+                } else {
+                    StorageError::Io { uri, source: other }
+                }
+            }
+        }
+    }
+
+    /// Whether trying again may help. Missing things and refusals do not.
+    pub fn class(&self) -> FailureClass {
+        match self {
+            StorageError::Io { .. } => FailureClass::Retryable,
+            _ => FailureClass::Permanent,
+        }
+    }
+}

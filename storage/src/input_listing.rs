@@ -1,0 +1,166 @@
+//! Resolving an input URI to its objects: a single file, a directory (prefix), or a glob.
+//! Names starting with `_` or `.` are skipped in directories, as pyarrow and Spark do.
+
+use futures::TryStreamExt;
+use globset::GlobBuilder;
+use object_store::{ObjectMeta, ObjectStoreExt};
+
+use crate::error::StorageError;
+use crate::location::{Location, Stores};
+
+/// An input object as found when the job was planned.
+#[derive(Debug, Clone)]
+pub struct InputObject {
+    pub location: Location,
+    pub meta: ObjectMeta,
+}
+
+/// The objects an input URI names, sorted by URI. Errors when nothing matches.
+pub async fn list_inputs(stores: &Stores, uri: &str) -> Result<Vec<InputObject>, StorageError> {
+    let found = match uri.find(['*', '?', '[', '{']) {
+        Some(i) => list_glob(stores, uri, i).await?,
+        None => list_plain(stores, uri).await?,
+    };
+    if found.is_empty() {
+        return Err(StorageError::NoMatch {
+            uri: uri.to_string(),
+        });
+    }
+    Ok(found)
+}
+
+async fn list_plain(stores: &Stores, uri: &str) -> Result<Vec<InputObject>, StorageError> {
+    let loc = stores.locate(uri)?;
+    if !uri.ends_with('/') {
+        match loc.store().head(loc.path()).await {
+            Ok(meta) => return Ok(vec![InputObject { location: loc, meta }]),
+            Err(object_store::Error::NotFound { .. }) => {}
+            // A local directory answers HEAD with an error that is not NotFound.
+            Err(_) if loc.is_local() && std::path::Path::new(&loc.uri()).is_dir() => {}
+            Err(e) => return Err(StorageError::from_store(uri, e)),
+        }
+    }
+    let objects = list_prefix(&loc).await?;
+    if objects.is_empty() {
+        // Neither an object nor a non-empty prefix: say it is missing, not empty.
+        let exists = loc.is_local() && std::path::Path::new(&loc.uri()).exists();
+        if !exists {
+            return Err(StorageError::NotFound {
+                uri: uri.to_string(),
+            });
+        }
+    }
+    Ok(objects
+        .into_iter()
+        .filter(|o| !hidden(&loc, o))
+        .collect())
+}
+
+async fn list_glob(
+    stores: &Stores,
+    uri: &str,
+    first_wild: usize,
+) -> Result<Vec<InputObject>, StorageError> {
+    // List from the directory that holds the first wildcard; match the rest of the path.
+    let base_end = uri[..first_wild].rfind('/').map(|i| i + 1).unwrap_or(0);
+    let base_uri = if base_end == 0 { "." } else { &uri[..base_end] };
+    let pattern = &uri[base_end..];
+    let base = stores.locate(base_uri)?;
+    let glob = GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()
+        .map_err(|e| StorageError::BadUri {
+            uri: uri.to_string(),
+            reason: format!("bad glob: {e}"),
+        })?
+        .compile_matcher();
+    let objects = match list_prefix(&base).await {
+        Err(StorageError::NotFound { .. }) => Vec::new(),
+        other => other?,
+    };
+    Ok(objects
+        .into_iter()
+        .filter(|o| {
+            base.relative(&o.meta.location)
+                .map(|rel| glob.is_match(&rel))
+                .unwrap_or(false)
+        })
+        .collect())
+}
+
+async fn list_prefix(loc: &Location) -> Result<Vec<InputObject>, StorageError> {
+    if loc.is_local() && !std::path::Path::new(&loc.uri()).exists() {
+        return Ok(Vec::new());
+    }
+    let prefix = (!loc.path().as_ref().is_empty()).then_some(loc.path());
+    let mut metas: Vec<ObjectMeta> = loc
+        .store()
+        .list(prefix)
+        .try_collect()
+        .await
+        .map_err(|e| StorageError::from_store(&loc.uri(), e))?;
+    metas.sort_by(|a, b| a.location.cmp(&b.location));
+    Ok(metas
+        .into_iter()
+        .map(|meta| InputObject {
+            location: loc.at(meta.location.clone()),
+            meta,
+        })
+        .collect())
+}
+
+/// Whether any part of the object's path below the listed prefix starts with `_` or `.`.
+fn hidden(base: &Location, o: &InputObject) -> bool {
+    base.relative(&o.meta.location)
+        .map(|rel| {
+            rel.split('/')
+                .any(|p| p.starts_with('_') || p.starts_with('.'))
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::s3::S3Settings;
+
+    fn touch(dir: &std::path::Path, rel: &str) {
+        let p = dir.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"x").unwrap();
+    }
+
+    #[tokio::test]
+    async fn lists_files_dirs_and_globs() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in ["a/1.parquet", "a/2.parquet", "a/_SUCCESS", "a/.crc", "a/sub/3.parquet"] {
+            touch(d, f);
+        }
+        let stores = Stores::new(S3Settings::default());
+        let names = |v: Vec<InputObject>| {
+            v.into_iter()
+                .map(|o| o.location.uri().rsplit('/').next().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        let base = d.to_str().unwrap();
+        let one = list_inputs(&stores, &format!("{base}/a/1.parquet")).await.unwrap();
+        assert_eq!(names(one), ["1.parquet"]);
+        let all = list_inputs(&stores, &format!("{base}/a")).await.unwrap();
+        assert_eq!(names(all), ["1.parquet", "2.parquet", "3.parquet"]);
+        let glob = list_inputs(&stores, &format!("{base}/a/*.parquet")).await.unwrap();
+        assert_eq!(names(glob), ["1.parquet", "2.parquet"]);
+        let deep = list_inputs(&stores, &format!("{base}/a/**/*.parquet")).await.unwrap();
+        assert_eq!(names(deep).len(), 3);
+
+        let none = list_inputs(&stores, &format!("{base}/a/*.csv")).await.unwrap_err();
+        assert!(matches!(none, StorageError::NoMatch { .. }), "{none}");
+        assert!(none.to_string().contains("*.csv"));
+        let missing = list_inputs(&stores, &format!("{base}/nope")).await.unwrap_err();
+        assert!(matches!(missing, StorageError::NotFound { .. }), "{missing}");
+        assert!(missing.to_string().contains("nope"));
+        std::fs::create_dir(d.join("empty")).unwrap();
+        let empty = list_inputs(&stores, &format!("{base}/empty")).await.unwrap_err();
+        assert!(matches!(empty, StorageError::NoMatch { .. }), "{empty}");
+    }
+}

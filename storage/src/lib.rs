@@ -1,0 +1,16 @@
+//! One path to every object: local files and S3 (or an S3-compatible store) behind
+//! `object_store`, with the Parquet reader and part writer the planner, worker and finalizer use.
+
+pub mod error;
+pub mod input_listing;
+pub mod location;
+pub mod object_reader;
+pub mod part_upload;
+pub mod s3;
+
+pub use error::StorageError;
+pub use input_listing::{InputObject, list_inputs};
+pub use location::{Location, Stores};
+pub use object_reader::{ObjectReader, ReadCounter};
+pub use part_upload::PartUpload;
+pub use object_reader::{read_all, storage_cause};

@@ -1,0 +1,250 @@
+//! URIs to objects: `s3://bucket/key`, `file:///abs/path`, or a plain local path.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+
+use crate::error::StorageError;
+use crate::s3::S3Settings;
+
+/// One object (or prefix) and the store that holds it.
+#[derive(Clone)]
+pub struct Location {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    /// Scheme and root: `s3://bucket` or empty for local files.
+    root: String,
+}
+
+impl fmt::Debug for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.uri())
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.uri())
+    }
+}
+
+impl Location {
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.root.is_empty()
+    }
+
+    /// The full URI, in the form it was given (local paths absolute).
+    pub fn uri(&self) -> String {
+        if self.is_local() {
+            format!("/{}", self.path)
+        } else if self.path.as_ref().is_empty() {
+            self.root.clone()
+        } else {
+            format!("{}/{}", self.root, self.path)
+        }
+    }
+
+    /// The same store at another path.
+    pub fn at(&self, path: Path) -> Location {
+        Location {
+            store: self.store.clone(),
+            path,
+            root: self.root.clone(),
+        }
+    }
+
+    /// A child of this prefix: `rel` may hold several `/`-separated parts.
+    pub fn join(&self, rel: &str) -> Location {
+        let mut path = self.path.clone();
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
+            path = path.clone().join(part);
+        }
+        self.at(path)
+    }
+
+    /// The path of `other` relative to this prefix, if it lies under it.
+    pub fn relative(&self, other: &Path) -> Option<String> {
+        let parts: Vec<_> = other.prefix_match(&self.path)?.collect();
+        Some(
+            parts
+                .iter()
+                .map(|p| p.as_ref())
+                .collect::<Vec<_>>()
+                .join("/"),
+        )
+    }
+}
+
+/// Builds and caches stores: one local filesystem, one S3 client per bucket.
+pub struct Stores {
+    local: Arc<dyn ObjectStore>,
+    s3: S3Settings,
+    buckets: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+}
+
+impl Default for Stores {
+    fn default() -> Self {
+        Self::new(S3Settings::from_env())
+    }
+}
+
+impl Stores {
+    pub fn new(s3: S3Settings) -> Self {
+        Self {
+            local: Arc::new(LocalFileSystem::new()),
+            s3,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Resolves a URI. Relative local paths are taken from the current directory.
+    pub fn locate(&self, uri: &str) -> Result<Location, StorageError> {
+        let bad = |reason: &str| StorageError::BadUri {
+            uri: uri.to_string(),
+            reason: reason.to_string(),
+        };
+        if let Some(rest) = uri
+            .strip_prefix("s3://")
+            .or_else(|| uri.strip_prefix("s3a://"))
+        {
+            let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("no bucket name"));
+            }
+            let store = self.bucket(uri, bucket)?;
+            let path = Path::parse(key.trim_end_matches('/'))
+                .map_err(|e| bad(&format!("invalid key: {e}")))?;
+            return Ok(Location {
+                store,
+                path,
+                root: format!("s3://{bucket}"),
+            });
+        }
+        if let Some((scheme, _)) = uri.split_once("://")
+            && scheme != "file"
+        {
+            return Err(bad(&format!(
+                "scheme `{scheme}` is not supported (use s3:// or a local path)"
+            )));
+        }
+        let local = uri.strip_prefix("file://").unwrap_or(uri);
+        let abs = absolute(local).map_err(|e| bad(&e))?;
+        let path = Path::from_absolute_path(&abs)
+            .map_err(|e| bad(&format!("invalid local path: {e}")))?;
+        Ok(Location {
+            store: self.local.clone(),
+            path,
+            root: String::new(),
+        })
+    }
+
+    fn bucket(&self, uri: &str, bucket: &str) -> Result<Arc<dyn ObjectStore>, StorageError> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = buckets.get(bucket) {
+            return Ok(s.clone());
+        }
+        let store = self.s3.build(bucket).map_err(|e| StorageError::Config {
+            uri: uri.to_string(),
+            message: e.to_string(),
+        })?;
+        buckets.insert(bucket.to_string(), store.clone());
+        Ok(store)
+    }
+}
+
+/// An absolute, lexically normalized path (`.` and `..` folded) without touching the disk, so
+/// that globs and not-yet-existing outputs resolve too.
+fn absolute(p: &str) -> Result<std::path::PathBuf, String> {
+    let path = std::path::Path::new(p);
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| format!("no current directory: {e}"))?
+            .join(path)
+    };
+    let mut out = std::path::PathBuf::new();
+    for c in joined.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a URI is a local path (not an object store URL).
+pub fn is_local_uri(uri: &str) -> bool {
+    !uri.contains("://") || uri.starts_with("file://")
+}
+
+/// A local URI made absolute; other URIs unchanged.
+pub fn absolutize(uri: &str) -> String {
+    if !is_local_uri(uri) {
+        return uri.to_string();
+    }
+    let local = uri.strip_prefix("file://").unwrap_or(uri);
+    match absolute(local) {
+        Ok(p) => {
+            let mut s = p.to_string_lossy().into_owned();
+            if local.ends_with('/') && !s.ends_with('/') {
+                s.push('/');
+            }
+            s
+        }
+        Err(_) => uri.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_paths_become_absolute_and_join() {
+        let stores = Stores::new(S3Settings::default());
+        let loc = stores.locate("/tmp/a/../b/out/").unwrap();
+        assert!(loc.is_local());
+        assert_eq!(loc.uri(), "/tmp/b/out");
+        assert_eq!(loc.join("_parts/x.parquet").uri(), "/tmp/b/out/_parts/x.parquet");
+        let child = loc.join("_parts/x.parquet");
+        assert_eq!(loc.relative(child.path()).unwrap(), "_parts/x.parquet");
+        let rel = stores.locate("rel/dir").unwrap();
+        assert!(rel.uri().ends_with("/rel/dir"));
+    }
+
+    #[test]
+    fn s3_uris_name_bucket_and_key() {
+        let stores = Stores::new(S3Settings::default());
+        let loc = stores.locate("s3://bucket/some/prefix/").unwrap();
+        assert_eq!(loc.uri(), "s3://bucket/some/prefix");
+        assert!(!loc.is_local());
+        assert!(matches!(
+            stores.locate("s3:///key"),
+            Err(StorageError::BadUri { .. })
+        ));
+        let e = stores.locate("gs://b/k").unwrap_err().to_string();
+        assert!(e.contains("gs"), "{e}");
+    }
+
+    #[test]
+    fn absolutize_keeps_trailing_slash() {
+        assert!(absolutize("out/x/").ends_with("/out/x/"));
+        assert_eq!(absolutize("s3://b/k"), "s3://b/k");
+    }
+}

@@ -1,0 +1,1 @@
+//! Test harness: starts real servers (PostgreSQL, the local S3 server) on free 127.0.0.1 ports and stops them.
