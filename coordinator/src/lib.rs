@@ -2,4 +2,18 @@
 //! serves the HTTP API for people and workers, and runs the background loops (reaper, settler,
 //! finalizer). Several replicas may run against one database.
 
+pub mod allow_list;
+pub mod api;
+pub mod api_error;
+pub mod finalizer;
+pub mod job_check;
+pub mod loops;
+pub mod metrics;
+pub mod planner;
+pub mod server;
+pub mod service;
 pub mod store;
+
+pub use allow_list::AllowList;
+pub use server::{Coordinator, CoordinatorConfig};
+pub use service::Service;

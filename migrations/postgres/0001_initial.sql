@@ -1,8 +1,12 @@
 -- Jobs, their input snapshot, shards, parts and workers. Times are milliseconds since the
 -- Unix epoch from the database clock (ns_now_ms()).
 
+-- The database clock as the current statement started: one value for every row a statement
+-- touches, and truly STABLE, so the planner may inline it. Store transactions last one method
+-- call, so the start of the statement is "now". Hot statements still compare against
+-- `(SELECT ns_now_ms())`, which PostgreSQL evaluates once, not once per row scanned.
 CREATE FUNCTION ns_now_ms() RETURNS BIGINT LANGUAGE sql STABLE AS
-$$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT $$;
+$$ SELECT (extract(epoch FROM statement_timestamp()) * 1000)::BIGINT $$;
 
 CREATE TABLE jobs (
     id                      BIGSERIAL PRIMARY KEY,

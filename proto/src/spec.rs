@@ -165,7 +165,12 @@ impl JobSpec {
     /// Every input column the job reads: model inputs, then passthrough, without repeats.
     pub fn input_columns(&self) -> Vec<String> {
         let mut cols: Vec<String> = Vec::new();
-        for c in self.model.inputs.values().chain(self.output.passthrough.iter()) {
+        for c in self
+            .model
+            .inputs
+            .values()
+            .chain(self.output.passthrough.iter())
+        {
             if !cols.contains(c) {
                 cols.push(c.clone());
             }

@@ -226,10 +226,16 @@ fn toml_error(src: &str, e: &toml::de::Error) -> SpecError {
         .filter(|_| message.starts_with("unknown field") || message.starts_with("missing field"))
         .map(str::to_string);
     let table = line.and_then(|l| table_at_line(src, l));
-    let key = field.map(|f| match (&table, message.starts_with("missing field")) {
-        // A missing field is reported on its table's header.
-        (Some(t), _) => format!("{t}.{f}"),
-        (None, _) => f,
+    // A wrong value is reported on its own line: the key is written there.
+    let field = field.or_else(|| {
+        let text = src.lines().nth(line? - 1)?;
+        let (k, _) = text.split_once('=')?;
+        let k = k.trim().trim_matches('"');
+        (!k.is_empty() && !k.starts_with('[')).then(|| k.to_string())
+    });
+    let key = field.map(|f| match &table {
+        Some(t) => format!("{t}.{f}"),
+        None => f,
     });
     SpecError { key, line, message }
 }
@@ -332,6 +338,7 @@ rows = 200000
     fn wrong_type_names_line() {
         let e = JobSpec::from_toml(&GOOD.replace("size = 1024", "size = \"big\"")).unwrap_err();
         assert_eq!(e.line, Some(21), "{e}");
+        assert_eq!(e.key.as_deref(), Some("batch.size"), "{e}");
         assert!(e.to_string().contains("line 21"), "{e}");
     }
 
@@ -342,12 +349,7 @@ rows = 200000
             ("size = 1024", "size = 0", "batch.size", 21),
             ("size = 1024", "size = 100000000", "batch.size", 21),
             ("rows = 200000", "rows = 0", "shards.rows", 24),
-            (
-                "rows = 200000",
-                "rows = 99999999999999",
-                "shards.rows",
-                24,
-            ),
+            ("rows = 200000", "rows = 99999999999999", "shards.rows", 24),
             ("device = \"auto\"", "device = \"tpu\"", "", 8),
         ];
         for (from, to, key, line) in cases {

@@ -1,7 +1,6 @@
 //! JSON bodies of the HTTP API under `/v1`: jobs for people and services, leases for workers.
 //! Times are milliseconds since the Unix epoch, read off the database clock.
 
-
 use serde::{Deserialize, Serialize};
 
 use crate::spec::JobSpec;
@@ -233,4 +232,3 @@ pub struct ManifestField {
     pub data_type: String,
     pub nullable: bool,
 }
-

@@ -68,16 +68,6 @@ pub fn plan_tensors(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    for t in &model.inputs {
-        if !spec.model.inputs.contains_key(&t.name) {
-            return err(format!(
-                "model input `{}` ({} {}) is not mapped to a column in [model.inputs]",
-                t.name,
-                t.elem,
-                t.shape_text()
-            ));
-        }
-    }
     let mut inputs = Vec::new();
     for (onnx_name, column) in &spec.model.inputs {
         let Some(sig) = model.input(onnx_name) else {
@@ -93,6 +83,16 @@ pub fn plan_tensors(
             ));
         };
         inputs.push(bind_input(sig, field)?);
+    }
+    for t in &model.inputs {
+        if !spec.model.inputs.contains_key(&t.name) {
+            return err(format!(
+                "model input `{}` ({} {}) is not mapped to a column in [model.inputs]",
+                t.name,
+                t.elem,
+                t.shape_text()
+            ));
+        }
     }
     let mut outputs = Vec::new();
     for (onnx_name, column) in &spec.model.outputs {
@@ -207,7 +207,9 @@ fn bind_input(sig: &TensorSig, field: &Field) -> Result<InputBinding, MappingErr
     }
     let shape = match (dims.len(), list_len) {
         (1, None) => Shape::Flat,
-        (1, Some(_)) => return refuse("the model wants one value per row, the column holds lists".into()),
+        (1, Some(_)) => {
+            return refuse("the model wants one value per row, the column holds lists".into());
+        }
         (2, None) => match dims[1] {
             Dim::Fixed(1) | Dim::Dynamic => Shape::Wide { width: Some(1) },
             Dim::Fixed(d) => {
@@ -256,9 +258,16 @@ fn bind_output(sig: &TensorSig, column: &str) -> Result<OutputBinding, MappingEr
         Some([_]) => None,
         Some([_, Dim::Fixed(k)]) => Some(*k as usize),
         Some([_, Dim::Dynamic]) => {
-            return refuse("its second dimension is not fixed, so the column width is unknown".into());
+            return refuse(
+                "its second dimension is not fixed, so the column width is unknown".into(),
+            );
         }
-        Some(d) => return refuse(format!("rank {} outputs are not supported (1 or 2 are)", d.len())),
+        Some(d) => {
+            return refuse(format!(
+                "rank {} outputs are not supported (1 or 2 are)",
+                d.len()
+            ));
+        }
         None => return refuse("the model declares no shape for it".into()),
     };
     Ok(OutputBinding {
@@ -278,7 +287,11 @@ mod tests {
         let mut toml = String::from(
             "name = \"t\"\n[input]\nuri = \"i\"\n[model]\nuri = \"m\"\n[output]\nuri = \"o\"\npassthrough = [",
         );
-        toml += &pass.iter().map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(",");
+        toml += &pass
+            .iter()
+            .map(|p| format!("\"{p}\""))
+            .collect::<Vec<_>>()
+            .join(",");
         toml += "]\n[model.inputs]\n";
         for (k, v) in inputs {
             toml += &format!("{k} = \"{v}\"\n");
@@ -314,14 +327,29 @@ mod tests {
 
     #[test]
     fn maps_lists_scalars_and_outputs() {
-        let m = sig(&[("x", 1, &[-1, 8]), ("s", 7, &[-1])], &[("y", 1, &[-1, 3]), ("p", 11, &[-1])]);
-        let s = spec(&[("x", "features"), ("s", "small")], &[("y", "logits"), ("p", "prob")], &["id"]);
+        let m = sig(
+            &[("x", 1, &[-1, 8]), ("s", 7, &[-1])],
+            &[("y", 1, &[-1, 3]), ("p", 11, &[-1])],
+        );
+        let s = spec(
+            &[("x", "features"), ("s", "small")],
+            &[("y", "logits"), ("p", "prob")],
+            &["id"],
+        );
         let plan = plan_tensors(&s, &m, &schema(), "f.parquet").unwrap();
         assert_eq!(plan.inputs[1].shape, Shape::Wide { width: Some(8) });
         assert_eq!(plan.inputs[0].shape, Shape::Flat);
-        let names: Vec<_> = plan.output_schema.fields().iter().map(|f| f.name().clone()).collect();
+        let names: Vec<_> = plan
+            .output_schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
         assert_eq!(names, ["id", "prob", "logits"]);
-        assert_eq!(plan.output_schema.field(2).data_type(), &DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), 3));
+        assert_eq!(
+            plan.output_schema.field(2).data_type(),
+            &DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), 3)
+        );
 
         let ragged = spec(&[("x", "ragged"), ("s", "small")], &[("y", "logits")], &[]);
         assert!(plan_tensors(&ragged, &m, &schema(), "f").is_ok());
@@ -331,38 +359,81 @@ mod tests {
     fn refusals_name_column_input_and_types() {
         let m = sig(&[("x", 1, &[-1, 8])], &[("y", 1, &[-1, 3])]);
         let cases: Vec<(JobSpec, &[&str])> = vec![
-            (spec(&[("x", "f64s")], &[("y", "o")], &[]), &["f64s", "`x`", "Float64", "float32"]),
-            (spec(&[("x", "text")], &[("y", "o")], &[]), &["text", "`x`", "Utf8"]),
-            (spec(&[("x", "missing")], &[("y", "o")], &[]), &["missing", "f.parquet", "features"]),
-            (spec(&[("z", "features")], &[("y", "o")], &[]), &["`z`", "`x`"]),
-            (spec(&[("x", "features")], &[("nope", "o")], &[]), &["`nope`", "`y`"]),
-            (spec(&[("x", "features")], &[("y", "o")], &["ghost"]), &["ghost"]),
+            (
+                spec(&[("x", "f64s")], &[("y", "o")], &[]),
+                &["f64s", "`x`", "Float64", "float32"],
+            ),
+            (
+                spec(&[("x", "text")], &[("y", "o")], &[]),
+                &["text", "`x`", "Utf8"],
+            ),
+            (
+                spec(&[("x", "missing")], &[("y", "o")], &[]),
+                &["missing", "f.parquet", "features"],
+            ),
+            (
+                spec(&[("z", "features")], &[("y", "o")], &[]),
+                &["`z`", "`x`"],
+            ),
+            (
+                spec(&[("x", "features")], &[("nope", "o")], &[]),
+                &["`nope`", "`y`"],
+            ),
+            (
+                spec(&[("x", "features")], &[("y", "o")], &["ghost"]),
+                &["ghost"],
+            ),
         ];
         for (s, needles) in cases {
-            let e = plan_tensors(&s, &m, &schema(), "f.parquet").unwrap_err().to_string();
+            let e = plan_tensors(&s, &m, &schema(), "f.parquet")
+                .unwrap_err()
+                .to_string();
             for n in needles {
                 assert!(e.contains(n), "`{n}` not in: {e}");
             }
         }
         let wide = sig(&[("x", 1, &[-1, 4])], &[("y", 1, &[-1, 3])]);
-        let e = plan_tensors(&spec(&[("x", "features")], &[("y", "o")], &[]), &wide, &schema(), "f")
-            .unwrap_err()
-            .to_string();
+        let e = plan_tensors(
+            &spec(&[("x", "features")], &[("y", "o")], &[]),
+            &wide,
+            &schema(),
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("wants 4") && e.contains("hold 8"), "{e}");
         let fixed_batch = sig(&[("x", 1, &[1, 8])], &[("y", 1, &[1, 3])]);
-        let e = plan_tensors(&spec(&[("x", "features")], &[("y", "o")], &[]), &fixed_batch, &schema(), "f")
-            .unwrap_err()
-            .to_string();
+        let e = plan_tensors(
+            &spec(&[("x", "features")], &[("y", "o")], &[]),
+            &fixed_batch,
+            &schema(),
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("batch"), "{e}");
         let dyn_out = sig(&[("x", 1, &[-1, 8])], &[("y", 1, &[-1, -1])]);
-        let e = plan_tensors(&spec(&[("x", "features")], &[("y", "o")], &[]), &dyn_out, &schema(), "f")
-            .unwrap_err()
-            .to_string();
+        let e = plan_tensors(
+            &spec(&[("x", "features")], &[("y", "o")], &[]),
+            &dyn_out,
+            &schema(),
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("`y`") && e.contains("not fixed"), "{e}");
-        let unmapped = sig(&[("x", 1, &[-1, 8]), ("mask", 1, &[-1])], &[("y", 1, &[-1, 3])]);
-        let e = plan_tensors(&spec(&[("x", "features")], &[("y", "o")], &[]), &unmapped, &schema(), "f")
-            .unwrap_err()
-            .to_string();
+        let unmapped = sig(
+            &[("x", 1, &[-1, 8]), ("mask", 1, &[-1])],
+            &[("y", 1, &[-1, 3])],
+        );
+        let e = plan_tensors(
+            &spec(&[("x", "features")], &[("y", "o")], &[]),
+            &unmapped,
+            &schema(),
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("`mask`") && e.contains("not mapped"), "{e}");
     }
 

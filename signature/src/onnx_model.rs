@@ -103,7 +103,10 @@ impl TensorSig {
         match &self.dims {
             Some(d) => format!(
                 "[{}]",
-                d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+                d.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             None => "[unknown]".into(),
         }
@@ -278,7 +281,10 @@ pub(crate) mod tests {
         assert_eq!(sig.inputs[0].name, "x");
         assert_eq!(sig.inputs[0].elem, ElemType::F32);
         assert_eq!(sig.inputs[0].shape_text(), "[?, 8]");
-        assert_eq!(sig.output("y").unwrap().dims.as_ref().unwrap()[1], Dim::Fixed(3));
+        assert_eq!(
+            sig.output("y").unwrap().dims.as_ref().unwrap()[1],
+            Dim::Fixed(3)
+        );
     }
 
     #[test]

@@ -33,7 +33,12 @@ async fn list_plain(stores: &Stores, uri: &str) -> Result<Vec<InputObject>, Stor
     let loc = stores.locate(uri)?;
     if !uri.ends_with('/') {
         match loc.store().head(loc.path()).await {
-            Ok(meta) => return Ok(vec![InputObject { location: loc, meta }]),
+            Ok(meta) => {
+                return Ok(vec![InputObject {
+                    location: loc,
+                    meta,
+                }]);
+            }
             Err(object_store::Error::NotFound { .. }) => {}
             // A local directory answers HEAD with an error that is not NotFound.
             Err(_) if loc.is_local() && std::path::Path::new(&loc.uri()).is_dir() => {}
@@ -50,10 +55,7 @@ async fn list_plain(stores: &Stores, uri: &str) -> Result<Vec<InputObject>, Stor
             });
         }
     }
-    Ok(objects
-        .into_iter()
-        .filter(|o| !hidden(&loc, o))
-        .collect())
+    Ok(objects.into_iter().filter(|o| !hidden(&loc, o)).collect())
 }
 
 async fn list_glob(
@@ -134,7 +136,13 @@ mod tests {
     async fn lists_files_dirs_and_globs() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        for f in ["a/1.parquet", "a/2.parquet", "a/_SUCCESS", "a/.crc", "a/sub/3.parquet"] {
+        for f in [
+            "a/1.parquet",
+            "a/2.parquet",
+            "a/_SUCCESS",
+            "a/.crc",
+            "a/sub/3.parquet",
+        ] {
             touch(d, f);
         }
         let stores = Stores::new(S3Settings::default());
@@ -144,23 +152,38 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let base = d.to_str().unwrap();
-        let one = list_inputs(&stores, &format!("{base}/a/1.parquet")).await.unwrap();
+        let one = list_inputs(&stores, &format!("{base}/a/1.parquet"))
+            .await
+            .unwrap();
         assert_eq!(names(one), ["1.parquet"]);
         let all = list_inputs(&stores, &format!("{base}/a")).await.unwrap();
         assert_eq!(names(all), ["1.parquet", "2.parquet", "3.parquet"]);
-        let glob = list_inputs(&stores, &format!("{base}/a/*.parquet")).await.unwrap();
+        let glob = list_inputs(&stores, &format!("{base}/a/*.parquet"))
+            .await
+            .unwrap();
         assert_eq!(names(glob), ["1.parquet", "2.parquet"]);
-        let deep = list_inputs(&stores, &format!("{base}/a/**/*.parquet")).await.unwrap();
+        let deep = list_inputs(&stores, &format!("{base}/a/**/*.parquet"))
+            .await
+            .unwrap();
         assert_eq!(names(deep).len(), 3);
 
-        let none = list_inputs(&stores, &format!("{base}/a/*.csv")).await.unwrap_err();
+        let none = list_inputs(&stores, &format!("{base}/a/*.csv"))
+            .await
+            .unwrap_err();
         assert!(matches!(none, StorageError::NoMatch { .. }), "{none}");
         assert!(none.to_string().contains("*.csv"));
-        let missing = list_inputs(&stores, &format!("{base}/nope")).await.unwrap_err();
-        assert!(matches!(missing, StorageError::NotFound { .. }), "{missing}");
+        let missing = list_inputs(&stores, &format!("{base}/nope"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(missing, StorageError::NotFound { .. }),
+            "{missing}"
+        );
         assert!(missing.to_string().contains("nope"));
         std::fs::create_dir(d.join("empty")).unwrap();
-        let empty = list_inputs(&stores, &format!("{base}/empty")).await.unwrap_err();
+        let empty = list_inputs(&stores, &format!("{base}/empty"))
+            .await
+            .unwrap_err();
         assert!(matches!(empty, StorageError::NoMatch { .. }), "{empty}");
     }
 }

@@ -141,8 +141,8 @@ impl Stores {
         }
         let local = uri.strip_prefix("file://").unwrap_or(uri);
         let abs = absolute(local).map_err(|e| bad(&e))?;
-        let path = Path::from_absolute_path(&abs)
-            .map_err(|e| bad(&format!("invalid local path: {e}")))?;
+        let path =
+            Path::from_absolute_path(&abs).map_err(|e| bad(&format!("invalid local path: {e}")))?;
         Ok(Location {
             store: self.local.clone(),
             path,
@@ -221,7 +221,10 @@ mod tests {
         let loc = stores.locate("/tmp/a/../b/out/").unwrap();
         assert!(loc.is_local());
         assert_eq!(loc.uri(), "/tmp/b/out");
-        assert_eq!(loc.join("_parts/x.parquet").uri(), "/tmp/b/out/_parts/x.parquet");
+        assert_eq!(
+            loc.join("_parts/x.parquet").uri(),
+            "/tmp/b/out/_parts/x.parquet"
+        );
         let child = loc.join("_parts/x.parquet");
         assert_eq!(loc.relative(child.path()).unwrap(), "_parts/x.parquet");
         let rel = stores.locate("rel/dir").unwrap();

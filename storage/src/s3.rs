@@ -124,14 +124,12 @@ impl CredentialProvider for SdkCredentials {
                 return Ok(cred.clone());
             }
         }
-        let creds = self
-            .provider
-            .provide_credentials()
-            .await
-            .map_err(|e| object_store::Error::Generic {
+        let creds = self.provider.provide_credentials().await.map_err(|e| {
+            object_store::Error::Generic {
                 store: "S3",
                 source: format!("AWS credential chain: {e}").into(),
-            })?;
+            }
+        })?;
         let cred = Arc::new(AwsCredential {
             key_id: creds.access_key_id().to_string(),
             secret_key: creds.secret_access_key().to_string(),

@@ -1,1 +1,16 @@
+//! The worker: leases shards from a coordinator and runs them through the inference pipeline
+//! (ranged Parquet reads -> tensors -> ONNX Runtime on dedicated threads -> Parquet parts ->
+//! checkpoints), heartbeating on a task of its own and draining cleanly on shutdown.
 
+pub mod client;
+pub mod context;
+pub mod model_files;
+pub mod model_session;
+pub mod onnx_runtime;
+pub mod pipeline;
+pub mod shard_error;
+pub mod tensors;
+pub mod worker;
+
+pub use context::WorkerReport;
+pub use worker::{Worker, WorkerConfig};

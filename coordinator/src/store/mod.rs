@@ -181,8 +181,7 @@ pub type DynStore = Arc<dyn Store>;
 /// `postgres://...`, and migrates it.
 pub async fn open(url: &str) -> Result<DynStore> {
     let store: DynStore = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let _pg = postgres::PgStore::connect(url).await?;
-        unreachable!()
+        Arc::new(postgres::PgStore::connect(url).await?)
     } else {
         let path = url.strip_prefix("sqlite://").unwrap_or(url);
         Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path)).await?)

@@ -1,12 +1,279 @@
-//! PostgreSQL store: being written; see the Store trait in mod.rs and sqlite.rs.
+//! PostgreSQL store: the production store, shared by every coordinator replica. Each lease
+//! transition is one guarded statement; claims, the reaper and the finalizer skip rows another
+//! replica has locked, so every background loop is safe to run on several replicas at once.
+//! Times come from the database clock only (`ns_now_ms()`, defined by the first migration), and
+//! no transaction outlives the method call that opened it.
+
+/// The columns `job_from_row` reads, in a form `concat!` accepts.
+macro_rules! job_cols {
+    () => {
+        "id, uid, name, idempotency_key, spec_json, spec_hash, state, priority, rows_total, \
+         output_uri, error, created_at_ms, started_at_ms, finished_at_ms"
+    };
+}
+
+mod jobs;
+mod lease;
+mod loops;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nightshift_proto::wire::{
+    HeartbeatResponse, InputFile, LeaseRef, PartRecord, ShardCounts, ShardLease,
+};
+use nightshift_proto::{FailureClass, JobSpec};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{PgExecutor, Row};
+
+use super::{
+    JobOutcome, JobRecord, LeaseTiming, NewJob, PartRow, Result, ShardRow, Store, StoreError,
+    StoreMetrics, Submitted, migrations,
+};
+
+/// Connections per coordinator replica. Every statement is short, so a few go a long way.
+const POOL_SIZE: u32 = 16;
+/// How long a call waits for a free connection before it fails.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// PostgreSQL store.
-pub struct PgStore;
+pub struct PgStore {
+    pool: PgPool,
+}
 
 impl PgStore {
-    pub async fn connect(_url: &str) -> super::Result<Self> {
-        Err(super::StoreError::Corrupt(
-            "postgres store not built yet".into(),
+    /// Connects to the database a `postgres://` URL names. Does not migrate.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let opts = PgConnectOptions::from_str(url)?.application_name("nightshift-coordinator");
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(opts)
+            .await?;
+        Ok(Self { pool })
+    }
+}
+
+/// Reads one job by id through any executor (the pool or an open transaction).
+async fn job_in<'e, E: PgExecutor<'e>>(ex: E, id: i64) -> Result<Option<JobRecord>> {
+    let row = sqlx::query(concat!("SELECT ", job_cols!(), " FROM jobs WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(ex)
+        .await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+fn parse_state<T: FromStr<Err = String>>(s: &str) -> Result<T> {
+    s.parse().map_err(StoreError::Corrupt)
+}
+
+fn parse_spec(json: &str) -> Result<JobSpec> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))
+}
+
+fn job_from_row(row: &PgRow) -> Result<JobRecord> {
+    Ok(JobRecord {
+        id: row.try_get("id")?,
+        uid: row.try_get("uid")?,
+        name: row.try_get("name")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        spec: parse_spec(row.try_get("spec_json")?)?,
+        spec_hash: row.try_get("spec_hash")?,
+        state: parse_state(row.try_get("state")?)?,
+        priority: row.try_get::<i64, _>("priority")? as i32,
+        rows_total: row.try_get::<i64, _>("rows_total")? as u64,
+        output_uri: row.try_get("output_uri")?,
+        error: row.try_get("error")?,
+        created_at_ms: row.try_get("created_at_ms")?,
+        started_at_ms: row.try_get("started_at_ms")?,
+        finished_at_ms: row.try_get("finished_at_ms")?,
+    })
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn migrate(&self) -> Result<()> {
+        // sqlx takes an advisory lock, so replicas starting together migrate once.
+        migrations::postgres().run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn ready(&self) -> Result<bool> {
+        // Before the first migration there is no bookkeeping table: not ready, not an error.
+        let tracked: bool =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        if !tracked {
+            return Ok(false);
+        }
+        let applied: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(applied as usize >= migrations::postgres().migrations.len())
+    }
+
+    async fn create_job(&self, job: NewJob) -> Result<Submitted> {
+        self.insert_job(job).await
+    }
+
+    async fn job_by_key(&self, key: &str) -> Result<Option<JobRecord>> {
+        self.job_by_key_in(key).await
+    }
+
+    async fn job(&self, id: i64) -> Result<Option<JobRecord>> {
+        job_in(&self.pool, id).await
+    }
+
+    async fn job_by_name(&self, name: &str) -> Result<Option<JobRecord>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_cols!(),
+            " FROM jobs WHERE name = $1 ORDER BY id DESC LIMIT 1"
         ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRecord>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            job_cols!(),
+            " FROM jobs ORDER BY id DESC LIMIT $1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn shard_counts(&self, job_id: i64) -> Result<(ShardCounts, u64, u64)> {
+        self.counts(job_id).await
+    }
+
+    async fn shards(&self, job_id: i64) -> Result<Vec<ShardRow>> {
+        self.shard_rows(job_id).await
+    }
+
+    async fn input_files(&self, job_id: i64) -> Result<Vec<InputFile>> {
+        let rows =
+            sqlx::query("SELECT uri, size, etag FROM input_files WHERE job_id = $1 ORDER BY idx")
+                .bind(job_id)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(InputFile {
+                    uri: r.try_get("uri")?,
+                    size: r.try_get::<i64, _>("size")? as u64,
+                    etag: r.try_get("etag")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn cancel_job(&self, id: i64) -> Result<JobRecord> {
+        self.cancel(id).await
+    }
+
+    async fn retry_job(&self, id: i64) -> Result<JobRecord> {
+        self.retry(id).await
+    }
+
+    async fn delete_job(&self, id: i64) -> Result<()> {
+        sqlx::query("DELETE FROM jobs WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn claim(&self, worker: &str, max: u32, timing: LeaseTiming) -> Result<Vec<ShardLease>> {
+        self.claim_shards(worker, max, timing).await
+    }
+
+    async fn heartbeat(
+        &self,
+        worker: &str,
+        leases: &[LeaseRef],
+        timing: LeaseTiming,
+    ) -> Result<HeartbeatResponse> {
+        self.renew(worker, leases, timing).await
+    }
+
+    async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()> {
+        self.record_part(lease, part).await
+    }
+
+    async fn complete(&self, lease: LeaseRef) -> Result<()> {
+        self.finish_shard(lease).await
+    }
+
+    async fn fail(
+        &self,
+        lease: LeaseRef,
+        class: FailureClass,
+        message: &str,
+        timing: LeaseTiming,
+    ) -> Result<()> {
+        self.fail_shard(lease, class, message, timing).await
+    }
+
+    async fn release(&self, lease: LeaseRef) -> Result<()> {
+        self.release_shard(lease).await
+    }
+
+    async fn reap_expired(&self, timing: LeaseTiming) -> Result<u64> {
+        self.reap(timing).await
+    }
+
+    async fn settle_jobs(&self) -> Result<u64> {
+        self.settle().await
+    }
+
+    async fn claim_finalize(&self, owner: &str, ttl_ms: i64) -> Result<Option<JobRecord>> {
+        self.take_finalize(owner, ttl_ms).await
+    }
+
+    async fn parts(&self, job_id: i64) -> Result<Vec<PartRow>> {
+        self.part_rows(job_id).await
+    }
+
+    async fn finish_job(&self, job_id: i64, owner: &str, outcome: JobOutcome) -> Result<()> {
+        self.end_job(job_id, owner, outcome).await
+    }
+
+    async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics> {
+        let row = sqlx::query(
+            "SELECT \
+               (SELECT COUNT(*) FROM shards s JOIN jobs j ON j.id = s.job_id \
+                  WHERE s.state = 'pending' AND j.state = 'running') AS pending, \
+               (SELECT COALESCE(SUM(s.rows - s.checkpoint_rows), 0)::BIGINT FROM shards s \
+                  JOIN jobs j ON j.id = s.job_id \
+                  WHERE s.state = 'pending' AND j.state = 'running') AS pending_rows, \
+               (SELECT COUNT(*) FROM shards WHERE state = 'leased') AS leased, \
+               (SELECT COUNT(*) FROM jobs WHERE state = 'running') AS running, \
+               (SELECT COUNT(*) FROM workers WHERE last_seen_ms > ns_now_ms() - $1) AS workers",
+        )
+        .bind(workers_window_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(StoreMetrics {
+            pending_shards: row.try_get::<i64, _>("pending")? as u64,
+            pending_rows: row.try_get::<i64, _>("pending_rows")? as u64,
+            leased_shards: row.try_get::<i64, _>("leased")? as u64,
+            running_jobs: row.try_get::<i64, _>("running")? as u64,
+            workers_seen: row.try_get::<i64, _>("workers")? as u64,
+        })
+    }
+
+    async fn now_ms(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT ns_now_ms()")
+            .fetch_one(&self.pool)
+            .await?)
     }
 }

@@ -23,14 +23,20 @@ pub struct JobRecord {
 
 impl JobRecord {
     /// The API view, given the shard counts, rows done and error rows, and the database clock.
-    pub fn view(&self, counts: ShardCounts, rows_done: u64, error_rows: u64, now_ms: i64) -> JobView {
+    pub fn view(
+        &self,
+        counts: ShardCounts,
+        rows_done: u64,
+        error_rows: u64,
+        now_ms: i64,
+    ) -> JobView {
         let start = self.started_at_ms.unwrap_or(self.created_at_ms);
         let end = self.finished_at_ms.unwrap_or(now_ms);
         let secs = ((end - start).max(1)) as f64 / 1000.0;
         let rows_per_s = rows_done as f64 / secs;
         let left = self.rows_total.saturating_sub(rows_done);
-        let eta_s = (!self.state.is_terminal() && rows_per_s > 0.0)
-            .then(|| left as f64 / rows_per_s);
+        let eta_s =
+            (!self.state.is_terminal() && rows_per_s > 0.0).then(|| left as f64 / rows_per_s);
         JobView {
             id: self.id,
             name: self.name.clone(),

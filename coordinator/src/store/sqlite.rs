@@ -2,6 +2,7 @@
 //! lease statements are the PostgreSQL ones without SKIP LOCKED, run through one connection.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -143,9 +144,20 @@ impl Store for SqliteStore {
     }
 
     async fn ready(&self) -> Result<bool> {
-        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
-            .fetch_one(&self.pool)
-            .await?;
+        // Before the first migration there is no bookkeeping table: not ready, not an error.
+        let tracked: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master \
+               WHERE type = 'table' AND name = '_sqlx_migrations')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        if !tracked {
+            return Ok(false);
+        }
+        let applied: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await?;
         Ok(applied as usize >= migrations::sqlite().migrations.len())
     }
 
@@ -153,10 +165,14 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await?;
         let hash = job.spec.hash();
         if let Some(key) = &job.idempotency_key {
-            let existing = sqlx::query(concat!("SELECT ", job_cols!(), " FROM jobs WHERE idempotency_key = ?"))
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let existing = sqlx::query(concat!(
+                "SELECT ",
+                job_cols!(),
+                " FROM jobs WHERE idempotency_key = ?"
+            ))
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
             if let Some(row) = existing {
                 let existing = job_from_row(&row)?;
                 if existing.spec_hash == hash {
@@ -190,14 +206,16 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         for (idx, f) in job.plan.files.iter().enumerate() {
-            sqlx::query("INSERT INTO input_files (job_id, idx, uri, size, etag) VALUES (?, ?, ?, ?, ?)")
-                .bind(id)
-                .bind(idx as i64)
-                .bind(&f.uri)
-                .bind(f.size as i64)
-                .bind(&f.etag)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO input_files (job_id, idx, uri, size, etag) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(id)
+            .bind(idx as i64)
+            .bind(&f.uri)
+            .bind(f.size as i64)
+            .bind(&f.etag)
+            .execute(&mut *tx)
+            .await?;
         }
         for s in &job.plan.shards {
             sqlx::query(
@@ -221,10 +239,14 @@ impl Store for SqliteStore {
     }
 
     async fn job_by_key(&self, key: &str) -> Result<Option<JobRecord>> {
-        let row = sqlx::query(concat!("SELECT ", job_cols!(), " FROM jobs WHERE idempotency_key = ?"))
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_cols!(),
+            " FROM jobs WHERE idempotency_key = ?"
+        ))
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(job_from_row).transpose()
     }
 
@@ -249,10 +271,14 @@ impl Store for SqliteStore {
     }
 
     async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRecord>> {
-        let rows = sqlx::query(concat!("SELECT ", job_cols!(), " FROM jobs ORDER BY id DESC LIMIT ?"))
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            job_cols!(),
+            " FROM jobs ORDER BY id DESC LIMIT ?"
+        ))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(job_from_row).collect()
     }
 
@@ -307,10 +333,11 @@ impl Store for SqliteStore {
     }
 
     async fn input_files(&self, job_id: i64) -> Result<Vec<InputFile>> {
-        let rows = sqlx::query("SELECT uri, size, etag FROM input_files WHERE job_id = ? ORDER BY idx")
-            .bind(job_id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT uri, size, etag FROM input_files WHERE job_id = ? ORDER BY idx")
+                .bind(job_id)
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter()
             .map(|r| {
                 Ok(InputFile {
@@ -370,10 +397,12 @@ impl Store for SqliteStore {
         .bind(id)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE jobs SET state = 'running', error = NULL, finished_at_ms = NULL WHERE id = ?")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE jobs SET state = 'running', error = NULL, finished_at_ms = NULL WHERE id = ?",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
         let job = Self::job_in(&mut tx, id)
             .await?
             .ok_or(StoreError::JobNotFound(id))?;
@@ -419,19 +448,21 @@ impl Store for SqliteStore {
         let mut leases = Vec::with_capacity(rows.len());
         for r in rows {
             let job_id: i64 = r.try_get("job_id")?;
-            if !jobs.contains_key(&job_id) {
-                let job = Self::job_in(&mut tx, job_id)
-                    .await?
-                    .ok_or(StoreError::JobNotFound(job_id))?;
-                jobs.insert(job_id, job);
-            }
-            let job = &jobs[&job_id];
+            let job = match jobs.entry(job_id) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(
+                    Self::job_in(&mut tx, job_id)
+                        .await?
+                        .ok_or(StoreError::JobNotFound(job_id))?,
+                ),
+            };
             let file_index: i64 = r.try_get("file_index")?;
-            let f = sqlx::query("SELECT uri, size, etag FROM input_files WHERE job_id = ? AND idx = ?")
-                .bind(job_id)
-                .bind(file_index)
-                .fetch_one(&mut *tx)
-                .await?;
+            let f =
+                sqlx::query("SELECT uri, size, etag FROM input_files WHERE job_id = ? AND idx = ?")
+                    .bind(job_id)
+                    .bind(file_index)
+                    .fetch_one(&mut *tx)
+                    .await?;
             leases.push(ShardLease {
                 job_id,
                 job_uid: job.uid.clone(),
@@ -490,12 +521,14 @@ impl Store for SqliteStore {
                         && r.try_get::<i64, _>("token")? == l.token =>
                 {
                     if r.try_get::<String, _>("job_state")? == "running" {
-                        sqlx::query("UPDATE shards SET lease_expires_at_ms = ? WHERE id = ? AND token = ?")
-                            .bind(now + timing.ttl_ms)
-                            .bind(l.shard_id)
-                            .bind(l.token)
-                            .execute(&mut *tx)
-                            .await?;
+                        sqlx::query(
+                            "UPDATE shards SET lease_expires_at_ms = ? WHERE id = ? AND token = ?",
+                        )
+                        .bind(now + timing.ttl_ms)
+                        .bind(l.shard_id)
+                        .bind(l.token)
+                        .execute(&mut *tx)
+                        .await?;
                         LeaseState::Held
                     } else {
                         LeaseState::Cancelled
@@ -539,7 +572,10 @@ impl Store for SqliteStore {
         }
         let done = row.try_get::<i64, _>("checkpoint_rows")? as u64;
         let rows = row.try_get::<i64, _>("rows")? as u64;
-        if part.row_start != done || part.row_start + part.rows > rows || part.rows == 0 {
+        if part.row_start != done
+            || part.row_start.saturating_add(part.rows) > rows
+            || part.rows == 0
+        {
             return Err(StoreError::CheckpointGap {
                 shard_id: lease.shard_id,
                 expected: done,
@@ -576,10 +612,12 @@ impl Store for SqliteStore {
             let job = Self::job_in(&mut tx, job_id)
                 .await?
                 .ok_or(StoreError::JobNotFound(job_id))?;
-            let errors: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(error_rows), 0) FROM shards WHERE job_id = ?")
-                .bind(job_id)
-                .fetch_one(&mut *tx)
-                .await?;
+            let errors: i64 = sqlx::query_scalar(
+                "SELECT COALESCE(SUM(error_rows), 0) FROM shards WHERE job_id = ?",
+            )
+            .bind(job_id)
+            .fetch_one(&mut *tx)
+            .await?;
             if let Some(message) = super::records::error_threshold_exceeded(&job, errors as u64) {
                 let now = Self::now(&mut tx).await?;
                 sqlx::query(
@@ -715,47 +753,65 @@ impl Store for SqliteStore {
 
     async fn settle_jobs(&self) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "SELECT j.id, \
-               SUM(CASE WHEN s.state IN ('pending', 'leased') THEN 1 ELSE 0 END) AS open, \
-               SUM(CASE WHEN s.state = 'dead' THEN 1 ELSE 0 END) AS dead, \
-               MIN(CASE WHEN s.state = 'dead' THEN s.id END) AS first_dead \
-             FROM jobs j JOIN shards s ON s.job_id = j.id WHERE j.state = 'running' GROUP BY j.id",
-        )
+        // Jobs without shards count too: with nothing to run they have nothing to wait for.
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            job_cols!(),
+            ", (SELECT COUNT(*) FROM shards s WHERE s.job_id = jobs.id AND s.state = 'dead') \
+                 AS dead, \
+               (SELECT COALESCE(SUM(s.error_rows), 0) FROM shards s WHERE s.job_id = jobs.id) \
+                 AS error_rows, \
+               (SELECT MIN(s.id) FROM shards s WHERE s.job_id = jobs.id AND s.state = 'dead') \
+                 AS first_dead \
+             FROM jobs WHERE state = 'running' AND NOT EXISTS ( \
+               SELECT 1 FROM shards s \
+               WHERE s.job_id = jobs.id AND s.state IN ('pending', 'leased')) \
+             ORDER BY id"
+        ))
         .fetch_all(&mut *tx)
         .await?;
         let now = Self::now(&mut tx).await?;
         let mut n = 0;
         for r in rows {
-            let open: i64 = r.try_get("open")?;
-            if open > 0 {
-                continue;
-            }
-            let id: i64 = r.try_get("id")?;
+            let job = job_from_row(&r)?;
             let dead: i64 = r.try_get("dead")?;
-            if dead > 0 {
+            let failure = if dead > 0 {
                 let first: i64 = r.try_get("first_dead")?;
-                let error: Option<String> = sqlx::query_scalar("SELECT error FROM shards WHERE id = ?")
-                    .bind(first)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                let message = super::records::dead_shards_message(dead, first, error.as_deref());
-                sqlx::query(
+                let error: Option<String> =
+                    sqlx::query_scalar("SELECT error FROM shards WHERE id = ?")
+                        .bind(first)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                Some(super::records::dead_shards_message(
+                    dead,
+                    first,
+                    error.as_deref(),
+                ))
+            } else {
+                // Checkpoints fail a job when its poison rows pass the threshold; this catches
+                // a job that comes back (retry) with them already past it.
+                let errors: i64 = r.try_get("error_rows")?;
+                super::records::error_threshold_exceeded(&job, errors as u64)
+            };
+            n += match failure {
+                Some(message) => sqlx::query(
                     "UPDATE jobs SET state = 'failed', error = ?, finished_at_ms = ? \
                      WHERE id = ? AND state = 'running'",
                 )
                 .bind(message)
                 .bind(now)
-                .bind(id)
+                .bind(job.id)
                 .execute(&mut *tx)
-                .await?;
-            } else {
-                sqlx::query("UPDATE jobs SET state = 'finalizing' WHERE id = ? AND state = 'running'")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            n += 1;
+                .await?
+                .rows_affected(),
+                None => sqlx::query(
+                    "UPDATE jobs SET state = 'finalizing' WHERE id = ? AND state = 'running'",
+                )
+                .bind(job.id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected(),
+            };
         }
         tx.commit().await?;
         Ok(n)
@@ -867,5 +923,19 @@ impl Store for SqliteStore {
 
     async fn now_ms(&self) -> Result<i64> {
         Ok(sqlx::query_scalar(NOW).fetch_one(&self.pool).await?)
+    }
+}
+
+impl SqliteStore {
+    /// Local mode, after a crash: no other process can hold this database's leases (the run
+    /// holds its lock file), so every lease still marked held is from the dead run. Expire
+    /// them now instead of waiting out their TTL; the reaper returns them to the queue.
+    pub async fn expire_all_leases(&self) -> Result<u64> {
+        Ok(
+            sqlx::query("UPDATE shards SET lease_expires_at_ms = 0 WHERE state = 'leased'")
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
     }
 }

@@ -1,0 +1,260 @@
+//! The worker pipeline against a bare ONNX Runtime loop.
+//!
+//! Baseline: every row's features already in memory as one f32 buffer; a loop builds a
+//! `[batch, D]` tensor per batch and runs the session (as many intra-op threads as the
+//! pipeline's session). Pipeline: the real thing in this process: a coordinator on SQLite and
+//! one worker reading the Parquet files, building tensors, inferring, writing parts and
+//! checkpointing, timed from the first lease until every shard is done (commit excluded).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::Float32Type;
+use nightshift_coordinator::store::sqlite::SqliteStore;
+use nightshift_coordinator::store::{DynStore, Store};
+use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
+use nightshift_proto::JobSpec;
+use nightshift_storage::Stores;
+use nightshift_worker::{Worker, WorkerConfig, onnx_runtime};
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::Tensor;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Input directory (default: generate the demo data into a temp dir).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Model (default: generate the demo model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value_t = 1024)]
+    batch: usize,
+    /// Rows when generating data.
+    #[arg(long, default_value_t = 300_000)]
+    rows: usize,
+    /// Measurements of each side; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// ONNX Runtime intra-op threads for both sides (0: its default).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+}
+
+pub async fn run(a: Args) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (data, model) = match (&a.data, &a.model) {
+        (Some(d), Some(m)) => (d.clone(), m.clone()),
+        _ => generate(tmp.path(), a.rows)?,
+    };
+    let runtime = onnx_runtime::load(a.ort_lib.as_deref())?;
+    let (features, dim) = load_features(&data)?;
+    let rows = features.len() / dim;
+    println!(
+        "pipeline bench: {rows} rows x {dim} features, batch {}, model {}",
+        a.batch,
+        model.display()
+    );
+
+    let mut bare = Vec::new();
+    let mut piped = Vec::new();
+    for i in 0..a.repeat {
+        bare.push(bare_loop(
+            runtime, &model, &features, dim, a.batch, a.threads,
+        )?);
+        piped.push(pipeline(tmp.path(), &data, &model, a.batch, a.threads, i).await?);
+        println!(
+            "  run {}: bare {:>10.0} rows/s   pipeline {:>10.0} rows/s",
+            i + 1,
+            bare[i],
+            piped[i]
+        );
+    }
+    let (b, p) = (median(&mut bare), median(&mut piped));
+    println!(
+        "bare ONNX Runtime loop : {b:>10.0} rows/s (median of {})",
+        a.repeat
+    );
+    println!(
+        "worker pipeline        : {p:>10.0} rows/s (median of {})",
+        a.repeat
+    );
+    println!("ratio pipeline / bare  : {:.3}", p / b);
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn generate(dir: &Path, rows: usize) -> Result<(PathBuf, PathBuf)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = std::env::var_os("NIGHTSHIFT_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".venv"))
+        .join("bin/python");
+    let data = dir.join("data");
+    let model = dir.join("mlp.onnx");
+    let rows = rows.to_string();
+    for (script, args) in [
+        (
+            "gen_data.py",
+            vec![
+                "--out",
+                data.to_str().unwrap_or_default(),
+                "--rows",
+                &rows,
+                "--files",
+                "3",
+            ],
+        ),
+        (
+            "gen_model.py",
+            vec!["--out", model.to_str().unwrap_or_default()],
+        ),
+    ] {
+        let status = std::process::Command::new(&python)
+            .arg(root.join("scripts").join(script))
+            .args(&args)
+            .status()
+            .with_context(|| {
+                format!(
+                    "running {script} with {} (run scripts/setup.sh first)",
+                    python.display()
+                )
+            })?;
+        if !status.success() {
+            bail!("{script} failed");
+        }
+    }
+    Ok((data, model))
+}
+
+/// Every row's `features` as one f32 buffer.
+fn load_features(dir: &Path) -> Result<(Vec<f32>, usize)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    let mut dim = 0;
+    for f in files {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&f)?)?.build()?;
+        for batch in reader {
+            let batch = batch?;
+            let col = batch
+                .column_by_name("features")
+                .context("no `features` column")?;
+            let list = col.as_fixed_size_list();
+            dim = list.value_length() as usize;
+            let values = list.values().as_primitive::<Float32Type>();
+            out.extend_from_slice(
+                &values.values()[list.offset() * dim..(list.offset() + list.len()) * dim],
+            );
+        }
+    }
+    Ok((out, dim))
+}
+
+fn bare_loop(
+    runtime: &onnx_runtime::OnnxRuntime,
+    model: &Path,
+    features: &[f32],
+    dim: usize,
+    batch: usize,
+    threads: usize,
+) -> Result<f64> {
+    let ort_err = |e: ort::Error<ort::session::builder::SessionBuilder>| anyhow::anyhow!("{e}");
+    let mut b = Session::builder(&runtime.env)?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(ort_err)?;
+    if threads > 0 {
+        b = b.with_intra_threads(threads).map_err(ort_err)?;
+    }
+    let mut session = b.commit_from_file(model)?;
+    let rows = features.len() / dim;
+    let started = Instant::now();
+    let mut checksum = 0f32;
+    for start in (0..rows).step_by(batch) {
+        let n = batch.min(rows - start);
+        let x = Tensor::from_array((
+            [n as i64, dim as i64],
+            features[start * dim..(start + n) * dim].to_vec(),
+        ))?;
+        let out = session.run(ort::inputs!["x" => x])?;
+        let (_, y) = out["logits"].try_extract_tensor::<f32>()?;
+        checksum += y[0];
+    }
+    let took = started.elapsed().as_secs_f64();
+    std::hint::black_box(checksum);
+    Ok(rows as f64 / took)
+}
+
+async fn pipeline(
+    dir: &Path,
+    data: &Path,
+    model: &Path,
+    batch: usize,
+    threads: usize,
+    run: usize,
+) -> Result<f64> {
+    let state = dir.join(format!("state-{run}"));
+    let out = dir.join(format!("out-{run}"));
+    let toml = format!(
+        "name = \"bench-{run}\"\n[input]\nuri = \"{}/*.parquet\"\n[model]\nuri = \"{}\"\ndevice = \"cpu\"\n\
+         [model.inputs]\nx = \"features\"\n[model.outputs]\nlogits = \"logits\"\n[output]\nuri = \"{}\"\n\
+         passthrough = [\"id\"]\n[batch]\nsize = {batch}\n[shards]\nrows = 100000\n",
+        data.display(),
+        model.display(),
+        out.display()
+    );
+    let spec = JobSpec::from_toml(&toml)?;
+    let sqlite = Arc::new(SqliteStore::open(&state.join("db.sqlite")).await?);
+    sqlite.migrate().await?;
+    let store: DynStore = sqlite;
+    let stores = Arc::new(Stores::default());
+    let mut config = CoordinatorConfig::new("127.0.0.1:0".parse()?);
+    config.submit_tokens = vec!["s".into()];
+    config.worker_tokens = vec!["w".into()];
+    config.allow = AllowList::everything();
+    let coordinator = Coordinator::new(config, store, stores.clone());
+    let service = coordinator.service().clone();
+    let job = service.submit(spec, None).await?.job;
+    let listener = coordinator.bind().await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(coordinator.run(listener, stop.clone()));
+
+    let mut wc = WorkerConfig::new(&url, "w");
+    wc.intra_threads = threads;
+    wc.idle_poll = Duration::from_millis(5);
+    let worker = Worker::build(wc, stores)?;
+    let worker_stop = CancellationToken::new();
+    let started = Instant::now();
+    let handle = tokio::spawn(worker.run(worker_stop.clone()));
+    loop {
+        let view = service.get(&job.id.to_string()).await?;
+        if view.shards.done == view.shards.total() {
+            break;
+        }
+        if view.state.is_terminal() {
+            bail!("bench job ended {}: {:?}", view.state, view.error);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let took = started.elapsed().as_secs_f64();
+    worker_stop.cancel();
+    let _ = handle.await;
+    stop.cancel();
+    let _ = server.await;
+    Ok(job.rows_total as f64 / took)
+}

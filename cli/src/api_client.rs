@@ -1,0 +1,98 @@
+//! The people-and-services side of the HTTP API: submit, list, get, cancel.
+
+use anyhow::{Result, anyhow};
+use nightshift_proto::ErrorBody;
+use nightshift_proto::wire::{JobList, JobView, SubmitResponse};
+use reqwest::StatusCode;
+
+/// Where the coordinator is and how to authenticate, from flags or the environment.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        env = "NIGHTSHIFT_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    pub coordinator: String,
+    /// Bearer token (a submit token).
+    #[arg(long, env = "NIGHTSHIFT_TOKEN", hide_env_values = true)]
+    pub token: String,
+}
+
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl ApiClient {
+    pub fn new(args: &ApiArgs) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(600))
+                .build()
+                .unwrap_or_default(),
+            base: args.coordinator.trim_end_matches('/').to_string(),
+            token: args.token.clone(),
+        }
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, T)> {
+        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
+            anyhow!(
+                "coordinator unreachable at {}: {}",
+                self.base,
+                nightshift_worker::client::error_chain(&e)
+            )
+        })?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if status.is_success() {
+            return Ok((status, serde_json::from_str(&text)?));
+        }
+        match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(body) => Err(anyhow!("{} ({})", body.message, status)),
+            Err(_) => Err(anyhow!("coordinator answered {status}: {text}")),
+        }
+    }
+
+    pub async fn submit(&self, toml: String, key: Option<&str>) -> Result<SubmitResponse> {
+        let mut req = self
+            .http
+            .post(format!("{}/v1/jobs", self.base))
+            .header("content-type", "application/toml")
+            .body(toml);
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        Ok(self.send(req).await?.1)
+    }
+
+    pub async fn list(&self) -> Result<JobList> {
+        Ok(self
+            .send(self.http.get(format!("{}/v1/jobs", self.base)))
+            .await?
+            .1)
+    }
+
+    pub async fn get(&self, job: &str) -> Result<JobView> {
+        Ok(self
+            .send(self.http.get(format!("{}/v1/jobs/{job}", self.base)))
+            .await?
+            .1)
+    }
+
+    pub async fn cancel(&self, job: &str) -> Result<JobView> {
+        Ok(self
+            .send(
+                self.http
+                    .post(format!("{}/v1/jobs/{job}/cancel", self.base)),
+            )
+            .await?
+            .1)
+    }
+}

@@ -1,0 +1,176 @@
+//! `coordinator` and `worker`: the two long-running roles of a cluster.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use nightshift_coordinator::store::LeaseTiming;
+use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
+use nightshift_storage::Stores;
+use nightshift_worker::{Worker, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::OrtArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct CoordinatorArgs {
+    /// postgres://... (or a SQLite file for one machine).
+    #[arg(long, env = "NIGHTSHIFT_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    pub listen: SocketAddr,
+    /// Tokens that may submit and manage jobs (repeat, or comma-separated in the env).
+    #[arg(
+        long = "submit-token",
+        env = "NIGHTSHIFT_SUBMIT_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub submit_tokens: Vec<String>,
+    /// Tokens workers use.
+    #[arg(
+        long = "worker-token",
+        env = "NIGHTSHIFT_WORKER_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub worker_tokens: Vec<String>,
+    /// URI prefixes specs may name (repeat). Without any, local paths are refused.
+    #[arg(long = "allow-uri")]
+    pub allow_uri: Vec<String>,
+    /// Lease time to live; workers heartbeat at a third of it.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// First retry delay of a failed shard (doubles per attempt, at most 60 s).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub retry_backoff: Duration,
+    /// Print logs as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    #[arg(long, env = "NIGHTSHIFT_COORDINATOR")]
+    pub coordinator: String,
+    /// A worker token.
+    #[arg(long, env = "NIGHTSHIFT_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Shards run at once.
+    #[arg(long, default_value_t = 1)]
+    pub slots: usize,
+    /// Time allowed to finish, checkpoint and release after SIGTERM or a spot notice.
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// ONNX Runtime intra-op threads per slot (0: its default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Where models fetched from object stores are cached.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub worker_id: Option<String>,
+    #[command(flatten)]
+    pub ort: OrtArgs,
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// `90s`, `500ms`, `2m`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 30s, 500ms, 2m)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub async fn coordinator(args: CoordinatorArgs) -> Result<ExitCode> {
+    crate::logging::init("info", args.log_json);
+    let submit: Vec<String> = args
+        .submit_tokens
+        .into_iter()
+        .filter(|t| !t.is_empty())
+        .collect();
+    let worker: Vec<String> = args
+        .worker_tokens
+        .into_iter()
+        .filter(|t| !t.is_empty())
+        .collect();
+    if submit.is_empty() || worker.is_empty() {
+        bail!(
+            "give at least one --submit-token and one --worker-token (or NIGHTSHIFT_SUBMIT_TOKENS / NIGHTSHIFT_WORKER_TOKENS)"
+        );
+    }
+    let store = nightshift_coordinator::store::open(&args.database_url).await?;
+    let stores = Arc::new(Stores::new(
+        nightshift_storage::s3::S3Settings::load().await,
+    ));
+    let mut config = CoordinatorConfig::new(args.listen);
+    config.submit_tokens = submit;
+    config.worker_tokens = worker;
+    config.allow = AllowList::new(args.allow_uri);
+    config.timing = LeaseTiming {
+        ttl_ms: args.lease_ttl.as_millis() as i64,
+        backoff_base_ms: args.retry_backoff.as_millis() as i64,
+        backoff_max_ms: 60_000,
+    };
+    let coordinator = Coordinator::new(config, store, stores);
+    let listener = coordinator.bind().await?;
+    let shutdown = CancellationToken::new();
+    let _signals = crate::signals::cancel_on_signal(shutdown.clone());
+    coordinator.run(listener, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
+    crate::logging::init("info", args.log_json);
+    let mut config = WorkerConfig::new(&args.coordinator, &args.token);
+    config.slots = args.slots.max(1);
+    config.drain_timeout = args.drain_timeout;
+    config.intra_threads = args.threads;
+    config.ort_lib = args.ort.ort_lib;
+    if let Some(dir) = args.cache_dir {
+        config.cache_dir = dir;
+    }
+    if let Some(id) = args.worker_id {
+        config.worker_id = id;
+    }
+    let stores = Arc::new(Stores::new(
+        nightshift_storage::s3::S3Settings::load().await,
+    ));
+    let worker = Worker::build(config, stores)?;
+    let shutdown = CancellationToken::new();
+    let _signals = crate::signals::cancel_on_signal(shutdown.clone());
+    worker.run(shutdown).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("soon").unwrap_err().contains("soon"));
+        assert!(parse_duration("5y").unwrap_err().contains("unit"));
+    }
+}

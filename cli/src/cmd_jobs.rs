@@ -1,0 +1,195 @@
+//! `submit`, `jobs`, `status`, `watch`, `cancel`: driving a coordinator over its API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use nightshift_proto::wire::JobView;
+use nightshift_proto::{JobSpec, JobState};
+use nightshift_storage::location::absolutize;
+
+use crate::api_client::{ApiArgs, ApiClient};
+use crate::progress::Progress;
+
+#[derive(clap::Args, Debug)]
+pub struct SubmitArgs {
+    /// The job spec (TOML). Local paths in it are made absolute.
+    pub spec: PathBuf,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Submitting again with the same key and spec returns the same job.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Follow the job until it ends; exit 0 only if it succeeded.
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct JobsArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct JobArgs {
+    /// Job id, or name (the newest job of that name).
+    pub job: String,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
+    crate::logging::init("warn", false);
+    let text = std::fs::read_to_string(&args.spec)
+        .with_context(|| format!("cannot read spec `{}`", args.spec.display()))?;
+    let mut spec =
+        JobSpec::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.spec.display()))?;
+    for uri in [
+        &mut spec.input.uri,
+        &mut spec.model.uri,
+        &mut spec.output.uri,
+    ] {
+        *uri = absolutize(uri);
+    }
+    let body = toml::to_string(&spec)?;
+    let client = ApiClient::new(&args.api);
+    let resp = client.submit(body, args.idempotency_key.as_deref()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&resp)?);
+    } else {
+        eprintln!(
+            "{} job {} `{}`: {} rows in {} shards",
+            if resp.created {
+                "submitted"
+            } else {
+                "already submitted:"
+            },
+            resp.job.id,
+            resp.job.name,
+            resp.job.rows_total,
+            resp.job.shards.total()
+        );
+    }
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    follow(&client, &resp.job.id.to_string(), args.json).await
+}
+
+pub async fn jobs(args: JobsArgs) -> Result<ExitCode> {
+    let list = ApiClient::new(&args.api).list().await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>6}  {:<24} {:<11} {:>14} {:>14}  shards(p/l/d/x)",
+        "id", "name", "state", "rows done", "rows"
+    );
+    for j in list.jobs {
+        println!(
+            "{:>6}  {:<24} {:<11} {:>14} {:>14}  {}/{}/{}/{}",
+            j.id,
+            j.name,
+            j.state.as_str(),
+            j.rows_done,
+            j.rows_total,
+            j.shards.pending,
+            j.shards.leased,
+            j.shards.done,
+            j.shards.dead
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn status(args: JobArgs) -> Result<ExitCode> {
+    let view = ApiClient::new(&args.api).get(&args.job).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&view)?);
+    } else {
+        print_view(&view);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn watch(args: JobArgs) -> Result<ExitCode> {
+    let client = ApiClient::new(&args.api);
+    follow(&client, &args.job, args.json).await
+}
+
+pub async fn cancel(args: JobArgs) -> Result<ExitCode> {
+    let view = ApiClient::new(&args.api).cancel(&args.job).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&view)?);
+    } else {
+        eprintln!("job {} `{}` is {}", view.id, view.name, view.state);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Polls until the job ends; exit 0 only if it succeeded.
+async fn follow(client: &ApiClient, job: &str, json: bool) -> Result<ExitCode> {
+    let mut view = client.get(job).await?;
+    let progress = Progress::new(!json, view.rows_total, &view.name);
+    let mut misses = 0;
+    while !view.state.is_terminal() {
+        progress.update(&view);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match client.get(job).await {
+            Ok(v) => {
+                view = v;
+                misses = 0;
+            }
+            // The coordinator may be restarting: keep watching for a while.
+            Err(e) if misses < 120 => {
+                misses += 1;
+                tracing::warn!(error = %e, "status poll failed");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    progress.update(&view);
+    progress.finish();
+    if json {
+        println!("{}", serde_json::to_string(&view)?);
+    } else {
+        print_view(&view);
+    }
+    Ok(if view.state == JobState::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_view(v: &JobView) {
+    println!("job {} `{}`: {}", v.id, v.name, v.state);
+    println!(
+        "  rows      {} of {} ({} poison)",
+        v.rows_done, v.rows_total, v.error_rows
+    );
+    println!(
+        "  shards    {} pending, {} leased, {} done, {} dead",
+        v.shards.pending, v.shards.leased, v.shards.done, v.shards.dead
+    );
+    println!(
+        "  rate      {:.0} rows/s{}",
+        v.rows_per_s,
+        v.eta_s
+            .map(|e| format!(", ETA {e:.0} s"))
+            .unwrap_or_default()
+    );
+    println!("  output    {}", v.output_uri);
+    if let Some(e) = &v.error {
+        println!("  error     {e}");
+    }
+}

@@ -1,0 +1,318 @@
+//! `nightshift run SPEC`: local mode. The same coordinator (on SQLite in `.nightshift/`, serving
+//! on 127.0.0.1 with a random port and tokens) and the same workers as a cluster, in one
+//! process. Ctrl-C drains and exits; running again resumes from the last checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nightshift_coordinator::store::sqlite::SqliteStore;
+use nightshift_coordinator::store::{DynStore, Store};
+use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
+use nightshift_proto::wire::JobView;
+use nightshift_proto::{JobSpec, JobState};
+use nightshift_storage::Stores;
+use nightshift_storage::location::absolutize;
+use nightshift_worker::model_session::ModelSession;
+use nightshift_worker::{Worker, WorkerConfig, onnx_runtime};
+use tokio_util::sync::CancellationToken;
+
+use crate::OrtArgs;
+use crate::progress::Progress;
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The job spec (TOML).
+    pub spec: PathBuf,
+    /// Local workers (each runs one shard at a time).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Print one final JSON line instead of a progress bar.
+    #[arg(long)]
+    pub json: bool,
+    /// Where local state lives.
+    #[arg(long, default_value = ".nightshift")]
+    pub state: PathBuf,
+    /// Discard an existing job of the same name (and its output) and start over.
+    #[arg(long)]
+    pub restart: bool,
+    #[command(flatten)]
+    pub ort: OrtArgs,
+}
+
+#[derive(serde::Serialize)]
+struct Summary<'a> {
+    job: &'a str,
+    state: JobState,
+    rows: u64,
+    seconds: f64,
+    rows_per_s: f64,
+}
+
+pub async fn run(args: RunArgs) -> Result<ExitCode> {
+    crate::logging::init("warn", false);
+    let started = Instant::now();
+    let text = std::fs::read_to_string(&args.spec)
+        .with_context(|| format!("cannot read spec `{}`", args.spec.display()))?;
+    let mut spec =
+        JobSpec::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.spec.display()))?;
+    for uri in [
+        &mut spec.input.uri,
+        &mut spec.model.uri,
+        &mut spec.output.uri,
+    ] {
+        *uri = absolutize(uri);
+    }
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+
+    // ONNX Runtime and the model first: a missing library or a model that does not load stops
+    // here, before anything is queued.
+    let runtime = onnx_runtime::load(args.ort.ort_lib.as_deref())?;
+    let stores = Arc::new(Stores::new(
+        nightshift_storage::s3::S3Settings::load().await,
+    ));
+    let device_note = probe_model(&stores, &spec, runtime).await?;
+    if !args.json {
+        eprintln!("nightshift: {device_note}");
+    }
+
+    std::fs::create_dir_all(&args.state)
+        .with_context(|| format!("cannot create state directory `{}`", args.state.display()))?;
+    let _lock = lock_state(&args.state)?;
+    let sqlite = Arc::new(SqliteStore::open(&args.state.join("nightshift.db")).await?);
+    sqlite.migrate().await?;
+    let store: DynStore = sqlite.clone();
+
+    let mut config = CoordinatorConfig::new("127.0.0.1:0".parse()?);
+    let submit_token = uuid::Uuid::new_v4().simple().to_string();
+    let worker_token = uuid::Uuid::new_v4().simple().to_string();
+    config.submit_tokens = vec![submit_token];
+    config.worker_tokens = vec![worker_token.clone()];
+    config.allow = AllowList::everything();
+    config.finalize_every = Duration::from_millis(200);
+    let coordinator = Coordinator::new(config, store.clone(), stores.clone());
+    let service = coordinator.service().clone();
+
+    // The job: new, resumed, or already done.
+    let job_id = match store.job_by_name(&spec.name).await? {
+        Some(old) if old.spec_hash != spec.hash() || args.restart => {
+            if !args.restart {
+                bail!(
+                    "job `{}` already exists in {} with a different spec; pass --restart to discard it (and its output) and start over",
+                    spec.name,
+                    args.state.display()
+                );
+            }
+            discard(&stores, &store, &old).await?;
+            service.submit(spec.clone(), None).await?.job.id
+        }
+        Some(old) if old.state == JobState::Succeeded => {
+            let view = service.view(&old).await?;
+            if args.json {
+                print_summary(&view, started.elapsed().as_secs_f64(), 0)?;
+            } else {
+                eprintln!(
+                    "nightshift: job `{}` already succeeded: {} rows in {}",
+                    spec.name, view.rows_total, view.output_uri
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(old) => {
+            if matches!(old.state, JobState::Failed | JobState::Cancelled) {
+                store.retry_job(old.id).await?;
+            }
+            let expired = sqlite.expire_all_leases().await?;
+            if !args.json {
+                let view = service.view(&old).await?;
+                eprintln!(
+                    "nightshift: resuming job `{}`: {} of {} rows already committed{}",
+                    spec.name,
+                    view.rows_done,
+                    view.rows_total,
+                    if expired > 0 {
+                        format!(", {expired} interrupted shard(s) to resume")
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            old.id
+        }
+        None => service.submit(spec.clone(), None).await?.job.id,
+    };
+
+    let shutdown = CancellationToken::new();
+    let interrupted = crate::signals::cancel_on_signal(shutdown.clone());
+    let listener = coordinator.bind().await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let coordinator_stop = CancellationToken::new();
+    let coordinator_task = tokio::spawn(coordinator.run(listener, coordinator_stop.clone()));
+
+    let workers_stop = CancellationToken::new();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut workers = Vec::new();
+    for i in 0..args.workers {
+        let mut wc = WorkerConfig::new(&url, &worker_token);
+        wc.worker_id = format!("local-{}-{i}", std::process::id());
+        wc.ort_lib = args.ort.ort_lib.clone();
+        wc.intra_threads = if args.workers > 1 {
+            (cores / args.workers).max(1)
+        } else {
+            0
+        };
+        wc.cache_dir = args.state.join("models");
+        wc.idle_poll = Duration::from_millis(100);
+        let worker = Worker::build(wc, stores.clone())?;
+        workers.push(tokio::spawn(worker.run(workers_stop.clone())));
+    }
+
+    let first = service.get(&job_id.to_string()).await?;
+    let rows_at_start = first.rows_done;
+    let progress = Progress::new(!args.json, first.rows_total, &spec.name);
+    let mut view = first;
+    loop {
+        progress.update(&view);
+        if view.state.is_terminal() || shutdown.is_cancelled() {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        view = service.get(&job_id.to_string()).await?;
+    }
+    // Drain the workers (on Ctrl-C they finish the batch in flight and checkpoint it), then
+    // stop the coordinator.
+    workers_stop.cancel();
+    for w in workers {
+        let _ = w.await;
+    }
+    let view = service.get(&job_id.to_string()).await?;
+    coordinator_stop.cancel();
+    let _ = coordinator_task.await;
+    progress.finish();
+    let seconds = started.elapsed().as_secs_f64();
+    let was_interrupted = shutdown.is_cancelled() && !view.state.is_terminal();
+    interrupted.abort();
+    if args.json {
+        print_summary(&view, seconds, view.rows_done.saturating_sub(rows_at_start))?;
+    } else if was_interrupted {
+        eprintln!(
+            "nightshift: interrupted; {} of {} rows committed. Run the same command again to resume.",
+            view.rows_done, view.rows_total
+        );
+    } else {
+        report(&view, seconds);
+    }
+    if was_interrupted {
+        return Ok(ExitCode::from(130));
+    }
+    Ok(if view.state == JobState::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_summary(view: &JobView, seconds: f64, rows_this_run: u64) -> Result<()> {
+    let line = serde_json::to_string(&Summary {
+        job: &view.name,
+        state: view.state,
+        rows: view.rows_done,
+        seconds,
+        rows_per_s: if seconds > 0.0 {
+            rows_this_run as f64 / seconds
+        } else {
+            0.0
+        },
+    })?;
+    println!("{line}");
+    Ok(())
+}
+
+fn report(view: &JobView, seconds: f64) {
+    match view.state {
+        JobState::Succeeded => eprintln!(
+            "nightshift: job `{}` succeeded: {} rows ({} poison rows) in {:.1} s -> {}",
+            view.name, view.rows_total, view.error_rows, seconds, view.output_uri
+        ),
+        state => eprintln!(
+            "nightshift: job `{}` {state}: {}",
+            view.name,
+            view.error.as_deref().unwrap_or("no error recorded")
+        ),
+    }
+}
+
+/// Loads the model once before queuing anything: it must load on the chosen device.
+async fn probe_model(
+    stores: &Stores,
+    spec: &JobSpec,
+    runtime: &'static onnx_runtime::OnnxRuntime,
+) -> Result<String> {
+    let loc = stores.locate(&spec.model.uri)?;
+    if !loc.is_local() {
+        return Ok(format!(
+            "model {} (remote; device {})",
+            spec.model.uri, spec.model.device
+        ));
+    }
+    let path = PathBuf::from(loc.uri());
+    if !path.is_file() {
+        bail!("model: `{}` does not exist", spec.model.uri);
+    }
+    let (uri, device) = (spec.model.uri.clone(), spec.model.device);
+    let session =
+        tokio::task::spawn_blocking(move || ModelSession::open(runtime, &uri, &path, device, 1))
+            .await??;
+    Ok(format!(
+        "device {} ({})",
+        session.device, session.device_note
+    ))
+}
+
+/// One run per state directory at a time.
+fn lock_state(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open `{}`", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(_) => bail!("another `nightshift run` is using {}", dir.display()),
+    }
+}
+
+/// `--restart`: the old job's record, parts and committed output go.
+async fn discard(
+    stores: &Stores,
+    store: &DynStore,
+    old: &nightshift_coordinator::store::JobRecord,
+) -> Result<()> {
+    let out = stores.locate(&old.output_uri)?;
+    let manifest = out.join("_manifest.json");
+    if let Ok(bytes) = nightshift_storage::read_all(&manifest).await
+        && let Ok(m) = serde_json::from_slice::<nightshift_proto::wire::Manifest>(&bytes)
+        && m.job_uid == old.uid
+    {
+        use object_store::ObjectStoreExt;
+        for f in m.files.iter().chain(m.error_files.iter()) {
+            let _ = out.store().delete(out.join(&f.path).path()).await;
+        }
+        let _ = out.store().delete(out.join("_SUCCESS").path()).await;
+        let _ = out.store().delete(manifest.path()).await;
+    }
+    nightshift_coordinator::finalizer::collect_garbage(stores, &old.output_uri, &old.uid).await?;
+    store.delete_job(old.id).await?;
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! The HTTP API under `/v1`: jobs for people and services (`submit` tokens), leases for workers
+//! (`worker` tokens), and `/healthz`, `/readyz`, `/metrics`. Tokens never appear in logs.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use nightshift_proto::JobSpec;
+use nightshift_proto::wire::{
+    Ack, CheckpointRequest, CompleteRequest, FailRequest, HeartbeatRequest, JobList, LeaseRequest,
+    ReleaseRequest,
+};
+use serde::Deserialize;
+
+use crate::api_error::ApiError;
+use crate::service::Service;
+
+/// Bearer tokens by role.
+#[derive(Clone, Default)]
+pub struct Tokens {
+    pub submit: Vec<String>,
+    pub worker: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Submit,
+    Worker,
+}
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub service: Service,
+    pub tokens: Arc<Tokens>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/jobs", post(submit).get(list))
+        .route("/v1/jobs/{job}", get(job))
+        .route("/v1/jobs/{job}/cancel", post(cancel))
+        .route("/v1/jobs/{job}/retry", post(retry))
+        .route("/v1/worker/lease", post(lease))
+        .route("/v1/worker/heartbeat", post(heartbeat))
+        .route("/v1/worker/checkpoint", post(checkpoint))
+        .route("/v1/worker/complete", post(complete))
+        .route("/v1/worker/fail", post(fail))
+        .route("/v1/worker/release", post(release))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Records latency per route and logs the request (never its headers).
+async fn observe(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let took = started.elapsed();
+    state.service.metrics.api(&route).observe(took);
+    tracing::debug!(%method, route, status = resp.status().as_u16(), ms = took.as_millis() as u64, "request");
+    resp
+}
+
+fn authorize(state: &ApiState, headers: &HeaderMap, need: Role) -> Result<(), ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(ApiError::Unauthorized)?;
+    let has = |list: &[String]| {
+        list.iter()
+            .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+    };
+    let is_submit = has(&state.tokens.submit);
+    let is_worker = has(&state.tokens.worker);
+    match (need, is_submit, is_worker) {
+        (Role::Submit, true, _) | (Role::Worker, _, true) => Ok(()),
+        (Role::Submit, false, true) => {
+            Err(ApiError::Forbidden("manage jobs (it is a worker token)"))
+        }
+        (Role::Worker, true, false) => Err(ApiError::Forbidden(
+            "act as a worker (it is a submit token)",
+        )),
+        _ => Err(ApiError::Unauthorized),
+    }
+}
+
+/// Compares without returning early, so timing does not leak how much of a token matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    match state.service.store.ready().await {
+        Ok(true) => (StatusCode::OK, "ready").into_response(),
+        Ok(false) => (StatusCode::SERVICE_UNAVAILABLE, "migrations not applied").into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("database unreachable: {e}"),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&state, &headers, Role::Submit)
+        .or_else(|_| authorize(&state, &headers, Role::Worker))?;
+    let store = state.service.store.metrics(60_000).await?;
+    let body = state.service.metrics.render(&store);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
+}
+
+async fn submit(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, Role::Submit)?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let spec = if content_type.contains("toml") || content_type.starts_with("text/plain") {
+        let text = std::str::from_utf8(&body)
+            .map_err(|_| ApiError::BadRequest("TOML body is not UTF-8".into()))?;
+        JobSpec::from_toml(text)
+    } else {
+        JobSpec::from_json(&body)
+    }
+    .map_err(ApiError::Spec)?;
+    let key = match headers.get("idempotency-key") {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::BadRequest("Idempotency-Key is not text".into()))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let resp = state.service.submit(spec, key).await?;
+    let status = if resp.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(resp)).into_response())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<u32>,
+}
+
+async fn list(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<JobList>, ApiError> {
+    authorize(&state, &headers, Role::Submit)?;
+    Ok(Json(JobList {
+        jobs: state.service.list(q.limit.unwrap_or(50)).await?,
+    }))
+}
+
+async fn job(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(job): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, Role::Submit)?;
+    Ok(Json(state.service.get(&job).await?).into_response())
+}
+
+async fn cancel(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(job): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, Role::Submit)?;
+    Ok(Json(state.service.cancel(&job).await?).into_response())
+}
+
+async fn retry(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(job): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, Role::Submit)?;
+    Ok(Json(state.service.retry(&job).await?).into_response())
+}
+
+/// Parses a worker request body, answering 400 (not 422) to anything malformed.
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("bad request body: {e}")))
+}
+
+async fn lease(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, Role::Worker)?;
+    let req: LeaseRequest = parse(&body)?;
+    Ok(Json(state.service.lease(&req.worker_id, req.max).await?).into_response())
+}
+
+async fn heartbeat(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, Role::Worker)?;
+    let req: HeartbeatRequest = parse(&body)?;
+    Ok(Json(state.service.heartbeat(&req.worker_id, &req.leases).await?).into_response())
+}
+
+async fn checkpoint(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Ack>, ApiError> {
+    authorize(&state, &headers, Role::Worker)?;
+    let req: CheckpointRequest = parse(&body)?;
+    state.service.checkpoint(req.lease, &req.part).await?;
+    Ok(Json(Ack { ok: true }))
+}
+
+async fn complete(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Ack>, ApiError> {
+    authorize(&state, &headers, Role::Worker)?;
+    let req: CompleteRequest = parse(&body)?;
+    state.service.complete(req.lease).await?;
+    Ok(Json(Ack { ok: true }))
+}
+
+async fn fail(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Ack>, ApiError> {
+    authorize(&state, &headers, Role::Worker)?;
+    let req: FailRequest = parse(&body)?;
+    state
+        .service
+        .fail(req.lease, req.class, &req.message)
+        .await?;
+    Ok(Json(Ack { ok: true }))
+}
+
+async fn release(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Ack>, ApiError> {
+    authorize(&state, &headers, Role::Worker)?;
+    let req: ReleaseRequest = parse(&body)?;
+    state.service.release(req.lease).await?;
+    Ok(Json(Ack { ok: true }))
+}

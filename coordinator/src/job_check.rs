@@ -1,0 +1,207 @@
+//! Everything checked before a job is queued: the input exists and is Parquet, the mapped
+//! columns exist with types the model accepts, the model is ONNX and its inputs and outputs
+//! match the mapping, and the output can be written and holds no other job's output. Every
+//! failure is one message naming the culprit; nothing is created until all checks pass.
+
+use std::sync::Arc;
+
+use arrow_schema::SchemaRef;
+use futures::{StreamExt, TryStreamExt};
+use nightshift_proto::JobSpec;
+use nightshift_proto::wire::{InputFile, JobPlan, Manifest};
+use nightshift_signature::{ModelSignature, plan_tensors};
+use nightshift_storage::{InputObject, ObjectReader, StorageError, Stores, list_inputs, read_all};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+
+use crate::planner::plan_file;
+
+/// Footers read at once while planning.
+const FOOTER_CONCURRENCY: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobCheckError {
+    #[error("input: {0}")]
+    Input(StorageError),
+    #[error("input `{uri}` is not a Parquet file: {reason}")]
+    NotParquet { uri: String, reason: String },
+    #[error("input `{uri}` has no rows")]
+    EmptyInput { uri: String },
+    #[error("model: {0}")]
+    Model(StorageError),
+    #[error("model: {0}")]
+    NotOnnx(String),
+    #[error("{0}")]
+    Mapping(String),
+    #[error(
+        "input files disagree on column `{column}`: `{first}` has {first_type}, `{other}` has {other_type}"
+    )]
+    SchemaMismatch {
+        column: String,
+        first: String,
+        first_type: String,
+        other: String,
+        other_type: String,
+    },
+    #[error(
+        "output `{uri}` already holds the committed output of job `{job}`; choose another output or remove it"
+    )]
+    OutputTaken { uri: String, job: String },
+    #[error("output `{uri}` is not writable: {reason}")]
+    OutputNotWritable { uri: String, reason: String },
+}
+
+/// A checked job: its plan and what the output will look like.
+#[derive(Debug, Clone)]
+pub struct CheckedJob {
+    pub plan: JobPlan,
+    pub signature: Arc<ModelSignature>,
+    pub output_schema: SchemaRef,
+}
+
+/// Checks a spec against its input, model and output, and plans its shards.
+pub async fn check_and_plan(stores: &Stores, spec: &JobSpec) -> Result<CheckedJob, JobCheckError> {
+    let model_loc = stores
+        .locate(&spec.model.uri)
+        .map_err(JobCheckError::Model)?;
+    let model_bytes = read_all(&model_loc).await.map_err(JobCheckError::Model)?;
+    let signature = Arc::new(
+        ModelSignature::from_onnx_bytes(&spec.model.uri, &model_bytes)
+            .map_err(|e| JobCheckError::NotOnnx(e.to_string()))?,
+    );
+    drop(model_bytes);
+
+    let objects = list_inputs(stores, &spec.input.uri)
+        .await
+        .map_err(JobCheckError::Input)?;
+    let footers: Vec<(InputObject, ArrowReaderMetadata)> =
+        futures::stream::iter(objects)
+            .map(|o| async move {
+                let uri = o.location.uri();
+                let mut reader = ObjectReader::new(o.location.clone(), o.meta.size, None);
+                let not_parquet = |reason: String| JobCheckError::NotParquet {
+                    uri: uri.clone(),
+                    reason,
+                };
+                let footer = reader.footer().await.map_err(|e| {
+                    match nightshift_storage::storage_cause(&e) {
+                        Some(_) => not_parquet(e.to_string()),
+                        None => not_parquet(e.to_string()),
+                    }
+                })?;
+                let meta = ArrowReaderMetadata::try_new(footer, ArrowReaderOptions::new())
+                    .map_err(|e| not_parquet(e.to_string()))?;
+                Ok::<_, JobCheckError>((o, meta))
+            })
+            .buffered(FOOTER_CONCURRENCY)
+            .try_collect()
+            .await?;
+
+    let mut output_schema: Option<(SchemaRef, String)> = None;
+    let mut files = Vec::with_capacity(footers.len());
+    let mut shards = Vec::new();
+    let mut rows_total = 0u64;
+    for (index, (object, meta)) in footers.iter().enumerate() {
+        let uri = object.location.uri();
+        let tensors = plan_tensors(spec, &signature, meta.schema(), &uri)
+            .map_err(|e| JobCheckError::Mapping(e.to_string()))?;
+        match &output_schema {
+            None => output_schema = Some((tensors.output_schema.clone(), uri.clone())),
+            Some((first, first_uri)) => {
+                for (a, b) in first.fields().iter().zip(tensors.output_schema.fields()) {
+                    if a.data_type() != b.data_type() {
+                        return Err(JobCheckError::SchemaMismatch {
+                            column: a.name().clone(),
+                            first: first_uri.clone(),
+                            first_type: a.data_type().to_string(),
+                            other: uri,
+                            other_type: b.data_type().to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        let groups: Vec<u64> = meta
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows().max(0) as u64)
+            .collect();
+        let file_rows: u64 = groups.iter().sum();
+        rows_total += file_rows;
+        shards.extend(plan_file(index as u32, &groups, spec.shards.rows));
+        files.push(InputFile {
+            uri,
+            size: object.meta.size,
+            etag: object.meta.e_tag.clone(),
+        });
+    }
+    if rows_total == 0 {
+        return Err(JobCheckError::EmptyInput {
+            uri: spec.input.uri.clone(),
+        });
+    }
+    check_output(stores, spec).await?;
+    let Some((output_schema, _)) = output_schema else {
+        return Err(JobCheckError::EmptyInput {
+            uri: spec.input.uri.clone(),
+        });
+    };
+    Ok(CheckedJob {
+        plan: JobPlan {
+            files,
+            shards,
+            rows_total,
+        },
+        signature,
+        output_schema,
+    })
+}
+
+/// The output holds no committed output of another job, and a probe object can be written.
+pub async fn check_output(stores: &Stores, spec: &JobSpec) -> Result<(), JobCheckError> {
+    let uri = spec.output.uri.clone();
+    let not_writable = |reason: String| JobCheckError::OutputNotWritable {
+        uri: uri.clone(),
+        reason,
+    };
+    let out = stores
+        .locate(&uri)
+        .map_err(|e| not_writable(e.to_string()))?;
+    if out.is_local() {
+        let p = std::path::Path::new(&out.uri()).to_path_buf();
+        if p.exists() && !p.is_dir() {
+            return Err(not_writable("it is a file, not a directory".into()));
+        }
+    }
+    let manifest = out.join("_manifest.json");
+    match read_all(&manifest).await {
+        Ok(bytes) => {
+            let job = serde_json::from_slice::<Manifest>(&bytes)
+                .map(|m| m.job)
+                .unwrap_or_else(|_| "unknown".into());
+            return Err(JobCheckError::OutputTaken { uri, job });
+        }
+        Err(StorageError::NotFound { .. }) => {}
+        Err(e) => return Err(not_writable(e.to_string())),
+    }
+    let probe = out.join(&format!("_parts/.probe-{}", uuid::Uuid::new_v4().simple()));
+    let put = probe
+        .store()
+        .put_opts(
+            probe.path(),
+            PutPayload::from_static(b"nightshift"),
+            PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            },
+        )
+        .await;
+    if let Err(e) = put {
+        return Err(not_writable(
+            StorageError::from_store(&probe.uri(), e).to_string(),
+        ));
+    }
+    let _ = probe.store().delete(probe.path()).await;
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! The coordinator's background loops. Each is safe to run on several replicas at once: the
+//! store's statements skip rows another replica holds, and finalizing is claimed per job and
+//! idempotent.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::finalizer::{collect_garbage, finalize};
+use crate::service::Service;
+use crate::store::JobOutcome;
+
+/// Expired leases go back to the queue (or dead past max attempts).
+pub async fn reaper(service: Service, every: Duration, shutdown: CancellationToken) {
+    loop {
+        match service.store.reap_expired(service.timing).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(shards = n, "expired leases returned to the queue"),
+            Err(e) => tracing::warn!(error = %e, "reaper pass failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// Moves finished jobs on (to finalizing or failed) and commits finalizing ones.
+pub async fn finalizer(
+    service: Service,
+    replica: String,
+    every: Duration,
+    claim_ttl: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if let Err(e) = service.store.settle_jobs().await {
+            tracing::warn!(error = %e, "settling jobs failed");
+        }
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match service
+                .store
+                .claim_finalize(&replica, claim_ttl.as_millis() as i64)
+                .await
+            {
+                Ok(Some(job)) => commit(&service, &replica, job).await,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming a job to finalize failed");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+async fn commit(service: &Service, replica: &str, job: crate::store::JobRecord) {
+    let span = tracing::info_span!("finalize", job = job.id);
+    let _g = span.enter();
+    drop(_g);
+    let parts = match service.store.parts(job.id).await {
+        Ok(p) => p,
+        Err(e) => {
+            return tracing::warn!(job = job.id, error = %e, "reading parts failed; will retry");
+        }
+    };
+    let inputs = match service.store.input_files(job.id).await {
+        Ok(i) => i,
+        Err(e) => {
+            return tracing::warn!(job = job.id, error = %e, "reading inputs failed; will retry");
+        }
+    };
+    let outcome = match finalize(&service.stores, &job, &parts, inputs).await {
+        Ok(c) => {
+            tracing::info!(
+                job = job.id,
+                files = c.manifest.files.len(),
+                rows = c.manifest.total_rows,
+                error_rows = c.manifest.error_rows,
+                "job committed"
+            );
+            JobOutcome::Succeeded
+        }
+        Err(e) if e.is_retryable() => {
+            return tracing::warn!(job = job.id, error = %e, "finalizing failed; will retry");
+        }
+        Err(e) => {
+            tracing::error!(job = job.id, error = %e, "finalizing failed for good");
+            JobOutcome::Failed(format!("commit failed: {e}"))
+        }
+    };
+    let succeeded = matches!(outcome, JobOutcome::Succeeded);
+    if let Err(e) = service.store.finish_job(job.id, replica, outcome).await {
+        return tracing::warn!(job = job.id, error = %e, "recording the commit failed");
+    }
+    if succeeded {
+        match collect_garbage(&service.stores, &job.output_uri, &job.uid).await {
+            Ok(n) => tracing::info!(job = job.id, objects = n, "parts deleted"),
+            Err(e) => tracing::warn!(job = job.id, error = %e, "deleting parts failed"),
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The coordinator's metrics, rendered in Prometheus text format. Names are constants here.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::store::StoreMetrics;
+
+pub const PENDING_SHARDS: &str = "nightshift_pending_shards";
+pub const PENDING_ROWS: &str = "nightshift_pending_rows";
+pub const LEASED_SHARDS: &str = "nightshift_leased_shards";
+pub const RUNNING_JOBS: &str = "nightshift_running_jobs";
+pub const WORKERS_SEEN: &str = "nightshift_workers_seen";
+pub const ROWS_PER_SECOND: &str = "nightshift_rows_per_second";
+pub const ROWS_COMMITTED: &str = "nightshift_rows_committed_total";
+pub const SHARDS_COMPLETED: &str = "nightshift_shards_completed_total";
+pub const LEASE_SECONDS: &str = "nightshift_lease_claim_seconds";
+pub const API_SECONDS: &str = "nightshift_api_request_seconds";
+
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A latency histogram with fixed buckets.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.counts[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {}",
+                self.counts[i].load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{braces} {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{braces} {count}");
+    }
+}
+
+/// Counters and histograms this replica records.
+#[derive(Debug)]
+pub struct Metrics {
+    pub lease_claims: Histogram,
+    api: Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>,
+    rows_committed: AtomicU64,
+    shards_completed: AtomicU64,
+    /// (when, rows committed) samples for the rows/s gauge.
+    samples: Mutex<Vec<(Instant, u64)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            lease_claims: Histogram::default(),
+            api: Mutex::new(BTreeMap::new()),
+            rows_committed: AtomicU64::new(0),
+            shards_completed: AtomicU64::new(0),
+            samples: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn api(&self, route: &str) -> std::sync::Arc<Histogram> {
+        self.api
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(route.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub fn rows_committed(&self, rows: u64) {
+        let total = self.rows_committed.fetch_add(rows, Ordering::Relaxed) + rows;
+        let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        s.push((now, total));
+        s.retain(|(t, _)| now.duration_since(*t) <= Duration::from_secs(60));
+    }
+
+    pub fn shard_completed(&self) {
+        self.shards_completed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Rows committed per second over the last minute on this replica.
+    pub fn rows_per_second(&self) -> f64 {
+        let s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        match (s.first(), s.last()) {
+            (Some(a), Some(b)) if b.0 > a.0 => (b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64(),
+            _ => 0.0,
+        }
+    }
+
+    pub fn render(&self, store: &StoreMetrics) -> String {
+        let mut out = String::new();
+        let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        gauge(
+            &mut out,
+            PENDING_SHARDS,
+            "Shards waiting for a worker.",
+            store.pending_shards as f64,
+        );
+        gauge(
+            &mut out,
+            PENDING_ROWS,
+            "Rows in shards waiting for a worker.",
+            store.pending_rows as f64,
+        );
+        gauge(
+            &mut out,
+            LEASED_SHARDS,
+            "Shards leased to workers.",
+            store.leased_shards as f64,
+        );
+        gauge(
+            &mut out,
+            RUNNING_JOBS,
+            "Jobs running.",
+            store.running_jobs as f64,
+        );
+        gauge(
+            &mut out,
+            WORKERS_SEEN,
+            "Workers heard from in the last minute.",
+            store.workers_seen as f64,
+        );
+        gauge(
+            &mut out,
+            ROWS_PER_SECOND,
+            "Rows committed per second on this replica over the last minute.",
+            self.rows_per_second(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {ROWS_COMMITTED} Rows committed through this replica.\n# TYPE {ROWS_COMMITTED} counter\n{ROWS_COMMITTED} {}",
+            self.rows_committed.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {SHARDS_COMPLETED} Shards completed through this replica.\n# TYPE {SHARDS_COMPLETED} counter\n{SHARDS_COMPLETED} {}",
+            self.shards_completed.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {LEASE_SECONDS} Time to claim shards.\n# TYPE {LEASE_SECONDS} histogram"
+        );
+        self.lease_claims.render(&mut out, LEASE_SECONDS, "");
+        let _ = writeln!(
+            out,
+            "# HELP {API_SECONDS} API request latency by route.\n# TYPE {API_SECONDS} histogram"
+        );
+        for (route, h) in self.api.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            h.render(&mut out, API_SECONDS, &format!("route=\"{route}\""));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.lease_claims.observe(Duration::from_millis(3));
+        m.api("submit").observe(Duration::from_millis(30));
+        m.rows_committed(100);
+        let text = m.render(&StoreMetrics {
+            pending_shards: 4,
+            ..Default::default()
+        });
+        assert!(text.contains("nightshift_pending_shards 4"));
+        assert!(text.contains("nightshift_lease_claim_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(text.contains("nightshift_lease_claim_seconds_bucket{le=\"0.001\"} 0"));
+        assert!(text.contains("nightshift_api_request_seconds_count{route=\"submit\"} 1"));
+        assert!(text.contains("nightshift_rows_committed_total 100"));
+    }
+}

@@ -1,0 +1,129 @@
+//! The coordinator role: config, build, run. Serves the API and runs the background loops
+//! until shutdown; binding is separate so tests and local mode can use port 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nightshift_storage::Stores;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::allow_list::AllowList;
+use crate::api::{ApiState, Tokens, router};
+use crate::metrics::Metrics;
+use crate::service::Service;
+use crate::store::{DynStore, LeaseTiming};
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub listen: SocketAddr,
+    pub submit_tokens: Vec<String>,
+    pub worker_tokens: Vec<String>,
+    pub allow: AllowList,
+    pub timing: LeaseTiming,
+    /// How often the settle/finalize loop looks for finished jobs.
+    pub finalize_every: Duration,
+    /// How long one replica holds a job it finalizes before another may take over.
+    pub finalize_claim: Duration,
+    /// Names this replica in finalizer claims.
+    pub replica_id: String,
+}
+
+impl CoordinatorConfig {
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            submit_tokens: Vec::new(),
+            worker_tokens: Vec::new(),
+            allow: AllowList::default(),
+            timing: LeaseTiming {
+                ttl_ms: 30_000,
+                backoff_base_ms: 1_000,
+                backoff_max_ms: 60_000,
+            },
+            finalize_every: Duration::from_secs(1),
+            finalize_claim: Duration::from_secs(600),
+            replica_id: format!(
+                "coordinator-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+        }
+    }
+}
+
+pub struct Coordinator {
+    config: CoordinatorConfig,
+    service: Service,
+}
+
+impl Coordinator {
+    pub fn new(config: CoordinatorConfig, store: DynStore, stores: Arc<Stores>) -> Self {
+        let service = Service {
+            store,
+            stores,
+            allow: config.allow.clone(),
+            timing: config.timing,
+            metrics: Arc::new(Metrics::default()),
+        };
+        Self { config, service }
+    }
+
+    pub fn service(&self) -> &Service {
+        &self.service
+    }
+
+    pub async fn bind(&self) -> std::io::Result<TcpListener> {
+        TcpListener::bind(self.config.listen).await
+    }
+
+    /// Serves on `listener` and runs the loops until `shutdown`; then stops within a deadline.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let tracker = TaskTracker::new();
+        let reap_every =
+            Duration::from_millis((self.config.timing.ttl_ms / 4).clamp(50, 5_000) as u64);
+        tracker.spawn(crate::loops::reaper(
+            self.service.clone(),
+            reap_every,
+            shutdown.clone(),
+        ));
+        tracker.spawn(crate::loops::finalizer(
+            self.service.clone(),
+            self.config.replica_id.clone(),
+            self.config.finalize_every,
+            self.config.finalize_claim,
+            shutdown.clone(),
+        ));
+        tracker.close();
+        let app = router(ApiState {
+            service: self.service.clone(),
+            tokens: Arc::new(Tokens {
+                submit: self.config.submit_tokens.clone(),
+                worker: self.config.worker_tokens.clone(),
+            }),
+        });
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, replica = %self.config.replica_id, "coordinator listening");
+        }
+        let stop = shutdown.clone();
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        shutdown.cancel();
+        if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                tasks = tracker.len(),
+                "background loops still running after 10 s; leaving them"
+            );
+        }
+        served
+    }
+}

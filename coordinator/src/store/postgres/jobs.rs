@@ -1,0 +1,296 @@
+//! Jobs on PostgreSQL: submission (idempotent, bulk-inserted), reads, cancel and retry.
+
+use nightshift_proto::JobState;
+use nightshift_proto::ShardState;
+use nightshift_proto::wire::ShardCounts;
+use sqlx::Row;
+
+use super::{PgStore, job_from_row, job_in, parse_state};
+use crate::store::{JobRecord, NewJob, PartRow, Result, ShardRow, StoreError, Submitted};
+
+/// Times `insert_job` re-reads a key another replica inserted and then deleted under it.
+const KEY_RACE_TRIES: usize = 3;
+
+/// What an idempotency key that already names `existing` means for a submission of `hash`.
+fn same_key(existing: JobRecord, key: &str, hash: &str) -> Result<Submitted> {
+    if existing.spec_hash == hash {
+        Ok(Submitted::Existing(existing))
+    } else {
+        Err(StoreError::IdempotencyConflict {
+            key: key.to_owned(),
+            job_id: existing.id,
+        })
+    }
+}
+
+impl PgStore {
+    /// Inserts a job with its input files and shards in one transaction. Files and shards go in
+    /// as arrays (one statement each, whatever the shard count). Two replicas racing the same
+    /// idempotency key meet on its unique index: the loser's insert does nothing and it answers
+    /// with the winner's job.
+    pub(super) async fn insert_job(&self, job: NewJob) -> Result<Submitted> {
+        let hash = job.spec.hash();
+        if let Some(key) = &job.idempotency_key
+            && let Some(existing) = self.job_by_key_in(key).await?
+        {
+            return same_key(existing, key, &hash);
+        }
+        let spec_json = serde_json::to_string(&job.spec)
+            .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
+        for _ in 0..KEY_RACE_TRIES {
+            let mut tx = self.pool.begin().await?;
+            let id: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO jobs (uid, name, idempotency_key, spec_json, spec_hash, state, \
+                 priority, max_attempts, rows_total, output_uri, created_at_ms, started_at_ms) \
+                 SELECT $1, $2, $3, $4, $5, 'running', $6, $7, $8, $9, t.now, t.now \
+                 FROM (SELECT ns_now_ms() AS now) t \
+                 ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+            )
+            .bind(&job.uid)
+            .bind(&job.spec.name)
+            .bind(&job.idempotency_key)
+            .bind(&spec_json)
+            .bind(&hash)
+            .bind(i64::from(job.spec.priority))
+            .bind(i64::from(job.spec.retry.max_attempts))
+            .bind(job.plan.rows_total as i64)
+            .bind(&job.spec.output.uri)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(id) = id else {
+                // Only the idempotency key can make the insert do nothing. Each statement reads
+                // what is committed when it starts, so this one sees the winner's job.
+                let Some(key) = &job.idempotency_key else {
+                    return Err(StoreError::Corrupt(
+                        "job insert did nothing without an idempotency key".into(),
+                    ));
+                };
+                let row = sqlx::query(concat!(
+                    "SELECT ",
+                    job_cols!(),
+                    " FROM jobs WHERE idempotency_key = $1"
+                ))
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+                tx.rollback().await?;
+                match row {
+                    Some(row) => return same_key(job_from_row(&row)?, key, &hash),
+                    // The winner's job was deleted meanwhile: try again.
+                    None => continue,
+                }
+            };
+            self.insert_plan(&mut tx, id, &job).await?;
+            let record = job_in(&mut *tx, id)
+                .await?
+                .ok_or(StoreError::JobNotFound(id))?;
+            tx.commit().await?;
+            return Ok(Submitted::Created(record));
+        }
+        Err(StoreError::Corrupt(format!(
+            "idempotency key {:?} kept changing hands during submission",
+            job.idempotency_key
+        )))
+    }
+
+    async fn insert_plan(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        id: i64,
+        job: &NewJob,
+    ) -> Result<()> {
+        let files = &job.plan.files;
+        sqlx::query(
+            "INSERT INTO input_files (job_id, idx, uri, size, etag) \
+             SELECT $1, f.ord - 1, f.uri, f.size, f.etag \
+             FROM unnest($2::TEXT[], $3::BIGINT[], $4::TEXT[]) WITH ORDINALITY \
+                  AS f(uri, size, etag, ord)",
+        )
+        .bind(id)
+        .bind(files.iter().map(|f| f.uri.as_str()).collect::<Vec<_>>())
+        .bind(files.iter().map(|f| f.size as i64).collect::<Vec<_>>())
+        .bind(files.iter().map(|f| f.etag.as_deref()).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+        let shards = &job.plan.shards;
+        let column = |f: fn(&nightshift_proto::wire::ShardPlan) -> i64| -> Vec<i64> {
+            shards.iter().map(f).collect()
+        };
+        // Ordered by position in the plan, so shard ids follow the plan.
+        sqlx::query(
+            "INSERT INTO shards (job_id, file_index, row_group_start, row_group_end, \
+             file_row_start, rows) \
+             SELECT $1, s.file_index, s.rg_start, s.rg_end, s.row_start, s.rows \
+             FROM unnest($2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[]) \
+                  WITH ORDINALITY AS s(file_index, rg_start, rg_end, row_start, rows, ord) \
+             ORDER BY s.ord",
+        )
+        .bind(id)
+        .bind(column(|s| i64::from(s.file_index)))
+        .bind(column(|s| i64::from(s.row_group_start)))
+        .bind(column(|s| i64::from(s.row_group_end)))
+        .bind(column(|s| s.file_row_start as i64))
+        .bind(column(|s| s.rows as i64))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn job_by_key_in(&self, key: &str) -> Result<Option<JobRecord>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_cols!(),
+            " FROM jobs WHERE idempotency_key = $1"
+        ))
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    pub(super) async fn counts(&self, job_id: i64) -> Result<(ShardCounts, u64, u64)> {
+        let rows = sqlx::query(
+            "SELECT state, COUNT(*) AS n, COALESCE(SUM(checkpoint_rows), 0)::BIGINT AS done, \
+             COALESCE(SUM(error_rows), 0)::BIGINT AS errors \
+             FROM shards WHERE job_id = $1 GROUP BY state",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut counts = ShardCounts::default();
+        let (mut done, mut errors) = (0u64, 0u64);
+        for row in rows {
+            let n = row.try_get::<i64, _>("n")? as u64;
+            done += row.try_get::<i64, _>("done")? as u64;
+            errors += row.try_get::<i64, _>("errors")? as u64;
+            match parse_state::<ShardState>(row.try_get("state")?)? {
+                ShardState::Pending => counts.pending = n,
+                ShardState::Leased => counts.leased = n,
+                ShardState::Done => counts.done = n,
+                ShardState::Dead => counts.dead = n,
+            }
+        }
+        Ok((counts, done, errors))
+    }
+
+    pub(super) async fn shard_rows(&self, job_id: i64) -> Result<Vec<ShardRow>> {
+        let rows = sqlx::query(
+            "SELECT id, job_id, file_index, rows, state, token, attempts, checkpoint_rows, \
+             error_rows, error FROM shards WHERE job_id = $1 ORDER BY id",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ShardRow {
+                    id: r.try_get("id")?,
+                    job_id: r.try_get("job_id")?,
+                    file_index: r.try_get::<i64, _>("file_index")? as u32,
+                    rows: r.try_get::<i64, _>("rows")? as u64,
+                    state: parse_state(r.try_get("state")?)?,
+                    token: r.try_get("token")?,
+                    attempts: r.try_get::<i64, _>("attempts")? as u32,
+                    checkpoint_rows: r.try_get::<i64, _>("checkpoint_rows")? as u64,
+                    error_rows: r.try_get::<i64, _>("error_rows")? as u64,
+                    error: r.try_get("error")?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn part_rows(&self, job_id: i64) -> Result<Vec<PartRow>> {
+        let rows = sqlx::query(
+            "SELECT shard_id, token, row_start, rows, bytes, uri, error_rows, error_uri, \
+             error_bytes FROM parts WHERE job_id = $1 ORDER BY shard_id, row_start",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PartRow {
+                    shard_id: r.try_get("shard_id")?,
+                    token: r.try_get("token")?,
+                    row_start: r.try_get::<i64, _>("row_start")? as u64,
+                    rows: r.try_get::<i64, _>("rows")? as u64,
+                    bytes: r.try_get::<i64, _>("bytes")? as u64,
+                    uri: r.try_get("uri")?,
+                    error_rows: r.try_get::<i64, _>("error_rows")? as u64,
+                    error_uri: r.try_get("error_uri")?,
+                    error_bytes: r.try_get::<i64, _>("error_bytes")? as u64,
+                })
+            })
+            .collect()
+    }
+
+    /// One guarded statement; a job already cancelled answers as it is.
+    pub(super) async fn cancel(&self, id: i64) -> Result<JobRecord> {
+        let row = sqlx::query(concat!(
+            "UPDATE jobs SET state = 'cancelled', finished_at_ms = ns_now_ms() \
+             WHERE id = $1 AND state IN ('pending', 'planning', 'running') RETURNING ",
+            job_cols!()
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = row {
+            return job_from_row(&row);
+        }
+        let job = job_in(&self.pool, id)
+            .await?
+            .ok_or(StoreError::JobNotFound(id))?;
+        match job.state {
+            JobState::Cancelled => Ok(job),
+            state => Err(StoreError::BadTransition {
+                job_id: id,
+                state,
+                action: "cancel",
+            }),
+        }
+    }
+
+    /// Dead shards go back to pending with fresh attempts; checkpoints stay.
+    pub(super) async fn retry(&self, id: i64) -> Result<JobRecord> {
+        let mut tx = self.pool.begin().await?;
+        // NO KEY UPDATE: blocks other job transitions, not workers inserting parts.
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_cols!(),
+            " FROM jobs WHERE id = $1 FOR NO KEY UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let job = row
+            .as_ref()
+            .map(job_from_row)
+            .transpose()?
+            .ok_or(StoreError::JobNotFound(id))?;
+        if !matches!(job.state, JobState::Failed | JobState::Cancelled) {
+            return Err(StoreError::BadTransition {
+                job_id: id,
+                state: job.state,
+                action: "retry",
+            });
+        }
+        sqlx::query(
+            "UPDATE shards SET state = 'pending', attempts = 0, not_before_ms = 0, error = NULL, \
+             error_class = NULL WHERE job_id = $1 AND state = 'dead'",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query(concat!(
+            "UPDATE jobs SET state = 'running', error = NULL, finished_at_ms = NULL, \
+             finalizer_owner = NULL, finalizer_expires_at_ms = NULL WHERE id = $1 RETURNING ",
+            job_cols!()
+        ))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let job = job_from_row(&row)?;
+        tx.commit().await?;
+        Ok(job)
+    }
+}

@@ -1,0 +1,377 @@
+//! `nightshift run` end to end, as a user runs it: real processes, real files, real ONNX
+//! Runtime, killed for real. Output is checked by an independent verifier.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use nightshift_tests::fixtures::{Fixture, spec_toml};
+use nightshift_tests::process::{ChildGuard, nightshift, run};
+use nightshift_tests::python::run_script;
+use nightshift_tests::verify::verify_output;
+
+const BIN: &str = env!("CARGO_BIN_EXE_nightshift");
+
+fn run_job(f: &Fixture, spec: &Path, extra: &[&str]) -> Output {
+    let mut cmd = nightshift(Path::new(BIN));
+    cmd.current_dir(f.dir.path())
+        .arg("run")
+        .arg(spec)
+        .arg("--state")
+        .arg(f.path("state"))
+        .args(extra);
+    run(cmd, Duration::from_secs(300))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Shards of the job in the local state, as (id, state, token, checkpoint_rows).
+fn shards(state: &Path) -> Vec<(i64, String, i64, i64)> {
+    let db = state.join("nightshift.db");
+    let out = run_script(
+        "query_sqlite.py",
+        &[
+            db.to_str().unwrap(),
+            "SELECT id, state, token, checkpoint_rows FROM shards ORDER BY id",
+        ],
+    );
+    serde_json::from_str::<Vec<(i64, String, i64, i64)>>(out.trim()).unwrap_or_default()
+}
+
+#[test]
+fn multi_file_multi_row_group_job_is_exact() {
+    let f = Fixture::new();
+    let data = f.data(
+        "in",
+        &[
+            "--rows",
+            "24000",
+            "--files",
+            "3",
+            "--row-group-rows",
+            "1500",
+            "--codecs",
+            "snappy,zstd,gzip",
+        ],
+    );
+    let model = f.model("m.onnx", &["--hidden", "64"]);
+    let out = f.path("out");
+    let mut toml = spec_toml(
+        "exact",
+        &format!("{}/*.parquet", data.display()),
+        &model,
+        &out,
+        "[batch]\nsize = 500\n\n[shards]\nrows = 4000\ncheckpoint_rows = 1500\n",
+    );
+    toml = toml.replace(
+        "passthrough = [\"id\"]",
+        "passthrough = [\"id\", \"group\"]",
+    );
+    let spec = f.spec("job.toml", &toml);
+    let o = run_job(&f, &spec, &["--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).expect("one JSON line");
+    assert_eq!(line["job"], "exact");
+    assert_eq!(line["state"], "succeeded");
+    assert_eq!(line["rows"], 24000);
+    assert!(line["seconds"].as_f64().unwrap() > 0.0);
+    assert!(line["rows_per_s"].as_f64().unwrap() > 0.0);
+    // Six shards across three files with eight row groups each.
+    assert_eq!(shards(&f.path("state")).len(), 6);
+
+    let v = verify_output(
+        out.to_str().unwrap(),
+        &format!("{}/*.parquet", data.display()),
+        &model,
+        0,
+        &["--passthrough", "id,group"],
+    );
+    v.assert_exact(&[]);
+    assert_eq!(v.rows_checked_against_model, 24000);
+    assert!(out.join("_SUCCESS").exists());
+    assert!(
+        !out.join("_parts").exists(),
+        "parts are collected after commit"
+    );
+
+    let readers: serde_json::Value =
+        serde_json::from_str(run_script("check_readers.py", &[out.to_str().unwrap()]).trim())
+            .unwrap();
+    for r in ["pyarrow", "duckdb", "polars"] {
+        assert_eq!(readers[r], 24000, "{r}: {readers}");
+    }
+    assert_eq!(readers["duckdb_distinct_ids"], 24000);
+}
+
+#[test]
+fn rerun_reports_done_and_a_changed_spec_needs_restart() {
+    let f = Fixture::new();
+    let data = f.data(
+        "in",
+        &["--rows", "3000", "--files", "1", "--row-group-rows", "1000"],
+    );
+    let model = f.model("m.onnx", &["--hidden", "32"]);
+    let out = f.path("out");
+    let input = format!("{}/*.parquet", data.display());
+    let toml = spec_toml("again", &input, &model, &out, "[batch]\nsize = 256\n");
+    let spec = f.spec("job.toml", &toml);
+    assert!(run_job(&f, &spec, &[]).status.success());
+
+    let again = run_job(&f, &spec, &[]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        text(&again).contains("already succeeded"),
+        "{}",
+        text(&again)
+    );
+
+    let changed = f.spec("job.toml", &toml.replace("size = 256", "size = 128"));
+    let refused = run_job(&f, &changed, &[]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("different spec") && text(&refused).contains("--restart"),
+        "{}",
+        text(&refused)
+    );
+
+    let restarted = run_job(&f, &changed, &["--restart", "--json"]);
+    assert!(restarted.status.success(), "{}", text(&restarted));
+    verify_output(out.to_str().unwrap(), &input, &model, 0, &[]).assert_exact(&[]);
+}
+
+/// Starts a slow job in the background and waits until `ready` holds for its shards.
+fn start_and_wait(
+    f: &Fixture,
+    spec: &Path,
+    ready: impl Fn(&[(i64, String, i64, i64)]) -> bool,
+) -> ChildGuard {
+    let mut cmd = nightshift(Path::new(BIN));
+    cmd.current_dir(f.dir.path())
+        .arg("run")
+        .arg(spec)
+        .arg("--state")
+        .arg(f.path("state"));
+    let mut child = ChildGuard::spawn_logged(cmd, &f.path("run.log"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait() {
+            panic!(
+                "run ended early ({status}): {}",
+                std::fs::read_to_string(f.path("run.log")).unwrap_or_default()
+            );
+        }
+        if f.path("state/nightshift.db").exists() && ready(&shards(&f.path("state"))) {
+            return child;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job did not reach the wanted point in time"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn slow_job(f: &Fixture) -> (PathBuf, PathBuf, String, PathBuf) {
+    let data = f.data(
+        "in",
+        &[
+            "--rows",
+            "48000",
+            "--files",
+            "2",
+            "--row-group-rows",
+            "2000",
+        ],
+    );
+    // Wide enough that the job takes seconds, so it can be stopped in the middle.
+    let model = f.model("m.onnx", &["--hidden", "1536"]);
+    let out = f.path("out");
+    let input = format!("{}/*.parquet", data.display());
+    let toml = spec_toml(
+        "slow",
+        &input,
+        &model,
+        &out,
+        "[batch]\nsize = 500\n\n[shards]\nrows = 6000\ncheckpoint_rows = 2000\n",
+    );
+    (f.spec("job.toml", &toml), model, input, out)
+}
+
+#[test]
+fn sigkill_mid_job_then_rerun_is_exact_and_recomputes_no_done_shard() {
+    let f = Fixture::new();
+    let (spec, model, input, out) = slow_job(&f);
+    let mut child = start_and_wait(&f, &spec, |s| {
+        let done = s.iter().filter(|x| x.1 == "done").count();
+        let partial = s.iter().any(|x| x.1 == "leased" && x.3 > 0);
+        done >= 2 && partial
+    });
+    child.kill();
+    let before = shards(&f.path("state"));
+    let done_before: Vec<_> = before.iter().filter(|s| s.1 == "done").cloned().collect();
+    let partial: Vec<_> = before
+        .iter()
+        .filter(|s| s.1 == "leased" && s.3 > 0)
+        .cloned()
+        .collect();
+    assert!(!done_before.is_empty() && !partial.is_empty());
+
+    let o = run_job(&f, &spec, &["--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let after = shards(&f.path("state"));
+    for d in &done_before {
+        let now = after.iter().find(|s| s.0 == d.0).unwrap();
+        assert_eq!(
+            now.2, d.2,
+            "done shard {} was granted again (token {} -> {})",
+            d.0, d.2, now.2
+        );
+    }
+    // The interrupted shard resumed after its checkpoint: its first parts keep the old token.
+    let parts = run_script(
+        "query_sqlite.py",
+        &[
+            f.path("state/nightshift.db").to_str().unwrap(),
+            "SELECT shard_id, token, row_start, rows FROM parts ORDER BY shard_id, row_start",
+        ],
+    );
+    let parts: Vec<(i64, i64, i64, i64)> = serde_json::from_str(parts.trim()).unwrap();
+    for p in &partial {
+        let old: i64 = parts
+            .iter()
+            .filter(|x| x.0 == p.0 && x.1 == p.2)
+            .map(|x| x.3)
+            .sum();
+        assert_eq!(
+            old, p.3,
+            "rows committed before the kill were recomputed for shard {}",
+            p.0
+        );
+        let rows_in_parts: i64 = parts.iter().filter(|x| x.0 == p.0).map(|x| x.3).sum();
+        assert_eq!(rows_in_parts, 6000);
+    }
+    verify_output(out.to_str().unwrap(), &input, &model, 1500, &[]).assert_exact(&[]);
+}
+
+#[test]
+fn ctrl_c_drains_then_rerun_finishes() {
+    let f = Fixture::new();
+    let (spec, model, input, out) = slow_job(&f);
+    let mut child = start_and_wait(&f, &spec, |s| s.iter().any(|x| x.1 == "done"));
+    child.signal("INT");
+    let status = child
+        .wait_for(Duration::from_secs(60))
+        .expect("drained within a minute");
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "{}",
+        std::fs::read_to_string(f.path("run.log")).unwrap_or_default()
+    );
+    let log = std::fs::read_to_string(f.path("run.log")).unwrap_or_default();
+    assert!(
+        log.contains("Run the same command again to resume"),
+        "{log}"
+    );
+    let after = shards(&f.path("state"));
+    assert!(
+        after.iter().all(|s| s.1 != "leased"),
+        "drained shards are released: {after:?}"
+    );
+    assert!(!out.join("_SUCCESS").exists());
+
+    let o = run_job(&f, &spec, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    verify_output(out.to_str().unwrap(), &input, &model, 1500, &[]).assert_exact(&[]);
+}
+
+#[test]
+fn reads_parquet_as_other_tools_write_it() {
+    let f = Fixture::new();
+    let root = f.path("in");
+    f.data(
+        "in/pyarrow",
+        &[
+            "--rows",
+            "3000",
+            "--files",
+            "3",
+            "--row-group-rows",
+            "700",
+            "--codecs",
+            "lz4,brotli,none",
+            "--list-type",
+            "list",
+            "--nullable",
+            "--dictionary",
+            "--seed",
+            "1",
+        ],
+    );
+    f.data(
+        "in/large",
+        &[
+            "--rows",
+            "2000",
+            "--files",
+            "1",
+            "--row-group-rows",
+            "900",
+            "--list-type",
+            "large",
+            "--seed",
+            "2",
+            "--id-offset",
+            "10000",
+        ],
+    );
+    f.data(
+        "in/duckdb",
+        &[
+            "--rows",
+            "2500",
+            "--files",
+            "1",
+            "--writer",
+            "duckdb",
+            "--seed",
+            "3",
+            "--id-offset",
+            "20000",
+        ],
+    );
+    f.data(
+        "in/spark",
+        &[
+            "--rows",
+            "2500",
+            "--files",
+            "2",
+            "--row-group-rows",
+            "800",
+            "--writer",
+            "spark",
+            "--seed",
+            "4",
+            "--id-offset",
+            "30000",
+        ],
+    );
+    let model = f.model("m.onnx", &["--hidden", "32"]);
+    let out = f.path("out");
+    let input = format!("{}/**/*.parquet", root.display());
+    let spec = f.spec(
+        "job.toml",
+        &spec_toml("writers", &input, &model, &out, "[shards]\nrows = 1000\n"),
+    );
+    let o = run_job(&f, &spec, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    verify_output(out.to_str().unwrap(), &input, &model, 0, &[]).assert_exact(&[]);
+}

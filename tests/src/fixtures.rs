@@ -1,0 +1,87 @@
+//! A temporary directory with generated data, models and specs for one test.
+
+use std::path::{Path, PathBuf};
+
+use tempfile::TempDir;
+
+use crate::python::run_script;
+
+pub struct Fixture {
+    pub dir: TempDir,
+}
+
+impl Default for Fixture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::Builder::new()
+                .prefix("nightshift-test-")
+                .tempdir()
+                .expect("temp dir"),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `scripts/gen_data.py --out <dir>/<name> ARGS`; returns the directory.
+    pub fn data(&self, name: &str, args: &[&str]) -> PathBuf {
+        let out = self.path(name);
+        let mut all = vec!["--out", out.to_str().unwrap_or_default()];
+        all.extend_from_slice(args);
+        run_script("gen_data.py", &all);
+        out
+    }
+
+    /// `scripts/gen_model.py --out <dir>/<name> ARGS`; returns the file.
+    pub fn model(&self, name: &str, args: &[&str]) -> PathBuf {
+        let out = self.path(name);
+        let mut all = vec!["--out", out.to_str().unwrap_or_default()];
+        all.extend_from_slice(args);
+        run_script("gen_model.py", &all);
+        out
+    }
+
+    /// Writes a spec file.
+    pub fn spec(&self, name: &str, toml: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, toml).expect("write spec");
+        p
+    }
+}
+
+/// A spec for the generated data and model: `features` -> `x`, `logits` -> `logits`,
+/// passthrough `id`, plus `extra` TOML appended (tables such as `[shards]`).
+pub fn spec_toml(name: &str, input: &str, model: &Path, output: &Path, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+
+[input]
+uri = "{input}"
+
+[model]
+uri = "{model}"
+device = "cpu"
+
+[model.inputs]
+x = "features"
+
+[model.outputs]
+logits = "logits"
+
+[output]
+uri = "{output}"
+passthrough = ["id"]
+
+{extra}
+"#,
+        model = model.display(),
+        output = output.display()
+    )
+}

@@ -1,0 +1,291 @@
+//! The store contract: one suite of cases, each an async fn over a `DynStore`, run against a
+//! fresh SQLite file and a fresh PostgreSQL database (its own throwaway server per test).
+
+#[path = "store_contract/jobs.rs"]
+mod jobs;
+#[path = "store_contract/lease.rs"]
+mod lease;
+#[path = "store_contract/loops.rs"]
+mod loops;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use nightshift_coordinator::store::postgres::PgStore;
+use nightshift_coordinator::store::sqlite::SqliteStore;
+use nightshift_coordinator::store::{self, DynStore, LeaseTiming, NewJob, Store, Submitted};
+use nightshift_proto::JobSpec;
+use nightshift_proto::wire::{InputFile, JobPlan, LeaseRef, PartRecord, ShardLease, ShardPlan};
+use nightshift_tests::PgServer;
+use tempfile::TempDir;
+
+/// Rows of every test shard.
+pub const ROWS: u64 = 10;
+/// A test that runs longer than this has hung.
+const CASE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A store and whatever keeps it alive; fields drop in order (store, then server, then files).
+struct Fixture {
+    store: DynStore,
+    _pg: Option<PgServer>,
+    _dir: Option<TempDir>,
+}
+
+impl Fixture {
+    async fn sqlite() -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("store.db");
+        let store = store::open(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("open sqlite store");
+        Fixture {
+            store,
+            _pg: None,
+            _dir: Some(dir),
+        }
+    }
+
+    async fn postgres() -> Fixture {
+        let pg = PgServer::start().await.expect("start postgres");
+        let url = pg.fresh_database().await.expect("fresh database");
+        let store = store::open(&url).await.expect("open postgres store");
+        Fixture {
+            store,
+            _pg: Some(pg),
+            _dir: None,
+        }
+    }
+}
+
+async fn run_case<F, Fut>(fixture: Fixture, case: F)
+where
+    F: FnOnce(DynStore) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    tokio::time::timeout(CASE_TIMEOUT, case(fixture.store.clone()))
+        .await
+        .expect("store contract case timed out");
+}
+
+/// Generates one test per case and backend: `on_sqlite::<case>` and `on_postgres::<case>`.
+macro_rules! contract {
+    ($($module:ident :: $case:ident),+ $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::run_case(super::Fixture::sqlite().await, super::$module::$case).await;
+                }
+            )+
+        }
+        mod on_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::run_case(super::Fixture::postgres().await, super::$module::$case)
+                        .await;
+                }
+            )+
+        }
+    };
+}
+
+contract!(
+    jobs::ready_after_migrate,
+    jobs::create_and_read_back,
+    jobs::idempotent_create,
+    jobs::racing_idempotent_creates_make_one_job,
+    jobs::cancel_and_retry,
+    jobs::delete_removes_everything,
+    jobs::large_job,
+    lease::claim_grants_each_shard_once,
+    lease::claim_follows_priority_and_skips_stopped_jobs,
+    lease::concurrent_claimers_never_share_a_shard,
+    lease::heartbeat_extends_and_reports,
+    lease::checkpoint_is_contiguous_and_fenced,
+    lease::complete_needs_every_row,
+    lease::retryable_failure_backs_off_then_dies,
+    lease::permanent_failure_is_dead_at_once,
+    lease::release_keeps_progress_and_attempts,
+    loops::expired_lease_is_reaped_and_fenced,
+    loops::expiry_past_max_attempts_is_dead,
+    loops::reaper_takes_every_expired_lease,
+    loops::settle_moves_finished_jobs_on,
+    loops::settle_fails_job_with_dead_shard,
+    loops::error_threshold_fails_the_job,
+    loops::finalize_claim_is_exclusive,
+    loops::metrics_count,
+    loops::churn_commits_every_row_once,
+);
+
+// Readiness before any migration: the one check that needs a store `open` did not migrate.
+
+#[tokio::test]
+async fn sqlite_is_not_ready_before_migrating() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("store.db"))
+        .await
+        .unwrap();
+    assert!(!store.ready().await.unwrap());
+    store.migrate().await.unwrap();
+    assert!(store.ready().await.unwrap());
+}
+
+#[tokio::test]
+async fn postgres_is_not_ready_before_migrating() {
+    let pg = PgServer::start().await.unwrap();
+    let store = PgStore::connect(&pg.fresh_database().await.unwrap())
+        .await
+        .unwrap();
+    assert!(!store.ready().await.unwrap());
+    store.migrate().await.unwrap();
+    assert!(store.ready().await.unwrap());
+}
+
+// Helpers shared by the cases.
+
+static NEXT_UID: AtomicU64 = AtomicU64::new(0);
+
+/// A valid spec named `name`, with `extra` TOML put first (top-level keys such as `priority`,
+/// then tables such as `[retry]` or `[errors]`).
+pub fn spec(name: &str, extra: &str) -> JobSpec {
+    let src = format!(
+        r#"name = "{name}"
+{extra}
+
+[input]
+uri = "s3://in/data/*.parquet"
+
+[model]
+uri = "s3://models/mlp.onnx"
+
+[model.inputs]
+x = "features"
+
+[model.outputs]
+logits = "logits"
+
+[output]
+uri = "s3://out/{name}/"
+passthrough = ["id"]
+"#
+    );
+    JobSpec::from_toml(&src).expect("valid test spec")
+}
+
+/// A plan of `shards` shards of `ROWS` rows over two files.
+pub fn plan(shards: usize) -> JobPlan {
+    let files = vec![
+        InputFile {
+            uri: "s3://in/data/a.parquet".into(),
+            size: 1000,
+            etag: Some("\"etag-a\"".into()),
+        },
+        InputFile {
+            uri: "s3://in/data/b.parquet".into(),
+            size: 2000,
+            etag: None,
+        },
+    ];
+    let shards = (0..shards)
+        .map(|i| ShardPlan {
+            file_index: (i % 2) as u32,
+            row_group_start: (i / 2) as u32,
+            row_group_end: (i / 2 + 1) as u32,
+            file_row_start: (i / 2) as u64 * ROWS,
+            rows: ROWS,
+        })
+        .collect::<Vec<_>>();
+    JobPlan {
+        files,
+        rows_total: shards.len() as u64 * ROWS,
+        shards,
+    }
+}
+
+pub fn new_job(spec: JobSpec, shards: usize, key: Option<&str>) -> NewJob {
+    let n = NEXT_UID.fetch_add(1, Ordering::Relaxed);
+    NewJob {
+        uid: format!("{}-{}-{n}", spec.name, std::process::id()),
+        spec,
+        idempotency_key: key.map(str::to_owned),
+        plan: plan(shards),
+    }
+}
+
+/// Creates a running job of `shards` shards and returns its id.
+pub async fn create(store: &DynStore, name: &str, extra: &str, shards: usize) -> i64 {
+    match store
+        .create_job(new_job(spec(name, extra), shards, None))
+        .await
+        .expect("create job")
+    {
+        Submitted::Created(job) => job.id,
+        Submitted::Existing(job) => panic!("new job {} reported as existing", job.id),
+    }
+}
+
+/// Lease timing with no backoff, so failed shards are claimable at once.
+pub fn timing(ttl_ms: i64) -> LeaseTiming {
+    LeaseTiming {
+        ttl_ms,
+        backoff_base_ms: 0,
+        backoff_max_ms: 0,
+    }
+}
+
+/// A long lease that does not expire during a test.
+pub fn long() -> LeaseTiming {
+    timing(60_000)
+}
+
+pub fn lease_ref(lease: &ShardLease) -> LeaseRef {
+    LeaseRef {
+        shard_id: lease.shard_id,
+        token: lease.token,
+    }
+}
+
+pub fn part(lease: LeaseRef, row_start: u64, rows: u64) -> PartRecord {
+    PartRecord {
+        uri: format!(
+            "s3://out/parts/{}-{row_start}-{rows}-{}.parquet",
+            lease.shard_id, lease.token
+        ),
+        row_start,
+        rows,
+        bytes: rows.saturating_mul(100),
+        error_rows: 0,
+        error_uri: None,
+        error_bytes: 0,
+    }
+}
+
+/// Checkpoints every row of a lease and completes it.
+pub async fn finish(store: &DynStore, lease: &ShardLease) {
+    let l = lease_ref(lease);
+    let start = lease.checkpoint_rows;
+    if start < lease.plan.rows {
+        store
+            .checkpoint(l, &part(l, start, lease.plan.rows - start))
+            .await
+            .expect("checkpoint the rest");
+    }
+    store.complete(l).await.expect("complete");
+}
+
+/// Asserts that a result is an error matching a pattern, and shows what it was otherwise.
+#[macro_export]
+macro_rules! assert_err {
+    ($result:expr, $pattern:pat $(if $guard:expr)?) => {
+        match $result {
+            Err($pattern) $(if $guard)? => {}
+            other => panic!(
+                "expected Err({}), got {:?}",
+                stringify!($pattern),
+                other.map(|_| "Ok(..)")
+            ),
+        }
+    };
+}

@@ -1,0 +1,247 @@
+//! Jobs: submission, idempotency, reads, cancel, retry, delete.
+
+use nightshift_coordinator::store::{DynStore, StoreError, Submitted};
+use nightshift_proto::{FailureClass, JobState, ShardState};
+
+use crate::{ROWS, assert_err, create, lease_ref, long, new_job, part, spec};
+
+pub async fn ready_after_migrate(store: DynStore) {
+    assert!(store.ready().await.unwrap());
+    // Migrating again is a no-op.
+    store.migrate().await.unwrap();
+    assert!(store.ready().await.unwrap());
+    let now = store.now_ms().await.unwrap();
+    let local = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(
+        (now - local).abs() < 60_000,
+        "database clock {now} vs {local}"
+    );
+}
+
+pub async fn create_and_read_back(store: DynStore) {
+    let job = new_job(spec("reads", "priority = 3"), 3, None);
+    let uid = job.uid.clone();
+    let created = match store.create_job(job).await.unwrap() {
+        Submitted::Created(j) => j,
+        other => panic!("expected Created, got {other:?}"),
+    };
+    assert_eq!(created.uid, uid);
+    assert_eq!(created.name, "reads");
+    assert_eq!(created.state, JobState::Running);
+    assert_eq!(created.priority, 3);
+    assert_eq!(created.rows_total, 3 * ROWS);
+    assert_eq!(created.output_uri, "s3://out/reads/");
+    assert_eq!(created.spec, spec("reads", "priority = 3"));
+    assert_eq!(created.spec_hash, created.spec.hash());
+    assert!(created.started_at_ms.is_some());
+    assert_eq!(created.finished_at_ms, None);
+    assert_eq!(store.job(created.id).await.unwrap(), Some(created.clone()));
+    assert_eq!(store.job(created.id + 1000).await.unwrap(), None);
+
+    let files = store.input_files(created.id).await.unwrap();
+    assert_eq!(files, crate::plan(3).files);
+
+    let shards = store.shards(created.id).await.unwrap();
+    assert_eq!(shards.len(), 3);
+    assert!(shards.windows(2).all(|w| w[0].id < w[1].id));
+    for (i, s) in shards.iter().enumerate() {
+        assert_eq!(s.job_id, created.id);
+        assert_eq!(s.file_index, (i % 2) as u32);
+        assert_eq!(s.rows, ROWS);
+        assert_eq!(s.state, ShardState::Pending);
+        assert_eq!((s.token, s.attempts, s.checkpoint_rows), (0, 0, 0));
+        assert_eq!(s.error, None);
+    }
+    let (counts, done, errors) = store.shard_counts(created.id).await.unwrap();
+    assert_eq!((counts.pending, counts.total(), done, errors), (3, 3, 0, 0));
+    assert!(store.parts(created.id).await.unwrap().is_empty());
+
+    // The newest job of a name; newest first in lists.
+    let second = create(&store, "reads", "", 1).await;
+    let other = create(&store, "other", "", 1).await;
+    assert_eq!(
+        store.job_by_name("reads").await.unwrap().unwrap().id,
+        second
+    );
+    assert_eq!(store.job_by_name("nope").await.unwrap(), None);
+    let ids: Vec<i64> = store
+        .list_jobs(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(ids, vec![other, second, created.id]);
+    assert_eq!(store.list_jobs(2).await.unwrap().len(), 2);
+}
+
+pub async fn idempotent_create(store: DynStore) {
+    let first = store
+        .create_job(new_job(spec("nightly", ""), 2, Some("nightly-2024-05-01")))
+        .await
+        .unwrap();
+    let Submitted::Created(job) = first else {
+        panic!("expected Created, got {first:?}")
+    };
+    // Same key, same spec (another uid: a second submission of it) -> the existing job.
+    let again = store
+        .create_job(new_job(spec("nightly", ""), 2, Some("nightly-2024-05-01")))
+        .await
+        .unwrap();
+    let Submitted::Existing(existing) = again else {
+        panic!("expected Existing, got {again:?}")
+    };
+    assert_eq!(existing, job);
+    assert_eq!(
+        store.job_by_key("nightly-2024-05-01").await.unwrap(),
+        Some(job.clone())
+    );
+    assert_eq!(store.job_by_key("other-key").await.unwrap(), None);
+    // Same key, another spec -> refused, naming the job.
+    assert_err!(
+        store
+            .create_job(new_job(spec("nightly", "priority = 9"), 2, Some("nightly-2024-05-01")))
+            .await,
+        StoreError::IdempotencyConflict { job_id, .. } if job_id == job.id
+    );
+    assert_eq!(store.list_jobs(10).await.unwrap().len(), 1);
+    assert_eq!(store.shards(job.id).await.unwrap().len(), 2);
+    // Jobs without a key never collide.
+    create(&store, "nightly", "", 1).await;
+    create(&store, "nightly", "", 1).await;
+    assert_eq!(store.list_jobs(10).await.unwrap().len(), 3);
+}
+
+pub async fn racing_idempotent_creates_make_one_job(store: DynStore) {
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .create_job(new_job(spec("raced", ""), 50, Some("raced-key")))
+                    .await
+            })
+        })
+        .collect();
+    let mut created = 0;
+    let mut ids = Vec::new();
+    for t in tasks {
+        let submitted = t.await.unwrap().unwrap();
+        created += matches!(submitted, Submitted::Created(_)) as usize;
+        ids.push(submitted.job().id);
+    }
+    assert_eq!(created, 1, "exactly one submission creates the job");
+    assert!(ids.iter().all(|id| *id == ids[0]));
+    assert_eq!(store.list_jobs(10).await.unwrap().len(), 1);
+    assert_eq!(store.shards(ids[0]).await.unwrap().len(), 50);
+}
+
+pub async fn cancel_and_retry(store: DynStore) {
+    let id = create(&store, "cancel", "", 2).await;
+    assert_err!(
+        store.retry_job(id).await,
+        StoreError::BadTransition {
+            state: JobState::Running,
+            ..
+        }
+    );
+    // A shard dies with half its rows committed; the job is cancelled.
+    let lease = store.claim("w1", 1, long()).await.unwrap().remove(0);
+    let l = lease_ref(&lease);
+    store.checkpoint(l, &part(l, 0, 4)).await.unwrap();
+    store
+        .fail(l, FailureClass::Permanent, "corrupt row group", long())
+        .await
+        .unwrap();
+    let cancelled = store.cancel_job(id).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert!(cancelled.finished_at_ms.is_some());
+    // Cancelling again answers with the cancelled job.
+    assert_eq!(
+        store.cancel_job(id).await.unwrap().state,
+        JobState::Cancelled
+    );
+    assert!(store.claim("w1", 5, long()).await.unwrap().is_empty());
+
+    // Retry: running again, the dead shard pending with fresh attempts, its checkpoint kept.
+    let retried = store.retry_job(id).await.unwrap();
+    assert_eq!(retried.state, JobState::Running);
+    assert_eq!(retried.finished_at_ms, None);
+    assert_eq!(retried.error, None);
+    let shard = store
+        .shards(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.id == lease.shard_id)
+        .unwrap();
+    assert_eq!(shard.state, ShardState::Pending);
+    assert_eq!(shard.attempts, 0);
+    assert_eq!(shard.checkpoint_rows, 4);
+    assert_eq!(shard.error, None);
+    let again = store.claim("w2", 5, long()).await.unwrap();
+    assert_eq!(again.len(), 2);
+    let resumed = again.iter().find(|s| s.shard_id == lease.shard_id).unwrap();
+    assert_eq!(resumed.checkpoint_rows, 4);
+    assert_eq!(resumed.attempt, 1);
+    assert!(resumed.token > lease.token);
+
+    // Cancel refuses finished jobs; unknown jobs are not found.
+    for s in &again {
+        crate::finish(&store, s).await;
+    }
+    store.settle_jobs().await.unwrap();
+    assert_err!(
+        store.cancel_job(id).await,
+        StoreError::BadTransition {
+            state: JobState::Finalizing,
+            ..
+        }
+    );
+    assert_err!(
+        store.cancel_job(id + 1000).await,
+        StoreError::JobNotFound(_)
+    );
+    assert_err!(store.retry_job(id + 1000).await, StoreError::JobNotFound(_));
+}
+
+pub async fn delete_removes_everything(store: DynStore) {
+    let id = create(&store, "doomed", "", 3).await;
+    let keep = create(&store, "kept", "", 1).await;
+    let lease = store.claim("w1", 1, long()).await.unwrap().remove(0);
+    assert_eq!(lease.job_id, id);
+    let l = lease_ref(&lease);
+    store.checkpoint(l, &part(l, 0, 5)).await.unwrap();
+    store.delete_job(id).await.unwrap();
+    assert_eq!(store.job(id).await.unwrap(), None);
+    assert!(store.shards(id).await.unwrap().is_empty());
+    assert!(store.parts(id).await.unwrap().is_empty());
+    assert!(store.input_files(id).await.unwrap().is_empty());
+    assert_err!(
+        store.checkpoint(l, &part(l, 5, 5)).await,
+        StoreError::LeaseLost { .. }
+    );
+    assert_eq!(store.shards(keep).await.unwrap().len(), 1);
+    // Deleting twice is not an error.
+    store.delete_job(id).await.unwrap();
+}
+
+pub async fn large_job(store: DynStore) {
+    const SHARDS: usize = 100_000;
+    let started = std::time::Instant::now();
+    let id = create(&store, "large", "", SHARDS).await;
+    let took = started.elapsed();
+    let (counts, _, _) = store.shard_counts(id).await.unwrap();
+    assert_eq!(counts.pending, SHARDS as u64);
+    let leases = store.claim("w1", 10, long()).await.unwrap();
+    let shards = store.shards(id).await.unwrap();
+    assert_eq!(shards.len(), SHARDS);
+    let first: Vec<i64> = shards.iter().take(10).map(|s| s.id).collect();
+    assert_eq!(leases.iter().map(|l| l.shard_id).collect::<Vec<_>>(), first);
+    let last = shards.last().unwrap();
+    assert_eq!(last.file_index, ((SHARDS - 1) % 2) as u32);
+    eprintln!("created a job of {SHARDS} shards in {took:?}");
+}

@@ -1,0 +1,415 @@
+//! The background loops: reaper, settler, finalizer claims, metrics.
+
+use std::time::Duration;
+
+use nightshift_coordinator::store::{DynStore, JobOutcome, StoreError};
+use nightshift_proto::wire::LeaseRef;
+use nightshift_proto::{FailureClass, JobState, LeaseState, ShardState};
+
+use crate::{ROWS, assert_err, create, finish, lease_ref, long, part, timing};
+
+pub async fn expired_lease_is_reaped_and_fenced(store: DynStore) {
+    let id = create(&store, "expiring", "", 1).await;
+    let first = store.claim("w1", 1, timing(500)).await.unwrap().remove(0);
+    let old = lease_ref(&first);
+    store.checkpoint(old, &part(old, 0, 3)).await.unwrap();
+    assert_eq!(store.reap_expired(timing(500)).await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(store.reap_expired(timing(500)).await.unwrap(), 1);
+    let shard = &store.shards(id).await.unwrap()[0];
+    assert_eq!(shard.state, ShardState::Pending);
+    assert_eq!(shard.checkpoint_rows, 3);
+    assert!(shard.error.as_deref().unwrap_or("").contains("expired"));
+
+    let second = store.claim("w2", 1, long()).await.unwrap().remove(0);
+    assert!(second.token > first.token);
+    assert_eq!((second.attempt, second.checkpoint_rows), (2, 3));
+    // Every write under the old token is refused.
+    let beat = store.heartbeat("w1", &[old], long()).await.unwrap();
+    assert_eq!(beat.leases[0].state, LeaseState::Lost);
+    assert_err!(
+        store.checkpoint(old, &part(old, 3, 2)).await,
+        StoreError::LeaseLost { .. }
+    );
+    assert_err!(store.complete(old).await, StoreError::LeaseLost { .. });
+    assert_err!(
+        store
+            .fail(old, FailureClass::Retryable, "late", long())
+            .await,
+        StoreError::LeaseLost { .. }
+    );
+    assert_err!(store.release(old).await, StoreError::LeaseLost { .. });
+    // The new lease carries on from the checkpoint.
+    finish(&store, &second).await;
+    let parts = store.parts(id).await.unwrap();
+    assert_eq!(
+        parts
+            .iter()
+            .map(|p| (p.row_start, p.token))
+            .collect::<Vec<_>>(),
+        vec![(0, first.token), (3, second.token)]
+    );
+    assert_eq!(store.shards(id).await.unwrap()[0].state, ShardState::Done);
+    assert_eq!(store.reap_expired(timing(500)).await.unwrap(), 0);
+}
+
+pub async fn expiry_past_max_attempts_is_dead(store: DynStore) {
+    let id = create(&store, "lost-worker", "[retry]\nmax_attempts = 1", 1).await;
+    store.claim("w1", 1, timing(100)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.reap_expired(timing(100)).await.unwrap(), 1);
+    let shard = &store.shards(id).await.unwrap()[0];
+    assert_eq!(shard.state, ShardState::Dead);
+    assert!(store.claim("w1", 1, long()).await.unwrap().is_empty());
+}
+
+pub async fn reaper_takes_every_expired_lease(store: DynStore) {
+    const SHARDS: usize = 1_500;
+    let id = create(&store, "mass-expiry", "", SHARDS).await;
+    let leases = store.claim("w1", SHARDS as u32, timing(200)).await.unwrap();
+    assert_eq!(leases.len(), SHARDS);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Two reapers at once (two replicas) share the work without doing any twice.
+    let (a, b) = tokio::join!(
+        store.reap_expired(timing(200)),
+        store.reap_expired(timing(200))
+    );
+    assert_eq!(a.unwrap() + b.unwrap(), SHARDS as u64);
+    let (counts, _, _) = store.shard_counts(id).await.unwrap();
+    assert_eq!((counts.pending, counts.leased), (SHARDS as u64, 0));
+}
+
+pub async fn settle_moves_finished_jobs_on(store: DynStore) {
+    let done = create(&store, "done", "", 2).await;
+    let busy = create(&store, "busy", "", 1).await;
+    for lease in store.claim("w1", 2, long()).await.unwrap() {
+        assert_eq!(lease.job_id, done);
+        finish(&store, &lease).await;
+    }
+    store.claim("w1", 1, long()).await.unwrap();
+    assert_eq!(store.settle_jobs().await.unwrap(), 1);
+    assert_eq!(
+        store.job(done).await.unwrap().unwrap().state,
+        JobState::Finalizing
+    );
+    assert_eq!(
+        store.job(busy).await.unwrap().unwrap().state,
+        JobState::Running
+    );
+    assert_eq!(store.settle_jobs().await.unwrap(), 0);
+
+    // Two settlers at once (two replicas) move a job once.
+    let raced = create(&store, "raced", "", 1).await;
+    let lease = store.claim("w1", 1, long()).await.unwrap().remove(0);
+    finish(&store, &lease).await;
+    let (a, b) = tokio::join!(store.settle_jobs(), store.settle_jobs());
+    assert_eq!(a.unwrap() + b.unwrap(), 1);
+    assert_eq!(
+        store.job(raced).await.unwrap().unwrap().state,
+        JobState::Finalizing
+    );
+
+    // A job with nothing to do has nothing left to wait for.
+    let empty = create(&store, "empty", "", 0).await;
+    assert_eq!(store.settle_jobs().await.unwrap(), 1);
+    assert_eq!(
+        store.job(empty).await.unwrap().unwrap().state,
+        JobState::Finalizing
+    );
+}
+
+pub async fn settle_fails_job_with_dead_shard(store: DynStore) {
+    let id = create(&store, "partly-bad", "", 3).await;
+    let leases = store.claim("w1", 3, long()).await.unwrap();
+    finish(&store, &leases[0]).await;
+    store
+        .fail(
+            lease_ref(&leases[1]),
+            FailureClass::Permanent,
+            "bad parquet footer",
+            long(),
+        )
+        .await
+        .unwrap();
+    // Still an open shard: nothing to settle yet.
+    assert_eq!(store.settle_jobs().await.unwrap(), 0);
+    finish(&store, &leases[2]).await;
+    assert_eq!(store.settle_jobs().await.unwrap(), 1);
+    let job = store.job(id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert!(job.finished_at_ms.is_some());
+    let error = job.error.unwrap_or_default();
+    assert!(
+        error.contains(&format!("shard {}", leases[1].shard_id)),
+        "{error}"
+    );
+    assert!(error.contains("bad parquet footer"), "{error}");
+}
+
+pub async fn error_threshold_fails_the_job(store: DynStore) {
+    let id = create(&store, "poisoned", "[errors]\nmax_rows = 2", 2).await;
+    let leases = store.claim("w1", 2, long()).await.unwrap();
+    let (a, b) = (lease_ref(&leases[0]), lease_ref(&leases[1]));
+    let mut p = part(a, 0, 5);
+    p.error_rows = 2;
+    store.checkpoint(a, &p).await.unwrap();
+    assert_eq!(
+        store.job(id).await.unwrap().unwrap().state,
+        JobState::Running
+    );
+    let mut p = part(b, 0, 5);
+    p.error_rows = 1;
+    store.checkpoint(b, &p).await.unwrap();
+    let job = store.job(id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert!(job.finished_at_ms.is_some());
+    let error = job.error.unwrap_or_default();
+    assert!(error.contains("poison rows"), "{error}");
+    // Its workers hear of it and their writes are refused.
+    let beat = store.heartbeat("w1", &[a, b], long()).await.unwrap();
+    assert!(beat.leases.iter().all(|l| l.state == LeaseState::Cancelled));
+    assert_err!(
+        store.checkpoint(a, &part(a, 5, 5)).await,
+        StoreError::JobNotRunning {
+            state: JobState::Failed,
+            ..
+        }
+    );
+    assert_eq!(store.settle_jobs().await.unwrap(), 0);
+
+    // Retried, it runs to the end and fails again at settling: the poison rows stay committed.
+    store.retry_job(id).await.unwrap();
+    for l in [a, b] {
+        store.checkpoint(l, &part(l, 5, ROWS - 5)).await.unwrap();
+        store.complete(l).await.unwrap();
+    }
+    assert_eq!(store.settle_jobs().await.unwrap(), 1);
+    let job = store.job(id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert!(job.error.unwrap_or_default().contains("poison rows"));
+}
+
+pub async fn finalize_claim_is_exclusive(store: DynStore) {
+    let first = finished_job(&store, "first").await;
+    let (a, b) = tokio::join!(
+        store.claim_finalize("a", 60_000),
+        store.claim_finalize("b", 60_000)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let (winner, loser) = match (&a, &b) {
+        (Some(job), None) => (("a", job), "b"),
+        (None, Some(job)) => (("b", job), "a"),
+        other => panic!("exactly one finalizer must win, got {other:?}"),
+    };
+    assert_eq!(winner.1.id, first);
+    assert_eq!(winner.1.state, JobState::Finalizing);
+    assert!(store.claim_finalize("c", 60_000).await.unwrap().is_none());
+    assert_err!(
+        store.finish_job(first, loser, JobOutcome::Succeeded).await,
+        StoreError::BadTransition {
+            state: JobState::Finalizing,
+            ..
+        }
+    );
+
+    // A claim that expires can be taken over; the old owner may no longer finish.
+    let second = finished_job(&store, "second").await;
+    let taken = store.claim_finalize("slow", 500).await.unwrap().unwrap();
+    assert_eq!(taken.id, second);
+    assert!(
+        store
+            .claim_finalize("fast", 60_000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let retaken = store.claim_finalize("fast", 60_000).await.unwrap().unwrap();
+    assert_eq!(retaken.id, second);
+    assert_err!(
+        store
+            .finish_job(second, "slow", JobOutcome::Succeeded)
+            .await,
+        StoreError::BadTransition { .. }
+    );
+    store
+        .finish_job(
+            second,
+            "fast",
+            JobOutcome::Failed("compaction failed".into()),
+        )
+        .await
+        .unwrap();
+    let job = store.job(second).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.error.as_deref(), Some("compaction failed"));
+
+    store
+        .finish_job(first, winner.0, JobOutcome::Succeeded)
+        .await
+        .unwrap();
+    let job = store.job(first).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Succeeded);
+    assert!(job.finished_at_ms.is_some());
+    assert_err!(
+        store
+            .finish_job(first, winner.0, JobOutcome::Succeeded)
+            .await,
+        StoreError::BadTransition {
+            state: JobState::Succeeded,
+            ..
+        }
+    );
+    assert_err!(
+        store
+            .finish_job(first + 1000, "a", JobOutcome::Succeeded)
+            .await,
+        StoreError::JobNotFound(_)
+    );
+    assert!(store.claim_finalize("c", 60_000).await.unwrap().is_none());
+}
+
+/// A one-shard job run to the end and settled: finalizing.
+async fn finished_job(store: &DynStore, name: &str) -> i64 {
+    let id = create(store, name, "", 1).await;
+    let lease = store.claim("w1", 1, long()).await.unwrap().remove(0);
+    finish(store, &lease).await;
+    assert_eq!(store.settle_jobs().await.unwrap(), 1);
+    id
+}
+
+pub async fn metrics_count(store: DynStore) {
+    const WINDOW: i64 = 60_000;
+    let m = store.metrics(WINDOW).await.unwrap();
+    assert_eq!(m, Default::default());
+    let a = create(&store, "metered-a", "", 3).await;
+    let b = create(&store, "metered-b", "", 2).await;
+    let m = store.metrics(WINDOW).await.unwrap();
+    assert_eq!(
+        (
+            m.pending_shards,
+            m.pending_rows,
+            m.leased_shards,
+            m.running_jobs
+        ),
+        (5, 5 * ROWS, 0, 2)
+    );
+    let leases = store.claim("w1", 2, long()).await.unwrap();
+    assert!(leases.iter().all(|l| l.job_id == a));
+    store.heartbeat("w2", &[], long()).await.unwrap();
+    let m = store.metrics(WINDOW).await.unwrap();
+    assert_eq!(
+        (
+            m.pending_shards,
+            m.pending_rows,
+            m.leased_shards,
+            m.workers_seen
+        ),
+        (3, 3 * ROWS, 2, 2)
+    );
+    // A released shard is pending again with only its uncommitted rows left.
+    let l: LeaseRef = lease_ref(&leases[0]);
+    store.checkpoint(l, &part(l, 0, 4)).await.unwrap();
+    store.release(l).await.unwrap();
+    let m = store.metrics(WINDOW).await.unwrap();
+    assert_eq!(
+        (m.pending_shards, m.pending_rows, m.leased_shards),
+        (4, 4 * ROWS - 4, 1)
+    );
+    // A cancelled job's shards are not waiting for anyone.
+    store.cancel_job(b).await.unwrap();
+    let m = store.metrics(WINDOW).await.unwrap();
+    assert_eq!(
+        (m.pending_shards, m.pending_rows, m.running_jobs),
+        (2, 2 * ROWS - 4, 1)
+    );
+}
+
+/// Workers that die, drain or finish at random while a reaper runs: in the end every shard is
+/// done and its committed parts cover its rows exactly once.
+pub async fn churn_commits_every_row_once(store: DynStore) {
+    const SHARDS: usize = 40;
+    let id = create(&store, "churn", "[retry]\nmax_attempts = 50", SHARDS).await;
+    let ttl = timing(150);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reaper = {
+        let (store, stop) = (store.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                store.reap_expired(ttl).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        })
+    };
+    let workers: Vec<_> = (0..6)
+        .map(|w| {
+            let (store, stop) = (store.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let leases = store.claim(&format!("w{w}"), 2, ttl).await.unwrap();
+                    if leases.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    for lease in leases {
+                        work(&store, &lease).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (counts, _, _) = store.shard_counts(id).await.unwrap();
+        if counts.done == SHARDS as u64 {
+            break;
+        }
+        assert_eq!(counts.dead, 0);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "churn stuck at {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reaper.await.unwrap();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let shards = store.shards(id).await.unwrap();
+    let parts = store.parts(id).await.unwrap();
+    for shard in &shards {
+        let mine: Vec<_> = parts.iter().filter(|p| p.shard_id == shard.id).collect();
+        let mut next = 0;
+        for p in &mine {
+            assert_eq!(p.row_start, next, "shard {} parts {mine:?}", shard.id);
+            assert!(p.token <= shard.token);
+            next += p.rows;
+        }
+        assert_eq!(next, ROWS, "shard {} parts {mine:?}", shard.id);
+    }
+    assert_eq!(store.settle_jobs().await.unwrap(), 1);
+}
+
+/// One worker's go at a lease, chosen by the grant: die silently, drain after one part, or
+/// finish. A lease lost on the way is dropped, as a worker would.
+async fn work(store: &DynStore, lease: &nightshift_proto::wire::ShardLease) {
+    let l = lease_ref(lease);
+    let fate = (lease.shard_id * 31 + lease.token) % 5;
+    let mut at = lease.checkpoint_rows;
+    while at < ROWS {
+        let rows = 3.min(ROWS - at);
+        if store.checkpoint(l, &part(l, at, rows)).await.is_err() {
+            return;
+        }
+        at += rows;
+        match fate {
+            0 => return,
+            1 => {
+                let _ = store.release(l).await;
+                return;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    let _ = store.complete(l).await;
+}

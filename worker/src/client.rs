@@ -1,0 +1,217 @@
+//! The worker's side of the HTTP API: lease, heartbeat, checkpoint, complete, fail, release.
+//! Transient failures (coordinator unreachable, restarting, 5xx) are retried with backoff, so a
+//! coordinator restart mid-job costs a pause, not the job.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use nightshift_proto::wire::{
+    Ack, CheckpointRequest, CompleteRequest, FailRequest, HeartbeatRequest, HeartbeatResponse,
+    LeaseRef, LeaseRequest, LeaseResponse, PartRecord, ReleaseRequest,
+};
+use nightshift_proto::{ErrorBody, ErrorCode, FailureClass};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    #[error("coordinator unreachable at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("lease lost: {0}")]
+    LeaseLost(String),
+    #[error("job not running: {0}")]
+    JobNotRunning(String),
+    #[error("coordinator refused {path} ({status}): {message}")]
+    Refused {
+        path: String,
+        status: u16,
+        code: Option<ErrorCode>,
+        message: String,
+    },
+}
+
+impl ClientError {
+    fn transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Refused { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+}
+
+/// A coordinator endpoint and the worker token.
+#[derive(Clone)]
+pub struct CoordinatorClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    retry: ExponentialBuilder,
+}
+
+impl CoordinatorClient {
+    pub fn new(base: &str, token: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .unwrap_or_default();
+        Self {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            // About a minute of retries: long enough to ride out a coordinator restart.
+            retry: ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(3))
+                .with_max_times(25)
+                .with_jitter(),
+        }
+    }
+
+    /// Retries for at most about `total` (heartbeats give up sooner and try on the next tick).
+    pub fn with_retry_times(mut self, times: usize) -> Self {
+        self.retry = self.retry.with_max_times(times);
+        self
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn post_once<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<R, ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: url.clone(),
+                reason: error_chain(&e),
+            })?;
+        let status = resp.status();
+        if status.is_success() {
+            return resp
+                .json::<R>()
+                .await
+                .map_err(|e| ClientError::Unreachable {
+                    url,
+                    reason: format!("bad response body: {}", error_chain(&e)),
+                });
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let body: Option<ErrorBody> = serde_json::from_str(&text).ok();
+        let message = body.as_ref().map(|b| b.message.clone()).unwrap_or(text);
+        match body.map(|b| b.code) {
+            Some(ErrorCode::LeaseLost) => Err(ClientError::LeaseLost(message)),
+            Some(ErrorCode::Conflict) if message.contains("not running") => {
+                Err(ClientError::JobNotRunning(message))
+            }
+            code => Err(ClientError::Refused {
+                path: path.to_string(),
+                status: status.as_u16(),
+                code,
+                message,
+            }),
+        }
+    }
+
+    async fn post<B: Serialize + Sync, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<R, ClientError> {
+        (|| self.post_once(path, body))
+            .retry(self.retry)
+            .when(ClientError::transient)
+            .notify(|e, wait| {
+                tracing::warn!(path, error = %e, wait_ms = wait.as_millis() as u64, "retrying coordinator call")
+            })
+            .await
+    }
+
+    pub async fn lease(&self, worker_id: &str, max: u32) -> Result<LeaseResponse, ClientError> {
+        self.post(
+            "/v1/worker/lease",
+            &LeaseRequest {
+                worker_id: worker_id.to_string(),
+                max,
+            },
+        )
+        .await
+    }
+
+    pub async fn heartbeat(
+        &self,
+        worker_id: &str,
+        leases: Vec<LeaseRef>,
+    ) -> Result<HeartbeatResponse, ClientError> {
+        self.post(
+            "/v1/worker/heartbeat",
+            &HeartbeatRequest {
+                worker_id: worker_id.to_string(),
+                leases,
+            },
+        )
+        .await
+    }
+
+    pub async fn checkpoint(&self, lease: LeaseRef, part: PartRecord) -> Result<(), ClientError> {
+        let _: Ack = self
+            .post("/v1/worker/checkpoint", &CheckpointRequest { lease, part })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn complete(&self, lease: LeaseRef) -> Result<(), ClientError> {
+        let _: Ack = self
+            .post("/v1/worker/complete", &CompleteRequest { lease })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn fail(
+        &self,
+        lease: LeaseRef,
+        class: FailureClass,
+        message: String,
+    ) -> Result<(), ClientError> {
+        let _: Ack = self
+            .post(
+                "/v1/worker/fail",
+                &FailRequest {
+                    lease,
+                    class,
+                    message,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn release(&self, lease: LeaseRef) -> Result<(), ClientError> {
+        let _: Ack = self
+            .post("/v1/worker/release", &ReleaseRequest { lease })
+            .await?;
+        Ok(())
+    }
+}
+
+/// An error and its sources on one line (reqwest hides the cause in its sources).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

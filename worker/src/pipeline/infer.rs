@@ -1,0 +1,229 @@
+//! Stages 2 and 3: prepare tensors (find rows that cannot feed the model, stack the rest) on a
+//! blocking thread, and run the model on a dedicated thread that owns the session. A batch the
+//! model rejects is split in halves until the rows it rejects are found; those become poison
+//! rows and the rest goes on.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, UInt32Array};
+use arrow::compute::{concat, take_record_batch};
+use arrow_array::RecordBatch;
+use nightshift_signature::TensorPlan;
+use ort::value::DynValue;
+use tokio::sync::mpsc;
+
+use crate::model_session::ModelSession;
+use crate::pipeline::reader::InputBatch;
+use crate::shard_error::ShardError;
+use crate::tensors::{input_tensors, row_problems};
+
+/// Why a row went to `_errors/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowError {
+    /// Row index within its batch.
+    pub row: usize,
+    /// `data` (cannot become a tensor) or `model` (the model rejects it).
+    pub class: &'static str,
+    pub message: String,
+}
+
+/// A batch ready for the model.
+pub struct Prepared {
+    pub start: u64,
+    pub input: RecordBatch,
+    /// Rows that can feed the model (None: all of them).
+    pub good: Option<Vec<u32>>,
+    pub tensors: Vec<(String, DynValue)>,
+    pub errors: Vec<RowError>,
+}
+
+/// A batch after the model.
+pub struct Inferred {
+    pub start: u64,
+    pub input: RecordBatch,
+    /// Rows with outputs (None: all of them), in order.
+    pub kept: Option<Vec<u32>>,
+    pub outputs: Vec<ArrayRef>,
+    pub errors: Vec<RowError>,
+}
+
+/// Finds rows that cannot become tensors and builds the tensors from the rest.
+pub fn prepare(b: InputBatch, plan: &TensorPlan) -> Result<Prepared, ShardError> {
+    let problems = row_problems(&b.batch, &plan.inputs);
+    if problems.is_empty() {
+        let tensors = input_tensors(&b.batch, &plan.inputs).map_err(ShardError::Inference)?;
+        return Ok(Prepared {
+            start: b.start,
+            input: b.batch,
+            good: None,
+            tensors,
+            errors: Vec::new(),
+        });
+    }
+    let mut bad = problems.iter().map(|p| p.row).peekable();
+    let good: Vec<u32> = (0..b.batch.num_rows())
+        .filter(|r| {
+            if bad.peek() == Some(r) {
+                bad.next();
+                false
+            } else {
+                true
+            }
+        })
+        .map(|r| r as u32)
+        .collect();
+    let good_batch = take_rows(&b.batch, &good)?;
+    let tensors = if good.is_empty() {
+        Vec::new()
+    } else {
+        input_tensors(&good_batch, &plan.inputs).map_err(ShardError::Inference)?
+    };
+    Ok(Prepared {
+        start: b.start,
+        input: b.batch,
+        good: Some(good),
+        tensors,
+        errors: problems
+            .into_iter()
+            .map(|p| RowError {
+                row: p.row,
+                class: "data",
+                message: p.message,
+            })
+            .collect(),
+    })
+}
+
+pub fn take_rows(batch: &RecordBatch, rows: &[u32]) -> Result<RecordBatch, ShardError> {
+    take_record_batch(batch, &UInt32Array::from(rows.to_vec()))
+        .map_err(|e| ShardError::Internal(e.to_string()))
+}
+
+/// The inference thread: runs every prepared batch and hands the session back when the input
+/// channel closes.
+pub fn infer_loop(
+    mut session: ModelSession,
+    plan: Arc<TensorPlan>,
+    mut rx: mpsc::Receiver<Result<Prepared, ShardError>>,
+    tx: mpsc::Sender<Result<Inferred, ShardError>>,
+) -> ModelSession {
+    while let Some(item) = rx.blocking_recv() {
+        let out = item.and_then(|p| infer(&mut session, &plan, p));
+        let failed = out.is_err();
+        if tx.blocking_send(out).is_err() || failed {
+            break;
+        }
+    }
+    session
+}
+
+fn infer(
+    session: &mut ModelSession,
+    plan: &TensorPlan,
+    p: Prepared,
+) -> Result<Inferred, ShardError> {
+    let good_rows: Vec<u32> = match &p.good {
+        Some(g) => g.clone(),
+        None => (0..p.input.num_rows() as u32).collect(),
+    };
+    if good_rows.is_empty() {
+        return Ok(Inferred {
+            start: p.start,
+            input: p.input,
+            kept: Some(Vec::new()),
+            outputs: empty_outputs(plan),
+            errors: p.errors,
+        });
+    }
+    match session.run(p.tensors, &plan.outputs, good_rows.len()) {
+        Ok(outputs) => Ok(Inferred {
+            start: p.start,
+            input: p.input,
+            kept: p.good,
+            outputs,
+            errors: p.errors,
+        }),
+        Err(whole) => {
+            // Find the rows the model rejects.
+            let good_batch = take_rows(&p.input, &good_rows)?;
+            let mut segments = Vec::new();
+            let mut rejected = Vec::new();
+            bisect(
+                session,
+                plan,
+                &good_batch,
+                0,
+                good_rows.len(),
+                &mut segments,
+                &mut rejected,
+            )?;
+            if segments.is_empty() && good_rows.len() > 1 {
+                // Every row fails alone too: the model or the device is broken, not the data.
+                return Err(ShardError::Inference(whole));
+            }
+            let mut errors = p.errors;
+            errors.extend(rejected.into_iter().map(|(i, message)| RowError {
+                row: good_rows[i] as usize,
+                class: "model",
+                message,
+            }));
+            errors.sort_by_key(|e| e.row);
+            let kept: Vec<u32> = segments
+                .iter()
+                .flat_map(|(from, to, _)| good_rows[*from..*to].iter().copied())
+                .collect();
+            let outputs = (0..plan.outputs.len())
+                .map(|k| {
+                    let parts: Vec<&dyn arrow::array::Array> =
+                        segments.iter().map(|(_, _, out)| out[k].as_ref()).collect();
+                    if parts.is_empty() {
+                        Ok(empty_outputs(plan)[k].clone())
+                    } else {
+                        concat(&parts).map_err(|e| ShardError::Internal(e.to_string()))
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Inferred {
+                start: p.start,
+                input: p.input,
+                kept: Some(kept),
+                outputs,
+                errors,
+            })
+        }
+    }
+}
+
+type Segment = (usize, usize, Vec<ArrayRef>);
+
+/// Runs rows `[from, to)` of `batch`; on failure splits in halves, down to single rows.
+fn bisect(
+    session: &mut ModelSession,
+    plan: &TensorPlan,
+    batch: &RecordBatch,
+    from: usize,
+    to: usize,
+    ok: &mut Vec<Segment>,
+    rejected: &mut Vec<(usize, String)>,
+) -> Result<(), ShardError> {
+    let slice = batch.slice(from, to - from);
+    let tensors = input_tensors(&slice, &plan.inputs).map_err(ShardError::Inference)?;
+    match session.run(tensors, &plan.outputs, to - from) {
+        Ok(out) => ok.push((from, to, out)),
+        Err(e) if to - from == 1 => rejected.push((from, e)),
+        Err(_) => {
+            let mid = from + (to - from) / 2;
+            bisect(session, plan, batch, from, mid, ok, rejected)?;
+            bisect(session, plan, batch, mid, to, ok, rejected)?;
+        }
+    }
+    Ok(())
+}
+
+fn empty_outputs(plan: &TensorPlan) -> Vec<ArrayRef> {
+    let fields = plan.output_schema.fields();
+    fields[fields.len() - plan.outputs.len()..]
+        .iter()
+        .map(|f| arrow::array::new_empty_array(f.data_type()))
+        .collect()
+}

@@ -1,0 +1,225 @@
+//! One leased shard through the pipeline: read -> prepare -> infer -> write parts -> checkpoint.
+//! Stages are joined by bounded channels, so memory stays flat whatever the input size, and the
+//! model never waits on I/O while the channels hold work.
+
+pub mod infer;
+pub mod parts;
+pub mod reader;
+
+use std::sync::Arc;
+
+use nightshift_proto::Device;
+use nightshift_proto::wire::{LeaseRef, ShardLease};
+use nightshift_signature::plan_tensors;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::context::WorkerContext;
+use crate::model_session::ModelSession;
+use crate::shard_error::ShardError;
+use infer::{infer_loop, prepare};
+use parts::PartSink;
+use reader::{ShardInput, read_batches};
+
+/// Batches buffered between two stages.
+const STAGE_DEPTH: usize = 2;
+
+/// How a shard run is told to stop.
+#[derive(Clone, Default)]
+pub struct ShardSignals {
+    /// Finish the batches in flight, checkpoint them, release the lease.
+    pub drain: CancellationToken,
+    /// Stop now and discard what is not committed (the lease is lost or the job cancelled).
+    pub abort: CancellationToken,
+}
+
+#[derive(Debug)]
+pub enum ShardOutcome {
+    /// Every row committed and the shard completed. `rows` were computed by this run.
+    Completed {
+        rows: u64,
+    },
+    /// Drained: released with `committed` rows checkpointed.
+    Released {
+        committed: u64,
+    },
+    /// The lease was lost or the job stopped; nothing more was committed.
+    Lost,
+    Failed(ShardError),
+}
+
+/// A session kept by a worker slot between shards of the same model.
+pub struct SlotModel {
+    key: String,
+    device: Device,
+    session: ModelSession,
+}
+
+pub async fn run_shard(
+    ctx: &WorkerContext,
+    lease: &ShardLease,
+    slot: &mut Option<SlotModel>,
+    signals: &ShardSignals,
+) -> ShardOutcome {
+    match run(ctx, lease, slot, signals).await {
+        Ok(outcome) => outcome,
+        Err(e) if e.is_lease_lost() => ShardOutcome::Lost,
+        Err(e) => ShardOutcome::Failed(e),
+    }
+}
+
+async fn run(
+    ctx: &WorkerContext,
+    lease: &ShardLease,
+    slot: &mut Option<SlotModel>,
+    signals: &ShardSignals,
+) -> Result<ShardOutcome, ShardError> {
+    let spec = &lease.spec;
+    let lease_ref = LeaseRef {
+        shard_id: lease.shard_id,
+        token: lease.token,
+    };
+    let total = lease.plan.rows;
+    let skip = lease.checkpoint_rows;
+    if skip >= total {
+        ctx.client.complete(lease_ref).await?;
+        return Ok(ShardOutcome::Completed { rows: 0 });
+    }
+    let model = ctx.models.get(&ctx.stores, &spec.model.uri).await?;
+    let input = ShardInput::open(&ctx.stores, lease, ctx.read_counter.clone()).await?;
+    let plan =
+        plan_tensors(spec, &model.signature, input.schema(), &lease.file.uri).map_err(|e| {
+            ShardError::Schema {
+                uri: lease.file.uri.clone(),
+                message: e.to_string(),
+            }
+        })?;
+    let plan = Arc::new(plan);
+    let session = match slot.take() {
+        Some(s) if s.key == model.key && s.device == spec.model.device => s.session,
+        _ => {
+            let rt = ctx.runtime;
+            let (uri, path, device, threads) = (
+                model.uri.clone(),
+                model.path.clone(),
+                spec.model.device,
+                ctx.intra_threads,
+            );
+            let session = tokio::task::spawn_blocking(move || {
+                ModelSession::open(rt, &uri, &path, device, threads)
+            })
+            .await
+            .map_err(|e| ShardError::Internal(e.to_string()))??;
+            tracing::info!(model = %model.uri, device = %session.device, note = %session.device_note, "model session ready");
+            session
+        }
+    };
+    let prefix = ctx
+        .stores
+        .locate(&spec.output.uri)?
+        .join(&format!("_parts/{}", lease.job_uid));
+    let mut sink = PartSink::new(
+        prefix,
+        lease.shard_id,
+        lease.token,
+        lease.file.uri.clone(),
+        lease.plan.file_row_start,
+        plan.clone(),
+        spec.output.passthrough.clone(),
+        spec.shards.checkpoint_rows,
+    );
+
+    let (read_tx, mut read_rx) = mpsc::channel(STAGE_DEPTH);
+    let (prep_tx, prep_rx) = mpsc::channel(STAGE_DEPTH);
+    let (inf_tx, mut inf_rx) = mpsc::channel(STAGE_DEPTH);
+    let columns = spec.input_columns();
+    let reader_lease = lease.clone();
+    let drain = signals.drain.clone();
+    let batch_size = spec.batch.size as usize;
+    let reader = tokio::spawn(async move {
+        read_batches(
+            input,
+            &reader_lease,
+            &columns,
+            batch_size,
+            skip,
+            read_tx,
+            drain,
+        )
+        .await
+    });
+    let prep_plan = plan.clone();
+    let preparer = tokio::task::spawn_blocking(move || {
+        while let Some(item) = read_rx.blocking_recv() {
+            let out = item.and_then(|b| prepare(b, &prep_plan));
+            if prep_tx.blocking_send(out).is_err() {
+                break;
+            }
+        }
+    });
+    let infer_plan = plan.clone();
+    let inference = std::thread::Builder::new()
+        .name(format!("infer-s{}", lease.shard_id))
+        .spawn(move || infer_loop(session, infer_plan, prep_rx, inf_tx))
+        .map_err(|e| ShardError::Internal(format!("cannot start inference thread: {e}")))?;
+
+    let mut committed = skip;
+    let mut computed = 0u64;
+    let result: Result<bool, ShardError> = async {
+        loop {
+            let item = tokio::select! {
+                biased;
+                _ = signals.abort.cancelled() => return Ok(false),
+                item = inf_rx.recv() => item,
+            };
+            let Some(item) = item else { break };
+            let inf = item?;
+            computed += inf.input.num_rows() as u64;
+            ctx.metrics
+                .record_batch(inf.input.num_rows(), inf.errors.len());
+            if let Some(part) = sink.write(inf).await? {
+                let next = part.row_start + part.rows;
+                ctx.client.checkpoint(lease_ref, part).await?;
+                committed = next;
+            }
+        }
+        if let Some(part) = sink.finish().await? {
+            let next = part.row_start + part.rows;
+            ctx.client.checkpoint(lease_ref, part).await?;
+            committed = next;
+        }
+        Ok(true)
+    }
+    .await;
+    if !matches!(result, Ok(true)) {
+        sink.abort().await;
+    }
+    drop(inf_rx);
+    let _ = reader.await;
+    let _ = preparer.await;
+    let session = tokio::task::spawn_blocking(move || inference.join())
+        .await
+        .map_err(|e| ShardError::Internal(e.to_string()))?
+        .map_err(|_| ShardError::Internal("inference thread panicked".into()))?;
+    *slot = Some(SlotModel {
+        key: model.key.clone(),
+        device: spec.model.device,
+        session,
+    });
+    match result {
+        Ok(false) => return Ok(ShardOutcome::Lost),
+        Err(e) => return Err(e),
+        Ok(true) => {}
+    }
+    if committed == total {
+        ctx.client.complete(lease_ref).await?;
+        return Ok(ShardOutcome::Completed { rows: computed });
+    }
+    if signals.drain.is_cancelled() {
+        ctx.client.release(lease_ref).await?;
+        return Ok(ShardOutcome::Released { committed });
+    }
+    Err(ShardError::Internal(format!(
+        "input ended at row {committed} of {total}"
+    )))
+}

@@ -1,0 +1,79 @@
+//! Why a shard run failed, and whether trying again may help (the coordinator acts on the
+//! class: retryable errors back off and retry, permanent ones go dead at once).
+
+use nightshift_proto::FailureClass;
+use nightshift_storage::StorageError;
+use parquet::errors::ParquetError;
+
+use crate::client::ClientError;
+use crate::model_session::ModelError;
+use crate::onnx_runtime::RuntimeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("reading `{uri}`: {message}")]
+    Read {
+        uri: String,
+        message: String,
+        class: FailureClass,
+    },
+    #[error("input `{uri}` does not fit the job: {message}")]
+    Schema { uri: String, message: String },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("inference failed: {0}")]
+    Inference(String),
+    #[error("writing part `{uri}`: {message}")]
+    Write { uri: String, message: String },
+    #[error(transparent)]
+    Coordinator(#[from] ClientError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl ShardError {
+    pub fn class(&self) -> FailureClass {
+        match self {
+            ShardError::Storage(e) => e.class(),
+            ShardError::Read { class, .. } => *class,
+            ShardError::Schema { .. } => FailureClass::Permanent,
+            ShardError::Model(ModelError::Load { .. }) => FailureClass::Permanent,
+            // Another worker may have the GPU or the library this one lacks.
+            ShardError::Model(ModelError::CudaUnavailable { .. }) => FailureClass::Retryable,
+            ShardError::Runtime(_) => FailureClass::Retryable,
+            ShardError::Inference(_) => FailureClass::Retryable,
+            ShardError::Write { .. } => FailureClass::Retryable,
+            ShardError::Coordinator(_) => FailureClass::Retryable,
+            ShardError::Internal(_) => FailureClass::Retryable,
+        }
+    }
+
+    /// A Parquet error while reading `uri`: storage trouble keeps its class; anything else
+    /// (a bad footer, a corrupt page) is the file's fault and permanent.
+    pub fn from_parquet(uri: &str, e: ParquetError) -> Self {
+        if let Some(s) = nightshift_storage::storage_cause(&e) {
+            return ShardError::Read {
+                uri: uri.to_string(),
+                message: s.to_string(),
+                class: s.class(),
+            };
+        }
+        ShardError::Read {
+            uri: uri.to_string(),
+            message: format!("corrupt Parquet data: {e}"),
+            class: FailureClass::Permanent,
+        }
+    }
+
+    /// The lease is gone (expired and granted elsewhere, or the job stopped): stop quietly.
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(
+            self,
+            ShardError::Coordinator(ClientError::LeaseLost(_) | ClientError::JobNotRunning(_))
+        )
+    }
+}

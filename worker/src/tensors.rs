@@ -1,0 +1,353 @@
+//! Arrow columns to ONNX tensors and tensors back to Arrow arrays, following the mapping the
+//! coordinator validated (`nightshift_signature::column_mapping`). Rows that cannot become a
+//! tensor (a null, a list of the wrong length) are found here, row by row, before the model runs.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, Float64Array, Int32Array,
+    Int64Array,
+};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field};
+use arrow_array::RecordBatch;
+use nightshift_signature::{ElemType, InputBinding, OutputBinding, Shape};
+use ort::value::{DynValue, Tensor};
+
+/// A row that cannot feed the model, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowProblem {
+    pub row: usize,
+    pub message: String,
+}
+
+/// Rows of `batch` whose mapped input columns cannot become tensors. Returns them in row order,
+/// one problem per row.
+pub fn row_problems(batch: &RecordBatch, inputs: &[InputBinding]) -> Vec<RowProblem> {
+    let mut bad: Vec<Option<String>> = vec![None; batch.num_rows()];
+    for b in inputs {
+        let Some(col) = batch.column_by_name(&b.column) else {
+            continue;
+        };
+        let want = match b.shape {
+            Shape::Flat => None,
+            Shape::Wide { width } => width,
+        };
+        let lengths = list_lengths(col.as_ref());
+        // A ragged list column with no declared width takes its width from the first good row.
+        let mut width = want;
+        for (row, slot) in bad.iter_mut().enumerate() {
+            if slot.is_some() {
+                continue;
+            }
+            if col.is_null(row) {
+                *slot = Some(format!("column `{}` is null", b.column));
+                continue;
+            }
+            let Some((len, inner_nulls)) = lengths.as_ref().map(|l| l(row)) else {
+                continue;
+            };
+            if inner_nulls {
+                *slot = Some(format!("column `{}` holds a null element", b.column));
+                continue;
+            }
+            match width {
+                Some(w) if len != w => {
+                    *slot = Some(format!(
+                        "column `{}` holds {len} values, model input `{}` wants {w}",
+                        b.column, b.onnx_name
+                    ))
+                }
+                None => width = Some(len),
+                _ => {}
+            }
+        }
+    }
+    bad.into_iter()
+        .enumerate()
+        .filter_map(|(row, m)| m.map(|message| RowProblem { row, message }))
+        .collect()
+}
+
+type LengthFn<'a> = Box<dyn Fn(usize) -> (usize, bool) + 'a>;
+
+/// For list columns, a function giving each row's length and whether it holds a null element.
+fn list_lengths(col: &dyn Array) -> Option<LengthFn<'_>> {
+    match col.data_type() {
+        DataType::FixedSizeList(_, n) => {
+            let l = col.as_fixed_size_list();
+            let n = *n as usize;
+            Some(Box::new(move |row| {
+                let values = l.values();
+                let start = (l.offset() + row) * n;
+                let nulls =
+                    values.null_count() > 0 && (start..start + n).any(|i| values.is_null(i));
+                (n, nulls)
+            }))
+        }
+        DataType::List(_) => {
+            let l = col.as_list::<i32>();
+            Some(Box::new(move |row| {
+                let offsets = l.value_offsets();
+                let (s, e) = (offsets[row] as usize, offsets[row + 1] as usize);
+                let values = l.values();
+                let nulls = values.null_count() > 0 && (s..e).any(|i| values.is_null(i));
+                (e - s, nulls)
+            }))
+        }
+        DataType::LargeList(_) => {
+            let l = col.as_list::<i64>();
+            Some(Box::new(move |row| {
+                let offsets = l.value_offsets();
+                let (s, e) = (offsets[row] as usize, offsets[row + 1] as usize);
+                let values = l.values();
+                let nulls = values.null_count() > 0 && (s..e).any(|i| values.is_null(i));
+                (e - s, nulls)
+            }))
+        }
+        _ => None,
+    }
+}
+
+/// Builds the model's input tensors from a batch whose rows all passed `row_problems`.
+pub fn input_tensors(
+    batch: &RecordBatch,
+    inputs: &[InputBinding],
+) -> Result<Vec<(String, DynValue)>, String> {
+    let rows = batch.num_rows();
+    inputs
+        .iter()
+        .map(|b| {
+            let col = batch
+                .column_by_name(&b.column)
+                .ok_or_else(|| format!("column `{}` missing from batch", b.column))?;
+            let (values, width) = flat_values(col)?;
+            let shape: Vec<i64> = match b.shape {
+                Shape::Flat => vec![rows as i64],
+                Shape::Wide { .. } => vec![rows as i64, width as i64],
+            };
+            let value = tensor(&values, b.elem, shape).map_err(|e| {
+                format!(
+                    "model input `{}` from column `{}`: {e}",
+                    b.onnx_name, b.column
+                )
+            })?;
+            Ok((b.onnx_name.clone(), value))
+        })
+        .collect()
+}
+
+/// The values of a column laid out row after row, and the number of values per row.
+fn flat_values(col: &ArrayRef) -> Result<(ArrayRef, usize), String> {
+    let rows = col.len();
+    match col.data_type() {
+        DataType::FixedSizeList(_, n) => {
+            let l = col.as_fixed_size_list();
+            let n = *n as usize;
+            Ok((l.values().slice(l.offset() * n, rows * n), n))
+        }
+        DataType::List(_) => {
+            let l = col.as_list::<i32>();
+            let o = l.value_offsets();
+            let (s, e) = (o[0] as usize, o[rows] as usize);
+            Ok((
+                l.values().slice(s, e - s),
+                (e - s).checked_div(rows).unwrap_or(0),
+            ))
+        }
+        DataType::LargeList(_) => {
+            let l = col.as_list::<i64>();
+            let o = l.value_offsets();
+            let (s, e) = (o[0] as usize, o[rows] as usize);
+            Ok((
+                l.values().slice(s, e - s),
+                (e - s).checked_div(rows).unwrap_or(0),
+            ))
+        }
+        _ => Ok((col.clone(), 1)),
+    }
+}
+
+fn tensor(values: &ArrayRef, elem: ElemType, shape: Vec<i64>) -> Result<DynValue, String> {
+    let target = match elem {
+        ElemType::F32 => DataType::Float32,
+        ElemType::F64 => DataType::Float64,
+        ElemType::I32 => DataType::Int32,
+        ElemType::I64 => DataType::Int64,
+        other => return Err(format!("unsupported tensor type {other}")),
+    };
+    let cast = cast(values, &target).map_err(|e| e.to_string())?;
+    let err = |e: ort::Error| e.to_string();
+    Ok(match elem {
+        ElemType::F32 => Tensor::from_array((
+            shape,
+            cast.as_primitive::<arrow::datatypes::Float32Type>()
+                .values()
+                .to_vec(),
+        ))
+        .map_err(err)?
+        .into_dyn(),
+        ElemType::F64 => Tensor::from_array((
+            shape,
+            cast.as_primitive::<arrow::datatypes::Float64Type>()
+                .values()
+                .to_vec(),
+        ))
+        .map_err(err)?
+        .into_dyn(),
+        ElemType::I32 => Tensor::from_array((
+            shape,
+            cast.as_primitive::<arrow::datatypes::Int32Type>()
+                .values()
+                .to_vec(),
+        ))
+        .map_err(err)?
+        .into_dyn(),
+        _ => Tensor::from_array((
+            shape,
+            cast.as_primitive::<arrow::datatypes::Int64Type>()
+                .values()
+                .to_vec(),
+        ))
+        .map_err(err)?
+        .into_dyn(),
+    })
+}
+
+/// One model output as the Arrow array of its column: `[rows]` plain, `[rows, K]` a
+/// FixedSizeList of K.
+pub fn output_array(value: &DynValue, o: &OutputBinding, rows: usize) -> Result<ArrayRef, String> {
+    let check = |dims: &[i64]| -> Result<(), String> {
+        let ok = match o.width {
+            None => dims == [rows as i64] || dims == [rows as i64, 1],
+            Some(k) => dims == [rows as i64, k as i64],
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "model output `{}` has shape {dims:?}, expected [{rows}{}]",
+                o.onnx_name,
+                o.width.map(|k| format!(", {k}")).unwrap_or_default()
+            ))
+        }
+    };
+    let values: ArrayRef = match o.elem {
+        ElemType::F32 => {
+            let (shape, data) = value
+                .try_extract_tensor::<f32>()
+                .map_err(|e| e.to_string())?;
+            check(shape)?;
+            Arc::new(Float32Array::from(data.to_vec()))
+        }
+        ElemType::F64 => {
+            let (shape, data) = value
+                .try_extract_tensor::<f64>()
+                .map_err(|e| e.to_string())?;
+            check(shape)?;
+            Arc::new(Float64Array::from(data.to_vec()))
+        }
+        ElemType::I32 => {
+            let (shape, data) = value
+                .try_extract_tensor::<i32>()
+                .map_err(|e| e.to_string())?;
+            check(shape)?;
+            Arc::new(Int32Array::from(data.to_vec()))
+        }
+        ElemType::I64 => {
+            let (shape, data) = value
+                .try_extract_tensor::<i64>()
+                .map_err(|e| e.to_string())?;
+            check(shape)?;
+            Arc::new(Int64Array::from(data.to_vec()))
+        }
+        other => return Err(format!("unsupported output type {other}")),
+    };
+    Ok(match o.width {
+        None => values,
+        Some(k) => {
+            let field = Arc::new(Field::new("item", values.data_type().clone(), false));
+            Arc::new(
+                FixedSizeListArray::try_new(field, k as i32, values, None)
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, ListArray};
+    use arrow::datatypes::{Float32Type, Schema};
+
+    fn fixed(rows: Vec<Option<Vec<Option<f32>>>>, n: i32) -> ArrayRef {
+        Arc::new(FixedSizeListArray::from_iter_primitive::<Float32Type, _, _>(rows, n))
+    }
+
+    #[test]
+    fn finds_nulls_and_wrong_lengths() {
+        let list = ListArray::from_iter_primitive::<Float32Type, _, _>(vec![
+            Some(vec![Some(1.0), Some(2.0)]),
+            Some(vec![Some(1.0)]),
+            None,
+            Some(vec![Some(1.0), None]),
+            Some(vec![Some(3.0), Some(4.0)]),
+        ]);
+        let ids = Int64Array::from(vec![1, 2, 3, 4, 5]);
+        let schema = Schema::new(vec![
+            Field::new("f", list.data_type().clone(), true),
+            Field::new("id", DataType::Int64, false),
+        ]);
+        let batch =
+            RecordBatch::try_new(Arc::new(schema), vec![Arc::new(list), Arc::new(ids)]).unwrap();
+        let b = InputBinding {
+            onnx_name: "x".into(),
+            column: "f".into(),
+            elem: ElemType::F32,
+            shape: Shape::Wide { width: Some(2) },
+        };
+        let problems = row_problems(&batch, std::slice::from_ref(&b));
+        let rows: Vec<usize> = problems.iter().map(|p| p.row).collect();
+        assert_eq!(rows, [1, 2, 3]);
+        assert!(
+            problems[0].message.contains("holds 1 values"),
+            "{:?}",
+            problems[0]
+        );
+        assert!(problems[1].message.contains("is null"));
+        assert!(problems[2].message.contains("null element"));
+
+        let good = arrow::compute::filter_record_batch(
+            &batch,
+            &arrow::array::BooleanArray::from(vec![true, false, false, false, true]),
+        )
+        .unwrap();
+        assert!(row_problems(&good, std::slice::from_ref(&b)).is_empty());
+        let (values, width) = flat_values(good.column(0)).unwrap();
+        assert_eq!(width, 2);
+        assert_eq!(
+            values.as_primitive::<Float32Type>().values().to_vec(),
+            vec![1.0, 2.0, 3.0, 4.0]
+        );
+    }
+
+    #[test]
+    fn sliced_fixed_lists_keep_their_offset() {
+        let col = fixed(
+            vec![
+                Some(vec![Some(1.0), Some(2.0)]),
+                Some(vec![Some(3.0), Some(4.0)]),
+                Some(vec![Some(5.0), Some(6.0)]),
+            ],
+            2,
+        );
+        let sliced = col.slice(1, 2);
+        let (values, width) = flat_values(&sliced).unwrap();
+        assert_eq!(width, 2);
+        assert_eq!(
+            values.as_primitive::<Float32Type>().values().to_vec(),
+            vec![3.0, 4.0, 5.0, 6.0]
+        );
+    }
+}
