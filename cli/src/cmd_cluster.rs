@@ -10,6 +10,7 @@ use anyhow::{Result, bail};
 use nightshift_coordinator::store::LeaseTiming;
 use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
 use nightshift_storage::Stores;
+use nightshift_worker::spot::SpotWatcher;
 use nightshift_worker::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -73,6 +74,13 @@ pub struct WorkerArgs {
     pub cache_dir: Option<PathBuf>,
     #[arg(long)]
     pub worker_id: Option<String>,
+    /// Instance metadata endpoint polled for spot interruption notices (IMDSv2), or `off`.
+    /// The default is EC2's; when nothing answers there, polling stops.
+    #[arg(long, default_value = nightshift_worker::spot::EC2_METADATA)]
+    pub spot_metadata: String,
+    /// How often to poll for a spot notice.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub spot_poll: Duration,
     #[command(flatten)]
     pub ort: OrtArgs,
     #[arg(long)]
@@ -156,7 +164,20 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
     let worker = Worker::build(config, stores)?;
     let shutdown = CancellationToken::new();
     let _signals = crate::signals::cancel_on_signal(shutdown.clone());
-    worker.run(shutdown).await;
+    let stop_watching = CancellationToken::new();
+    if args.spot_metadata != "off" {
+        let explicit = args.spot_metadata != nightshift_worker::spot::EC2_METADATA;
+        let watcher = SpotWatcher::new(&args.spot_metadata, args.spot_poll, explicit);
+        tokio::spawn(watcher.run(shutdown.clone(), stop_watching.clone()));
+    }
+    let report = worker.run(shutdown).await;
+    stop_watching.cancel();
+    tracing::info!(
+        rows = report.rows,
+        shards_completed = report.shards_completed,
+        shards_released = report.shards_released,
+        "worker exited"
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -126,7 +126,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
             if matches!(old.state, JobState::Failed | JobState::Cancelled) {
                 store.retry_job(old.id).await?;
             }
-            let expired = sqlite.expire_all_leases().await?;
+            let expired = sqlite.recover_after_crash().await?;
             if !args.json {
                 let view = service.view(&old).await?;
                 eprintln!(

@@ -160,9 +160,20 @@ pub async fn finalize(
         uri: out.join("_manifest.json").uri(),
         message: e.to_string(),
     })?;
+    crash_point("finalize:before-manifest");
     put(&out.join("_manifest.json"), body).await?;
+    crash_point("finalize:before-success");
     put(&out.join("_SUCCESS"), Vec::new()).await?;
     Ok(Committed { manifest })
+}
+
+/// Crash tests stop the process here, for real, when `NIGHTSHIFT_CRASH_AT` names this point:
+/// the only way to land a crash exactly between two commit steps.
+fn crash_point(name: &str) {
+    if std::env::var("NIGHTSHIFT_CRASH_AT").is_ok_and(|v| v == name) {
+        eprintln!("crash point {name}: aborting");
+        std::process::abort();
+    }
 }
 
 /// Deletes a job's parts (all of them are in the output files or are garbage from fenced

@@ -25,6 +25,8 @@ pub enum JobCheckError {
     Input(StorageError),
     #[error("input `{uri}` is not a Parquet file: {reason}")]
     NotParquet { uri: String, reason: String },
+    #[error("input `{uri}` cannot be read: {reason}")]
+    InputUnreadable { uri: String, reason: String },
     #[error("input `{uri}` has no rows")]
     EmptyInput { uri: String },
     #[error("model: {0}")]

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::finalizer::{collect_garbage, finalize};
 use crate::service::Service;
@@ -46,7 +47,10 @@ pub async fn finalizer(
                 .claim_finalize(&replica, claim_ttl.as_millis() as i64)
                 .await
             {
-                Ok(Some(job)) => commit(&service, &replica, job).await,
+                Ok(Some(job)) => {
+                    let span = tracing::info_span!("finalize", job = job.id);
+                    commit(&service, &replica, job).instrument(span).await
+                }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "claiming a job to finalize failed");
@@ -62,9 +66,6 @@ pub async fn finalizer(
 }
 
 async fn commit(service: &Service, replica: &str, job: crate::store::JobRecord) {
-    let span = tracing::info_span!("finalize", job = job.id);
-    let _g = span.enter();
-    drop(_g);
     let parts = match service.store.parts(job.id).await {
         Ok(p) => p,
         Err(e) => {

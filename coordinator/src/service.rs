@@ -45,7 +45,7 @@ impl Service {
             ("output.uri", &mut spec.output.uri),
         ] {
             if is_local_uri(uri) {
-                if !uri.trim_start_matches("file://").starts_with('/') && !self.allow_relative() {
+                if !uri.trim_start_matches("file://").starts_with('/') {
                     return Err(ApiError::UriNotAllowed {
                         key: field,
                         uri: uri.clone(),
@@ -100,11 +100,6 @@ impl Service {
             tracing::info!(job = job.id, name = %job.name, rows = job.rows_total, shards = job.shards.total(), "job submitted");
         }
         Ok(SubmitResponse { created, job })
-    }
-
-    /// Local mode resolves relative paths itself before it submits.
-    fn allow_relative(&self) -> bool {
-        false
     }
 
     pub async fn view(&self, job: &JobRecord) -> Result<JobView, ApiError> {

@@ -2,6 +2,7 @@
 //! (no input file is downloaded whole), each conditioned on the ETag seen at planning so a
 //! changed object fails loudly instead of mixing versions.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,7 @@ use crate::location::Location;
 pub struct ReadCounter {
     bytes: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
+    prefetch_hits: Arc<AtomicU64>,
 }
 
 impl ReadCounter {
@@ -31,6 +33,13 @@ impl ReadCounter {
     }
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+    /// Ranges served from a row group fetched ahead of time.
+    pub fn prefetch_hits(&self) -> u64 {
+        self.prefetch_hits.load(Ordering::Relaxed)
+    }
+    fn hit(&self) {
+        self.prefetch_hits.fetch_add(1, Ordering::Relaxed);
     }
     fn add(&self, n: u64) {
         self.bytes.fetch_add(n, Ordering::Relaxed);
@@ -43,6 +52,9 @@ const COALESCE_BYTES: u64 = 1024 * 1024;
 /// Bytes read from the end of a file in the first footer request.
 const FOOTER_PREFETCH: usize = 64 * 1024;
 
+/// A row group's bytes being fetched in the background.
+type Prefetch = tokio::task::JoinHandle<Result<Vec<Bytes>, ParquetError>>;
+
 /// A Parquet file in an object store, pinned to the size (and ETag) seen at planning.
 pub struct ObjectReader {
     location: Location,
@@ -50,6 +62,12 @@ pub struct ObjectReader {
     etag: Option<String>,
     counter: ReadCounter,
     metadata: Option<Arc<ParquetMetaData>>,
+    /// Byte ranges of the row groups to be read, in reading order (see `with_prefetch`).
+    plan: Vec<Vec<Range<u64>>>,
+    /// The next planned row group, being fetched in the background.
+    pending: Option<(Vec<Range<u64>>, Prefetch)>,
+    /// Prefetched ranges not yet asked for.
+    ready: HashMap<(u64, u64), Bytes>,
 }
 
 impl ObjectReader {
@@ -60,7 +78,19 @@ impl ObjectReader {
             etag,
             counter: ReadCounter::default(),
             metadata: None,
+            plan: Vec::new(),
+            pending: None,
+            ready: HashMap::new(),
         }
+    }
+
+    /// Prefetching: `plan` holds, for each row group to be read and in reading order, the
+    /// byte ranges of its column chunks. When the reader asks for one of them, the next is
+    /// fetched in the background, so its bytes are there by the time the current row group has
+    /// been decoded and inferred.
+    pub fn with_prefetch(mut self, plan: Vec<Vec<Range<u64>>>) -> Self {
+        self.plan = plan;
+        self
     }
 
     /// Counts every byte this reader fetches into `counter`.
@@ -94,26 +124,108 @@ impl ObjectReader {
         Ok(meta)
     }
 
-    fn fetch(&self, range: Range<u64>) -> BoxFuture<'static, Result<Bytes, ParquetError>> {
+    /// Fetches several ranges (close ones in one request), in the background-friendly form.
+    fn fetch_ranges(
+        &self,
+        ranges: Vec<Range<u64>>,
+    ) -> BoxFuture<'static, Result<Vec<Bytes>, ParquetError>> {
+        let fetcher = self.fetcher();
+        async move { object_store::coalesce_ranges(&ranges, &fetcher, COALESCE_BYTES).await }
+            .boxed()
+    }
+
+    fn fetcher(
+        &self,
+    ) -> impl Fn(Range<u64>) -> BoxFuture<'static, Result<Bytes, ParquetError>> + Send + 'static
+    {
         let store = self.location.store().clone();
         let path = self.location.path().clone();
         let uri = self.location.uri();
         let counter = self.counter.clone();
-        let opts = GetOptions {
-            range: Some(GetRange::Bounded(range)),
-            if_match: self.etag.clone(),
-            ..Default::default()
-        };
-        async move {
-            let result = store
-                .get_opts(&path, opts)
-                .await
-                .map_err(|e| to_parquet(&uri, e))?;
-            let bytes = result.bytes().await.map_err(|e| to_parquet(&uri, e))?;
-            counter.add(bytes.len() as u64);
-            Ok(bytes)
+        let etag = self.etag.clone();
+        move |range| {
+            let (store, path, uri, counter) =
+                (store.clone(), path.clone(), uri.clone(), counter.clone());
+            let opts = GetOptions {
+                range: Some(GetRange::Bounded(range)),
+                if_match: etag.clone(),
+                ..Default::default()
+            };
+            async move {
+                let result = store
+                    .get_opts(&path, opts)
+                    .await
+                    .map_err(|e| to_parquet(&uri, e))?;
+                let bytes = result.bytes().await.map_err(|e| to_parquet(&uri, e))?;
+                counter.add(bytes.len() as u64);
+                Ok(bytes)
+            }
+            .boxed()
         }
-        .boxed()
+    }
+
+    /// Serves `ranges`, from the prefetched row group where it has them, and starts the next.
+    async fn ranges_prefetching(
+        &mut self,
+        ranges: Vec<Range<u64>>,
+    ) -> Result<Vec<Bytes>, ParquetError> {
+        if let Some((planned, handle)) = self.pending.take() {
+            let wanted = ranges.iter().any(|r| planned.contains(r));
+            if wanted {
+                // A failed prefetch is not an error yet: the ranges are fetched again below.
+                if let Ok(Ok(data)) = handle.await {
+                    for (r, b) in planned.iter().zip(data) {
+                        self.ready.insert((r.start, r.end), b);
+                    }
+                }
+            } else {
+                self.pending = Some((planned, handle));
+            }
+        }
+        let missing: Vec<Range<u64>> = ranges
+            .iter()
+            .filter(|r| !self.ready.contains_key(&(r.start, r.end)))
+            .cloned()
+            .collect();
+        let mut fetched = if missing.is_empty() {
+            Vec::new()
+        } else {
+            self.fetch_ranges(missing.clone()).await?
+        }
+        .into_iter();
+        let mut out = Vec::with_capacity(ranges.len());
+        for r in &ranges {
+            match self.ready.remove(&(r.start, r.end)) {
+                Some(b) => {
+                    self.counter.hit();
+                    out.push(b)
+                }
+                None => out.push(
+                    fetched
+                        .next()
+                        .ok_or_else(|| ParquetError::General("short fetch".into()))?,
+                ),
+            }
+        }
+        if self.pending.is_none()
+            && let Some(i) = self
+                .plan
+                .iter()
+                .position(|p| ranges.iter().any(|r| p.contains(r)))
+            && let Some(next) = self.plan.get(i + 1).cloned()
+        {
+            let fetch = self.fetch_ranges(next.clone());
+            self.pending = Some((next, tokio::spawn(fetch)));
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for ObjectReader {
+    fn drop(&mut self) {
+        if let Some((_, handle)) = self.pending.take() {
+            handle.abort();
+        }
     }
 }
 
@@ -132,7 +244,7 @@ pub fn storage_cause(e: &ParquetError) -> Option<&StorageError> {
 
 impl AsyncFileReader for ObjectReader {
     fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
-        self.fetch(range)
+        (self.fetcher())(range)
     }
 
     fn get_byte_ranges(
@@ -140,7 +252,11 @@ impl AsyncFileReader for ObjectReader {
         ranges: Vec<Range<u64>>,
     ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
         async move {
-            object_store::coalesce_ranges(&ranges, |r| self.fetch(r), COALESCE_BYTES).await
+            if self.plan.is_empty() {
+                self.fetch_ranges(ranges).await
+            } else {
+                self.ranges_prefetching(ranges).await
+            }
         }
         .boxed()
     }
@@ -164,4 +280,98 @@ pub async fn read_all(location: &Location) -> Result<Bytes, StorageError> {
     got.bytes()
         .await
         .map_err(|e| StorageError::from_store(&uri, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::location::Stores;
+    use crate::s3::S3Settings;
+    use arrow_array::{Float64Array, Int64Array, RecordBatch};
+    use futures::TryStreamExt;
+    use parquet::arrow::arrow_reader::ArrowReaderMetadata;
+    use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
+    use parquet::arrow::{ArrowWriter, ProjectionMask};
+    use parquet::file::properties::WriterProperties;
+
+    /// 8 row groups of 1000 rows: `id` and `x`.
+    fn write_file(path: &std::path::Path) {
+        let ids = Int64Array::from_iter_values(0..8000);
+        let xs = Float64Array::from_iter_values((0..8000).map(|i| i as f64 * 0.5));
+        let batch = RecordBatch::try_from_iter([
+            ("id", Arc::new(ids) as arrow_array::ArrayRef),
+            ("x", Arc::new(xs) as arrow_array::ArrayRef),
+        ])
+        .unwrap();
+        let props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(1000))
+            .build();
+        let mut w = ArrowWriter::try_new(
+            std::fs::File::create(path).unwrap(),
+            batch.schema(),
+            Some(props),
+        )
+        .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn prefetches_the_next_row_group_and_reads_each_byte_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        write_file(&path);
+        let size = std::fs::metadata(&path).unwrap().len();
+        let stores = Stores::new(S3Settings::default());
+        let counter = ReadCounter::default();
+        let mut reader =
+            ObjectReader::new(stores.locate(path.to_str().unwrap()).unwrap(), size, None)
+                .with_counter(counter.clone());
+        let footer = reader.footer().await.unwrap();
+        let footer_bytes = counter.bytes();
+        let groups = 2..7usize;
+        // Only column `x` (leaf 1).
+        let plan: Vec<Vec<Range<u64>>> = groups
+            .clone()
+            .map(|g| {
+                let (s, l) = footer.row_group(g).column(1).byte_range();
+                std::iter::once(s..s + l).collect()
+            })
+            .collect();
+        let needed: u64 = plan.iter().flatten().map(|r| r.end - r.start).sum();
+        let meta = ArrowReaderMetadata::try_new(footer.clone(), Default::default()).unwrap();
+        let mask = ProjectionMask::roots(footer.file_metadata().schema_descr(), [1]);
+        let batches: Vec<RecordBatch> =
+            ParquetRecordBatchStreamBuilder::new_with_metadata(reader.with_prefetch(plan), meta)
+                .with_projection(mask)
+                .with_row_groups(groups.collect())
+                .build()
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+        let xs: Vec<f64> = batches
+            .iter()
+            .flat_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<Float64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(xs.len(), 5000);
+        assert_eq!(xs[0], 1000.0);
+        assert_eq!(
+            counter.prefetch_hits(),
+            4,
+            "row groups 3..7 came from the prefetch"
+        );
+        assert_eq!(
+            counter.bytes() - footer_bytes,
+            needed,
+            "every needed byte read once"
+        );
+    }
 }

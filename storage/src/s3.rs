@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use object_store::aws::{AmazonS3Builder, AwsCredential};
-use object_store::{ClientOptions, CredentialProvider, ObjectStore, RetryConfig};
+use object_store::{
+    ClientOptions, CredentialProvider, ObjectStore, RetryConfig, StaticCredentialProvider,
+};
 use tokio::sync::Mutex;
 
 /// How S3 clients are built. Read once from the environment (and AWS profile files).
@@ -27,6 +29,27 @@ pub struct S3Settings {
     pub retry: Option<RetryConfig>,
     /// Per-request timeout.
     pub timeout: Option<Duration>,
+    /// Endpoint of an S3-compatible server (`http://127.0.0.1:9000`); None leaves
+    /// `AWS_ENDPOINT_URL` from the environment, or AWS itself.
+    pub endpoint: Option<String>,
+    /// Fixed keys used instead of every credential chain (a local server in tests); None
+    /// leaves the chains above.
+    pub static_keys: Option<StaticKeys>,
+}
+
+/// An access key and its secret, without a session token.
+#[derive(Clone)]
+pub struct StaticKeys {
+    pub key_id: String,
+    pub secret_key: String,
+}
+
+impl std::fmt::Debug for StaticKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticKeys")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl S3Settings {
@@ -40,6 +63,8 @@ impl S3Settings {
             credentials: None,
             retry: None,
             timeout: None,
+            endpoint: None,
+            static_keys: None,
         }
     }
 
@@ -73,7 +98,16 @@ impl S3Settings {
         if let Some(region) = &self.region {
             b = b.with_region(region);
         }
-        if let Some(provider) = &self.credentials {
+        if let Some(endpoint) = &self.endpoint {
+            b = b.with_endpoint(endpoint);
+        }
+        if let Some(keys) = &self.static_keys {
+            b = b.with_credentials(Arc::new(StaticCredentialProvider::new(AwsCredential {
+                key_id: keys.key_id.clone(),
+                secret_key: keys.secret_key.clone(),
+                token: None,
+            })));
+        } else if let Some(provider) = &self.credentials {
             b = b.with_credentials(Arc::new(SdkCredentials {
                 provider: provider.clone(),
                 cached: Mutex::new(None),

@@ -3,7 +3,14 @@
 pub mod postgres;
 
 pub use postgres::PgServer;
+pub mod cluster;
+pub mod fault_proxy;
 pub mod fixtures;
+pub mod imds;
 pub mod process;
 pub mod python;
+pub mod s3;
 pub mod verify;
+
+pub use fault_proxy::{Fault, FaultPlan, FaultProxy};
+pub use s3::S3Server;

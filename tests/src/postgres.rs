@@ -28,6 +28,16 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const PORT_TRIES: u32 = 3;
 /// The superuser `initdb` creates; it logs in without a password (trust, 127.0.0.1 only).
 const SUPERUSER: &str = "postgres";
+/// Settings every server gets: room for many pools at once.
+const COMMON_SETTINGS: &[&str] = &["max_connections=200"];
+/// What `start` adds for tests: no waiting on the disk (a crash loses the cluster, which a
+/// test never keeps anyway) and small shared memory, so many servers can run side by side.
+const TEST_SETTINGS: &[&str] = &[
+    "fsync=off",
+    "synchronous_commit=off",
+    "full_page_writes=off",
+    "shared_buffers=32MB",
+];
 
 /// A running PostgreSQL server that stops when dropped.
 pub struct PgServer {
@@ -35,7 +45,37 @@ pub struct PgServer {
     process: ServerProcess,
     port: u16,
     next_db: AtomicU32,
+    launch: Launch,
     _dir: TempDir,
+}
+
+/// How the server was started, so it can be started again on the same data and port.
+struct Launch {
+    bin: PathBuf,
+    data: PathBuf,
+    sock: PathBuf,
+    dir: PathBuf,
+    settings: Vec<String>,
+    run_as: Option<RunAs>,
+    starts: u32,
+}
+
+impl Launch {
+    fn spawn(&mut self, port: u16) -> Result<ServerProcess> {
+        self.starts += 1;
+        let log = self.dir.join(format!("postgres-{}.log", self.starts));
+        let mut cmd = Command::new(self.bin.join("postgres"));
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-k"])
+            .arg(&self.sock);
+        for setting in &self.settings {
+            cmd.arg("-c").arg(setting);
+        }
+        let child = spawn_as(cmd, &self.dir, &log, self.run_as.as_ref())
+            .with_context(|| format!("starting {}", self.bin.join("postgres").display()))?;
+        Ok(ServerProcess { child, log })
+    }
 }
 
 /// The postmaster; a fast shutdown on drop, then a kill if it does not stop in time.
@@ -53,9 +93,25 @@ struct RunAs {
 }
 
 impl PgServer {
-    /// Creates a cluster and starts the server; fails with the server's log when it does not
-    /// come up within 30 s.
+    /// Creates a cluster and starts the server with settings for tests (`fsync`,
+    /// `synchronous_commit` and `full_page_writes` off, 32 MB of shared buffers); fails with the
+    /// server's log when it does not come up within 30 s.
     pub async fn start() -> Result<Self> {
+        Self::start_with(TEST_SETTINGS).await
+    }
+
+    /// Like [`PgServer::start`], but with PostgreSQL's default durability and memory settings
+    /// (every commit waits for its WAL flush), for measurements that should hold in production.
+    pub async fn start_durable() -> Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// The settings `start` uses on top of PostgreSQL's defaults, as `name=value`.
+    pub fn test_settings() -> &'static [&'static str] {
+        TEST_SETTINGS
+    }
+
+    async fn start_with(settings: &[&str]) -> Result<Self> {
         let bin = bin_dir()?;
         let (dir, run_as) = work_dir()?;
         let data = dir.path().join("data");
@@ -68,29 +124,32 @@ impl PgServer {
             }
         }
         initdb(&bin, dir.path(), &data, run_as.as_ref()).await?;
+        let mut launch = Launch {
+            bin,
+            data,
+            sock,
+            dir: dir.path().to_path_buf(),
+            settings: COMMON_SETTINGS
+                .iter()
+                .chain(settings)
+                .map(|s| s.to_string())
+                .collect(),
+            run_as,
+            starts: 0,
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
             let port = free_port()?;
-            let log = dir.path().join(format!("postgres-{attempt}.log"));
-            let mut cmd = Command::new(bin.join("postgres"));
-            cmd.arg("-D")
-                .arg(&data)
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-k"])
-                .arg(&sock)
-                .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-                .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
-                .args(["-c", "shared_buffers=32MB"]);
-            let child = spawn_as(cmd, dir.path(), &log, run_as.as_ref())
-                .with_context(|| format!("starting {}", bin.join("postgres").display()))?;
             // From here on, dropping `process` stops the server whatever happens.
-            let mut process = ServerProcess { child, log };
+            let mut process = launch.spawn(port)?;
             match process.wait_ready(port).await {
                 Ok(()) => {
                     return Ok(PgServer {
                         process,
                         port,
                         next_db: AtomicU32::new(0),
+                        launch,
                         _dir: dir,
                     });
                 }
@@ -99,6 +158,16 @@ impl PgServer {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Stops the server (fast shutdown) and starts it again on the same data and port, as an
+    /// operator's restart does; clients see their connections drop meanwhile.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.process.stop();
+        let mut process = self.launch.spawn(self.port)?;
+        process.wait_ready(self.port).await?;
+        self.process = process;
+        Ok(())
     }
 
     /// The port the server listens on (127.0.0.1).
@@ -175,6 +244,13 @@ impl ServerProcess {
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl ServerProcess {
+    /// A fast shutdown, then a kill if it does not stop in time.
+    fn stop(&mut self) {
         if matches!(self.child.try_wait(), Ok(Some(_))) {
             return;
         }

@@ -53,9 +53,15 @@ pub fn ort_library() -> PathBuf {
 
 /// Runs `scripts/<script>` with the venv's python; panics with its output if it fails.
 pub fn run_script(script: &str, args: &[&str]) -> String {
+    run_script_with(script, args, &[])
+}
+
+/// `run_script` with extra environment variables (e.g. the local S3 server's).
+pub fn run_script_with(script: &str, args: &[&str], envs: &[(&str, String)]) -> String {
     let out = Command::new(python())
         .arg(root().join("scripts").join(script))
         .args(args)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
     assert!(

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::python::run_script;
+use crate::python::run_script_with;
 
 /// What the verifier found.
 #[derive(Debug, Deserialize)]
@@ -73,6 +73,18 @@ pub fn verify_output(
     sample: usize,
     extra: &[&str],
 ) -> Verified {
+    verify_output_with(&[], output, input, model, sample, extra)
+}
+
+/// `verify_output` with extra environment variables (the S3 server's, for `s3://` URIs).
+pub fn verify_output_with(
+    envs: &[(&str, String)],
+    output: &str,
+    input: &str,
+    model: &Path,
+    sample: usize,
+    extra: &[&str],
+) -> Verified {
     let sample = sample.to_string();
     let mut args = vec![
         "--output",
@@ -85,7 +97,7 @@ pub fn verify_output(
         &sample,
     ];
     args.extend_from_slice(extra);
-    let out = run_script("verify_output.py", &args);
+    let out = run_script_with("verify_output.py", &args, envs);
     let line = out.lines().last().unwrap_or_default();
     serde_json::from_str(line).unwrap_or_else(|e| panic!("verifier printed {out:?}: {e}"))
 }

@@ -9,6 +9,7 @@ pub mod model_session;
 pub mod onnx_runtime;
 pub mod pipeline;
 pub mod shard_error;
+pub mod spot;
 pub mod tensors;
 pub mod worker;
 

@@ -13,6 +13,7 @@ use nightshift_proto::wire::{LeaseRef, ShardLease};
 use nightshift_storage::{ReadCounter, Stores};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::client::CoordinatorClient;
 use crate::context::{WorkerContext, WorkerMetrics, WorkerReport};
@@ -213,10 +214,13 @@ impl Worker {
         };
         lock(held).insert(lease_ref, signals.clone());
         let held = held.clone();
+        let span = tracing::info_span!(
+            "shard",
+            job = lease.job_id,
+            shard = lease.shard_id,
+            attempt = lease.attempt
+        );
         running.spawn(async move {
-            let span = tracing::info_span!("shard", job = lease.job_id, shard = lease.shard_id, attempt = lease.attempt, token = lease.token);
-            let _enter = span.enter();
-            drop(_enter);
             tracing::info!(job = lease.job_id, shard = lease.shard_id, attempt = lease.attempt, from_row = lease.checkpoint_rows, rows = lease.plan.rows, "shard leased");
             let outcome = run_shard(&ctx, &lease, &mut slot, &signals).await;
             lock(&held).remove(&lease_ref);
@@ -247,7 +251,7 @@ impl Worker {
                 }
             }
             slot
-        });
+        }.instrument(span));
     }
 }
 
@@ -292,14 +296,4 @@ async fn heartbeat_loop(
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
     }
-}
-
-/// Kept for callers that only need a read counter for benchmarks.
-pub fn new_read_counter() -> ReadCounter {
-    ReadCounter::default()
-}
-
-/// The stores a worker uses, from the environment.
-pub fn default_stores() -> Arc<Stores> {
-    Arc::new(Stores::default())
 }

@@ -18,14 +18,20 @@ macro_rules! migrations {
 
 pub fn sqlite() -> Migrator {
     Migrator {
-        migrations: Cow::Owned(migrations!("sqlite": 1 => "0001_initial.sql")),
+        migrations: Cow::Owned(migrations!("sqlite":
+            1 => "0001_initial.sql",
+            2 => "0002_claim_order.sql",
+        )),
         ..Migrator::DEFAULT
     }
 }
 
 pub fn postgres() -> Migrator {
     Migrator {
-        migrations: Cow::Owned(migrations!("postgres": 1 => "0001_initial.sql")),
+        migrations: Cow::Owned(migrations!("postgres":
+            1 => "0001_initial.sql",
+            2 => "0002_claim_order.sql",
+        )),
         ..Migrator::DEFAULT
     }
 }

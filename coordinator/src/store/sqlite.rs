@@ -418,6 +418,9 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    /// Running jobs by priority through `jobs_running`, each one's pending shards in id order
+    /// through `shards_job`: that nested loop yields the ORDER BY as is, so the LIMIT stops it
+    /// after `max` shards however many are pending.
     async fn claim(&self, worker: &str, max: u32, timing: LeaseTiming) -> Result<Vec<ShardLease>> {
         let mut tx = self.pool.begin().await?;
         let now = Self::now(&mut tx).await?;
@@ -432,9 +435,9 @@ impl Store for SqliteStore {
         let rows = sqlx::query(
             "UPDATE shards SET state = 'leased', token = token + 1, attempts = attempts + 1, \
              worker_id = ?, lease_expires_at_ms = ? \
-             WHERE id IN (SELECT s.id FROM shards s JOIN jobs j ON j.id = s.job_id \
+             WHERE id IN (SELECT s.id FROM jobs j JOIN shards s ON s.job_id = j.id \
                           WHERE s.state = 'pending' AND j.state = 'running' AND s.not_before_ms <= ? \
-                          ORDER BY j.priority DESC, s.id LIMIT ?) \
+                          ORDER BY j.priority DESC, j.id, s.id LIMIT ?) \
              RETURNING id, job_id, file_index, row_group_start, row_group_end, file_row_start, \
                        rows, token, attempts, checkpoint_rows",
         )
@@ -927,10 +930,16 @@ impl Store for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Local mode, after a crash: no other process can hold this database's leases (the run
-    /// holds its lock file), so every lease still marked held is from the dead run. Expire
-    /// them now instead of waiting out their TTL; the reaper returns them to the queue.
-    pub async fn expire_all_leases(&self) -> Result<u64> {
+    /// Local mode, after a crash: no other process can hold this database's leases or
+    /// finalizer claims (the run holds its lock file), so every one still marked held is from
+    /// the dead run. Expire them now instead of waiting out their TTL; the reaper returns the
+    /// shards to the queue and the finalizer takes the job again. Returns the shards freed.
+    pub async fn recover_after_crash(&self) -> Result<u64> {
+        sqlx::query(
+            "UPDATE jobs SET finalizer_expires_at_ms = 0 WHERE finalizer_owner IS NOT NULL",
+        )
+        .execute(&self.pool)
+        .await?;
         Ok(
             sqlx::query("UPDATE shards SET lease_expires_at_ms = 0 WHERE state = 'leased'")
                 .execute(&self.pool)

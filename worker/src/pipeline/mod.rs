@@ -177,6 +177,12 @@ async fn run(
             computed += inf.input.num_rows() as u64;
             ctx.metrics
                 .record_batch(inf.input.num_rows(), inf.errors.len());
+            tracing::debug!(
+                shard = lease.shard_id,
+                start = inf.start,
+                rows = inf.input.num_rows(),
+                "batch inferred"
+            );
             if let Some(part) = sink.write(inf).await? {
                 let next = part.row_start + part.rows;
                 ctx.client.checkpoint(lease_ref, part).await?;

@@ -100,25 +100,39 @@ pub async fn read_batches(
             .iter()
             .filter_map(|c| schema.index_of(c).ok())
             .collect();
-        let mask = ProjectionMask::roots(
-            input.metadata.metadata().file_metadata().schema_descr(),
-            roots,
-        );
+        let meta = input.metadata.metadata().clone();
+        let descr = meta.file_metadata().schema_descr();
+        // The column chunks each row group will be read for, so the next can be fetched while
+        // the current one is decoded and inferred.
+        let prefetch: Vec<Vec<std::ops::Range<u64>>> = (lease.plan.row_group_start
+            ..lease.plan.row_group_end)
+            .map(|rg| {
+                let group = meta.row_group(rg as usize);
+                (0..descr.num_columns())
+                    .filter(|&leaf| roots.contains(&descr.get_column_root_idx(leaf)))
+                    .map(|leaf| {
+                        let (start, len) = group.column(leaf).byte_range();
+                        start..start + len
+                    })
+                    .collect()
+            })
+            .collect();
+        let mask = ProjectionMask::roots(descr, roots);
         let plan = &lease.plan;
         let selection = RowSelection::from(vec![
             RowSelector::skip(skip as usize),
             RowSelector::select((plan.rows - skip) as usize),
         ]);
-        let mut stream =
-            ParquetRecordBatchStreamBuilder::new_with_metadata(input.reader, input.metadata)
-                .with_projection(mask)
-                .with_row_groups(
-                    (plan.row_group_start as usize..plan.row_group_end as usize).collect(),
-                )
-                .with_row_selection(selection)
-                .with_batch_size(batch_size)
-                .build()
-                .map_err(|e| ShardError::from_parquet(&uri, e))?;
+        let mut stream = ParquetRecordBatchStreamBuilder::new_with_metadata(
+            input.reader.with_prefetch(prefetch),
+            input.metadata,
+        )
+        .with_projection(mask)
+        .with_row_groups((plan.row_group_start as usize..plan.row_group_end as usize).collect())
+        .with_row_selection(selection)
+        .with_batch_size(batch_size)
+        .build()
+        .map_err(|e| ShardError::from_parquet(&uri, e))?;
         let mut rebatch = Rebatcher::new(batch_size, skip);
         while let Some(next) = stream.next().await {
             let batch = next.map_err(|e| ShardError::from_parquet(&uri, e))?;

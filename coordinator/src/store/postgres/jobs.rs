@@ -10,6 +10,11 @@ use crate::store::{JobRecord, NewJob, PartRow, Result, ShardRow, StoreError, Sub
 
 /// Times `insert_job` re-reads a key another replica inserted and then deleted under it.
 const KEY_RACE_TRIES: usize = 3;
+/// A job of at least this many shards may refresh the shards table's statistics at once.
+const ANALYZE_MIN_SHARDS: usize = 1_000;
+/// ... when its shards are at least this fraction of the rows the statistics last counted
+/// (autovacuum's own default threshold for analysing a table).
+const ANALYZE_FRACTION: f64 = 0.1;
 
 /// What an idempotency key that already names `existing` means for a submission of `hash`.
 fn same_key(existing: JobRecord, key: &str, hash: &str) -> Result<Submitted> {
@@ -85,12 +90,38 @@ impl PgStore {
                 .await?
                 .ok_or(StoreError::JobNotFound(id))?;
             tx.commit().await?;
+            self.refresh_statistics(job.plan.shards.len()).await;
             return Ok(Submitted::Created(record));
         }
         Err(StoreError::Corrupt(format!(
             "idempotency key {:?} kept changing hands during submission",
             job.idempotency_key
         )))
+    }
+
+    /// A job that is a large part of the shards table changes what the planner should expect
+    /// of it. Autovacuum notices within about a minute; until then claims would be planned
+    /// for a table that is no longer there (a never-analysed table looks empty, and a claim
+    /// planned for an empty table sorts every pending shard). So refresh the statistics now.
+    /// The job is committed already: a failure here is logged, not returned.
+    async fn refresh_statistics(&self, new_shards: usize) {
+        if new_shards < ANALYZE_MIN_SHARDS {
+            return;
+        }
+        let analyzed = async {
+            let counted: f32 =
+                sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = 'shards'::regclass")
+                    .fetch_one(&self.pool)
+                    .await?;
+            // -1: never analysed.
+            if counted < 0.0 || new_shards as f64 >= ANALYZE_FRACTION * f64::from(counted) {
+                sqlx::query("ANALYZE shards").execute(&self.pool).await?;
+            }
+            Ok::<_, sqlx::Error>(())
+        };
+        if let Err(e) = analyzed.await {
+            tracing::warn!(error = %e, "refreshing the shards table's statistics failed");
+        }
     }
 
     async fn insert_plan(

@@ -84,7 +84,20 @@ impl PgStore {
         timing: LeaseTiming,
     ) -> Result<Vec<ShardLease>> {
         // One statement: note the worker, grant the shards, and read what the worker needs.
-        let rows = sqlx::query(
+        // It visits the running jobs (few) by priority, and takes each one's pending shards in
+        // id order from `shards_job (job_id, state, id)` until it has `max`, so a claim reads
+        // about the shards it takes however many are pending. The job list stays a sorted
+        // subquery (PostgreSQL does not flatten one with ORDER BY), so the nested loop visits
+        // jobs in that order and stops, having locked only the shards it returns. `state` is
+        // matched as a range, not an equality, so the planner cannot treat it as a constant
+        // and drop it from ORDER BY: only `shards_job` yields (state, id) order, so no plan can
+        // walk the primary key past finished shards when statistics are stale.
+        //
+        // `max` is written into the text rather than bound: with LIMIT as a parameter the
+        // generic plan looks costlier than any custom one, so PostgreSQL would plan the
+        // statement afresh on every call (about twice the cost of running it). As a literal,
+        // each batch size gets its own prepared statement and, after five calls, a cached plan.
+        let sql = format!(
             "WITH seen AS ( \
                INSERT INTO workers (id, last_seen_ms) VALUES ($1, ns_now_ms()) \
                ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms \
@@ -92,24 +105,29 @@ impl PgStore {
                UPDATE shards SET state = 'leased', token = token + 1, attempts = attempts + 1, \
                  worker_id = $1, lease_expires_at_ms = ns_now_ms() + $2 \
                WHERE id IN ( \
-                 SELECT s.id FROM shards s JOIN jobs j ON j.id = s.job_id \
-                 WHERE s.state = 'pending' AND j.state = 'running' \
-                   AND s.not_before_ms <= (SELECT ns_now_ms()) \
-                 ORDER BY j.priority DESC, s.id LIMIT $3 \
-                 FOR UPDATE OF s SKIP LOCKED) \
+                 SELECT p.id FROM ( \
+                   SELECT id FROM jobs WHERE state = 'running' ORDER BY priority DESC, id \
+                 ) j CROSS JOIN LATERAL ( \
+                   SELECT s.id FROM shards s \
+                   WHERE s.job_id = j.id AND s.state >= 'pending' AND s.state <= 'pending' \
+                     AND s.not_before_ms <= (SELECT ns_now_ms()) \
+                   ORDER BY s.state, s.id LIMIT {max} \
+                   FOR UPDATE SKIP LOCKED \
+                 ) p \
+                 LIMIT {max}) \
                RETURNING id, job_id, file_index, row_group_start, row_group_end, \
                  file_row_start, rows, token, attempts, checkpoint_rows \
              ) \
              SELECT c.*, j.uid, j.spec_json, f.uri, f.size, f.etag \
              FROM claimed c JOIN jobs j ON j.id = c.job_id \
              JOIN input_files f ON f.job_id = c.job_id AND f.idx = c.file_index \
-             ORDER BY c.id",
-        )
-        .bind(worker)
-        .bind(timing.ttl_ms)
-        .bind(i64::from(max))
-        .fetch_all(&self.pool)
-        .await?;
+             ORDER BY c.id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(worker)
+            .bind(timing.ttl_ms)
+            .fetch_all(&self.pool)
+            .await?;
         let mut specs: HashMap<i64, JobSpec> = HashMap::new();
         let mut leases = Vec::with_capacity(rows.len());
         for r in rows {

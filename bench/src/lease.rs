@@ -1,0 +1,495 @@
+//! The lease layer: shard claims+completes per second and claim latency, with 1, 16 and 64
+//! concurrent workers, directly on the PostgreSQL store (`PgStore`, one pool, as one coordinator
+//! replica holds) and through the coordinator's HTTP API (served in this process on
+//! 127.0.0.1:0, each worker with its own `CoordinatorClient`).
+//!
+//! Each measurement gets a fresh database holding one running job of `--shards` pending shards.
+//! The shards have 0 rows, so `complete` needs no checkpoint and a cycle is exactly claim +
+//! complete; `--checkpoint` gives each shard 1 row and commits a 1-row part before completing.
+//! Every worker loops: claim up to `batch` shards, complete each one. The first `--warmup`
+//! seconds (pool connections, query plans) are not counted; then shards completed within
+//! `--secs` are counted and every claim started within them is timed. The server is
+//! PostgreSQL with its default settings unless `--fast-pg`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nightshift_coordinator::store::postgres::PgStore;
+use nightshift_coordinator::store::{DynStore, LeaseTiming, NewJob, Store};
+use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
+use nightshift_proto::JobSpec;
+use nightshift_proto::wire::{InputFile, JobPlan, LeaseRef, PartRecord, ShardLease, ShardPlan};
+use nightshift_storage::Stores;
+use nightshift_tests::PgServer;
+use nightshift_worker::client::CoordinatorClient;
+use sqlx::Connection;
+use tokio_util::sync::CancellationToken;
+
+const WORKER_TOKEN: &str = "bench-worker";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Concurrent workers, one measurement each.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 64])]
+    workers: Vec<usize>,
+    /// Shards per claim (the `max` of a lease request), one measurement each.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 16])]
+    batch: Vec<u32>,
+    /// Paths to measure: `pg` (the store called directly) and `http` (the coordinator's API).
+    #[arg(long, value_delimiter = ',', default_values_t = [LeasePath::Pg, LeasePath::Http])]
+    paths: Vec<LeasePath>,
+    /// Seconds each measurement counts.
+    #[arg(long, default_value_t = 3.0)]
+    secs: f64,
+    /// Seconds each measurement runs before it starts counting.
+    #[arg(long, default_value_t = 0.5)]
+    warmup: f64,
+    /// Pending shards at the start of each measurement.
+    #[arg(long, default_value_t = 100_000)]
+    shards: usize,
+    /// Give each shard one row and checkpoint a 1-row part before completing it.
+    #[arg(long)]
+    checkpoint: bool,
+    /// Run PostgreSQL with the test harness's settings (fsync, synchronous_commit and
+    /// full_page_writes off): not durable, so not what production sees.
+    #[arg(long)]
+    fast_pg: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LeasePath {
+    Pg,
+    Http,
+}
+
+impl std::fmt::Display for LeasePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LeasePath::Pg => "pg",
+            LeasePath::Http => "http",
+        })
+    }
+}
+
+/// What one measurement found.
+struct Cell {
+    path: LeasePath,
+    workers: usize,
+    batch: u32,
+    shards_per_s: f64,
+    claims: usize,
+    shards_per_claim: f64,
+    claim: Percentiles,
+    complete: Percentiles,
+    /// The job ran out of pending shards before the window ended.
+    drained: bool,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Percentiles {
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+impl Percentiles {
+    fn of(mut v: Vec<Duration>) -> Self {
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort_unstable();
+        let at = |q: f64| {
+            let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+            v[i].as_secs_f64() * 1000.0
+        };
+        Self {
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+        }
+    }
+}
+
+pub async fn run(a: Args) -> Result<()> {
+    if a.workers.contains(&0) || a.batch.contains(&0) {
+        bail!("--workers and --batch must be at least 1");
+    }
+    let pg = if a.fast_pg {
+        PgServer::start().await?
+    } else {
+        PgServer::start_durable().await?
+    };
+    print_header(&a, &pg).await?;
+    let mut cells: Vec<Cell> = Vec::new();
+    for &path in &a.paths {
+        for &workers in &a.workers {
+            for &batch in &a.batch {
+                let cell = measure(&a, &pg, path, workers, batch).await?;
+                print_cell(&cell, &cells);
+                cells.push(cell);
+            }
+        }
+    }
+    if cells.iter().any(|c| c.drained) {
+        println!(
+            "* ran out of pending shards before the window ended: raise --shards for a full window"
+        );
+    }
+    Ok(())
+}
+
+async fn print_header(a: &Args, pg: &PgServer) -> Result<()> {
+    let mut conn = sqlx::postgres::PgConnection::connect(&pg.admin_url()).await?;
+    let mut settings = Vec::new();
+    for name in [
+        "server_version",
+        "fsync",
+        "synchronous_commit",
+        "full_page_writes",
+        "shared_buffers",
+    ] {
+        let value: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW {name}")))
+            .fetch_one(&mut conn)
+            .await?;
+        settings.push(format!("{name}={value}"));
+    }
+    conn.close().await.ok();
+    println!("lease bench: claims+completes per second and claim latency");
+    println!(
+        "  postgres: {} ({})",
+        settings.join(", "),
+        if a.fast_pg {
+            "--fast-pg: NOT durable, test settings"
+        } else {
+            "PostgreSQL defaults: every commit waits for its WAL flush"
+        }
+    );
+    println!(
+        "  cpus: {}; postgres, coordinator and workers share them",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "  cycle: claim up to `batch` shards, then {} each; {} pending shards in a fresh database per row",
+        if a.checkpoint {
+            "checkpoint a 1-row part and complete"
+        } else {
+            "complete (0-row shards: nothing to checkpoint)"
+        },
+        a.shards
+    );
+    println!(
+        "  pg: the store called directly, one pool; http: the coordinator's API in this process, one client per worker"
+    );
+    println!(
+        "  {} s counted after {} s of warm-up; latencies in ms",
+        a.secs, a.warmup
+    );
+    println!();
+    println!(
+        "{:<5} {:>7} {:>5} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "path",
+        "workers",
+        "batch",
+        "shards/s",
+        "claims",
+        "claim p50",
+        "claim p99",
+        "done p50",
+        "done p99",
+        "http/pg"
+    );
+    Ok(())
+}
+
+fn print_cell(c: &Cell, before: &[Cell]) {
+    let ratio = before
+        .iter()
+        .find(|b| b.path == LeasePath::Pg && b.workers == c.workers && b.batch == c.batch)
+        .filter(|_| c.path == LeasePath::Http)
+        .map(|b| format!("{:.2}", c.shards_per_s / b.shards_per_s))
+        .unwrap_or_default();
+    println!(
+        "{:<5} {:>7} {:>5} {:>10.0} {:>8} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8}{}",
+        c.path.to_string(),
+        c.workers,
+        c.batch,
+        c.shards_per_s,
+        c.claims,
+        c.claim.p50_ms,
+        c.claim.p99_ms,
+        c.complete.p50_ms,
+        c.complete.p99_ms,
+        ratio,
+        if c.drained { " *" } else { "" }
+    );
+    if c.batch > 1 && c.shards_per_claim < f64::from(c.batch) {
+        println!(
+            "      (claims averaged {:.1} shards of the {} asked for)",
+            c.shards_per_claim, c.batch
+        );
+    }
+}
+
+/// One worker's side of the lease protocol, on either path.
+#[derive(Clone)]
+enum Lessee {
+    Store(DynStore),
+    Http(CoordinatorClient),
+}
+
+const TIMING: LeaseTiming = LeaseTiming {
+    ttl_ms: 30_000,
+    backoff_base_ms: 1_000,
+    backoff_max_ms: 60_000,
+};
+
+impl Lessee {
+    async fn claim(&self, worker: &str, max: u32) -> Result<Vec<ShardLease>> {
+        Ok(match self {
+            Lessee::Store(s) => s.claim(worker, max, TIMING).await?,
+            Lessee::Http(c) => c.lease(worker, max).await?.leases,
+        })
+    }
+
+    async fn checkpoint(&self, lease: LeaseRef, part: PartRecord) -> Result<()> {
+        match self {
+            Lessee::Store(s) => s.checkpoint(lease, &part).await?,
+            Lessee::Http(c) => c.checkpoint(lease, part).await?,
+        }
+        Ok(())
+    }
+
+    async fn complete(&self, lease: LeaseRef) -> Result<()> {
+        match self {
+            Lessee::Store(s) => s.complete(lease).await?,
+            Lessee::Http(c) => c.complete(lease).await?,
+        }
+        Ok(())
+    }
+}
+
+/// What one worker task saw inside the counted window.
+#[derive(Default)]
+struct Tally {
+    shards: usize,
+    claimed: usize,
+    claims: Vec<Duration>,
+    completes: Vec<Duration>,
+    drained: bool,
+}
+
+async fn measure(
+    a: &Args,
+    pg: &PgServer,
+    path: LeasePath,
+    workers: usize,
+    batch: u32,
+) -> Result<Cell> {
+    let url = pg.fresh_database().await?;
+    let store = PgStore::connect(&url).await?;
+    store.migrate().await?;
+    let store: DynStore = Arc::new(store);
+    let rows = u64::from(a.checkpoint);
+    let job = store
+        .create_job(NewJob {
+            uid: uuid::Uuid::new_v4().simple().to_string()[..16].to_string(),
+            spec: spec()?,
+            idempotency_key: None,
+            plan: plan(a.shards, rows),
+        })
+        .await?
+        .job()
+        .id;
+
+    let stop = CancellationToken::new();
+    let (lessee, server) = match path {
+        LeasePath::Pg => (Lessee::Store(store.clone()), None),
+        LeasePath::Http => {
+            let mut config = CoordinatorConfig::new("127.0.0.1:0".parse()?);
+            config.worker_tokens = vec![WORKER_TOKEN.into()];
+            config.allow = AllowList::everything();
+            config.timing = TIMING;
+            let coordinator = Coordinator::new(config, store.clone(), Arc::new(Stores::default()));
+            let listener = coordinator.bind().await?;
+            let base = format!("http://{}", listener.local_addr()?);
+            let server = tokio::spawn(coordinator.run(listener, stop.clone()));
+            (
+                Lessee::Http(CoordinatorClient::new(&base, WORKER_TOKEN)),
+                Some(server),
+            )
+        }
+    };
+
+    let start = Instant::now() + Duration::from_millis(50);
+    let counted_from = start + Duration::from_secs_f64(a.warmup);
+    let end = counted_from + Duration::from_secs_f64(a.secs);
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            // Each worker its own HTTP client (its own connection), as separate processes have.
+            let lessee = match &lessee {
+                Lessee::Http(c) => Lessee::Http(CoordinatorClient::new(c.base(), WORKER_TOKEN)),
+                other => other.clone(),
+            };
+            let checkpoint = a.checkpoint;
+            tokio::spawn(async move {
+                tokio::time::sleep_until(start.into()).await;
+                work(
+                    lessee,
+                    format!("bench-w{w}"),
+                    batch,
+                    checkpoint,
+                    counted_from,
+                    end,
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut all = Tally::default();
+    for t in tasks {
+        let t = t.await.context("bench worker panicked")??;
+        all.shards += t.shards;
+        all.claimed += t.claimed;
+        all.claims.extend(t.claims);
+        all.completes.extend(t.completes);
+        all.drained |= t.drained;
+    }
+    stop.cancel();
+    if let Some(server) = server {
+        server.await.context("coordinator panicked")??;
+    }
+    // Every shard a worker claimed it also completed: none may be left leased.
+    let (counts, _, _) = store.shard_counts(job).await?;
+    if counts.leased != 0 {
+        bail!("{} shards still leased after the run", counts.leased);
+    }
+    let claims = all.claims.len();
+    Ok(Cell {
+        path,
+        workers,
+        batch,
+        shards_per_s: all.shards as f64 / a.secs,
+        claims,
+        shards_per_claim: if claims == 0 {
+            0.0
+        } else {
+            all.claimed as f64 / claims as f64
+        },
+        claim: Percentiles::of(all.claims),
+        complete: Percentiles::of(all.completes),
+        drained: all.drained,
+    })
+}
+
+/// One worker: claim, (checkpoint,) complete, until `end`. Claims started and shards finished
+/// inside `[counted_from, end)` count.
+async fn work(
+    lessee: Lessee,
+    worker: String,
+    batch: u32,
+    checkpoint: bool,
+    counted_from: Instant,
+    end: Instant,
+) -> Result<Tally> {
+    let mut t = Tally::default();
+    loop {
+        let began = Instant::now();
+        if began >= end {
+            return Ok(t);
+        }
+        let counted = began >= counted_from;
+        let leases = lessee.claim(&worker, batch).await?;
+        if counted {
+            t.claims.push(began.elapsed());
+            t.claimed += leases.len();
+        }
+        if leases.is_empty() {
+            t.drained = true;
+            return Ok(t);
+        }
+        for lease in &leases {
+            let r = LeaseRef {
+                shard_id: lease.shard_id,
+                token: lease.token,
+            };
+            let began = Instant::now();
+            if checkpoint {
+                lessee
+                    .checkpoint(
+                        r,
+                        PartRecord {
+                            uri: format!("s3://bench/out/part-{}.parquet", lease.shard_id),
+                            row_start: 0,
+                            rows: 1,
+                            bytes: 1,
+                            error_rows: 0,
+                            error_uri: None,
+                            error_bytes: 0,
+                        },
+                    )
+                    .await?;
+            }
+            lessee.complete(r).await?;
+            let now = Instant::now();
+            if began >= counted_from && now < end {
+                t.completes.push(now - began);
+            }
+            if now >= counted_from && now < end {
+                t.shards += 1;
+            }
+        }
+    }
+}
+
+/// A spec the store takes as is: nothing reads its URIs, since the plan is made here.
+fn spec() -> Result<JobSpec> {
+    Ok(JobSpec::from_toml(
+        r#"name = "lease-bench"
+
+[input]
+uri = "s3://bench/in/*.parquet"
+
+[model]
+uri = "s3://bench/model.onnx"
+
+[model.inputs]
+x = "features"
+
+[model.outputs]
+logits = "logits"
+
+[output]
+uri = "s3://bench/out/"
+passthrough = ["id"]
+"#,
+    )?)
+}
+
+/// `shards` shards of `rows` rows each, spread over 16 files.
+fn plan(shards: usize, rows: u64) -> JobPlan {
+    const FILES: usize = 16;
+    let files = (0..FILES)
+        .map(|i| InputFile {
+            uri: format!("s3://bench/in/{i:02}.parquet"),
+            size: 1 << 20,
+            etag: Some(format!("\"etag-{i}\"")),
+        })
+        .collect();
+    let rows_total = shards as u64 * rows;
+    let shards = (0..shards)
+        .map(|i| {
+            let group = (i / FILES) as u32;
+            ShardPlan {
+                file_index: (i % FILES) as u32,
+                row_group_start: group,
+                row_group_end: group + 1,
+                file_row_start: u64::from(group) * rows,
+                rows,
+            }
+        })
+        .collect();
+    JobPlan {
+        files,
+        shards,
+        rows_total,
+    }
+}

@@ -1,0 +1,422 @@
+//! A real cluster: PostgreSQL, coordinator replicas and worker processes, driven through the
+//! CLI. Output is checked by the independent verifier.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nightshift_tests::PgServer;
+use nightshift_tests::cluster::{CoordinatorProc, SUBMIT_TOKEN, WorkerProc, rows_inferred};
+use nightshift_tests::fixtures::{Fixture, spec_toml};
+use nightshift_tests::process::{nightshift, run};
+use nightshift_tests::python::run_script;
+use nightshift_tests::verify::verify_output;
+
+const BIN: &str = env!("CARGO_BIN_EXE_nightshift");
+
+/// A PostgreSQL server and a fresh database on it.
+fn postgres() -> (tokio::runtime::Runtime, PgServer, String) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pg = rt.block_on(PgServer::start()).expect("postgres");
+    let url = rt.block_on(pg.fresh_database()).expect("database");
+    (rt, pg, url)
+}
+
+fn submit(f: &Fixture, coordinator: &str, spec: &Path, extra: &[&str]) -> std::process::Output {
+    let mut cmd = nightshift(Path::new(BIN));
+    cmd.current_dir(f.dir.path())
+        .arg("submit")
+        .arg(spec)
+        .args(["--coordinator", coordinator, "--token", SUBMIT_TOKEN])
+        .args(extra);
+    run(cmd, Duration::from_secs(300))
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Shards as (id, state, token, checkpoint_rows, worker_id).
+fn shards(url: &str) -> Vec<(i64, String, i64, i64, Option<String>)> {
+    let out = run_script(
+        "query_postgres.py",
+        &[
+            url,
+            "SELECT id, state, token, checkpoint_rows, worker_id FROM shards ORDER BY id",
+        ],
+    );
+    serde_json::from_str(out.trim()).unwrap_or_default()
+}
+
+#[test]
+fn two_coordinators_three_workers_exact_output() {
+    let f = Fixture::new();
+    let (_rt, _pg, url) = postgres();
+    let data = f.data(
+        "in",
+        &[
+            "--rows",
+            "20000",
+            "--files",
+            "4",
+            "--row-group-rows",
+            "1000",
+            "--codecs",
+            "zstd,snappy",
+        ],
+    );
+    let model = f.model("m.onnx", &["--hidden", "64"]);
+    let out = f.path("out");
+    let input = format!("{}/*.parquet", data.display());
+    let spec = f.spec(
+        "job.toml",
+        &spec_toml(
+            "cluster",
+            &input,
+            &model,
+            &out,
+            "[batch]\nsize = 500\n[shards]\nrows = 2000\ncheckpoint_rows = 1000\n",
+        ),
+    );
+    let allow = f.dir.path().display().to_string();
+    let a = CoordinatorProc::start(
+        Path::new(BIN),
+        f.dir.path(),
+        "coord-a",
+        &url,
+        &["--allow-uri", &allow],
+        &[],
+    );
+    let b = CoordinatorProc::start(
+        Path::new(BIN),
+        f.dir.path(),
+        "coord-b",
+        &url,
+        &["--allow-uri", &allow],
+        &[],
+    );
+    let workers = [
+        WorkerProc::start(Path::new(BIN), f.dir.path(), "w1", &a.url(), &[], &[]),
+        WorkerProc::start(Path::new(BIN), f.dir.path(), "w2", &a.url(), &[], &[]),
+        WorkerProc::start(Path::new(BIN), f.dir.path(), "w3", &b.url(), &[], &[]),
+    ];
+    let o = submit(
+        &f,
+        &b.url(),
+        &spec,
+        &["--idempotency-key", "cluster-1", "--wait", "--json"],
+    );
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        text(&o),
+        workers
+            .iter()
+            .map(|w| w.log_text())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    verify_output(out.to_str().unwrap(), &input, &model, 0, &[]).assert_exact(&[]);
+    // Every worker took part, through both replicas.
+    let done: Vec<_> = shards(&url);
+    assert!(done.iter().all(|s| s.1 == "done"));
+    // The same key and spec again: the same job, nothing new.
+    let again = submit(
+        &f,
+        &a.url(),
+        &spec,
+        &["--idempotency-key", "cluster-1", "--json"],
+    );
+    assert!(again.status.success(), "{}", text(&again));
+    let resp: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&again.stdout)
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(resp["created"], false);
+    assert_eq!(resp["job"]["state"], "succeeded");
+}
+
+#[test]
+fn a_worker_killed_mid_shard_costs_at_most_one_checkpoint_interval() {
+    let f = Fixture::new();
+    let (_rt, _pg, url) = postgres();
+    let data = f.data(
+        "in",
+        &[
+            "--rows",
+            "32000",
+            "--files",
+            "2",
+            "--row-group-rows",
+            "2000",
+        ],
+    );
+    let model = f.model("m.onnx", &["--hidden", "1536"]);
+    let out = f.path("out");
+    let input = format!("{}/*.parquet", data.display());
+    let (batch, checkpoint) = (500u64, 2000u64);
+    let spec = f.spec(
+        "job.toml",
+        &spec_toml("kill", &input, &model, &out, &format!("[batch]\nsize = {batch}\n[shards]\nrows = 16000\ncheckpoint_rows = {checkpoint}\n[retry]\nmax_attempts = 10\n")),
+    );
+    let allow = f.dir.path().display().to_string();
+    let c = CoordinatorProc::start(
+        Path::new(BIN),
+        f.dir.path(),
+        "coord",
+        &url,
+        &[
+            "--allow-uri",
+            &allow,
+            "--lease-ttl",
+            "2s",
+            "--retry-backoff",
+            "100ms",
+        ],
+        &[],
+    );
+    let debug = [(
+        "RUST_LOG".to_string(),
+        "warn,nightshift_worker=debug".to_string(),
+    )];
+    let mut victim = WorkerProc::start(
+        Path::new(BIN),
+        f.dir.path(),
+        "victim",
+        &c.url(),
+        &[],
+        &debug,
+    );
+    let o = submit(&f, &c.url(), &spec, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Kill the victim once it has committed part of a shard and is past that checkpoint.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let held = loop {
+        let s = shards(&url);
+        // Early in a shard, so the victim cannot finish it before the kill lands.
+        if let Some(x) = s
+            .iter()
+            .find(|x| x.1 == "leased" && x.3 > 0 && x.3 <= 8000 && x.4.as_deref() == Some("victim"))
+        {
+            break x.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "victim never checkpointed a shard part way: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Let it infer past that checkpoint, then kill it without warning.
+    std::thread::sleep(Duration::from_millis(150));
+    victim.child.kill();
+    let rescuer = WorkerProc::start(
+        Path::new(BIN),
+        f.dir.path(),
+        "rescuer",
+        &c.url(),
+        &[],
+        &debug,
+    );
+    let mut watch = nightshift(Path::new(BIN));
+    watch.args([
+        "watch",
+        "kill",
+        "--coordinator",
+        &c.url(),
+        "--token",
+        SUBMIT_TOKEN,
+    ]);
+    let w = run(watch, Duration::from_secs(300));
+    assert!(w.status.success(), "{}\n{}", text(&w), rescuer.log_text());
+    // The shard was leased again after expiry, under a new token, and resumed at its checkpoint.
+    let after = shards(&url);
+    let again = after.iter().find(|x| x.0 == held.0).unwrap();
+    assert!(again.2 > held.2, "shard {} was not re-leased", held.0);
+    let resumed_from = rescuer
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("shard leased") && l.contains(&format!("shard={}", held.0)))
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|kv| kv.strip_prefix("from_row="))
+                .map(str::to_string)
+        });
+    assert!(
+        resumed_from.is_some_and(|r| r.parse::<i64>().unwrap() >= held.3),
+        "rescuer did not resume shard {} after its checkpoint",
+        held.0
+    );
+    let (by_victim, by_rescuer) = (
+        rows_inferred(std::slice::from_ref(&victim.log)),
+        rows_inferred(std::slice::from_ref(&rescuer.log)),
+    );
+    eprintln!("rows inferred: victim {by_victim}, rescuer {by_rescuer}");
+    let inferred = by_victim + by_rescuer;
+    let recomputed = inferred.saturating_sub(32000);
+    eprintln!(
+        "worker killed after checkpoint {} of shard {}; rows recomputed: {recomputed} (checkpoint interval {checkpoint}, batch {batch})",
+        held.3, held.0
+    );
+    assert!(
+        recomputed <= checkpoint + 3 * batch,
+        "recomputed {recomputed} rows"
+    );
+    verify_output(out.to_str().unwrap(), &input, &model, 1000, &[]).assert_exact(&[]);
+}
+
+#[test]
+fn a_coordinator_restart_mid_job_does_not_fail_it() {
+    let f = Fixture::new();
+    let (_rt, _pg, url) = postgres();
+    let data = f.data(
+        "in",
+        &[
+            "--rows",
+            "24000",
+            "--files",
+            "2",
+            "--row-group-rows",
+            "2000",
+        ],
+    );
+    let model = f.model("m.onnx", &["--hidden", "1024"]);
+    let out = f.path("out");
+    let input = format!("{}/*.parquet", data.display());
+    let spec = f.spec(
+        "job.toml",
+        &spec_toml(
+            "restart",
+            &input,
+            &model,
+            &out,
+            "[batch]\nsize = 500\n[shards]\nrows = 4000\ncheckpoint_rows = 2000\n",
+        ),
+    );
+    let allow = f.dir.path().display().to_string();
+    let mut c = CoordinatorProc::start(
+        Path::new(BIN),
+        f.dir.path(),
+        "coord",
+        &url,
+        &["--allow-uri", &allow, "--lease-ttl", "10s"],
+        &[],
+    );
+    let _w = WorkerProc::start(Path::new(BIN), f.dir.path(), "w1", &c.url(), &[], &[]);
+    assert!(submit(&f, &c.url(), &spec, &[]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !shards(&url).iter().any(|s| s.1 == "done") {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.restart(Duration::from_secs(2));
+    let mut watch = nightshift(Path::new(BIN));
+    watch.args([
+        "watch",
+        "restart",
+        "--coordinator",
+        &c.url(),
+        "--token",
+        SUBMIT_TOKEN,
+    ]);
+    let w = run(watch, Duration::from_secs(300));
+    assert!(w.status.success(), "{}", text(&w));
+    verify_output(out.to_str().unwrap(), &input, &model, 1000, &[]).assert_exact(&[]);
+}
+
+#[test]
+fn cancel_stops_the_workers_shards() {
+    let f = Fixture::new();
+    let (_rt, _pg, url) = postgres();
+    let data = f.data(
+        "in",
+        &[
+            "--rows",
+            "40000",
+            "--files",
+            "1",
+            "--row-group-rows",
+            "2000",
+        ],
+    );
+    let model = f.model("m.onnx", &["--hidden", "1536"]);
+    let out = f.path("out");
+    let input = format!("{}/*.parquet", data.display());
+    let spec = f.spec(
+        "job.toml",
+        &spec_toml(
+            "cancel-me",
+            &input,
+            &model,
+            &out,
+            "[batch]\nsize = 500\n[shards]\nrows = 10000\ncheckpoint_rows = 1000\n",
+        ),
+    );
+    let allow = f.dir.path().display().to_string();
+    let c = CoordinatorProc::start(
+        Path::new(BIN),
+        f.dir.path(),
+        "coord",
+        &url,
+        &["--allow-uri", &allow, "--lease-ttl", "3s"],
+        &[],
+    );
+    let w = WorkerProc::start(Path::new(BIN), f.dir.path(), "w1", &c.url(), &[], &[]);
+    assert!(submit(&f, &c.url(), &spec, &[]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !shards(&url).iter().any(|s| s.1 == "leased" && s.3 > 0) {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut cancel = nightshift(Path::new(BIN));
+    cancel.args([
+        "cancel",
+        "cancel-me",
+        "--coordinator",
+        &c.url(),
+        "--token",
+        SUBMIT_TOKEN,
+        "--json",
+    ]);
+    let o = run(cancel, Duration::from_secs(30));
+    assert!(o.status.success(), "{}", text(&o));
+    let view: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(view["state"], "cancelled");
+    // Within a heartbeat the worker stops the shard; its checkpoints stop moving.
+    std::thread::sleep(Duration::from_secs(3));
+    let checkpoints = || {
+        shards(&url)
+            .into_iter()
+            .map(|s| (s.0, s.3))
+            .collect::<Vec<_>>()
+    };
+    let frozen = checkpoints();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        frozen,
+        checkpoints(),
+        "checkpoints still moving after cancel"
+    );
+    assert!(w.log_text().contains("shard abandoned"), "{}", w.log_text());
+    let mut watch = nightshift(Path::new(BIN));
+    watch.args([
+        "watch",
+        "cancel-me",
+        "--coordinator",
+        &c.url(),
+        "--token",
+        SUBMIT_TOKEN,
+    ]);
+    assert_eq!(
+        run(watch, Duration::from_secs(30)).status.code(),
+        Some(1),
+        "watch exits non-zero unless the job succeeded"
+    );
+    assert!(!out.join("_SUCCESS").exists());
+}

@@ -1,0 +1,349 @@
+//! The HTTP API of an in-process coordinator (real HTTP on 127.0.0.1, a real SQLite store):
+//! idempotent submission, roles and tokens, the allow-list, cancel, readiness and metrics, and
+//! stale fencing tokens refused on every lease write.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nightshift_coordinator::store::sqlite::SqliteStore;
+use nightshift_coordinator::store::{DynStore, LeaseTiming, Store};
+use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
+use nightshift_proto::wire::{LeaseRef, PartRecord};
+use nightshift_storage::Stores;
+use nightshift_tests::fixtures::{Fixture, spec_toml};
+use nightshift_worker::client::{ClientError, CoordinatorClient};
+use reqwest::StatusCode;
+use tokio_util::sync::CancellationToken;
+
+struct Api {
+    url: String,
+    http: reqwest::Client,
+    stop: CancellationToken,
+    _task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn start(f: &Fixture, allow: AllowList, ttl_ms: i64) -> Api {
+    let sqlite = SqliteStore::open(&f.path("state/db.sqlite")).await.unwrap();
+    sqlite.migrate().await.unwrap();
+    let store: DynStore = Arc::new(sqlite);
+    let mut config = CoordinatorConfig::new("127.0.0.1:0".parse().unwrap());
+    config.submit_tokens = vec!["S".into()];
+    config.worker_tokens = vec!["W".into()];
+    config.allow = allow;
+    config.timing = LeaseTiming {
+        ttl_ms,
+        backoff_base_ms: 10,
+        backoff_max_ms: 100,
+    };
+    let c = Coordinator::new(config, store, Arc::new(Stores::default()));
+    let listener = c.bind().await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(c.run(listener, stop.clone()));
+    Api {
+        url,
+        http: reqwest::Client::new(),
+        stop,
+        _task: task,
+    }
+}
+
+fn job(f: &Fixture) -> String {
+    let data = f.data(
+        "in",
+        &["--rows", "2000", "--files", "2", "--row-group-rows", "500"],
+    );
+    let model = f.model("m.onnx", &["--hidden", "16"]);
+    spec_toml(
+        "api-job",
+        &format!("{}/*.parquet", data.display()),
+        &model,
+        &f.path("out"),
+        "[shards]\nrows = 500\n",
+    )
+}
+
+impl Api {
+    async fn submit(
+        &self,
+        token: Option<&str>,
+        key: Option<&str>,
+        toml: &str,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut req = self
+            .http
+            .post(format!("{}/v1/jobs", self.url))
+            .header("content-type", "application/toml")
+            .body(toml.to_string());
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    async fn get(&self, token: Option<&str>, path: &str) -> (StatusCode, String) {
+        let mut req = self.http.get(format!("{}{path}", self.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        (resp.status(), resp.text().await.unwrap())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submission_is_idempotent_and_another_spec_with_the_key_is_a_conflict() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let toml = job(&f);
+    let (s1, a) = api
+        .submit(Some("S"), Some("nightly-2026-11-28"), &toml)
+        .await;
+    assert_eq!(s1, StatusCode::CREATED, "{a}");
+    assert_eq!(a["created"], true);
+    let (s2, b) = api
+        .submit(Some("S"), Some("nightly-2026-11-28"), &toml)
+        .await;
+    assert_eq!(s2, StatusCode::OK, "{b}");
+    assert_eq!(b["created"], false);
+    assert_eq!(a["job"]["id"], b["job"]["id"]);
+    // JSON body, same spec: still the same job.
+    let spec = nightshift_proto::JobSpec::from_toml(&toml).unwrap();
+    let resp = api
+        .http
+        .post(format!("{}/v1/jobs", api.url))
+        .bearer_auth("S")
+        .header("idempotency-key", "nightly-2026-11-28")
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (s3, c) = api
+        .submit(
+            Some("S"),
+            Some("nightly-2026-11-28"),
+            &toml.replace("rows = 500", "rows = 1000"),
+        )
+        .await;
+    assert_eq!(s3, StatusCode::CONFLICT, "{c}");
+    assert_eq!(c["code"], "conflict");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("nightly-2026-11-28"),
+        "{c}"
+    );
+    // Without a key, every submission is a new job.
+    let (s4, d) = api
+        .submit(
+            Some("S"),
+            None,
+            &toml
+                .replace("api-job", "api-job-2")
+                .replace("/out", "/out2"),
+        )
+        .await;
+    assert_eq!(s4, StatusCode::CREATED, "{d}");
+    assert_ne!(d["job"]["id"], a["job"]["id"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_endpoint_but_health_needs_the_right_role() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let toml = job(&f);
+    assert_eq!(api.get(None, "/healthz").await.0, StatusCode::OK);
+    assert_eq!(api.get(None, "/readyz").await.0, StatusCode::OK);
+    // People's endpoints.
+    assert_eq!(
+        api.submit(None, None, &toml).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        api.submit(Some("nope"), None, &toml).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (s, body) = api.submit(Some("W"), None, &toml).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(body["code"], "forbidden");
+    for path in ["/v1/jobs", "/v1/jobs/1", "/metrics"] {
+        assert_eq!(
+            api.get(None, path).await.0,
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        api.get(Some("W"), "/v1/jobs").await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        api.submit(Some("S"), None, &toml).await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.get(Some("S"), "/v1/jobs/api-job").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.get(Some("S"), "/v1/jobs/404").await.0,
+        StatusCode::NOT_FOUND
+    );
+    // Workers' endpoints.
+    let body = serde_json::json!({"worker_id": "w", "max": 1});
+    let lease = |token: Option<&'static str>| {
+        let mut r = api
+            .http
+            .post(format!("{}/v1/worker/lease", api.url))
+            .json(&body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    assert_eq!(
+        lease(None).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        lease(Some("S")).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(lease(Some("W")).await.unwrap().status(), StatusCode::OK);
+    // Metrics in Prometheus text, for either role.
+    let (s, text) = api.get(Some("W"), "/metrics").await;
+    assert_eq!(s, StatusCode::OK);
+    for name in [
+        "nightshift_pending_shards",
+        "nightshift_pending_rows",
+        "nightshift_leased_shards 1",
+        "nightshift_workers_seen 1",
+        "nightshift_lease_claim_seconds_bucket",
+        "nightshift_api_request_seconds_count{route=\"/v1/worker/lease\"}",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    assert!(!text.contains("W\n") && !text.contains("Bearer"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uris_outside_the_allow_list_are_refused() {
+    let f = Fixture::new();
+    let toml = job(&f);
+    let api = start(&f, AllowList::default(), 30_000).await;
+    let (s, body) = api.submit(Some("S"), None, &toml).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["code"], "uri_not_allowed");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("local paths are not allowed"),
+        "{body}"
+    );
+    drop(api);
+    let allowed = f.path("in").display().to_string();
+    let api = start(&f, AllowList::new(vec![allowed]), 30_000).await;
+    let (s, body) = api.submit(Some("S"), None, &toml).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("model.uri"),
+        "the model lies outside the list: {body}"
+    );
+    let sneaky = toml.replace(
+        &format!("{}/*.parquet", f.path("in").display()),
+        &format!("{}/../m.onnx", f.path("in").display()),
+    );
+    let (s, body) = api.submit(Some("S"), None, &sneaky).await;
+    assert_eq!(
+        s,
+        StatusCode::FORBIDDEN,
+        "`..` does not escape the list: {body}"
+    );
+    let relative = toml.replace(&f.path("in").display().to_string(), "in");
+    let (s, body) = api.submit(Some("S"), None, &relative).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("absolute"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartbeats() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 300).await;
+    let (s, _) = api.submit(Some("S"), None, &job(&f)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let old = CoordinatorClient::new(&api.url, "W");
+    let first = old.lease("slow", 1).await.unwrap().leases.remove(0);
+    let stale = LeaseRef {
+        shard_id: first.shard_id,
+        token: first.token,
+    };
+    // No heartbeat: the lease expires, the reaper returns it, another worker gets it.
+    let new = CoordinatorClient::new(&api.url, "W");
+    let mut second = None;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let got = new.lease("fast", 10).await.unwrap().leases;
+        if let Some(l) = got.into_iter().find(|l| l.shard_id == first.shard_id) {
+            second = Some(l);
+            break;
+        }
+    }
+    let second = second.expect("expired shard granted again");
+    assert!(second.token > first.token);
+    let part = PartRecord {
+        uri: "x".into(),
+        row_start: 0,
+        rows: 10,
+        bytes: 1,
+        error_rows: 0,
+        error_uri: None,
+        error_bytes: 0,
+    };
+    let lost = |r: Result<(), ClientError>| matches!(r, Err(ClientError::LeaseLost(_)));
+    assert!(lost(old.checkpoint(stale, part.clone()).await));
+    assert!(lost(old.complete(stale).await));
+    assert!(lost(old.release(stale).await));
+    assert!(lost(
+        old.fail(stale, nightshift_proto::FailureClass::Retryable, "x".into())
+            .await
+    ));
+    let hb = old.heartbeat("slow", vec![stale]).await.unwrap();
+    assert_eq!(hb.leases[0].state, nightshift_proto::LeaseState::Lost);
+    // The current holder's writes go through; a cancel shows up in its next heartbeat.
+    let current = LeaseRef {
+        shard_id: second.shard_id,
+        token: second.token,
+    };
+    new.checkpoint(current, part).await.unwrap();
+    let cancel = api
+        .http
+        .post(format!("{}/v1/jobs/api-job/cancel", api.url))
+        .bearer_auth("S")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), StatusCode::OK);
+    let hb = new.heartbeat("fast", vec![current]).await.unwrap();
+    assert_eq!(hb.leases[0].state, nightshift_proto::LeaseState::Cancelled);
+    assert!(
+        new.lease("fast", 10).await.unwrap().leases.is_empty(),
+        "a cancelled job grants nothing"
+    );
+}
