@@ -15,13 +15,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--dim", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=2, help="hidden layers")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--input-name", default="x")
     p.add_argument("--output-name", default="logits")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--flat-input", action="store_true", help="x is [batch] (one value per row), not [batch, DIM]")
     p.add_argument(
         "--reject-above",
         type=float,
@@ -35,6 +36,10 @@ def main() -> None:
     onnx_t = TensorProto.FLOAT if a.dtype == "float32" else TensorProto.DOUBLE
     nodes, inits = [], []
     prev, width = a.input_name, a.dim
+    if a.flat_input:
+        inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"))
+        nodes.append(helper.make_node("Unsqueeze", [a.input_name, "axis1"], ["x2d"]))
+        prev, width = "x2d", 1
     for i in range(a.layers + 1):
         out_w = a.classes if i == a.layers else a.hidden
         w = (rng.standard_normal((width, out_w)) * np.sqrt(2.0 / width)).astype(np_t)
@@ -70,7 +75,7 @@ def main() -> None:
     graph = helper.make_graph(
         nodes,
         "mlp",
-        [helper.make_tensor_value_info(a.input_name, onnx_t, ["batch", a.dim])],
+        [helper.make_tensor_value_info(a.input_name, onnx_t, ["batch"] if a.flat_input else ["batch", a.dim])],
         [helper.make_tensor_value_info(a.output_name, onnx_t, ["batch", a.classes])],
         inits,
     )

@@ -6,7 +6,8 @@
 //! Each measurement gets a fresh database holding one running job of `--shards` pending shards.
 //! The shards have 0 rows, so `complete` needs no checkpoint and a cycle is exactly claim +
 //! complete; `--checkpoint` gives each shard 1 row and commits a 1-row part before completing.
-//! Every worker loops: claim up to `batch` shards, complete each one. The first `--warmup`
+//! Every worker loops: claim up to `batch` shards, then complete them: one `complete` call
+//! each, or (`many`) one `complete_many` call for the whole batch. The first `--warmup`
 //! seconds (pool connections, query plans) are not counted; then shards completed within
 //! `--secs` are counted and every claim started within them is timed. The server is
 //! PostgreSQL with its default settings unless `--fast-pg`.
@@ -36,6 +37,10 @@ pub struct Args {
     /// Shards per claim (the `max` of a lease request), one measurement each.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 16])]
     batch: Vec<u32>,
+    /// How workers complete a claimed batch: `each` (one call per shard) and `many` (one
+    /// `complete_many` call per batch; measured for batches over 1).
+    #[arg(long, value_delimiter = ',', default_values_t = [Completion::Each, Completion::Many])]
+    complete: Vec<Completion>,
     /// Paths to measure: `pg` (the store called directly) and `http` (the coordinator's API).
     #[arg(long, value_delimiter = ',', default_values_t = [LeasePath::Pg, LeasePath::Http])]
     paths: Vec<LeasePath>,
@@ -63,6 +68,21 @@ enum LeasePath {
     Http,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Completion {
+    Each,
+    Many,
+}
+
+impl std::fmt::Display for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Completion::Each => "each",
+            Completion::Many => "many",
+        })
+    }
+}
+
 impl std::fmt::Display for LeasePath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -77,6 +97,7 @@ struct Cell {
     path: LeasePath,
     workers: usize,
     batch: u32,
+    completion: Completion,
     shards_per_s: f64,
     claims: usize,
     shards_per_claim: f64,
@@ -123,9 +144,14 @@ pub async fn run(a: Args) -> Result<()> {
     for &path in &a.paths {
         for &workers in &a.workers {
             for &batch in &a.batch {
-                let cell = measure(&a, &pg, path, workers, batch).await?;
-                print_cell(&cell, &cells);
-                cells.push(cell);
+                for &completion in &a.complete {
+                    if completion == Completion::Many && batch == 1 && a.complete.len() > 1 {
+                        continue;
+                    }
+                    let cell = measure(&a, &pg, path, workers, batch, completion).await?;
+                    print_cell(&cell, &cells);
+                    cells.push(cell);
+                }
             }
         }
     }
@@ -168,11 +194,20 @@ async fn print_header(a: &Args, pg: &PgServer) -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "  cycle: claim up to `batch` shards, then {} each; {} pending shards in a fresh database per row",
+        "  cycle: claim up to `batch` shards, {}complete them (each: one call per shard; many: one \
+         complete_many call per batch)",
         if a.checkpoint {
-            "checkpoint a 1-row part and complete"
+            "checkpoint a 1-row part of each, then "
         } else {
-            "complete (0-row shards: nothing to checkpoint)"
+            "then "
+        }
+    );
+    println!(
+        "  shards: {}; {} pending in a fresh database per row",
+        if a.checkpoint {
+            "1 row each"
+        } else {
+            "0 rows each, so completing needs no checkpoint (--checkpoint adds one per shard)"
         },
         a.shards
     );
@@ -180,15 +215,17 @@ async fn print_header(a: &Args, pg: &PgServer) -> Result<()> {
         "  pg: the store called directly, one pool; http: the coordinator's API in this process, one client per worker"
     );
     println!(
-        "  {} s counted after {} s of warm-up; latencies in ms",
+        "  {} s counted after {} s of warm-up; latencies in ms (done: the completion call, one \
+         shard's or the batch's)",
         a.secs, a.warmup
     );
     println!();
     println!(
-        "{:<5} {:>7} {:>5} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "{:<5} {:>7} {:>5} {:>5} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
         "path",
         "workers",
         "batch",
+        "done",
         "shards/s",
         "claims",
         "claim p50",
@@ -203,15 +240,19 @@ async fn print_header(a: &Args, pg: &PgServer) -> Result<()> {
 fn print_cell(c: &Cell, before: &[Cell]) {
     let ratio = before
         .iter()
-        .find(|b| b.path == LeasePath::Pg && b.workers == c.workers && b.batch == c.batch)
+        .find(|b| {
+            b.path == LeasePath::Pg
+                && (b.workers, b.batch, b.completion) == (c.workers, c.batch, c.completion)
+        })
         .filter(|_| c.path == LeasePath::Http)
         .map(|b| format!("{:.2}", c.shards_per_s / b.shards_per_s))
         .unwrap_or_default();
     println!(
-        "{:<5} {:>7} {:>5} {:>10.0} {:>8} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8}{}",
+        "{:<5} {:>7} {:>5} {:>5} {:>10.0} {:>8} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8}{}",
         c.path.to_string(),
         c.workers,
         c.batch,
+        c.completion.to_string(),
         c.shards_per_s,
         c.claims,
         c.claim.p50_ms,
@@ -230,7 +271,6 @@ fn print_cell(c: &Cell, before: &[Cell]) {
 }
 
 /// One worker's side of the lease protocol, on either path.
-#[derive(Clone)]
 enum Lessee {
     Store(DynStore),
     Http(CoordinatorClient),
@@ -265,6 +305,22 @@ impl Lessee {
         }
         Ok(())
     }
+
+    async fn complete_many(&self, leases: &[LeaseRef]) -> Result<()> {
+        match self {
+            Lessee::Store(s) => {
+                for answer in s.complete_many(leases).await? {
+                    answer?;
+                }
+            }
+            Lessee::Http(c) => {
+                for answer in c.complete_many(leases.to_vec()).await? {
+                    answer?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What one worker task saw inside the counted window.
@@ -283,6 +339,7 @@ async fn measure(
     path: LeasePath,
     workers: usize,
     batch: u32,
+    completion: Completion,
 ) -> Result<Cell> {
     let url = pg.fresh_database().await?;
     let store = PgStore::connect(&url).await?;
@@ -301,8 +358,8 @@ async fn measure(
         .id;
 
     let stop = CancellationToken::new();
-    let (lessee, server) = match path {
-        LeasePath::Pg => (Lessee::Store(store.clone()), None),
+    let (base, server) = match path {
+        LeasePath::Pg => (None, None),
         LeasePath::Http => {
             let mut config = CoordinatorConfig::new("127.0.0.1:0".parse()?);
             config.worker_tokens = vec![WORKER_TOKEN.into()];
@@ -312,10 +369,7 @@ async fn measure(
             let listener = coordinator.bind().await?;
             let base = format!("http://{}", listener.local_addr()?);
             let server = tokio::spawn(coordinator.run(listener, stop.clone()));
-            (
-                Lessee::Http(CoordinatorClient::new(&base, WORKER_TOKEN)),
-                Some(server),
-            )
+            (Some(base), Some(server))
         }
     };
 
@@ -325,37 +379,41 @@ async fn measure(
     let tasks: Vec<_> = (0..workers)
         .map(|w| {
             // Each worker its own HTTP client (its own connection), as separate processes have.
-            let lessee = match &lessee {
-                Lessee::Http(c) => Lessee::Http(CoordinatorClient::new(c.base(), WORKER_TOKEN)),
-                other => other.clone(),
+            let lessee = match &base {
+                Some(base) => Lessee::Http(CoordinatorClient::new(base, WORKER_TOKEN)),
+                None => Lessee::Store(store.clone()),
             };
-            let checkpoint = a.checkpoint;
+            let work = Work {
+                worker: format!("bench-w{w}"),
+                batch,
+                completion,
+                checkpoint: a.checkpoint,
+                counted_from,
+                end,
+            };
             tokio::spawn(async move {
                 tokio::time::sleep_until(start.into()).await;
-                work(
-                    lessee,
-                    format!("bench-w{w}"),
-                    batch,
-                    checkpoint,
-                    counted_from,
-                    end,
-                )
-                .await
+                work.run(lessee).await
             })
         })
         .collect();
-    let mut all = Tally::default();
+    // Every task ends by `end`; wait for all of them and stop the server before any error.
+    let mut results = Vec::with_capacity(tasks.len());
     for t in tasks {
-        let t = t.await.context("bench worker panicked")??;
+        results.push(t.await.context("bench worker panicked"));
+    }
+    stop.cancel();
+    if let Some(server) = server {
+        server.await.context("coordinator panicked")??;
+    }
+    let mut all = Tally::default();
+    for t in results {
+        let t = t??;
         all.shards += t.shards;
         all.claimed += t.claimed;
         all.claims.extend(t.claims);
         all.completes.extend(t.completes);
         all.drained |= t.drained;
-    }
-    stop.cancel();
-    if let Some(server) = server {
-        server.await.context("coordinator panicked")??;
     }
     // Every shard a worker claimed it also completed: none may be left leased.
     let (counts, _, _) = store.shard_counts(job).await?;
@@ -367,6 +425,7 @@ async fn measure(
         path,
         workers,
         batch,
+        completion,
         shards_per_s: all.shards as f64 / a.secs,
         claims,
         shards_per_claim: if claims == 0 {
@@ -382,61 +441,82 @@ async fn measure(
 
 /// One worker: claim, (checkpoint,) complete, until `end`. Claims started and shards finished
 /// inside `[counted_from, end)` count.
-async fn work(
-    lessee: Lessee,
+struct Work {
     worker: String,
     batch: u32,
+    completion: Completion,
     checkpoint: bool,
     counted_from: Instant,
     end: Instant,
-) -> Result<Tally> {
-    let mut t = Tally::default();
-    loop {
-        let began = Instant::now();
-        if began >= end {
-            return Ok(t);
-        }
-        let counted = began >= counted_from;
-        let leases = lessee.claim(&worker, batch).await?;
-        if counted {
-            t.claims.push(began.elapsed());
-            t.claimed += leases.len();
-        }
-        if leases.is_empty() {
-            t.drained = true;
-            return Ok(t);
-        }
-        for lease in &leases {
-            let r = LeaseRef {
-                shard_id: lease.shard_id,
-                token: lease.token,
-            };
+}
+
+impl Work {
+    async fn run(self, lessee: Lessee) -> Result<Tally> {
+        let mut t = Tally::default();
+        loop {
             let began = Instant::now();
-            if checkpoint {
-                lessee
-                    .checkpoint(
-                        r,
-                        PartRecord {
-                            uri: format!("s3://bench/out/part-{}.parquet", lease.shard_id),
-                            row_start: 0,
-                            rows: 1,
-                            bytes: 1,
-                            error_rows: 0,
-                            error_uri: None,
-                            error_bytes: 0,
-                        },
-                    )
-                    .await?;
+            if began >= self.end {
+                return Ok(t);
             }
-            lessee.complete(r).await?;
-            let now = Instant::now();
-            if began >= counted_from && now < end {
-                t.completes.push(now - began);
+            let leases = lessee.claim(&self.worker, self.batch).await?;
+            if began >= self.counted_from {
+                t.claims.push(began.elapsed());
+                t.claimed += leases.len();
             }
-            if now >= counted_from && now < end {
-                t.shards += 1;
+            if leases.is_empty() {
+                t.drained = true;
+                return Ok(t);
+            }
+            let refs: Vec<LeaseRef> = leases
+                .iter()
+                .map(|l| LeaseRef {
+                    shard_id: l.shard_id,
+                    token: l.token,
+                })
+                .collect();
+            if self.checkpoint {
+                for &r in &refs {
+                    lessee.checkpoint(r, one_row_part(r)).await?;
+                }
+            }
+            match self.completion {
+                Completion::Each => {
+                    for &r in &refs {
+                        let began = Instant::now();
+                        lessee.complete(r).await?;
+                        self.count(&mut t, began, 1);
+                    }
+                }
+                Completion::Many => {
+                    let began = Instant::now();
+                    lessee.complete_many(&refs).await?;
+                    self.count(&mut t, began, refs.len());
+                }
             }
         }
+    }
+
+    /// Counts a completion call that began at `began` and finished `shards` shards just now.
+    fn count(&self, t: &mut Tally, began: Instant, shards: usize) {
+        let now = Instant::now();
+        if began >= self.counted_from && now < self.end {
+            t.completes.push(now - began);
+        }
+        if now >= self.counted_from && now < self.end {
+            t.shards += shards;
+        }
+    }
+}
+
+fn one_row_part(lease: LeaseRef) -> PartRecord {
+    PartRecord {
+        uri: format!("s3://bench/out/part-{}.parquet", lease.shard_id),
+        row_start: 0,
+        rows: 1,
+        bytes: 1,
+        error_rows: 0,
+        error_uri: None,
+        error_bytes: 0,
     }
 }
 

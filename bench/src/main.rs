@@ -32,6 +32,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    nightshift_worker::allocator::tune();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

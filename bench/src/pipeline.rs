@@ -35,6 +35,9 @@ pub struct Args {
     model: Option<PathBuf>,
     #[arg(long, default_value_t = 1024)]
     batch: usize,
+    /// Hidden layer width when generating the model (the demo model's is the default).
+    #[arg(long)]
+    hidden: Option<usize>,
     /// Rows when generating data.
     #[arg(long, default_value_t = 300_000)]
     rows: usize,
@@ -44,6 +47,9 @@ pub struct Args {
     /// ONNX Runtime intra-op threads for both sides (0: its default).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Also measure the peak memory of `nightshift run` on N and 4N rows (N = --rows / 3).
+    #[arg(long)]
+    memory: bool,
     #[arg(long)]
     ort_lib: Option<PathBuf>,
 }
@@ -52,7 +58,7 @@ pub async fn run(a: Args) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let (data, model) = match (&a.data, &a.model) {
         (Some(d), Some(m)) => (d.clone(), m.clone()),
-        _ => generate(tmp.path(), a.rows)?,
+        _ => generate(tmp.path(), a.rows, a.hidden)?,
     };
     let runtime = onnx_runtime::load(a.ort_lib.as_deref())?;
     let (features, dim) = load_features(&data)?;
@@ -87,6 +93,100 @@ pub async fn run(a: Args) -> Result<()> {
         a.repeat
     );
     println!("ratio pipeline / bare  : {:.3}", p / b);
+    if a.memory {
+        memory(tmp.path(), &model, a.rows / 3)?;
+    }
+    Ok(())
+}
+
+/// Peak resident memory of `nightshift run` (the binary beside this one) on inputs of N and 4N
+/// rows: the pipeline's buffers are bounded, so the peak should not grow with the input.
+fn memory(dir: &Path, model: &Path, n: usize) -> Result<()> {
+    let bin = std::env::current_exe()?.with_file_name("nightshift");
+    if !bin.is_file() {
+        bail!(
+            "{} not built (cargo build --release -p nightshift)",
+            bin.display()
+        );
+    }
+    let mut peaks = Vec::new();
+    for rows in [n, 4 * n] {
+        let data = dir.join(format!("mem-{rows}"));
+        generate_data(&data, rows, 4)?;
+        let out = dir.join(format!("mem-out-{rows}"));
+        let spec = dir.join(format!("mem-{rows}.toml"));
+        std::fs::write(
+            &spec,
+            format!(
+                "name = \"mem-{rows}\"\n[input]\nuri = \"{}/*.parquet\"\n[model]\nuri = \"{}\"\ndevice = \"cpu\"\n\
+                 [model.inputs]\nx = \"features\"\n[model.outputs]\nlogits = \"logits\"\n[output]\nuri = \"{}\"\n\
+                 passthrough = [\"id\"]\n",
+                data.display(),
+                model.display(),
+                out.display()
+            ),
+        )?;
+        let child = std::process::Command::new(&bin)
+            .arg("run")
+            .arg(&spec)
+            .arg("--json")
+            .arg("--state")
+            .arg(dir.join(format!("mem-state-{rows}")))
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: waits for our own child, whose pid is valid until reaped here.
+        let rc = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+        if rc < 0 || status != 0 {
+            bail!("nightshift run on {rows} rows failed (status {status})");
+        }
+        let mib = usage.ru_maxrss as f64 / 1024.0;
+        println!("peak memory of `nightshift run`: {rows:>8} rows -> {mib:>7.1} MiB");
+        peaks.push(mib);
+    }
+    println!(
+        "peak memory ratio 4N / N rows  : {:.2}",
+        peaks[1] / peaks[0]
+    );
+    Ok(())
+}
+
+fn generate_data(dir: &Path, rows: usize, files: usize) -> Result<()> {
+    let rows = rows.to_string();
+    let files = files.to_string();
+    python(&[
+        "gen_data.py",
+        "--out",
+        dir.to_str().unwrap_or_default(),
+        "--rows",
+        &rows,
+        "--files",
+        &files,
+    ])
+}
+
+fn python(args: &[&str]) -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = std::env::var_os("NIGHTSHIFT_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".venv"))
+        .join("bin/python");
+    let status = std::process::Command::new(&python)
+        .arg(root.join("scripts").join(args[0]))
+        .args(&args[1..])
+        .status()
+        .with_context(|| {
+            format!(
+                "running {} with {} (run scripts/setup.sh first)",
+                args[0],
+                python.display()
+            )
+        })?;
+    if !status.success() {
+        bail!("{} failed", args[0]);
+    }
     Ok(())
 }
 
@@ -95,46 +195,16 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn generate(dir: &Path, rows: usize) -> Result<(PathBuf, PathBuf)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let python = std::env::var_os("NIGHTSHIFT_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".venv"))
-        .join("bin/python");
+fn generate(dir: &Path, rows: usize, hidden: Option<usize>) -> Result<(PathBuf, PathBuf)> {
     let data = dir.join("data");
     let model = dir.join("mlp.onnx");
-    let rows = rows.to_string();
-    for (script, args) in [
-        (
-            "gen_data.py",
-            vec![
-                "--out",
-                data.to_str().unwrap_or_default(),
-                "--rows",
-                &rows,
-                "--files",
-                "3",
-            ],
-        ),
-        (
-            "gen_model.py",
-            vec!["--out", model.to_str().unwrap_or_default()],
-        ),
-    ] {
-        let status = std::process::Command::new(&python)
-            .arg(root.join("scripts").join(script))
-            .args(&args)
-            .status()
-            .with_context(|| {
-                format!(
-                    "running {script} with {} (run scripts/setup.sh first)",
-                    python.display()
-                )
-            })?;
-        if !status.success() {
-            bail!("{script} failed");
-        }
+    generate_data(&data, rows, 3)?;
+    let hidden = hidden.map(|h| h.to_string());
+    let mut args = vec!["gen_model.py", "--out", model.to_str().unwrap_or_default()];
+    if let Some(h) = &hidden {
+        args.extend(["--hidden", h]);
     }
+    python(&args)?;
     Ok((data, model))
 }
 
@@ -199,6 +269,21 @@ fn bare_loop(
     Ok(rows as f64 / took)
 }
 
+/// A job over `input` with the bench's model and batch size.
+fn bench_spec(name: &str, input: &str, model: &Path, out: &Path, batch: usize) -> Result<JobSpec> {
+    let toml = format!(
+        "name = \"{name}\"\n[input]\nuri = \"{input}\"\n[model]\nuri = \"{}\"\ndevice = \"cpu\"\n\
+         [model.inputs]\nx = \"features\"\n[model.outputs]\nlogits = \"logits\"\n[output]\nuri = \"{}\"\n\
+         passthrough = [\"id\"]\n[batch]\nsize = {batch}\n[shards]\nrows = 100000\n",
+        model.display(),
+        out.display()
+    );
+    Ok(JobSpec::from_toml(&toml)?)
+}
+
+/// Steady-state pipeline throughput: the worker first runs a warm-up job on the same model (so
+/// its slot holds a ready session, as it does between shards of a long job), then the timed
+/// job, from submission until every shard is done.
 async fn pipeline(
     dir: &Path,
     data: &Path,
@@ -208,16 +293,6 @@ async fn pipeline(
     run: usize,
 ) -> Result<f64> {
     let state = dir.join(format!("state-{run}"));
-    let out = dir.join(format!("out-{run}"));
-    let toml = format!(
-        "name = \"bench-{run}\"\n[input]\nuri = \"{}/*.parquet\"\n[model]\nuri = \"{}\"\ndevice = \"cpu\"\n\
-         [model.inputs]\nx = \"features\"\n[model.outputs]\nlogits = \"logits\"\n[output]\nuri = \"{}\"\n\
-         passthrough = [\"id\"]\n[batch]\nsize = {batch}\n[shards]\nrows = 100000\n",
-        data.display(),
-        model.display(),
-        out.display()
-    );
-    let spec = JobSpec::from_toml(&toml)?;
     let sqlite = Arc::new(SqliteStore::open(&state.join("db.sqlite")).await?);
     sqlite.migrate().await?;
     let store: DynStore = sqlite;
@@ -228,7 +303,6 @@ async fn pipeline(
     config.allow = AllowList::everything();
     let coordinator = Coordinator::new(config, store, stores.clone());
     let service = coordinator.service().clone();
-    let job = service.submit(spec, None).await?.job;
     let listener = coordinator.bind().await?;
     let url = format!("http://{}", listener.local_addr()?);
     let stop = CancellationToken::new();
@@ -236,21 +310,50 @@ async fn pipeline(
 
     let mut wc = WorkerConfig::new(&url, "w");
     wc.intra_threads = threads;
-    wc.idle_poll = Duration::from_millis(5);
+    wc.idle_poll = Duration::from_millis(2);
     let worker = Worker::build(wc, stores)?;
     let worker_stop = CancellationToken::new();
-    let started = Instant::now();
     let handle = tokio::spawn(worker.run(worker_stop.clone()));
-    loop {
-        let view = service.get(&job.id.to_string()).await?;
-        if view.shards.done == view.shards.total() {
-            break;
+    let until_done = |id: i64| {
+        let service = service.clone();
+        async move {
+            loop {
+                let view = service.get(&id.to_string()).await?;
+                if view.shards.done == view.shards.total() {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                if view.state.is_terminal() {
+                    bail!("bench job ended {}: {:?}", view.state, view.error);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         }
-        if view.state.is_terminal() {
-            bail!("bench job ended {}: {:?}", view.state, view.error);
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    };
+    let first = std::fs::read_dir(data)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .min()
+        .context("no input files")?;
+    let warm = bench_spec(
+        &format!("warm-{run}"),
+        &first.display().to_string(),
+        model,
+        &dir.join(format!("warm-{run}")),
+        batch,
+    )?;
+    let warm = service.submit(warm, None).await?.job;
+    until_done(warm.id).await?;
+
+    let spec = bench_spec(
+        &format!("bench-{run}"),
+        &format!("{}/*.parquet", data.display()),
+        model,
+        &dir.join(format!("out-{run}")),
+        batch,
+    )?;
+    let started = Instant::now();
+    let job = service.submit(spec, None).await?.job;
+    until_done(job.id).await?;
     let took = started.elapsed().as_secs_f64();
     worker_stop.cancel();
     let _ = handle.await;

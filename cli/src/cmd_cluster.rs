@@ -45,9 +45,12 @@ pub struct CoordinatorArgs {
     /// Lease time to live; workers heartbeat at a third of it.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
-    /// First retry delay of a failed shard (doubles per attempt, at most 60 s).
+    /// First retry delay of a failed or expired shard (doubles per attempt).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub retry_backoff: Duration,
+    /// The longest retry delay.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub retry_backoff_max: Duration,
     /// Print logs as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -135,7 +138,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<ExitCode> {
     config.timing = LeaseTiming {
         ttl_ms: args.lease_ttl.as_millis() as i64,
         backoff_base_ms: args.retry_backoff.as_millis() as i64,
-        backoff_max_ms: 60_000,
+        backoff_max_ms: args.retry_backoff_max.as_millis() as i64,
     };
     let coordinator = Coordinator::new(config, store, stores);
     let listener = coordinator.bind().await?;

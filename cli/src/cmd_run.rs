@@ -15,6 +15,7 @@ use nightshift_proto::wire::JobView;
 use nightshift_proto::{JobSpec, JobState};
 use nightshift_storage::Stores;
 use nightshift_storage::location::absolutize;
+use nightshift_worker::model_files::ModelFiles;
 use nightshift_worker::model_session::ModelSession;
 use nightshift_worker::{Worker, WorkerConfig, onnx_runtime};
 use tokio_util::sync::CancellationToken;
@@ -75,14 +76,13 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let stores = Arc::new(Stores::new(
         nightshift_storage::s3::S3Settings::load().await,
     ));
-    let device_note = probe_model(&stores, &spec, runtime).await?;
-    if !args.json {
-        eprintln!("nightshift: {device_note}");
-    }
-
     std::fs::create_dir_all(&args.state)
         .with_context(|| format!("cannot create state directory `{}`", args.state.display()))?;
     let _lock = lock_state(&args.state)?;
+    let device_note = probe_model(&stores, &spec, runtime, &args.state.join("models")).await?;
+    if !args.json {
+        eprintln!("nightshift: {device_note}");
+    }
     let sqlite = Arc::new(SqliteStore::open(&args.state.join("nightshift.db")).await?);
     sqlite.migrate().await?;
     let store: DynStore = sqlite.clone();
@@ -256,18 +256,23 @@ async fn probe_model(
     stores: &Stores,
     spec: &JobSpec,
     runtime: &'static onnx_runtime::OnnxRuntime,
+    cache: &Path,
 ) -> Result<String> {
     let loc = stores.locate(&spec.model.uri)?;
-    if !loc.is_local() {
-        return Ok(format!(
-            "model {} (remote; device {})",
-            spec.model.uri, spec.model.device
-        ));
-    }
-    let path = PathBuf::from(loc.uri());
-    if !path.is_file() {
-        bail!("model: `{}` does not exist", spec.model.uri);
-    }
+    let path = if loc.is_local() {
+        let path = PathBuf::from(loc.uri());
+        if !path.is_file() {
+            bail!("model: `{}` does not exist", spec.model.uri);
+        }
+        path
+    } else {
+        // Fetched into the workers' cache (keyed by ETag), so they do not fetch it again.
+        ModelFiles::new(cache.to_path_buf())
+            .get(stores, &spec.model.uri)
+            .await
+            .map_err(|e| anyhow::anyhow!("model: {e}"))?
+            .path
+    };
     let (uri, device) = (spec.model.uri.clone(), spec.model.device);
     let session =
         tokio::task::spawn_blocking(move || ModelSession::open(runtime, &uri, &path, device, 1))

@@ -55,6 +55,7 @@ pub struct OrtArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    nightshift_worker::allocator::tune();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

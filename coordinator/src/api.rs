@@ -12,11 +12,11 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use nightshift_proto::JobSpec;
 use nightshift_proto::wire::{
-    Ack, CheckpointRequest, CompleteRequest, FailRequest, HeartbeatRequest, JobList, LeaseRequest,
-    ReleaseRequest,
+    Ack, CheckpointRequest, CompleteManyRequest, CompleteManyResponse, CompleteRequest,
+    FailRequest, HeartbeatRequest, JobList, LeaseRequest, ReleaseRequest,
 };
+use nightshift_proto::{ErrorBody, JobSpec};
 use serde::Deserialize;
 
 use crate::api_error::ApiError;
@@ -54,6 +54,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/worker/heartbeat", post(heartbeat))
         .route("/v1/worker/checkpoint", post(checkpoint))
         .route("/v1/worker/complete", post(complete))
+        .route("/v1/worker/complete-many", post(complete_many))
         .route("/v1/worker/fail", post(fail))
         .route("/v1/worker/release", post(release))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
@@ -257,6 +258,27 @@ async fn complete(
     let req: CompleteRequest = parse(&body)?;
     state.service.complete(req.lease).await?;
     Ok(Json(Ack { ok: true }))
+}
+
+async fn complete_many(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<CompleteManyResponse>, ApiError> {
+    authorize(&state, &headers, Role::Worker)?;
+    let req: CompleteManyRequest = parse(&body)?;
+    let answers = state.service.complete_many(&req.leases).await?;
+    Ok(Json(CompleteManyResponse {
+        results: answers
+            .into_iter()
+            .map(|answer| {
+                answer.err().map(|e| ErrorBody {
+                    code: e.status_and_code().1,
+                    message: e.to_string(),
+                })
+            })
+            .collect(),
+    }))
 }
 
 async fn fail(

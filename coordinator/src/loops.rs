@@ -49,7 +49,24 @@ pub async fn finalizer(
             {
                 Ok(Some(job)) => {
                     let span = tracing::info_span!("finalize", job = job.id);
-                    commit(&service, &replica, job).instrument(span).await
+                    let id = job.id;
+                    // Renew the claim while committing, so a replica that dies mid-commit
+                    // holds the job for one claim TTL at most.
+                    let renewing = CancellationToken::new();
+                    tokio::spawn(renew_claim(
+                        service.clone(),
+                        id,
+                        replica.clone(),
+                        claim_ttl,
+                        renewing.clone(),
+                    ));
+                    let committed = commit(&service, &replica, job).instrument(span).await;
+                    renewing.cancel();
+                    if !committed {
+                        // Give it up now: the next pass (of any replica) tries again.
+                        let _ = service.store.extend_finalize(id, &replica, 0).await;
+                        break;
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -65,17 +82,45 @@ pub async fn finalizer(
     }
 }
 
-async fn commit(service: &Service, replica: &str, job: crate::store::JobRecord) {
+/// Keeps a finalize claim alive every third of its TTL until `stop`.
+async fn renew_claim(
+    service: Service,
+    job: i64,
+    replica: String,
+    ttl: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+        match service
+            .store
+            .extend_finalize(job, &replica, ttl.as_millis() as i64)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => tracing::warn!(job, error = %e, "renewing the finalize claim failed"),
+        }
+    }
+}
+
+/// Commits one job; false when it should be tried again later.
+async fn commit(service: &Service, replica: &str, job: crate::store::JobRecord) -> bool {
     let parts = match service.store.parts(job.id).await {
         Ok(p) => p,
         Err(e) => {
-            return tracing::warn!(job = job.id, error = %e, "reading parts failed; will retry");
+            tracing::warn!(job = job.id, error = %e, "reading parts failed; will retry");
+            return false;
         }
     };
     let inputs = match service.store.input_files(job.id).await {
         Ok(i) => i,
         Err(e) => {
-            return tracing::warn!(job = job.id, error = %e, "reading inputs failed; will retry");
+            tracing::warn!(job = job.id, error = %e, "reading inputs failed; will retry");
+            return false;
         }
     };
     let outcome = match finalize(&service.stores, &job, &parts, inputs).await {
@@ -90,7 +135,8 @@ async fn commit(service: &Service, replica: &str, job: crate::store::JobRecord) 
             JobOutcome::Succeeded
         }
         Err(e) if e.is_retryable() => {
-            return tracing::warn!(job = job.id, error = %e, "finalizing failed; will retry");
+            tracing::warn!(job = job.id, error = %e, "finalizing failed; will retry");
+            return false;
         }
         Err(e) => {
             tracing::error!(job = job.id, error = %e, "finalizing failed for good");
@@ -99,7 +145,8 @@ async fn commit(service: &Service, replica: &str, job: crate::store::JobRecord) 
     };
     let succeeded = matches!(outcome, JobOutcome::Succeeded);
     if let Err(e) = service.store.finish_job(job.id, replica, outcome).await {
-        return tracing::warn!(job = job.id, error = %e, "recording the commit failed");
+        tracing::warn!(job = job.id, error = %e, "recording the commit failed");
+        return false;
     }
     if succeeded {
         match collect_garbage(&service.stores, &job.output_uri, &job.uid).await {
@@ -107,4 +154,5 @@ async fn commit(service: &Service, replica: &str, job: crate::store::JobRecord) 
             Err(e) => tracing::warn!(job = job.id, error = %e, "deleting parts failed"),
         }
     }
+    true
 }

@@ -44,7 +44,7 @@ impl CoordinatorConfig {
                 backoff_max_ms: 60_000,
             },
             finalize_every: Duration::from_secs(1),
-            finalize_claim: Duration::from_secs(120),
+            finalize_claim: Duration::from_secs(15),
             replica_id: format!(
                 "coordinator-{}",
                 &uuid::Uuid::new_v4().simple().to_string()[..8]

@@ -185,6 +185,30 @@ impl Service {
         Ok(())
     }
 
+    /// Completes several shards: one answer per lease, in order, each what `complete` would
+    /// give. Only a failure of the store fails the whole request.
+    pub async fn complete_many(
+        &self,
+        leases: &[LeaseRef],
+    ) -> Result<Vec<Result<(), ApiError>>, ApiError> {
+        if leases.len() > MAX_LEASE_BATCH as usize {
+            return Err(ApiError::BadRequest(format!(
+                "at most {MAX_LEASE_BATCH} leases per request, not {}",
+                leases.len()
+            )));
+        }
+        let answers = self.store.complete_many(leases).await?;
+        Ok(answers
+            .into_iter()
+            .map(|answer| {
+                if answer.is_ok() {
+                    self.metrics.shard_completed();
+                }
+                answer.map_err(ApiError::from)
+            })
+            .collect())
+    }
+
     pub async fn fail(
         &self,
         lease: LeaseRef,

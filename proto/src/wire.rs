@@ -182,6 +182,19 @@ pub struct CompleteRequest {
     pub lease: LeaseRef,
 }
 
+/// `POST /v1/worker/complete-many`: several completions in one request (at most 256).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompleteManyRequest {
+    pub leases: Vec<LeaseRef>,
+}
+
+/// One answer per lease, in order: `null` when it completed, else what `complete` would have
+/// answered (with status 409).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompleteManyResponse {
+    pub results: Vec<Option<crate::error_code::ErrorBody>>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailRequest {
     pub lease: LeaseRef,

@@ -136,6 +136,8 @@ fn chaos_leaves_the_output_exact() {
             "2s",
             "--retry-backoff",
             "100ms",
+            "--retry-backoff-max",
+            "1s",
             "--allow-uri",
             "s3://lake/",
         ],

@@ -183,7 +183,7 @@ fn slow_job(f: &Fixture) -> (PathBuf, PathBuf, String, PathBuf) {
         "in",
         &[
             "--rows",
-            "48000",
+            "96000",
             "--files",
             "2",
             "--row-group-rows",
@@ -191,7 +191,7 @@ fn slow_job(f: &Fixture) -> (PathBuf, PathBuf, String, PathBuf) {
         ],
     );
     // Wide enough that the job takes seconds, so it can be stopped in the middle.
-    let model = f.model("m.onnx", &["--hidden", "1536"]);
+    let model = f.model("m.onnx", &["--hidden", "2048"]);
     let out = f.path("out");
     let input = format!("{}/*.parquet", data.display());
     let toml = spec_toml(
@@ -199,7 +199,7 @@ fn slow_job(f: &Fixture) -> (PathBuf, PathBuf, String, PathBuf) {
         &input,
         &model,
         &out,
-        "[batch]\nsize = 500\n\n[shards]\nrows = 6000\ncheckpoint_rows = 2000\n",
+        "[batch]\nsize = 500\n\n[shards]\nrows = 12000\ncheckpoint_rows = 2000\n",
     );
     (f.spec("job.toml", &toml), model, input, out)
 }
@@ -255,7 +255,7 @@ fn sigkill_mid_job_then_rerun_is_exact_and_recomputes_no_done_shard() {
             p.0
         );
         let rows_in_parts: i64 = parts.iter().filter(|x| x.0 == p.0).map(|x| x.3).sum();
-        assert_eq!(rows_in_parts, 6000);
+        assert_eq!(rows_in_parts, 12000);
     }
     verify_output(out.to_str().unwrap(), &input, &model, 1500, &[]).assert_exact(&[]);
 }

@@ -81,6 +81,7 @@ fn every_bad_input_is_refused_with_a_message_naming_it() {
     let empty = f.data("empty", &["--rows", "0", "--files", "1"]);
     let model = f.model("m.onnx", &["--hidden", "16"]);
     let model16 = f.model("m16.onnx", &["--hidden", "16", "--dim", "16"]);
+    let flat = f.model("flat.onnx", &["--hidden", "16", "--flat-input"]);
     let junk_model = f.path("junk.onnx");
     std::fs::write(&junk_model, b"this is not a model").unwrap();
     let not_parquet = f.path("text/notes.parquet");
@@ -227,6 +228,12 @@ fn every_bad_input_is_refused_with_a_message_naming_it() {
             spec: with(&p(&model), &p(&model16)),
             args: vec![],
             needles: s(&["`features`", "`x`", "wants 16", "hold 32"]),
+        },
+        Case {
+            name: "rank-mismatch",
+            spec: with(&p(&model), &p(&flat)),
+            args: vec![],
+            needles: s(&["`features`", "`x`", "one value per row", "lists"]),
         },
         Case {
             name: "missing-passthrough",

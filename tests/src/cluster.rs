@@ -18,6 +18,7 @@ pub struct CoordinatorProc {
     args: Vec<String>,
     bin: PathBuf,
     envs: Vec<(String, String)>,
+    restarts: u32,
 }
 
 impl CoordinatorProc {
@@ -52,6 +53,7 @@ impl CoordinatorProc {
             args,
             bin: bin.to_path_buf(),
             envs: envs.to_vec(),
+            restarts: 0,
         };
         c.wait_healthy();
         c
@@ -81,9 +83,8 @@ impl CoordinatorProc {
     pub fn restart(&mut self, pause: Duration) {
         self.child.kill();
         std::thread::sleep(pause);
-        let log = self
-            .log
-            .with_extension(format!("{}.log", Instant::now().elapsed().as_nanos()));
+        self.restarts += 1;
+        let log = self.log.with_extension(format!("{}.log", self.restarts));
         self.child = spawn(&self.bin, &self.args, &log, &self.envs);
         self.log = log;
         self.wait_healthy();

@@ -10,6 +10,16 @@ pub struct Fixture {
     pub dir: TempDir,
 }
 
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // NIGHTSHIFT_KEEP_TEST_DIRS=1 keeps every fixture's files (logs included) for a look.
+        if std::env::var_os("NIGHTSHIFT_KEEP_TEST_DIRS").is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+            eprintln!("kept {}", dir.keep().display());
+        }
+    }
+}
+
 impl Default for Fixture {
     fn default() -> Self {
         Self::new()

@@ -347,3 +347,63 @@ async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartb
         "a cancelled job grants nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn complete_many_answers_each_lease_in_order() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    // Shards of one row group each; checkpoint all but the last before completing.
+    let (s, _) = api.submit(Some("S"), None, &job(&f)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let w = CoordinatorClient::new(&api.url, "W");
+    let leases = w.lease("batch", 10).await.unwrap().leases;
+    assert_eq!(leases.len(), 4);
+    let refs: Vec<LeaseRef> = leases
+        .iter()
+        .map(|l| LeaseRef {
+            shard_id: l.shard_id,
+            token: l.token,
+        })
+        .collect();
+    for (l, r) in leases.iter().zip(&refs).take(3) {
+        let part = PartRecord {
+            uri: format!("p{}", l.shard_id),
+            row_start: 0,
+            rows: l.plan.rows,
+            bytes: 1,
+            error_rows: 0,
+            error_uri: None,
+            error_bytes: 0,
+        };
+        w.checkpoint(*r, part).await.unwrap();
+    }
+    let stale = LeaseRef {
+        shard_id: refs[0].shard_id,
+        token: refs[0].token - 1,
+    };
+    let answers = w
+        .complete_many(vec![refs[0], refs[1], refs[3], stale, refs[2]])
+        .await
+        .unwrap();
+    assert!(
+        answers[0].is_ok() && answers[1].is_ok() && answers[4].is_ok(),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(&answers[2], Err(ClientError::Refused { status: 409, message, .. }) if message.contains("cannot complete")),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[3], Err(ClientError::LeaseLost(_))),
+        "{answers:?}"
+    );
+    let too_many = api
+        .http
+        .post(format!("{}/v1/worker/complete-many", api.url))
+        .bearer_auth("W")
+        .json(&serde_json::json!({"leases": vec![serde_json::json!({"shard_id": 1, "token": 1}); 257]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_many.status(), StatusCode::BAD_REQUEST);
+}

@@ -105,6 +105,7 @@ contract!(
     lease::heartbeat_extends_and_reports,
     lease::checkpoint_is_contiguous_and_fenced,
     lease::complete_needs_every_row,
+    lease::complete_many_answers_each_lease,
     lease::retryable_failure_backs_off_then_dies,
     lease::permanent_failure_is_dead_at_once,
     lease::release_keeps_progress_and_attempts,
@@ -115,6 +116,7 @@ contract!(
     loops::settle_fails_job_with_dead_shard,
     loops::error_threshold_fails_the_job,
     loops::finalize_claim_is_exclusive,
+    loops::finalize_claim_is_renewed_and_given_up,
     loops::metrics_count,
     loops::churn_commits_every_row_once,
 );

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use nightshift_proto::wire::{
-    Ack, CheckpointRequest, CompleteRequest, FailRequest, HeartbeatRequest, HeartbeatResponse,
-    LeaseRef, LeaseRequest, LeaseResponse, PartRecord, ReleaseRequest,
+    Ack, CheckpointRequest, CompleteManyRequest, CompleteManyResponse, CompleteRequest,
+    FailRequest, HeartbeatRequest, HeartbeatResponse, LeaseRef, LeaseRequest, LeaseResponse,
+    PartRecord, ReleaseRequest,
 };
 use nightshift_proto::{ErrorBody, ErrorCode, FailureClass};
 use serde::Serialize;
@@ -109,18 +110,12 @@ impl CoordinatorClient {
         let text = resp.text().await.unwrap_or_default();
         let body: Option<ErrorBody> = serde_json::from_str(&text).ok();
         let message = body.as_ref().map(|b| b.message.clone()).unwrap_or(text);
-        match body.map(|b| b.code) {
-            Some(ErrorCode::LeaseLost) => Err(ClientError::LeaseLost(message)),
-            Some(ErrorCode::Conflict) if message.contains("not running") => {
-                Err(ClientError::JobNotRunning(message))
-            }
-            code => Err(ClientError::Refused {
-                path: path.to_string(),
-                status: status.as_u16(),
-                code,
-                message,
-            }),
-        }
+        Err(refusal(
+            path,
+            status.as_u16(),
+            body.map(|b| b.code),
+            message,
+        ))
     }
 
     async fn post<B: Serialize + Sync, R: DeserializeOwned>(
@@ -177,6 +172,33 @@ impl CoordinatorClient {
         Ok(())
     }
 
+    /// Completes several shards in one request (at most 256): one answer per lease, in order,
+    /// each what `complete` would have answered. Only a failure of the request itself is the
+    /// outer error.
+    pub async fn complete_many(
+        &self,
+        leases: Vec<LeaseRef>,
+    ) -> Result<Vec<Result<(), ClientError>>, ClientError> {
+        const PATH: &str = "/v1/worker/complete-many";
+        let n = leases.len();
+        let resp: CompleteManyResponse = self.post(PATH, &CompleteManyRequest { leases }).await?;
+        if resp.results.len() != n {
+            return Err(ClientError::Unreachable {
+                url: format!("{}{PATH}", self.base),
+                reason: format!("{} answers to {n} leases", resp.results.len()),
+            });
+        }
+        Ok(resp
+            .results
+            .into_iter()
+            .map(|answer| match answer {
+                None => Ok(()),
+                // Each refusal is what `/v1/worker/complete` would have answered with 409.
+                Some(body) => Err(refusal(PATH, 409, Some(body.code), body.message)),
+            })
+            .collect())
+    }
+
     pub async fn fail(
         &self,
         lease: LeaseRef,
@@ -201,6 +223,22 @@ impl CoordinatorClient {
             .post("/v1/worker/release", &ReleaseRequest { lease })
             .await?;
         Ok(())
+    }
+}
+
+/// The error for a refused call, from the status and the error body's code and message.
+fn refusal(path: &str, status: u16, code: Option<ErrorCode>, message: String) -> ClientError {
+    match code {
+        Some(ErrorCode::LeaseLost) => ClientError::LeaseLost(message),
+        Some(ErrorCode::Conflict) if message.contains("not running") => {
+            ClientError::JobNotRunning(message)
+        }
+        code => ClientError::Refused {
+            path: path.to_string(),
+            status,
+            code,
+            message,
+        },
     }
 }
 

@@ -2,6 +2,7 @@
 //! (ranged Parquet reads -> tensors -> ONNX Runtime on dedicated threads -> Parquet parts ->
 //! checkpoints), heartbeating on a task of its own and draining cleanly on shutdown.
 
+pub mod allocator;
 pub mod client;
 pub mod context;
 pub mod model_files;

@@ -11,10 +11,9 @@ use nightshift_signature::OutputBinding;
 use ort::ep::{self, ExecutionProvider};
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::value::DynValue;
 
 use crate::onnx_runtime::OnnxRuntime;
-use crate::tensors;
+use crate::tensors::{self, TensorInput};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ModelError {
@@ -92,6 +91,11 @@ impl ModelSession {
                     .with_intra_threads(intra_threads)
                     .map_err(|e| load_err(e.into()))?;
             }
+            // Idle intra-op threads block instead of spinning: spinning takes the cores the
+            // pipeline's other stages (decode, encode) need between two model calls.
+            b = b
+                .with_intra_op_spinning(false)
+                .map_err(|e| load_err(e.into()))?;
             Ok(b)
         };
         if let Some(n) = want_cuda {
@@ -135,11 +139,15 @@ impl ModelSession {
     /// Runs one batch of `rows` rows and returns the mapped outputs as Arrow arrays.
     pub fn run(
         &mut self,
-        inputs: Vec<(String, DynValue)>,
+        inputs: &[TensorInput],
         outputs: &[OutputBinding],
         rows: usize,
     ) -> Result<Vec<ArrayRef>, String> {
-        let result = self.session.run(inputs).map_err(|e| e.to_string())?;
+        let views = inputs
+            .iter()
+            .map(|t| Ok((t.name.as_str(), t.view()?)))
+            .collect::<Result<Vec<_>, String>>()?;
+        let result = self.session.run(views).map_err(|e| e.to_string())?;
         outputs
             .iter()
             .map(|o| {

@@ -10,9 +10,11 @@ use arrow::array::{
 };
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field};
+use arrow::datatypes::{Float32Type, Float64Type, Int32Type, Int64Type};
 use arrow_array::RecordBatch;
 use nightshift_signature::{ElemType, InputBinding, OutputBinding, Shape};
-use ort::value::{DynValue, Tensor};
+use ort::session::SessionInputValue;
+use ort::value::{DynValue, TensorRef};
 
 /// A row that cannot feed the model, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,11 +111,54 @@ fn list_lengths(col: &dyn Array) -> Option<LengthFn<'_>> {
     }
 }
 
-/// Builds the model's input tensors from a batch whose rows all passed `row_problems`.
+/// One model input, ready to hand to ONNX Runtime without a copy: the column's values laid out
+/// row after row, already in the tensor's element type.
+pub struct TensorInput {
+    pub name: String,
+    pub values: ArrayRef,
+    pub shape: Vec<i64>,
+}
+
+impl TensorInput {
+    /// A tensor that borrows the Arrow buffer (no copy).
+    pub fn view(&self) -> Result<SessionInputValue<'_>, String> {
+        let err = |e: ort::Error| e.to_string();
+        let shape = self.shape.clone();
+        Ok(match self.values.data_type() {
+            DataType::Float32 => TensorRef::from_array_view((
+                shape,
+                &self.values.as_primitive::<Float32Type>().values()[..],
+            ))
+            .map_err(err)?
+            .into(),
+            DataType::Float64 => TensorRef::from_array_view((
+                shape,
+                &self.values.as_primitive::<Float64Type>().values()[..],
+            ))
+            .map_err(err)?
+            .into(),
+            DataType::Int32 => TensorRef::from_array_view((
+                shape,
+                &self.values.as_primitive::<Int32Type>().values()[..],
+            ))
+            .map_err(err)?
+            .into(),
+            DataType::Int64 => TensorRef::from_array_view((
+                shape,
+                &self.values.as_primitive::<Int64Type>().values()[..],
+            ))
+            .map_err(err)?
+            .into(),
+            other => return Err(format!("unsupported tensor type {other}")),
+        })
+    }
+}
+
+/// Builds the model's inputs from a batch whose rows all passed `row_problems`.
 pub fn input_tensors(
     batch: &RecordBatch,
     inputs: &[InputBinding],
-) -> Result<Vec<(String, DynValue)>, String> {
+) -> Result<Vec<TensorInput>, String> {
     let rows = batch.num_rows();
     inputs
         .iter()
@@ -126,13 +171,30 @@ pub fn input_tensors(
                 Shape::Flat => vec![rows as i64],
                 Shape::Wide { .. } => vec![rows as i64, width as i64],
             };
-            let value = tensor(&values, b.elem, shape).map_err(|e| {
+            let target = match b.elem {
+                ElemType::F32 => DataType::Float32,
+                ElemType::F64 => DataType::Float64,
+                ElemType::I32 => DataType::Int32,
+                ElemType::I64 => DataType::Int64,
+                other => {
+                    return Err(format!(
+                        "model input `{}`: unsupported tensor type {other}",
+                        b.onnx_name
+                    ));
+                }
+            };
+            // Same type: no copy; a lossless widening: one conversion.
+            let values = cast(&values, &target).map_err(|e| {
                 format!(
                     "model input `{}` from column `{}`: {e}",
                     b.onnx_name, b.column
                 )
             })?;
-            Ok((b.onnx_name.clone(), value))
+            Ok(TensorInput {
+                name: b.onnx_name.clone(),
+                values,
+                shape,
+            })
         })
         .collect()
 }
@@ -166,52 +228,6 @@ fn flat_values(col: &ArrayRef) -> Result<(ArrayRef, usize), String> {
         }
         _ => Ok((col.clone(), 1)),
     }
-}
-
-fn tensor(values: &ArrayRef, elem: ElemType, shape: Vec<i64>) -> Result<DynValue, String> {
-    let target = match elem {
-        ElemType::F32 => DataType::Float32,
-        ElemType::F64 => DataType::Float64,
-        ElemType::I32 => DataType::Int32,
-        ElemType::I64 => DataType::Int64,
-        other => return Err(format!("unsupported tensor type {other}")),
-    };
-    let cast = cast(values, &target).map_err(|e| e.to_string())?;
-    let err = |e: ort::Error| e.to_string();
-    Ok(match elem {
-        ElemType::F32 => Tensor::from_array((
-            shape,
-            cast.as_primitive::<arrow::datatypes::Float32Type>()
-                .values()
-                .to_vec(),
-        ))
-        .map_err(err)?
-        .into_dyn(),
-        ElemType::F64 => Tensor::from_array((
-            shape,
-            cast.as_primitive::<arrow::datatypes::Float64Type>()
-                .values()
-                .to_vec(),
-        ))
-        .map_err(err)?
-        .into_dyn(),
-        ElemType::I32 => Tensor::from_array((
-            shape,
-            cast.as_primitive::<arrow::datatypes::Int32Type>()
-                .values()
-                .to_vec(),
-        ))
-        .map_err(err)?
-        .into_dyn(),
-        _ => Tensor::from_array((
-            shape,
-            cast.as_primitive::<arrow::datatypes::Int64Type>()
-                .values()
-                .to_vec(),
-        ))
-        .map_err(err)?
-        .into_dyn(),
-    })
 }
 
 /// One model output as the Arrow array of its column: `[rows]` plain, `[rows, K]` a

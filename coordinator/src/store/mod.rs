@@ -51,6 +51,20 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// A refusal of one lease write (the lease is lost, the job stopped, the shard is not
+    /// finished, a checkpoint leaves a gap), as opposed to a failure of the store itself.
+    pub fn is_lease_refusal(&self) -> bool {
+        matches!(
+            self,
+            StoreError::LeaseLost { .. }
+                | StoreError::JobNotRunning { .. }
+                | StoreError::CheckpointGap { .. }
+                | StoreError::Incomplete { .. }
+        )
+    }
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// A job to insert: validated and planned.
@@ -147,6 +161,20 @@ pub trait Store: Send + Sync + 'static {
     /// Records a durably written part and moves the checkpoint past it.
     async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()>;
     async fn complete(&self, lease: LeaseRef) -> Result<()>;
+    /// Completes several shards at once (a worker that finished more than one since it last
+    /// called): one answer per lease, in order, each what `complete` called for the leases in
+    /// turn would give. Only a failure of the store itself fails the whole call. This default
+    /// calls `complete` per lease; stores may do it in one go.
+    async fn complete_many(&self, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {
+        let mut answers = Vec::with_capacity(leases.len());
+        for &lease in leases {
+            match self.complete(lease).await {
+                Err(e) if !e.is_lease_refusal() => return Err(e),
+                answer => answers.push(answer),
+            }
+        }
+        Ok(answers)
+    }
     async fn fail(
         &self,
         lease: LeaseRef,
@@ -166,6 +194,9 @@ pub trait Store: Send + Sync + 'static {
     async fn settle_jobs(&self) -> Result<u64>;
     /// Takes a finalizing job for `ttl_ms`, unless another finalizer holds it.
     async fn claim_finalize(&self, owner: &str, ttl_ms: i64) -> Result<Option<JobRecord>>;
+    /// The finalizer holding `job_id` keeps it for `ttl_ms` more (0 gives it up now, so any
+    /// replica may take it at its next pass). False when `owner` no longer holds it.
+    async fn extend_finalize(&self, job_id: i64, owner: &str, ttl_ms: i64) -> Result<bool>;
     async fn parts(&self, job_id: i64) -> Result<Vec<PartRow>>;
     /// Ends a finalizing job (only its finalizer's claim may).
     async fn finish_job(&self, job_id: i64, owner: &str, outcome: JobOutcome) -> Result<()>;

@@ -213,6 +213,10 @@ impl Store for PgStore {
         self.finish_shard(lease).await
     }
 
+    async fn complete_many(&self, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {
+        self.finish_shards(leases).await
+    }
+
     async fn fail(
         &self,
         lease: LeaseRef,
@@ -237,6 +241,20 @@ impl Store for PgStore {
 
     async fn claim_finalize(&self, owner: &str, ttl_ms: i64) -> Result<Option<JobRecord>> {
         self.take_finalize(owner, ttl_ms).await
+    }
+
+    async fn extend_finalize(&self, job_id: i64, owner: &str, ttl_ms: i64) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE jobs SET finalizer_expires_at_ms = ns_now_ms() + $3 \
+             WHERE id = $1 AND finalizer_owner = $2 AND state = 'finalizing'",
+        )
+        .bind(job_id)
+        .bind(owner)
+        .bind(ttl_ms)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
     }
 
     async fn parts(&self, job_id: i64) -> Result<Vec<PartRow>> {

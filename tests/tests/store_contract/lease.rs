@@ -259,6 +259,56 @@ pub async fn complete_needs_every_row(store: DynStore) {
     store.complete(lease_ref(&leases[1])).await.unwrap();
 }
 
+pub async fn complete_many_answers_each_lease(store: DynStore) {
+    let id = create(&store, "batch-completes", "", 4).await;
+    assert!(store.complete_many(&[]).await.unwrap().is_empty());
+    let leases = store.claim("w1", 4, long()).await.unwrap();
+    let [a, b, c, d] = [0, 1, 2, 3].map(|i| lease_ref(&leases[i]));
+    for l in [a, b, d] {
+        store.checkpoint(l, &part(l, 0, ROWS)).await.unwrap();
+    }
+    store.checkpoint(c, &part(c, 0, 4)).await.unwrap();
+    let answers = store.complete_many(&[b, stale(d), c, a, b]).await.unwrap();
+    let [first, lost, short, other, twice] = <[_; 5]>::try_from(answers).unwrap();
+    first.unwrap();
+    assert_err!(lost, StoreError::LeaseLost { .. });
+    assert_err!(
+        short,
+        StoreError::Incomplete {
+            done: 4,
+            rows: ROWS,
+            ..
+        }
+    );
+    other.unwrap();
+    // Named twice in one call: the second answer is what a second `complete` would say.
+    assert_err!(twice, StoreError::LeaseLost { .. });
+    let states: Vec<ShardState> = store
+        .shards(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.state)
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ShardState::Done,
+            ShardState::Done,
+            ShardState::Leased,
+            ShardState::Leased
+        ]
+    );
+    // Once done, a lease is gone, in a batch as alone.
+    let [done, open] = <[_; 2]>::try_from(store.complete_many(&[a, d]).await.unwrap()).unwrap();
+    assert_err!(done, StoreError::LeaseLost { .. });
+    open.unwrap();
+    // Completing shards of a job cancelled meanwhile is not the worker's error.
+    store.cancel_job(id).await.unwrap();
+    let [cancelled] = <[_; 1]>::try_from(store.complete_many(&[c]).await.unwrap()).unwrap();
+    cancelled.unwrap();
+}
+
 pub async fn retryable_failure_backs_off_then_dies(store: DynStore) {
     let id = create(&store, "flaky", "[retry]\nmax_attempts = 2", 1).await;
     let backoff = LeaseTiming {

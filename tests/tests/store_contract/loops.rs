@@ -269,6 +269,42 @@ pub async fn finalize_claim_is_exclusive(store: DynStore) {
     assert!(store.claim_finalize("c", 60_000).await.unwrap().is_none());
 }
 
+/// The finalizer renews its claim while it works; giving it up (TTL 0) lets another replica
+/// take the job at once; someone who does not hold the claim cannot extend it.
+pub async fn finalize_claim_is_renewed_and_given_up(store: DynStore) {
+    let id = finished_job(&store, "renewed").await;
+    let job = store.claim_finalize("a", 400).await.unwrap().unwrap();
+    assert_eq!(job.id, id);
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(store.extend_finalize(id, "a", 400).await.unwrap());
+        assert!(
+            store.claim_finalize("b", 400).await.unwrap().is_none(),
+            "a renewed claim stays taken"
+        );
+    }
+    assert!(
+        !store.extend_finalize(id, "b", 400).await.unwrap(),
+        "only the owner extends"
+    );
+    assert!(store.extend_finalize(id, "a", 0).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let taken = store.claim_finalize("b", 60_000).await.unwrap().unwrap();
+    assert_eq!(taken.id, id);
+    assert!(
+        !store.extend_finalize(id, "a", 60_000).await.unwrap(),
+        "the old owner lost it"
+    );
+    store
+        .finish_job(id, "b", JobOutcome::Succeeded)
+        .await
+        .unwrap();
+    assert!(
+        !store.extend_finalize(id, "b", 60_000).await.unwrap(),
+        "a finished job is not finalizing"
+    );
+}
+
 /// A one-shard job run to the end and settled: finalizing.
 async fn finished_job(store: &DynStore, name: &str) -> i64 {
     let id = create(store, name, "", 1).await;

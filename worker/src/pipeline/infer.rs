@@ -9,13 +9,12 @@ use arrow::array::{ArrayRef, UInt32Array};
 use arrow::compute::{concat, take_record_batch};
 use arrow_array::RecordBatch;
 use nightshift_signature::TensorPlan;
-use ort::value::DynValue;
 use tokio::sync::mpsc;
 
 use crate::model_session::ModelSession;
 use crate::pipeline::reader::InputBatch;
 use crate::shard_error::ShardError;
-use crate::tensors::{input_tensors, row_problems};
+use crate::tensors::{TensorInput, input_tensors, row_problems};
 
 /// Why a row went to `_errors/`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +32,7 @@ pub struct Prepared {
     pub input: RecordBatch,
     /// Rows that can feed the model (None: all of them).
     pub good: Option<Vec<u32>>,
-    pub tensors: Vec<(String, DynValue)>,
+    pub tensors: Vec<TensorInput>,
     pub errors: Vec<RowError>,
 }
 
@@ -135,7 +134,7 @@ fn infer(
             errors: p.errors,
         });
     }
-    match session.run(p.tensors, &plan.outputs, good_rows.len()) {
+    match session.run(&p.tensors, &plan.outputs, good_rows.len()) {
         Ok(outputs) => Ok(Inferred {
             start: p.start,
             input: p.input,
@@ -208,7 +207,7 @@ fn bisect(
 ) -> Result<(), ShardError> {
     let slice = batch.slice(from, to - from);
     let tensors = input_tensors(&slice, &plan.inputs).map_err(ShardError::Inference)?;
-    match session.run(tensors, &plan.outputs, to - from) {
+    match session.run(&tensors, &plan.outputs, to - from) {
         Ok(out) => ok.push((from, to, out)),
         Err(e) if to - from == 1 => rejected.push((from, e)),
         Err(_) => {

@@ -38,9 +38,13 @@ pub fn error_schema(plan: &TensorPlan, passthrough: usize) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// Parts are written once and read once or twice: no dictionaries (predictions and ids do not
+/// repeat, and building one costs more than it saves) and column-chunk statistics only.
 pub fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
+        .set_dictionary_enabled(false)
+        .set_statistics_enabled(parquet::file::properties::EnabledStatistics::Chunk)
         .build()
 }
 

@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::shard_error::ShardError;
 
+/// Rows decoded at once (at least; never fewer than the model's batch).
+const DECODE_BATCH_ROWS: usize = 8192;
+
 /// A batch of input rows; `start` counts from the shard's first row.
 pub struct InputBatch {
     pub start: u64,
@@ -130,7 +133,9 @@ pub async fn read_batches(
         .with_projection(mask)
         .with_row_groups((plan.row_group_start as usize..plan.row_group_end as usize).collect())
         .with_row_selection(selection)
-        .with_batch_size(batch_size)
+        // Decoding in larger batches costs less per row; the rebatcher slices them (no copy) to
+        // the model's batch size.
+        .with_batch_size(batch_size.max(DECODE_BATCH_ROWS))
         .build()
         .map_err(|e| ShardError::from_parquet(&uri, e))?;
         let mut rebatch = Rebatcher::new(batch_size, skip);
@@ -176,23 +181,28 @@ impl Rebatcher {
         }
     }
 
-    fn push(&mut self, batch: RecordBatch) -> Result<Vec<InputBatch>, ShardError> {
+    /// Cuts `batch` into batches of `size` rows without copying, except where a batch spans
+    /// two inputs (then only that batch is copied).
+    fn push(&mut self, mut batch: RecordBatch) -> Result<Vec<InputBatch>, ShardError> {
         let mut out = Vec::new();
-        if self.held.is_empty() && batch.num_rows() == self.size {
-            out.push(self.emit(batch));
-            return Ok(out);
-        }
-        self.held_rows += batch.num_rows();
-        self.held.push(batch);
-        while self.held_rows >= self.size {
-            let all = self.take_all()?;
-            let head = all.slice(0, self.size);
-            let tail = all.slice(self.size, all.num_rows() - self.size);
-            out.push(self.emit(head));
-            if tail.num_rows() > 0 {
-                self.held_rows = tail.num_rows();
-                self.held.push(tail);
+        if self.held_rows > 0 {
+            let take = (self.size - self.held_rows).min(batch.num_rows());
+            self.held.push(batch.slice(0, take));
+            self.held_rows += take;
+            batch = batch.slice(take, batch.num_rows() - take);
+            if self.held_rows == self.size {
+                let whole = self.take_all()?;
+                out.push(self.emit(whole));
             }
+        }
+        while batch.num_rows() >= self.size {
+            let head = batch.slice(0, self.size);
+            out.push(self.emit(head));
+            batch = batch.slice(self.size, batch.num_rows() - self.size);
+        }
+        if batch.num_rows() > 0 {
+            self.held_rows += batch.num_rows();
+            self.held.push(batch);
         }
         Ok(out)
     }

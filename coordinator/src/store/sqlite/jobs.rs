@@ -1,0 +1,264 @@
+//! Jobs on SQLite: creation (idempotent per key), reads, cancel, retry, delete.
+
+use nightshift_proto::wire::{InputFile, ShardCounts};
+use nightshift_proto::{JobState, ShardState};
+use sqlx::Row;
+
+use super::{SqliteStore, job_from_row, parse_state};
+use crate::store::{JobRecord, NewJob, Result, ShardRow, StoreError, Submitted};
+
+pub(super) async fn create_job(s: &SqliteStore, job: NewJob) -> Result<Submitted> {
+    let mut tx = s.pool.begin().await?;
+    let hash = job.spec.hash();
+    if let Some(key) = &job.idempotency_key {
+        let existing = sqlx::query(concat!(
+            "SELECT ",
+            job_cols!(),
+            " FROM jobs WHERE idempotency_key = ?"
+        ))
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = existing {
+            let existing = job_from_row(&row)?;
+            if existing.spec_hash == hash {
+                return Ok(Submitted::Existing(existing));
+            }
+            return Err(StoreError::IdempotencyConflict {
+                key: key.clone(),
+                job_id: existing.id,
+            });
+        }
+    }
+    let now = SqliteStore::now(&mut tx).await?;
+    let spec_json = serde_json::to_string(&job.spec)
+        .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs (uid, name, idempotency_key, spec_json, spec_hash, state, priority, \
+         max_attempts, rows_total, output_uri, created_at_ms, started_at_ms) \
+         VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(&job.uid)
+    .bind(&job.spec.name)
+    .bind(&job.idempotency_key)
+    .bind(spec_json)
+    .bind(&hash)
+    .bind(job.spec.priority as i64)
+    .bind(job.spec.retry.max_attempts as i64)
+    .bind(job.plan.rows_total as i64)
+    .bind(&job.spec.output.uri)
+    .bind(now)
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await?;
+    for (idx, f) in job.plan.files.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO input_files (job_id, idx, uri, size, etag) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(idx as i64)
+        .bind(&f.uri)
+        .bind(f.size as i64)
+        .bind(&f.etag)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for s in &job.plan.shards {
+        sqlx::query(
+            "INSERT INTO shards (job_id, file_index, row_group_start, row_group_end, \
+             file_row_start, rows) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(s.file_index as i64)
+        .bind(s.row_group_start as i64)
+        .bind(s.row_group_end as i64)
+        .bind(s.file_row_start as i64)
+        .bind(s.rows as i64)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let record = SqliteStore::job_in(&mut tx, id)
+        .await?
+        .ok_or(StoreError::JobNotFound(id))?;
+    tx.commit().await?;
+    Ok(Submitted::Created(record))
+}
+
+pub(super) async fn job_by_key(s: &SqliteStore, key: &str) -> Result<Option<JobRecord>> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        job_cols!(),
+        " FROM jobs WHERE idempotency_key = ?"
+    ))
+    .bind(key)
+    .fetch_optional(&s.pool)
+    .await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+pub(super) async fn job(s: &SqliteStore, id: i64) -> Result<Option<JobRecord>> {
+    let row = sqlx::query(concat!("SELECT ", job_cols!(), " FROM jobs WHERE id = ?"))
+        .bind(id)
+        .fetch_optional(&s.pool)
+        .await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+pub(super) async fn job_by_name(s: &SqliteStore, name: &str) -> Result<Option<JobRecord>> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        job_cols!(),
+        " FROM jobs WHERE name = ? ORDER BY id DESC LIMIT 1"
+    ))
+    .bind(name)
+    .fetch_optional(&s.pool)
+    .await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+pub(super) async fn list_jobs(s: &SqliteStore, limit: u32) -> Result<Vec<JobRecord>> {
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        job_cols!(),
+        " FROM jobs ORDER BY id DESC LIMIT ?"
+    ))
+    .bind(limit as i64)
+    .fetch_all(&s.pool)
+    .await?;
+    rows.iter().map(job_from_row).collect()
+}
+
+pub(super) async fn shard_counts(s: &SqliteStore, job_id: i64) -> Result<(ShardCounts, u64, u64)> {
+    let rows = sqlx::query(
+        "SELECT state, COUNT(*) AS n, COALESCE(SUM(checkpoint_rows), 0) AS done, \
+         COALESCE(SUM(error_rows), 0) AS errors FROM shards WHERE job_id = ? GROUP BY state",
+    )
+    .bind(job_id)
+    .fetch_all(&s.pool)
+    .await?;
+    let mut counts = ShardCounts::default();
+    let (mut done, mut errors) = (0u64, 0u64);
+    for row in rows {
+        let n = row.try_get::<i64, _>("n")? as u64;
+        done += row.try_get::<i64, _>("done")? as u64;
+        errors += row.try_get::<i64, _>("errors")? as u64;
+        match parse_state::<ShardState>(&row.try_get::<String, _>("state")?)? {
+            ShardState::Pending => counts.pending = n,
+            ShardState::Leased => counts.leased = n,
+            ShardState::Done => counts.done = n,
+            ShardState::Dead => counts.dead = n,
+        }
+    }
+    Ok((counts, done, errors))
+}
+
+pub(super) async fn shards(s: &SqliteStore, job_id: i64) -> Result<Vec<ShardRow>> {
+    let rows = sqlx::query(
+        "SELECT id, job_id, file_index, rows, state, token, attempts, checkpoint_rows, \
+         error_rows, error FROM shards WHERE job_id = ? ORDER BY id",
+    )
+    .bind(job_id)
+    .fetch_all(&s.pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ShardRow {
+                id: r.try_get("id")?,
+                job_id: r.try_get("job_id")?,
+                file_index: r.try_get::<i64, _>("file_index")? as u32,
+                rows: r.try_get::<i64, _>("rows")? as u64,
+                state: parse_state(&r.try_get::<String, _>("state")?)?,
+                token: r.try_get("token")?,
+                attempts: r.try_get::<i64, _>("attempts")? as u32,
+                checkpoint_rows: r.try_get::<i64, _>("checkpoint_rows")? as u64,
+                error_rows: r.try_get::<i64, _>("error_rows")? as u64,
+                error: r.try_get("error")?,
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn input_files(s: &SqliteStore, job_id: i64) -> Result<Vec<InputFile>> {
+    let rows = sqlx::query("SELECT uri, size, etag FROM input_files WHERE job_id = ? ORDER BY idx")
+        .bind(job_id)
+        .fetch_all(&s.pool)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(InputFile {
+                uri: r.try_get("uri")?,
+                size: r.try_get::<i64, _>("size")? as u64,
+                etag: r.try_get("etag")?,
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn cancel_job(s: &SqliteStore, id: i64) -> Result<JobRecord> {
+    let mut tx = s.pool.begin().await?;
+    let job = SqliteStore::job_in(&mut tx, id)
+        .await?
+        .ok_or(StoreError::JobNotFound(id))?;
+    match job.state {
+        JobState::Cancelled => return Ok(job),
+        JobState::Pending | JobState::Planning | JobState::Running => {}
+        state => {
+            return Err(StoreError::BadTransition {
+                job_id: id,
+                state,
+                action: "cancel",
+            });
+        }
+    }
+    let now = SqliteStore::now(&mut tx).await?;
+    sqlx::query("UPDATE jobs SET state = 'cancelled', finished_at_ms = ? WHERE id = ?")
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    let job = SqliteStore::job_in(&mut tx, id)
+        .await?
+        .ok_or(StoreError::JobNotFound(id))?;
+    tx.commit().await?;
+    Ok(job)
+}
+
+pub(super) async fn retry_job(s: &SqliteStore, id: i64) -> Result<JobRecord> {
+    let mut tx = s.pool.begin().await?;
+    let job = SqliteStore::job_in(&mut tx, id)
+        .await?
+        .ok_or(StoreError::JobNotFound(id))?;
+    if !matches!(job.state, JobState::Failed | JobState::Cancelled) {
+        return Err(StoreError::BadTransition {
+            job_id: id,
+            state: job.state,
+            action: "retry",
+        });
+    }
+    sqlx::query(
+        "UPDATE shards SET state = 'pending', attempts = 0, not_before_ms = 0, error = NULL, \
+         error_class = NULL WHERE job_id = ? AND state = 'dead'",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE jobs SET state = 'running', error = NULL, finished_at_ms = NULL WHERE id = ?",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    let job = SqliteStore::job_in(&mut tx, id)
+        .await?
+        .ok_or(StoreError::JobNotFound(id))?;
+    tx.commit().await?;
+    Ok(job)
+}
+
+pub(super) async fn delete_job(s: &SqliteStore, id: i64) -> Result<()> {
+    sqlx::query("DELETE FROM jobs WHERE id = ?")
+        .bind(id)
+        .execute(&s.pool)
+        .await?;
+    Ok(())
+}
