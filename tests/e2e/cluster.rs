@@ -140,6 +140,35 @@ fn two_coordinators_three_workers_exact_output() {
     .unwrap();
     assert_eq!(resp["created"], false);
     assert_eq!(resp["job"]["state"], "succeeded");
+    // `jobs` lists it, `status` shows it.
+    let mut jobs = nightshift(Path::new(BIN));
+    jobs.args([
+        "jobs",
+        "--json",
+        "--coordinator",
+        &a.url(),
+        "--token",
+        SUBMIT_TOKEN,
+    ]);
+    let list: serde_json::Value =
+        serde_json::from_slice(&run(jobs, Duration::from_secs(30)).stdout).unwrap();
+    assert_eq!(list["jobs"][0]["name"], "cluster");
+    assert_eq!(list["jobs"][0]["rows_done"], 20000);
+    let mut status = nightshift(Path::new(BIN));
+    status.args([
+        "status",
+        "cluster",
+        "--coordinator",
+        &b.url(),
+        "--token",
+        SUBMIT_TOKEN,
+    ]);
+    let o = run(status, Duration::from_secs(30));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("succeeded"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -374,15 +403,11 @@ fn cancel_stops_the_workers_shards() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut cancel = nightshift(Path::new(BIN));
-    cancel.args([
-        "cancel",
-        "cancel-me",
-        "--coordinator",
-        &c.url(),
-        "--token",
-        SUBMIT_TOKEN,
-        "--json",
-    ]);
+    // The coordinator and token from the environment this time.
+    cancel
+        .args(["cancel", "cancel-me", "--json"])
+        .env("NIGHTSHIFT_COORDINATOR", c.url())
+        .env("NIGHTSHIFT_TOKEN", SUBMIT_TOKEN);
     let o = run(cancel, Duration::from_secs(30));
     assert!(o.status.success(), "{}", text(&o));
     let view: serde_json::Value =
@@ -419,4 +444,44 @@ fn cancel_stops_the_workers_shards() {
         "watch exits non-zero unless the job succeeded"
     );
     assert!(!out.join("_SUCCESS").exists());
+}
+
+#[test]
+fn the_coordinator_takes_its_settings_from_the_environment() {
+    let f = Fixture::new();
+    let port = nightshift_tests::process::free_port();
+    let mut cmd = nightshift(Path::new(BIN));
+    cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
+        .env("NIGHTSHIFT_DATABASE_URL", f.path("coordinator.db"))
+        .env("NIGHTSHIFT_SUBMIT_TOKENS", "first-token,second-token")
+        .env("NIGHTSHIFT_WORKER_TOKENS", "worker-token")
+        .env("RUST_LOG", "debug");
+    let _c = nightshift_tests::process::ChildGuard::spawn_logged(cmd, &f.path("coordinator.log"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nightshift_tests::cluster::http_get_status(port, "/readyz") != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(f.path("coordinator.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (token, ok) in [
+        ("first-token", true),
+        ("second-token", true),
+        ("worker-token", false),
+        ("nope", false),
+    ] {
+        let mut jobs = nightshift(Path::new(BIN));
+        jobs.args(["jobs", "--json"])
+            .env("NIGHTSHIFT_COORDINATOR", format!("http://127.0.0.1:{port}"))
+            .env("NIGHTSHIFT_TOKEN", token);
+        let o = run(jobs, Duration::from_secs(30));
+        assert_eq!(o.status.success(), ok, "{token}: {}", text(&o));
+    }
+    let log = std::fs::read_to_string(f.path("coordinator.log")).unwrap_or_default();
+    assert!(
+        !log.contains("first-token") && !log.contains("worker-token"),
+        "tokens must not be logged:\n{log}"
+    );
 }
