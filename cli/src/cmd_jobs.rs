@@ -4,10 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+use nightshift_proto::JobState;
 use nightshift_proto::wire::JobView;
-use nightshift_proto::{JobSpec, JobState};
-use nightshift_storage::location::absolutize;
 
 use crate::api_client::{ApiArgs, ApiClient};
 use crate::progress::Progress;
@@ -48,17 +47,7 @@ pub struct JobArgs {
 
 pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     crate::logging::init("warn", false);
-    let text = std::fs::read_to_string(&args.spec)
-        .with_context(|| format!("cannot read spec `{}`", args.spec.display()))?;
-    let mut spec =
-        JobSpec::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.spec.display()))?;
-    for uri in [
-        &mut spec.input.uri,
-        &mut spec.model.uri,
-        &mut spec.output.uri,
-    ] {
-        *uri = absolutize(uri);
-    }
+    let spec = crate::spec_file::load(&args.spec)?;
     let body = toml::to_string(&spec)?;
     let client = ApiClient::new(&args.api);
     let resp = client.submit(body, args.idempotency_key.as_deref()).await?;

@@ -14,7 +14,6 @@ use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
 use nightshift_proto::wire::JobView;
 use nightshift_proto::{JobSpec, JobState};
 use nightshift_storage::Stores;
-use nightshift_storage::location::absolutize;
 use nightshift_worker::model_files::ModelFiles;
 use nightshift_worker::model_session::ModelSession;
 use nightshift_worker::{Worker, WorkerConfig, onnx_runtime};
@@ -55,17 +54,7 @@ struct Summary<'a> {
 pub async fn run(args: RunArgs) -> Result<ExitCode> {
     crate::logging::init("warn", false);
     let started = Instant::now();
-    let text = std::fs::read_to_string(&args.spec)
-        .with_context(|| format!("cannot read spec `{}`", args.spec.display()))?;
-    let mut spec =
-        JobSpec::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.spec.display()))?;
-    for uri in [
-        &mut spec.input.uri,
-        &mut spec.model.uri,
-        &mut spec.output.uri,
-    ] {
-        *uri = absolutize(uri);
-    }
+    let spec = crate::spec_file::load(&args.spec)?;
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }

@@ -8,6 +8,7 @@ mod cmd_run;
 mod logging;
 mod progress;
 mod signals;
+mod spec_file;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -4,10 +4,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, Float64Array, Int32Array,
-    Int64Array,
-};
+use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field};
 use arrow::datatypes::{Float32Type, Float64Type, Int32Type, Int64Type};
@@ -249,34 +246,10 @@ pub fn output_array(value: &DynValue, o: &OutputBinding, rows: usize) -> Result<
         }
     };
     let values: ArrayRef = match o.elem {
-        ElemType::F32 => {
-            let (shape, data) = value
-                .try_extract_tensor::<f32>()
-                .map_err(|e| e.to_string())?;
-            check(shape)?;
-            Arc::new(Float32Array::from(data.to_vec()))
-        }
-        ElemType::F64 => {
-            let (shape, data) = value
-                .try_extract_tensor::<f64>()
-                .map_err(|e| e.to_string())?;
-            check(shape)?;
-            Arc::new(Float64Array::from(data.to_vec()))
-        }
-        ElemType::I32 => {
-            let (shape, data) = value
-                .try_extract_tensor::<i32>()
-                .map_err(|e| e.to_string())?;
-            check(shape)?;
-            Arc::new(Int32Array::from(data.to_vec()))
-        }
-        ElemType::I64 => {
-            let (shape, data) = value
-                .try_extract_tensor::<i64>()
-                .map_err(|e| e.to_string())?;
-            check(shape)?;
-            Arc::new(Int64Array::from(data.to_vec()))
-        }
+        ElemType::F32 => extract::<Float32Type>(value, check)?,
+        ElemType::F64 => extract::<Float64Type>(value, check)?,
+        ElemType::I32 => extract::<Int32Type>(value, check)?,
+        ElemType::I64 => extract::<Int64Type>(value, check)?,
         other => return Err(format!("unsupported output type {other}")),
     };
     Ok(match o.width {
@@ -289,6 +262,25 @@ pub fn output_array(value: &DynValue, o: &OutputBinding, rows: usize) -> Result<
             )
         }
     })
+}
+
+/// A tensor's values, after `check` accepted its shape, as an Arrow array (one copy).
+fn extract<T>(
+    value: &DynValue,
+    check: impl Fn(&[i64]) -> Result<(), String>,
+) -> Result<ArrayRef, String>
+where
+    T: arrow::datatypes::ArrowPrimitiveType,
+    T::Native: ort::value::PrimitiveTensorElementType,
+{
+    let (shape, data) = value
+        .try_extract_tensor::<T::Native>()
+        .map_err(|e| e.to_string())?;
+    check(shape)?;
+    Ok(Arc::new(arrow::array::PrimitiveArray::<T>::new(
+        data.to_vec().into(),
+        None,
+    )))
 }
 
 #[cfg(test)]
