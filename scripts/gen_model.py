@@ -5,6 +5,7 @@ Weights come from a fixed seed, so the same arguments always give the same model
 the variants tests need (another dtype, a flat input, a model that rejects some rows).
 """
 import argparse
+import os
 
 import numpy as np
 import onnx
@@ -83,6 +84,7 @@ def main() -> None:
     # ONNX Runtime 1.31 rejects the IR version the onnx package writes by default.
     model.ir_version = 8
     onnx.checker.check_model(model)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     onnx.save(model, a.out)
 
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arrow_schema::SchemaRef;
 use futures::{StreamExt, TryStreamExt};
 use nightshift_proto::wire::{InputFile, Manifest, ManifestField, ManifestFile};
-use nightshift_storage::{Location, ObjectReader, PartUpload, StorageError, Stores};
+use nightshift_storage::{Location, ObjectReader, PartUpload, StorageError, Stores, sync_local};
 use object_store::{ObjectStoreExt, PutPayload};
 use parquet::arrow::AsyncArrowWriter;
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
@@ -212,6 +212,7 @@ async fn put(loc: &Location, body: Vec<u8>) -> Result<(), FinalizeError> {
         .put(loc.path(), PutPayload::from(body))
         .await
         .map_err(|e| StorageError::from_store(&loc.uri(), e))?;
+    sync_local(loc).await?;
     Ok(())
 }
 
@@ -247,6 +248,7 @@ async fn write_file(stores: &Stores, dest: &Location, f: &FilePlan) -> Result<u6
                 .copy(src.path(), dest.path())
                 .await
                 .map_err(|e| StorageError::from_store(&dest.uri(), e))?;
+            sync_local(dest).await?;
             let meta = dest
                 .store()
                 .head(dest.path())

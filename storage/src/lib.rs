@@ -13,4 +13,4 @@ pub use input_listing::{InputObject, list_inputs};
 pub use location::{Location, Stores};
 pub use object_reader::{ObjectReader, ReadCounter};
 pub use object_reader::{read_all, storage_cause};
-pub use part_upload::PartUpload;
+pub use part_upload::{PartUpload, sync_local};

@@ -109,7 +109,7 @@ impl PartUpload {
                     .map_err(|e| StorageError::from_store(&uri, e))?;
             }
         }
-        Ok(())
+        sync_local(&self.location).await
     }
 
     /// Abandons the object: a multipart upload in progress is aborted.
@@ -121,6 +121,36 @@ impl PartUpload {
             tracing::warn!(uri = %self.location, error = %e, "aborting multipart upload failed");
         }
     }
+}
+
+/// An object store's completed write is durable; a local file is once it and its directory are
+/// synced. Does nothing for object stores.
+pub async fn sync_local(location: &Location) -> Result<(), StorageError> {
+    if !location.is_local() {
+        return Ok(());
+    }
+    let uri = location.uri();
+    let path = std::path::PathBuf::from(&uri);
+    tokio::task::spawn_blocking(move || sync_file(&path))
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|r| r)
+        .map_err(|e| StorageError::Io {
+            uri,
+            source: object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(e),
+            },
+        })
+}
+
+/// fsync of a file and of the directory that names it.
+fn sync_file(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 impl AsyncFileWriter for PartUpload {

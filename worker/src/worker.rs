@@ -259,7 +259,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Renews every held lease every third of the TTL; a lost or cancelled lease aborts its shard.
+/// Renews every held lease (every third of the TTL, at most 2 s); a lost or cancelled lease
+/// aborts its shard.
 async fn heartbeat_loop(
     ctx: Arc<WorkerContext>,
     held: Held,
@@ -268,7 +269,9 @@ async fn heartbeat_loop(
 ) {
     let client = ctx.client.clone().with_retry_times(2);
     loop {
-        let every = *lock(&ttl) / 3;
+        // A third of the TTL keeps leases alive; at most 2 s so a cancelled job's shards stop
+        // within a couple of batches.
+        let every = (*lock(&ttl) / 3).min(Duration::from_secs(2));
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
