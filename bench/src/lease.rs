@@ -1,7 +1,9 @@
 //! The lease layer: shard claims+completes per second and claim latency, with 1, 16 and 64
 //! concurrent workers, directly on the PostgreSQL store (`PgStore`, one pool, as one coordinator
 //! replica holds) and through the coordinator's HTTP API (served in this process on
-//! 127.0.0.1:0, each worker with its own `CoordinatorClient`).
+//! 127.0.0.1:0, each worker with its own `CoordinatorClient`). The API coalesces concurrent
+//! claims and completions (`coordinator/src/coalescer.rs`), so with many workers the HTTP path
+//! makes fewer store calls than the direct one.
 //!
 //! Each measurement gets a fresh database holding one running job of `--shards` pending shards.
 //! The shards have 0 rows, so `complete` needs no checkpoint and a cycle is exactly claim +
@@ -212,7 +214,7 @@ async fn print_header(a: &Args, pg: &PgServer) -> Result<()> {
         a.shards
     );
     println!(
-        "  pg: the store called directly, one pool; http: the coordinator's API in this process, one client per worker"
+        "  pg: the store called directly, one pool; http: the coordinator's API in this process (which coalesces concurrent\n  claims and completions into one store call each), one client per worker"
     );
     println!(
         "  {} s counted after {} s of warm-up; latencies in ms (done: the completion call, one \

@@ -51,7 +51,7 @@ impl ApiError {
                 | StoreError::BadTransition { .. } => (StatusCode::CONFLICT, ErrorCode::Conflict),
                 StoreError::JobNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
                 // The database is away: clients retry.
-                StoreError::Db(_) | StoreError::Migrate(_) => {
+                StoreError::Db(_) | StoreError::Migrate(_) | StoreError::Batch(_) => {
                     (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable)
                 }
                 StoreError::Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),

@@ -5,6 +5,7 @@
 pub mod allow_list;
 pub mod api;
 pub mod api_error;
+pub mod coalescer;
 pub mod finalizer;
 pub mod job_check;
 pub mod loops;

@@ -60,13 +60,13 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub fn new(config: CoordinatorConfig, store: DynStore, stores: Arc<Stores>) -> Self {
-        let service = Service {
+        let service = Service::new(
             store,
             stores,
-            allow: config.allow.clone(),
-            timing: config.timing,
-            metrics: Arc::new(Metrics::default()),
-        };
+            config.allow.clone(),
+            config.timing,
+            Arc::new(Metrics::default()),
+        );
         Self { config, service }
     }
 
@@ -101,7 +101,7 @@ impl Coordinator {
         ));
         tracker.close();
         let app = router(ApiState {
-            service: self.service.clone(),
+            service: self.service.clone().coalescing(shutdown.clone()),
             tokens: Arc::new(Tokens {
                 submit: self.config.submit_tokens.clone(),
                 worker: self.config.worker_tokens.clone(),

@@ -6,20 +6,34 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nightshift_proto::wire::{
-    HeartbeatResponse, JobView, LeaseRef, LeaseResponse, PartRecord, SubmitResponse,
+    HeartbeatResponse, JobView, LeaseRef, LeaseResponse, PartRecord, ShardLease, SubmitResponse,
 };
 use nightshift_proto::{FailureClass, JobSpec};
 use nightshift_storage::Stores;
 use nightshift_storage::location::{absolutize, is_local_uri};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::allow_list::AllowList;
 use crate::api_error::ApiError;
+use crate::coalescer::{Coalescer, Limits};
 use crate::job_check::check_and_plan;
 use crate::metrics::Metrics;
-use crate::store::{DynStore, JobRecord, LeaseTiming, NewJob, StoreError, Submitted};
+use crate::store::{ClaimRequest, DynStore, JobRecord, LeaseTiming, NewJob, StoreError, Submitted};
 
 /// The most shards one lease request may take.
 pub const MAX_LEASE_BATCH: u32 = 256;
+
+/// Claims in flight at once when coalescing, and shards per claim call.
+const CLAIM_LIMITS: Limits = Limits {
+    rounds: 4,
+    weight: 1024,
+};
+/// Completion calls in flight at once when coalescing, and shards per call.
+const COMPLETE_LIMITS: Limits = Limits {
+    rounds: 4,
+    weight: 1024,
+};
 
 #[derive(Clone)]
 pub struct Service {
@@ -28,9 +42,62 @@ pub struct Service {
     pub allow: AllowList,
     pub timing: LeaseTiming,
     pub metrics: Arc<Metrics>,
+    /// Set by `coalescing`: concurrent claims and completions share store calls.
+    coalesced: Option<Coalesced>,
+}
+
+#[derive(Clone)]
+struct Coalesced {
+    claims: Coalescer<ClaimRequest, Vec<ShardLease>>,
+    completions: Coalescer<LeaseRef, ()>,
 }
 
 impl Service {
+    pub fn new(
+        store: DynStore,
+        stores: Arc<Stores>,
+        allow: AllowList,
+        timing: LeaseTiming,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            store,
+            stores,
+            allow,
+            timing,
+            metrics,
+            coalesced: None,
+        }
+    }
+
+    /// This service with concurrent claims and completions coalesced into `claim_many` and
+    /// `complete_many` calls (see `coalescer`), until `shutdown`.
+    pub fn coalescing(mut self, shutdown: CancellationToken) -> Self {
+        let (store, timing) = (self.store.clone(), self.timing);
+        let claims = Coalescer::start(
+            CLAIM_LIMITS,
+            Arc::new(move |requests: Vec<ClaimRequest>| {
+                let store = store.clone();
+                Box::pin(async move { store.claim_many(&requests, timing).await })
+            }),
+            shutdown.clone(),
+        );
+        let store = self.store.clone();
+        let completions = Coalescer::start(
+            COMPLETE_LIMITS,
+            Arc::new(move |leases: Vec<LeaseRef>| {
+                let store = store.clone();
+                Box::pin(async move { store.complete_many(&leases).await })
+            }),
+            shutdown,
+        );
+        self.coalesced = Some(Coalesced {
+            claims,
+            completions,
+        });
+        self
+    }
+
     /// Submits a job. With an idempotency key, the same key and spec return the existing job
     /// (created: false); the same key with another spec is a conflict.
     pub async fn submit(
@@ -154,10 +221,22 @@ impl Service {
             ));
         }
         let started = Instant::now();
-        let leases = self
-            .store
-            .claim(worker, max.clamp(1, MAX_LEASE_BATCH), self.timing)
-            .await?;
+        let request = ClaimRequest {
+            worker: worker.to_string(),
+            max: max.clamp(1, MAX_LEASE_BATCH),
+        };
+        let coalesced = match &self.coalesced {
+            Some(c) => c.claims.call(request.clone(), request.max as usize).await,
+            None => None,
+        };
+        let leases = match coalesced {
+            Some(answer) => answer?,
+            None => {
+                self.store
+                    .claim(&request.worker, request.max, self.timing)
+                    .await?
+            }
+        };
         self.metrics.lease_claims.observe(started.elapsed());
         Ok(LeaseResponse {
             leases,
@@ -180,7 +259,14 @@ impl Service {
     }
 
     pub async fn complete(&self, lease: LeaseRef) -> Result<(), ApiError> {
-        self.store.complete(lease).await?;
+        let coalesced = match &self.coalesced {
+            Some(c) => c.completions.call(lease, 1).await,
+            None => None,
+        };
+        match coalesced {
+            Some(answer) => answer?,
+            None => self.store.complete(lease).await?,
+        }
         self.metrics.shard_completed();
         Ok(())
     }

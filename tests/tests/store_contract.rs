@@ -102,6 +102,8 @@ contract!(
     lease::claim_grants_each_shard_once,
     lease::claim_follows_priority_and_skips_stopped_jobs,
     lease::concurrent_claimers_never_share_a_shard,
+    lease::claim_many_serves_requests_in_order,
+    lease::concurrent_claim_many_calls_never_share_a_shard,
     lease::heartbeat_extends_and_reports,
     lease::checkpoint_is_contiguous_and_fenced,
     lease::complete_needs_every_row,

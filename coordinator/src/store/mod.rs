@@ -49,6 +49,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unreadable row: {0}")]
     Corrupt(String),
+    /// A call made for several requests at once failed as a whole; each request gets this,
+    /// carrying the store's own error as text.
+    #[error("database: {0}")]
+    Batch(String),
 }
 
 impl StoreError {
@@ -111,6 +115,13 @@ impl LeaseTiming {
     }
 }
 
+/// One worker's lease request, as `claim_many` takes several at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRequest {
+    pub worker: String,
+    pub max: u32,
+}
+
 /// How a finished job ends.
 #[derive(Debug, Clone)]
 pub enum JobOutcome {
@@ -151,6 +162,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// Grants up to `max` pending shards of running jobs, highest priority first.
     async fn claim(&self, worker: &str, max: u32, timing: LeaseTiming) -> Result<Vec<ShardLease>>;
+    /// Several workers' claims at once (a coordinator coalescing concurrent lease requests):
+    /// one answer per request, in order, each up to its `max` shards, no shard granted twice.
+    /// Earlier requests are served first. Only a failure of the store itself fails the whole
+    /// call, and then no shard is granted. This default claims for each in turn; stores may do
+    /// it in one go.
+    async fn claim_many(
+        &self,
+        requests: &[ClaimRequest],
+        timing: LeaseTiming,
+    ) -> Result<Vec<Result<Vec<ShardLease>>>> {
+        let mut answers = Vec::with_capacity(requests.len());
+        for r in requests {
+            answers.push(self.claim(&r.worker, r.max, timing).await);
+        }
+        Ok(answers)
+    }
     /// Extends every lease still held; says which are lost or cancelled.
     async fn heartbeat(
         &self,

@@ -28,8 +28,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{PgExecutor, Row};
 
 use super::{
-    JobOutcome, JobRecord, LeaseTiming, NewJob, PartRow, Result, ShardRow, Store, StoreError,
-    StoreMetrics, Submitted, migrations,
+    ClaimRequest, JobOutcome, JobRecord, LeaseTiming, NewJob, PartRow, Result, ShardRow, Store,
+    StoreError, StoreMetrics, Submitted, migrations,
 };
 
 /// Connections per coordinator replica. Every statement is short, so a few go a long way.
@@ -194,6 +194,19 @@ impl Store for PgStore {
 
     async fn claim(&self, worker: &str, max: u32, timing: LeaseTiming) -> Result<Vec<ShardLease>> {
         self.claim_shards(worker, max, timing).await
+    }
+
+    async fn claim_many(
+        &self,
+        requests: &[ClaimRequest],
+        timing: LeaseTiming,
+    ) -> Result<Vec<Result<Vec<ShardLease>>>> {
+        Ok(self
+            .claim_for(requests, timing)
+            .await?
+            .into_iter()
+            .map(Ok)
+            .collect())
     }
 
     async fn heartbeat(

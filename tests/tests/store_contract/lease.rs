@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use nightshift_coordinator::store::{DynStore, LeaseTiming, StoreError};
+use nightshift_coordinator::store::{ClaimRequest, DynStore, LeaseTiming, StoreError};
 use nightshift_proto::wire::LeaseRef;
 use nightshift_proto::{FailureClass, JobState, LeaseState, ShardState};
 
@@ -91,6 +91,85 @@ pub async fn concurrent_claimers_never_share_a_shard(store: DynStore) {
     assert!(all.iter().all(|(_, token)| *token == 1));
     let (counts, _, _) = store.shard_counts(id).await.unwrap();
     assert_eq!(counts.leased, SHARDS as u64);
+}
+
+fn request(worker: &str, max: u32) -> ClaimRequest {
+    ClaimRequest {
+        worker: worker.into(),
+        max,
+    }
+}
+
+pub async fn claim_many_serves_requests_in_order(store: DynStore) {
+    let low = create(&store, "low", "", 3).await;
+    let high = create(&store, "high", "priority = 5", 2).await;
+    let requests = [request("w1", 1), request("w2", 3), request("w1", 2)];
+    let answers = store.claim_many(&requests, long()).await.unwrap();
+    let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
+    let counts: Vec<usize> = answers.iter().map(Vec::len).collect();
+    assert_eq!(
+        counts,
+        [1, 3, 1],
+        "five shards, handed out in request order"
+    );
+    let jobs: Vec<Vec<i64>> = answers
+        .iter()
+        .map(|a| {
+            let mut jobs: Vec<i64> = a.iter().map(|l| l.job_id).collect();
+            jobs.sort();
+            jobs
+        })
+        .collect();
+    let mut second = vec![high, low, low];
+    second.sort();
+    assert_eq!(jobs, [vec![high], second, vec![low]], "priority first");
+    let ids: HashSet<i64> = answers.iter().flatten().map(|l| l.shard_id).collect();
+    assert_eq!(ids.len(), 5, "no shard granted twice");
+    for leases in &answers {
+        let refs: Vec<LeaseRef> = leases.iter().map(lease_ref).collect();
+        let beat = store.heartbeat("w1", &refs, long()).await.unwrap();
+        assert!(
+            beat.leases.iter().all(|l| l.state == LeaseState::Held),
+            "{beat:?}"
+        );
+    }
+    let seen = store.metrics(60_000).await.unwrap().workers_seen;
+    assert_eq!(seen, 2, "both workers are noted as seen");
+    let rest = store.claim_many(&[request("w3", 4)], long()).await.unwrap();
+    assert!(
+        rest[0].as_ref().unwrap().is_empty(),
+        "nothing left to grant"
+    );
+    assert!(store.claim_many(&[], long()).await.unwrap().is_empty());
+}
+
+pub async fn concurrent_claim_many_calls_never_share_a_shard(store: DynStore) {
+    const SHARDS: usize = 300;
+    create(&store, "contended-many", "", SHARDS).await;
+    let tasks: Vec<_> = (0..6)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let requests: Vec<_> = (0..4).map(|w| request(&format!("t{t}w{w}"), 3)).collect();
+                let mut got = Vec::new();
+                loop {
+                    let answers = store.claim_many(&requests, long()).await.unwrap();
+                    let leases: Vec<_> = answers.into_iter().flat_map(Result::unwrap).collect();
+                    if leases.is_empty() {
+                        return got;
+                    }
+                    got.extend(leases.iter().map(|l| l.shard_id));
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    assert_eq!(all.len(), SHARDS, "every shard granted once");
+    let unique: HashSet<i64> = all.iter().copied().collect();
+    assert_eq!(unique.len(), SHARDS, "no shard granted twice");
 }
 
 pub async fn heartbeat_extends_and_reports(store: DynStore) {

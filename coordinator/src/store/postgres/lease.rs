@@ -13,7 +13,7 @@ use sqlx::{PgExecutor, Row};
 
 use super::{PgStore, job_from_row, parse_spec, parse_state};
 use crate::store::records::error_threshold_exceeded;
-use crate::store::{LeaseTiming, Result, StoreError};
+use crate::store::{ClaimRequest, LeaseTiming, Result, StoreError};
 
 /// `LeaseTiming::backoff_ms` for 0..=20 attempts (it is flat past 20), as an array that SQL
 /// indexes with `[LEAST(GREATEST(attempts, 0), 20) + 1]`, so the formula stays in one place.
@@ -83,53 +83,108 @@ impl PgStore {
         max: u32,
         timing: LeaseTiming,
     ) -> Result<Vec<ShardLease>> {
-        // One statement: note the worker, grant the shards, and read what the worker needs.
-        // It visits the running jobs (few) by priority, and takes each one's pending shards in
-        // id order from `shards_job (job_id, state, id)` until it has `max`, so a claim reads
-        // about the shards it takes however many are pending. The job list stays a sorted
-        // subquery (PostgreSQL does not flatten one with ORDER BY), so the nested loop visits
-        // jobs in that order and stops, having locked only the shards it returns. `state` is
-        // matched as a range, not an equality, so the planner cannot treat it as a constant
-        // and drop it from ORDER BY: only `shards_job` yields (state, id) order, so no plan can
-        // walk the primary key past finished shards when statistics are stale.
+        let request = ClaimRequest {
+            worker: worker.to_string(),
+            max,
+        };
+        let mut answers = self
+            .claim_for(std::slice::from_ref(&request), timing)
+            .await?;
+        Ok(answers.pop().unwrap_or_default())
+    }
+
+    /// Claims for several requests in one statement: the shards it takes are handed out in
+    /// claim order, the first request's `max` first, then the next one's.
+    pub(super) async fn claim_for(
+        &self,
+        requests: &[ClaimRequest],
+        timing: LeaseTiming,
+    ) -> Result<Vec<Vec<ShardLease>>> {
+        let mut answers: Vec<Vec<ShardLease>> = vec![Vec::new(); requests.len()];
+        let slots: u64 = requests.iter().map(|r| u64::from(r.max)).sum();
+        if slots == 0 {
+            return Ok(answers);
+        }
+        // One statement: note the workers, grant the shards, and read what the workers need.
+        // `slot` numbers the shards wanted, request by request (`$1` the worker and `$2` the
+        // request of each); `picked` numbers the pending shards taken, in claim order; each
+        // slot gets the shard of its number.
         //
-        // `max` is written into the text rather than bound: with LIMIT as a parameter the
+        // The claim visits the running jobs (few) by priority, and takes each one's pending
+        // shards in id order from `shards_job (job_id, state, id)` until it has enough, so it
+        // reads about the shards it takes however many are pending. The job list stays a
+        // sorted subquery (PostgreSQL does not flatten one with ORDER BY), so the nested loop
+        // visits jobs in that order and stops. `state` is matched as a range, not an equality,
+        // so the planner cannot treat it as a constant and drop it from ORDER BY: only
+        // `shards_job` yields (state, id) order, so no plan can walk the primary key past
+        // finished shards when statistics are stale.
+        //
+        // The limit is written into the text rather than bound: with LIMIT as a parameter the
         // generic plan looks costlier than any custom one, so PostgreSQL would plan the
         // statement afresh on every call (about twice the cost of running it). As a literal,
-        // each batch size gets its own prepared statement and, after five calls, a cached plan.
+        // rounded up to a power of two so that few texts exist, each gets its own prepared
+        // statement and, after five calls, a cached plan. Shards locked past the last slot are
+        // left as they were. Workers are noted in name order, so that two claims never wait on
+        // each other's rows in opposite orders.
+        let limit = slots.next_power_of_two();
         let sql = format!(
-            "WITH seen AS ( \
-               INSERT INTO workers (id, last_seen_ms) VALUES ($1, ns_now_ms()) \
+            "WITH slot AS ( \
+               SELECT * FROM unnest($1::TEXT[], $2::BIGINT[]) WITH ORDINALITY \
+                 AS u(worker, request, n) \
+             ), seen AS ( \
+               INSERT INTO workers (id, last_seen_ms) \
+               SELECT w, ns_now_ms() FROM unnest($3::TEXT[]) AS w \
                ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms \
-             ), claimed AS ( \
-               UPDATE shards SET state = 'leased', token = token + 1, attempts = attempts + 1, \
-                 worker_id = $1, lease_expires_at_ms = ns_now_ms() + $2 \
-               WHERE id IN ( \
+             ), picked AS ( \
+               SELECT q.id, row_number() OVER () AS n FROM ( \
                  SELECT p.id FROM ( \
                    SELECT id FROM jobs WHERE state = 'running' ORDER BY priority DESC, id \
                  ) j CROSS JOIN LATERAL ( \
                    SELECT s.id FROM shards s \
                    WHERE s.job_id = j.id AND s.state >= 'pending' AND s.state <= 'pending' \
                      AND s.not_before_ms <= (SELECT ns_now_ms()) \
-                   ORDER BY s.state, s.id LIMIT {max} \
+                   ORDER BY s.state, s.id LIMIT {limit} \
                    FOR UPDATE SKIP LOCKED \
                  ) p \
-                 LIMIT {max}) \
-               RETURNING id, job_id, file_index, row_group_start, row_group_end, \
-                 file_row_start, rows, token, attempts, checkpoint_rows \
+                 LIMIT {limit} \
+               ) q \
+             ), claimed AS ( \
+               UPDATE shards s SET state = 'leased', token = s.token + 1, \
+                 attempts = s.attempts + 1, worker_id = slot.worker, \
+                 lease_expires_at_ms = ns_now_ms() + $4 \
+               FROM picked JOIN slot ON slot.n = picked.n \
+               WHERE s.id = picked.id \
+               RETURNING s.id, s.job_id, s.file_index, s.row_group_start, s.row_group_end, \
+                 s.file_row_start, s.rows, s.token, s.attempts, s.checkpoint_rows, \
+                 slot.request, slot.n \
              ) \
              SELECT c.*, j.uid, j.spec_json, f.uri, f.size, f.etag \
              FROM claimed c JOIN jobs j ON j.id = c.job_id \
              JOIN input_files f ON f.job_id = c.job_id AND f.idx = c.file_index \
-             ORDER BY c.id"
+             ORDER BY c.n"
         );
+        // The slots are spelled out here rather than in SQL (`generate_series` per request):
+        // then the generic plan's estimates are close to any call's, PostgreSQL keeps it after
+        // five calls, and a claim is not planned afresh each time.
+        let mut slot_workers: Vec<&str> = Vec::with_capacity(slots as usize);
+        let mut slot_requests: Vec<i64> = Vec::with_capacity(slots as usize);
+        for (i, r) in requests.iter().enumerate() {
+            for _ in 0..r.max {
+                slot_workers.push(&r.worker);
+                slot_requests.push(i as i64);
+            }
+        }
+        let mut workers: Vec<&str> = requests.iter().map(|r| r.worker.as_str()).collect();
+        workers.sort_unstable();
+        workers.dedup();
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(worker)
+            .bind(slot_workers)
+            .bind(slot_requests)
+            .bind(workers)
             .bind(timing.ttl_ms)
             .fetch_all(&self.pool)
             .await?;
         let mut specs: HashMap<i64, JobSpec> = HashMap::new();
-        let mut leases = Vec::with_capacity(rows.len());
         for r in rows {
             let job_id: i64 = r.try_get("job_id")?;
             let spec = match specs.get(&job_id) {
@@ -140,7 +195,11 @@ impl PgStore {
                     spec
                 }
             };
-            leases.push(ShardLease {
+            let request = usize::try_from(r.try_get::<i64, _>("request")?)
+                .ok()
+                .filter(|&i| i < answers.len())
+                .ok_or_else(|| StoreError::Corrupt("claim answered an unknown request".into()))?;
+            answers[request].push(ShardLease {
                 job_id,
                 job_uid: r.try_get("uid")?,
                 shard_id: r.try_get("id")?,
@@ -162,7 +221,7 @@ impl PgStore {
                 spec,
             });
         }
-        Ok(leases)
+        Ok(answers)
     }
 
     /// One statement for all of a worker's leases. It changes only `lease_expires_at_ms`,
