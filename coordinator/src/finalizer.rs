@@ -176,13 +176,23 @@ fn crash_point(name: &str) {
     }
 }
 
+/// What `collect_garbage` removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Garbage {
+    /// Part objects deleted.
+    pub objects: usize,
+    /// Multipart uploads aborted: parts of workers that died mid-upload.
+    pub uploads: usize,
+}
+
 /// Deletes a job's parts (all of them are in the output files or are garbage from fenced
-/// leases). Returns how many objects went.
+/// leases) and aborts the multipart uploads left open under them by workers that died
+/// mid-part, which S3 would otherwise keep and bill.
 pub async fn collect_garbage(
     stores: &Stores,
     output_uri: &str,
     job_uid: &str,
-) -> Result<usize, StorageError> {
+) -> Result<Garbage, StorageError> {
     let prefix = stores
         .locate(output_uri)?
         .join(&format!("_parts/{job_uid}"));
@@ -204,7 +214,11 @@ pub async fn collect_garbage(
             let _ = std::fs::remove_dir(parent);
         }
     }
-    Ok(deleted.len())
+    let uploads = stores.abort_open_uploads(&prefix).await?;
+    Ok(Garbage {
+        objects: deleted.len(),
+        uploads,
+    })
 }
 
 async fn put(loc: &Location, body: Vec<u8>) -> Result<(), FinalizeError> {

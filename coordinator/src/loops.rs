@@ -150,8 +150,15 @@ async fn commit(service: &Service, replica: &str, job: crate::store::JobRecord) 
     }
     if succeeded {
         match collect_garbage(&service.stores, &job.output_uri, &job.uid).await {
-            Ok(n) => tracing::info!(job = job.id, objects = n, "parts deleted"),
-            Err(e) => tracing::warn!(job = job.id, error = %e, "deleting parts failed"),
+            Ok(g) => tracing::info!(
+                job = job.id,
+                objects = g.objects,
+                uploads = g.uploads,
+                "parts deleted, open uploads aborted"
+            ),
+            Err(e) => {
+                tracing::warn!(job = job.id, error = %e, "collecting the job's garbage failed")
+            }
         }
     }
     true

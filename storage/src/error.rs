@@ -20,6 +20,8 @@ pub enum StorageError {
     AlreadyExists { uri: String },
     #[error("cannot configure object store for `{uri}`: {message}")]
     Config { uri: String, message: String },
+    #[error("request about `{uri}` failed: {message}")]
+    Request { uri: String, message: String },
     #[error("object store error on `{uri}`: {source}")]
     Io {
         uri: String,

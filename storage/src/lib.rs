@@ -5,6 +5,7 @@ pub mod error;
 pub mod input_listing;
 pub mod location;
 pub mod object_reader;
+pub mod open_uploads;
 pub mod part_upload;
 pub mod s3;
 
@@ -13,4 +14,5 @@ pub use input_listing::{InputObject, list_inputs};
 pub use location::{Location, Stores};
 pub use object_reader::{ObjectReader, ReadCounter};
 pub use object_reader::{read_all, storage_cause};
+pub use open_uploads::{OpenUpload, S3Bucket};
 pub use part_upload::{PartUpload, sync_local};

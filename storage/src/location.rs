@@ -9,6 +9,7 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 
 use crate::error::StorageError;
+use crate::open_uploads::{OpenUpload, S3Bucket};
 use crate::s3::S3Settings;
 
 /// One object (or prefix) and the store that holds it.
@@ -91,7 +92,7 @@ impl Location {
 pub struct Stores {
     local: Arc<dyn ObjectStore>,
     s3: S3Settings,
-    buckets: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+    buckets: Mutex<HashMap<String, Arc<S3Bucket>>>,
 }
 
 impl Default for Stores {
@@ -123,7 +124,7 @@ impl Stores {
             if bucket.is_empty() {
                 return Err(bad("no bucket name"));
             }
-            let store = self.bucket(uri, bucket)?;
+            let store = self.bucket(uri, bucket)?.store();
             let path = Path::parse(key.trim_end_matches('/'))
                 .map_err(|e| bad(&format!("invalid key: {e}")))?;
             return Ok(Location {
@@ -150,17 +151,41 @@ impl Stores {
         })
     }
 
-    fn bucket(&self, uri: &str, bucket: &str) -> Result<Arc<dyn ObjectStore>, StorageError> {
+    fn bucket(&self, uri: &str, bucket: &str) -> Result<Arc<S3Bucket>, StorageError> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = buckets.get(bucket) {
             return Ok(s.clone());
         }
-        let store = self.s3.build(bucket).map_err(|e| StorageError::Config {
+        let built = self.s3.build(bucket).map_err(|e| StorageError::Config {
             uri: uri.to_string(),
             message: e.to_string(),
         })?;
-        buckets.insert(bucket.to_string(), store.clone());
-        Ok(store)
+        let built = Arc::new(built);
+        buckets.insert(bucket.to_string(), built.clone());
+        Ok(built)
+    }
+
+    /// Multipart uploads left open under `prefix` (always none for local files).
+    pub async fn open_uploads(&self, prefix: &Location) -> Result<Vec<OpenUpload>, StorageError> {
+        match self.s3_bucket(prefix)? {
+            Some(b) => b.open_uploads(prefix.path()).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Aborts the multipart uploads left open under `prefix`; answers how many.
+    pub async fn abort_open_uploads(&self, prefix: &Location) -> Result<usize, StorageError> {
+        match self.s3_bucket(prefix)? {
+            Some(b) => b.abort_open_uploads(prefix.path()).await,
+            None => Ok(0),
+        }
+    }
+
+    fn s3_bucket(&self, loc: &Location) -> Result<Option<Arc<S3Bucket>>, StorageError> {
+        match loc.root.strip_prefix("s3://") {
+            Some(bucket) => self.bucket(&loc.uri(), bucket).map(Some),
+            None => Ok(None),
+        }
     }
 }
 

@@ -9,11 +9,11 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
-use object_store::aws::{AmazonS3Builder, AwsCredential};
-use object_store::{
-    ClientOptions, CredentialProvider, ObjectStore, RetryConfig, StaticCredentialProvider,
-};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, AwsCredential};
+use object_store::{ClientOptions, CredentialProvider, RetryConfig, StaticCredentialProvider};
 use tokio::sync::Mutex;
+
+use crate::open_uploads::S3Bucket;
 
 /// How S3 clients are built. Read once from the environment (and AWS profile files).
 #[derive(Clone, Default)]
@@ -84,7 +84,7 @@ impl S3Settings {
     }
 
     /// An S3 client for one bucket.
-    pub fn build(&self, bucket: &str) -> object_store::Result<Arc<dyn ObjectStore>> {
+    pub fn build(&self, bucket: &str) -> object_store::Result<S3Bucket> {
         // Client options replace every client setting, allow_http included: set them first.
         let client = ClientOptions::new()
             .with_allow_http(self.allow_http)
@@ -113,7 +113,38 @@ impl S3Settings {
                 cached: Mutex::new(None),
             }));
         }
-        Ok(Arc::new(b.build()?))
+        // What a hand-made request to the bucket needs (`open_uploads`), as object_store
+        // itself derives it.
+        let region = b
+            .get_config_value(&AmazonS3ConfigKey::Region)
+            .unwrap_or_else(|| "us-east-1".to_string());
+        let virtual_hosted = b
+            .get_config_value(&AmazonS3ConfigKey::VirtualHostedStyleRequest)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let url = match (
+            b.get_config_value(&AmazonS3ConfigKey::Endpoint),
+            virtual_hosted,
+        ) {
+            (Some(endpoint), true) => endpoint,
+            (Some(endpoint), false) => format!("{}/{bucket}", endpoint.trim_end_matches('/')),
+            (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com"),
+            (None, false) => format!("https://s3.{region}.amazonaws.com/{bucket}"),
+        };
+        let http = reqwest::Client::builder()
+            .timeout(self.timeout.unwrap_or(Duration::from_secs(60)))
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            })?;
+        Ok(S3Bucket {
+            store: Arc::new(b.build()?),
+            url,
+            region,
+            name: bucket.to_string(),
+            http,
+        })
     }
 }
 

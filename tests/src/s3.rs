@@ -5,7 +5,9 @@
 //! Quirks of moto 5.2.5 worth knowing: bucket names need at least three characters (shorter
 //! ones get `400 InvalidBucketName`); unsigned requests may create buckets (`PUT /<bucket>`)
 //! but reading an object needs a signed request (any keys do), unsigned GETs answer `403`; every
-//! response carries `Connection: close`, so clients open a connection per request.
+//! response carries `Connection: close`, so clients open a connection per request. moto checks
+//! no signature unless started with `INITIAL_NO_AUTH_ACTION_COUNT` (`start_checking_signatures`),
+//! which is how the requests nightshift signs itself are tested.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,6 +40,7 @@ pub struct S3Server {
     child: ChildGuard,
     port: u16,
     stores: Stores,
+    keys: StaticKeys,
     log: PathBuf,
     _dir: TempDir,
 }
@@ -45,6 +48,34 @@ pub struct S3Server {
 impl S3Server {
     /// Starts moto and waits until it answers; fails with its log when it does not within 30 s.
     pub async fn start() -> Result<Self> {
+        Self::launch(&[]).await
+    }
+
+    /// Starts moto checking what it usually lets pass: every request's SigV4 signature (and
+    /// IAM policy). Its key is made by `scripts/moto_iam_user.py`, which also creates
+    /// `buckets` (unsigned requests, `create_bucket` included, are refused by such a server).
+    pub async fn start_checking_signatures(buckets: &[&str]) -> Result<Self> {
+        let mut server = Self::launch(&[("INITIAL_NO_AUTH_ACTION_COUNT", "3")]).await?;
+        let mut args = vec![server.endpoint()];
+        args.extend(buckets.iter().map(|b| b.to_string()));
+        let out = tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::python::run_script("moto_iam_user.py", &args)
+        })
+        .await
+        .context("moto_iam_user.py panicked")?;
+        let (key_id, secret_key) = out
+            .split_once(' ')
+            .with_context(|| format!("moto_iam_user.py printed `{out}`"))?;
+        server.keys = StaticKeys {
+            key_id: key_id.trim().to_string(),
+            secret_key: secret_key.trim().to_string(),
+        };
+        server.stores = Stores::new(server.settings());
+        Ok(server)
+    }
+
+    async fn launch(envs: &[(&str, &str)]) -> Result<Self> {
         let bin = venv().join("bin/moto_server");
         if !bin.exists() {
             bail!(
@@ -60,6 +91,7 @@ impl S3Server {
             let log = dir.path().join(format!("moto-{attempt}.log"));
             let mut cmd = Command::new(&bin);
             cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+            cmd.envs(envs.iter().copied());
             let mut child = ChildGuard::spawn_logged(cmd, &log);
             match wait_ready(&mut child, port, &log).await {
                 Ok(()) => {
@@ -67,6 +99,10 @@ impl S3Server {
                         child,
                         port,
                         stores: Stores::new(settings(&format!("http://127.0.0.1:{port}"))),
+                        keys: StaticKeys {
+                            key_id: ACCESS_KEY_ID.to_string(),
+                            secret_key: SECRET_ACCESS_KEY.to_string(),
+                        },
                         log,
                         _dir: dir,
                     });
@@ -103,12 +139,23 @@ impl S3Server {
 
     /// What a child `nightshift` process needs in its environment to use this server.
     pub fn env(&self) -> Vec<(&'static str, String)> {
-        env_for(&self.endpoint())
+        let mut env = env_for(&self.endpoint());
+        for (name, value) in &mut env {
+            match *name {
+                "AWS_ACCESS_KEY_ID" => *value = self.keys.key_id.clone(),
+                "AWS_SECRET_ACCESS_KEY" => *value = self.keys.secret_key.clone(),
+                _ => {}
+            }
+        }
+        env
     }
 
     /// S3 settings for in-process clients of this server.
     pub fn settings(&self) -> S3Settings {
-        settings(&self.endpoint())
+        S3Settings {
+            static_keys: Some(self.keys.clone()),
+            ..settings(&self.endpoint())
+        }
     }
 
     /// The stores the helpers below use (one S3 client per bucket, cached).

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use nightshift_coordinator::finalizer::{Garbage, collect_garbage};
 use nightshift_storage::{ObjectReader, PartUpload, ReadCounter, StorageError, Stores};
 use nightshift_tests::fault_proxy::{Fault, FaultPlan, FaultProxy};
 use nightshift_tests::python::run_script;
@@ -141,6 +142,141 @@ async fn part_upload_single_put_and_multipart() {
         assert_eq!(
             s3.list("s3://parts").await.unwrap(),
             ["s3://parts/big.bin", "s3://parts/small.bin"]
+        );
+        let root = s3.locate("s3://parts/").unwrap();
+        let open = s3.stores().open_uploads(&root).await.unwrap();
+        assert!(open.is_empty(), "uploads left open: {open:?}");
+    })
+    .await
+}
+
+/// Begins a multipart upload at `uri`, uploads one part and walks away, as a writer killed
+/// mid-part does.
+async fn left_open(s3: &S3Server, uri: &str) {
+    let loc = s3.locate(uri).unwrap();
+    let mut upload = loc.store().put_multipart(loc.path()).await.unwrap();
+    upload
+        .put_part(PutPayload::from(pattern(5 * 1024 * 1024, 3)))
+        .await
+        .unwrap();
+    drop(upload);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_left_open_by_dead_writers_are_aborted_with_the_jobs_garbage() {
+    bounded(async {
+        let s3 = started().await;
+        s3.create_bucket("dead").await.unwrap();
+        left_open(&s3, "s3://dead/out/_parts/job1/s1-t1-r0.parquet").await;
+        left_open(&s3, "s3://dead/out/_parts/job1/s2-t3-r4000.parquet").await;
+        left_open(&s3, "s3://dead/out/_parts/job2/s1-t1-r0.parquet").await;
+        s3.put(
+            "s3://dead/out/_parts/job1/s3-t1-r0.parquet",
+            Bytes::from_static(b"part"),
+        )
+        .await
+        .unwrap();
+        let job1 = s3.locate("s3://dead/out/_parts/job1").unwrap();
+        let job2 = s3.locate("s3://dead/out/_parts/job2").unwrap();
+        let mut keys: Vec<String> = s3
+            .stores()
+            .open_uploads(&job1)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| u.key)
+            .collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "out/_parts/job1/s1-t1-r0.parquet",
+                "out/_parts/job1/s2-t3-r4000.parquet"
+            ]
+        );
+
+        let garbage = collect_garbage(s3.stores(), "s3://dead/out", "job1")
+            .await
+            .unwrap();
+        assert_eq!(
+            garbage,
+            Garbage {
+                objects: 1,
+                uploads: 2
+            }
+        );
+        let open = s3.stores().open_uploads(&job1).await.unwrap();
+        assert!(open.is_empty(), "uploads left open: {open:?}");
+        // Another job's uploads are not this job's garbage.
+        assert_eq!(s3.stores().open_uploads(&job2).await.unwrap().len(), 1);
+        // Local outputs have no multipart uploads to abort.
+        let dir = tempfile::tempdir().unwrap();
+        let local = s3.stores().locate(dir.path().to_str().unwrap()).unwrap();
+        assert_eq!(s3.stores().abort_open_uploads(&local).await.unwrap(), 0);
+    })
+    .await
+}
+
+/// moto checks no signature by default; this one does, so the request nightshift signs itself
+/// (ListMultipartUploads) is checked as S3 would check it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_uploads_are_listed_with_a_signature_a_strict_server_accepts() {
+    bounded(async {
+        let s3 = S3Server::start_checking_signatures(&["strict"])
+            .await
+            .unwrap();
+        left_open(&s3, "s3://strict/out/_parts/j/s1-t1-r0.parquet").await;
+        let prefix = s3.locate("s3://strict/out/_parts/j").unwrap();
+        assert_eq!(s3.stores().open_uploads(&prefix).await.unwrap().len(), 1);
+        assert_eq!(s3.stores().abort_open_uploads(&prefix).await.unwrap(), 1);
+        assert!(s3.stores().open_uploads(&prefix).await.unwrap().is_empty());
+
+        // The same request with a wrong secret is refused: the server does check.
+        let mut settings = s3.settings();
+        if let Some(keys) = settings.static_keys.as_mut() {
+            keys.secret_key.push('x');
+        }
+        let wrong = Stores::new(settings);
+        let prefix = wrong.locate("s3://strict/out/_parts/j").unwrap();
+        let e = wrong.open_uploads(&prefix).await.unwrap_err().to_string();
+        assert!(e.contains("SignatureDoesNotMatch"), "{e}");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_open_uploads_retries_throttling_and_resets() {
+    bounded(async {
+        let s3 = started().await;
+        s3.create_bucket("flaky-uploads").await.unwrap();
+        left_open(&s3, "s3://flaky-uploads/out/_parts/j/s1-t1-r0.parquet").await;
+        // Every request faults until four have: 503 SlowDown, 500, and resets.
+        let plan = FaultPlan::new(7, 1.0)
+            .with_kinds(&[Fault::SlowDown, Fault::InternalError, Fault::Reset])
+            .with_max_faults(4);
+        let proxy = FaultProxy::start(s3.addr(), plan).unwrap();
+        let stores = via(&proxy);
+        let prefix = stores.locate("s3://flaky-uploads/out/_parts/j").unwrap();
+        assert_eq!(stores.open_uploads(&prefix).await.unwrap().len(), 1);
+        assert_eq!(proxy.stats().total_faults(), 4);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_open_uploads_of_a_missing_bucket_names_it() {
+    bounded(async {
+        let s3 = started().await;
+        let loc = s3.locate("s3://no-such-bucket/out/_parts/j").unwrap();
+        let e = s3
+            .stores()
+            .open_uploads(&loc)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("s3://no-such-bucket/out/_parts/j") && e.contains("404"),
+            "{e}"
         );
     })
     .await
