@@ -11,7 +11,6 @@ use nightshift_proto::wire::{
 use nightshift_proto::{FailureClass, JobSpec};
 use nightshift_storage::Stores;
 use nightshift_storage::location::{absolutize, is_local_uri};
-
 use tokio_util::sync::CancellationToken;
 
 use crate::allow_list::AllowList;

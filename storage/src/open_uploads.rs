@@ -5,7 +5,7 @@
 //! not list them, so the listing (S3's ListMultipartUploads) is signed here with object_store's
 //! own SigV4 signer and credentials.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use object_store::ObjectStore;
@@ -28,7 +28,9 @@ pub struct S3Bucket {
     pub(crate) url: String,
     pub(crate) region: String,
     pub(crate) name: String,
-    pub(crate) http: reqwest::Client,
+    pub(crate) timeout: Duration,
+    /// Made on first use: only the finalizer lists uploads.
+    pub(crate) http: OnceLock<reqwest::Client>,
 }
 
 /// An upload begun and neither completed nor aborted.
@@ -74,7 +76,11 @@ impl S3Bucket {
             uri: uri.clone(),
             message,
         };
-        let key_prefix = format!("{prefix}/");
+        let key_prefix = if prefix.as_ref().is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}/")
+        };
         let mut found = Vec::new();
         let mut markers: Option<(String, String)> = None;
         loop {
@@ -155,7 +161,18 @@ impl S3Bucket {
         AwsAuthorizer::new(&credential, "s3", &self.region)
             .try_authorize(&mut request, None)
             .map_err(|e| (format!("signing: {e}"), false))?;
-        let mut get = self.http.get(url.as_str());
+        let http = match self.http.get() {
+            Some(http) => http,
+            None => {
+                let built = reqwest::Client::builder()
+                    .timeout(self.timeout)
+                    .connect_timeout(Duration::from_secs(5))
+                    .build()
+                    .map_err(|e| (format!("HTTP client: {e}"), false))?;
+                self.http.get_or_init(|| built)
+            }
+        };
+        let mut get = http.get(url.as_str());
         for (name, value) in request.headers() {
             get = get.header(name, value);
         }
@@ -170,5 +187,111 @@ impl S3Bucket {
             ));
         }
         Ok(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::s3::{S3Settings, StaticKeys};
+
+    fn page(uploads: &[(&str, &str)], next: Option<(&str, &str)>) -> String {
+        let mut xml = String::from(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+             <ListMultipartUploadsResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+             <Bucket>pages</Bucket>",
+        );
+        match next {
+            Some((key, id)) => xml.push_str(&format!(
+                "<IsTruncated>true</IsTruncated><NextKeyMarker>{key}</NextKeyMarker>\
+                 <NextUploadIdMarker>{id}</NextUploadIdMarker>"
+            )),
+            None => xml.push_str("<IsTruncated>false</IsTruncated>"),
+        }
+        for (key, id) in uploads {
+            xml.push_str(&format!(
+                "<Upload><Key>{key}</Key><UploadId>{id}</UploadId>\
+                 <Initiated>2026-11-28T00:00:00.000Z</Initiated></Upload>"
+            ));
+        }
+        xml + "</ListMultipartUploadsResult>"
+    }
+
+    /// S3 answers ListMultipartUploads a page at a time (moto, the test server, does not page),
+    /// so this endpoint serves the given pages in turn and records each request line.
+    async fn serve(pages: Vec<String>) -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            for body in pages {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut byte = [0u8];
+                    if conn.read(&mut byte).await.unwrap() == 0 {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                assert!(head.contains("authorization: AWS4-HMAC-SHA256"), "{head}");
+                log.lock()
+                    .unwrap()
+                    .push(head.lines().next().unwrap().to_string());
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                conn.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        (endpoint, seen)
+    }
+
+    #[tokio::test]
+    async fn a_truncated_listing_is_followed_page_by_page() {
+        let (endpoint, seen) = serve(vec![
+            page(
+                &[("out/_parts/j/a", "u1"), ("out/_parts/j/b", "u2")],
+                Some(("out/_parts/j/b", "u2")),
+            ),
+            page(&[("out/_parts/j/c", "u3")], None),
+        ])
+        .await;
+        let settings = S3Settings {
+            allow_http: true,
+            region: Some("us-east-1".into()),
+            endpoint: Some(endpoint),
+            static_keys: Some(StaticKeys {
+                key_id: "key".into(),
+                secret_key: "secret".into(),
+            }),
+            ..Default::default()
+        };
+        let bucket = settings.build("pages").unwrap();
+        let found = bucket
+            .open_uploads(&Path::from("out/_parts/j"))
+            .await
+            .unwrap();
+        let ids: Vec<&str> = found.iter().map(|u| u.upload_id.as_str()).collect();
+        assert_eq!(ids, ["u1", "u2", "u3"]);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(
+            seen[0].starts_with("GET /pages?uploads=&prefix=out%2F_parts%2Fj%2F "),
+            "{seen:?}"
+        );
+        assert!(
+            seen[1].contains("key-marker=out%2F_parts%2Fj%2Fb&upload-id-marker=u2"),
+            "{seen:?}"
+        );
     }
 }

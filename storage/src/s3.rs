@@ -4,7 +4,7 @@
 //! chain, plugged into object_store as its credential provider. Plain http only when
 //! `AWS_ALLOW_HTTP=true`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -130,20 +130,13 @@ impl S3Settings {
             (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com"),
             (None, false) => format!("https://s3.{region}.amazonaws.com/{bucket}"),
         };
-        let http = reqwest::Client::builder()
-            .timeout(self.timeout.unwrap_or(Duration::from_secs(60)))
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| object_store::Error::Generic {
-                store: "S3",
-                source: Box::new(e),
-            })?;
         Ok(S3Bucket {
             store: Arc::new(b.build()?),
             url,
             region,
             name: bucket.to_string(),
-            http,
+            timeout: self.timeout.unwrap_or(Duration::from_secs(60)),
+            http: OnceLock::new(),
         })
     }
 }
