@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use nightshift_tests::PgServer;
 use nightshift_tests::cluster::{CoordinatorProc, SUBMIT_TOKEN, WorkerProc, rows_inferred};
-use nightshift_tests::fixtures::{Fixture, spec_toml};
+use nightshift_tests::fixtures::Fixture;
 use nightshift_tests::process::{nightshift, run};
 use nightshift_tests::python::run_script;
 use nightshift_tests::verify::verify_output;
@@ -55,8 +55,8 @@ fn shards(url: &str) -> Vec<(i64, String, i64, i64, Option<String>)> {
 fn two_coordinators_three_workers_exact_output() {
     let f = Fixture::new();
     let (_rt, _pg, url) = postgres();
-    let data = f.data(
-        "in",
+    let job = f.job(
+        "cluster",
         &[
             "--rows",
             "20000",
@@ -67,21 +67,10 @@ fn two_coordinators_three_workers_exact_output() {
             "--codecs",
             "zstd,snappy",
         ],
+        &["--hidden", "64"],
+        "[batch]\nsize = 500\n[shards]\nrows = 2000\ncheckpoint_rows = 1000\n",
     );
-    let model = f.model("m.onnx", &["--hidden", "64"]);
-    let out = f.path("out");
-    let input = format!("{}/*.parquet", data.display());
-    let spec = f.spec(
-        "job.toml",
-        &spec_toml(
-            "cluster",
-            &input,
-            &model,
-            &out,
-            "[batch]\nsize = 500\n[shards]\nrows = 2000\ncheckpoint_rows = 1000\n",
-        ),
-    );
-    let allow = f.dir.path().display().to_string();
+    let allow = f.allow_uri();
     let a = CoordinatorProc::start(
         Path::new(BIN),
         f.dir.path(),
@@ -106,7 +95,7 @@ fn two_coordinators_three_workers_exact_output() {
     let o = submit(
         &f,
         &b.url(),
-        &spec,
+        &job.spec,
         &["--idempotency-key", "cluster-1", "--wait", "--json"],
     );
     assert!(
@@ -119,7 +108,7 @@ fn two_coordinators_three_workers_exact_output() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    verify_output(out.to_str().unwrap(), &input, &model, 0, &[]).assert_exact(&[]);
+    verify_output(job.out.to_str().unwrap(), &job.input, &job.model, 0, &[]).assert_exact(&[]);
     // Every worker took part, through both replicas.
     let done: Vec<_> = shards(&url);
     assert!(done.iter().all(|s| s.1 == "done"));
@@ -127,7 +116,7 @@ fn two_coordinators_three_workers_exact_output() {
     let again = submit(
         &f,
         &a.url(),
-        &spec,
+        &job.spec,
         &["--idempotency-key", "cluster-1", "--json"],
     );
     assert!(again.status.success(), "{}", text(&again));
@@ -175,26 +164,14 @@ fn two_coordinators_three_workers_exact_output() {
 fn a_worker_killed_mid_shard_costs_at_most_one_checkpoint_interval() {
     let f = Fixture::new();
     let (_rt, _pg, url) = postgres();
-    let data = f.data(
-        "in",
-        &[
-            "--rows",
-            "32000",
-            "--files",
-            "2",
-            "--row-group-rows",
-            "2000",
-        ],
-    );
-    let model = f.model("m.onnx", &["--hidden", "1536"]);
-    let out = f.path("out");
-    let input = format!("{}/*.parquet", data.display());
     let (batch, checkpoint) = (500u64, 2000u64);
-    let spec = f.spec(
-        "job.toml",
-        &spec_toml("kill", &input, &model, &out, &format!("[batch]\nsize = {batch}\n[shards]\nrows = 16000\ncheckpoint_rows = {checkpoint}\n[retry]\nmax_attempts = 10\n")),
+    let job = f.job(
+        "kill",
+        &["--rows", "32000", "--files", "2", "--row-group-rows", "2000"],
+        &["--hidden", "1536"],
+        &format!("[batch]\nsize = {batch}\n[shards]\nrows = 16000\ncheckpoint_rows = {checkpoint}\n[retry]\nmax_attempts = 10\n"),
     );
-    let allow = f.dir.path().display().to_string();
+    let allow = f.allow_uri();
     let c = CoordinatorProc::start(
         Path::new(BIN),
         f.dir.path(),
@@ -222,7 +199,7 @@ fn a_worker_killed_mid_shard_costs_at_most_one_checkpoint_interval() {
         &[],
         &debug,
     );
-    let o = submit(&f, &c.url(), &spec, &[]);
+    let o = submit(&f, &c.url(), &job.spec, &[]);
     assert!(o.status.success(), "{}", text(&o));
     // Kill the victim once it has committed part of a shard and is past that checkpoint.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -296,15 +273,15 @@ fn a_worker_killed_mid_shard_costs_at_most_one_checkpoint_interval() {
         recomputed <= checkpoint + 3 * batch,
         "recomputed {recomputed} rows"
     );
-    verify_output(out.to_str().unwrap(), &input, &model, 1000, &[]).assert_exact(&[]);
+    verify_output(job.out.to_str().unwrap(), &job.input, &job.model, 1000, &[]).assert_exact(&[]);
 }
 
 #[test]
 fn a_coordinator_restart_mid_job_does_not_fail_it() {
     let f = Fixture::new();
     let (_rt, _pg, url) = postgres();
-    let data = f.data(
-        "in",
+    let job = f.job(
+        "restart",
         &[
             "--rows",
             "24000",
@@ -313,21 +290,10 @@ fn a_coordinator_restart_mid_job_does_not_fail_it() {
             "--row-group-rows",
             "2000",
         ],
+        &["--hidden", "1024"],
+        "[batch]\nsize = 500\n[shards]\nrows = 4000\ncheckpoint_rows = 2000\n",
     );
-    let model = f.model("m.onnx", &["--hidden", "1024"]);
-    let out = f.path("out");
-    let input = format!("{}/*.parquet", data.display());
-    let spec = f.spec(
-        "job.toml",
-        &spec_toml(
-            "restart",
-            &input,
-            &model,
-            &out,
-            "[batch]\nsize = 500\n[shards]\nrows = 4000\ncheckpoint_rows = 2000\n",
-        ),
-    );
-    let allow = f.dir.path().display().to_string();
+    let allow = f.allow_uri();
     let mut c = CoordinatorProc::start(
         Path::new(BIN),
         f.dir.path(),
@@ -337,7 +303,7 @@ fn a_coordinator_restart_mid_job_does_not_fail_it() {
         &[],
     );
     let _w = WorkerProc::start(Path::new(BIN), f.dir.path(), "w1", &c.url(), &[], &[]);
-    assert!(submit(&f, &c.url(), &spec, &[]).status.success());
+    assert!(submit(&f, &c.url(), &job.spec, &[]).status.success());
     let deadline = Instant::now() + Duration::from_secs(120);
     while !shards(&url).iter().any(|s| s.1 == "done") {
         assert!(Instant::now() < deadline);
@@ -355,15 +321,15 @@ fn a_coordinator_restart_mid_job_does_not_fail_it() {
     ]);
     let w = run(watch, Duration::from_secs(300));
     assert!(w.status.success(), "{}", text(&w));
-    verify_output(out.to_str().unwrap(), &input, &model, 1000, &[]).assert_exact(&[]);
+    verify_output(job.out.to_str().unwrap(), &job.input, &job.model, 1000, &[]).assert_exact(&[]);
 }
 
 #[test]
 fn cancel_stops_the_workers_shards() {
     let f = Fixture::new();
     let (_rt, _pg, url) = postgres();
-    let data = f.data(
-        "in",
+    let job = f.job(
+        "cancel-me",
         &[
             "--rows",
             "40000",
@@ -372,21 +338,10 @@ fn cancel_stops_the_workers_shards() {
             "--row-group-rows",
             "2000",
         ],
+        &["--hidden", "1536"],
+        "[batch]\nsize = 500\n[shards]\nrows = 10000\ncheckpoint_rows = 1000\n",
     );
-    let model = f.model("m.onnx", &["--hidden", "1536"]);
-    let out = f.path("out");
-    let input = format!("{}/*.parquet", data.display());
-    let spec = f.spec(
-        "job.toml",
-        &spec_toml(
-            "cancel-me",
-            &input,
-            &model,
-            &out,
-            "[batch]\nsize = 500\n[shards]\nrows = 10000\ncheckpoint_rows = 1000\n",
-        ),
-    );
-    let allow = f.dir.path().display().to_string();
+    let allow = f.allow_uri();
     let c = CoordinatorProc::start(
         Path::new(BIN),
         f.dir.path(),
@@ -396,7 +351,7 @@ fn cancel_stops_the_workers_shards() {
         &[],
     );
     let w = WorkerProc::start(Path::new(BIN), f.dir.path(), "w1", &c.url(), &[], &[]);
-    assert!(submit(&f, &c.url(), &spec, &[]).status.success());
+    assert!(submit(&f, &c.url(), &job.spec, &[]).status.success());
     let deadline = Instant::now() + Duration::from_secs(120);
     while !shards(&url).iter().any(|s| s.1 == "leased" && s.3 > 0) {
         assert!(Instant::now() < deadline);
@@ -443,7 +398,7 @@ fn cancel_stops_the_workers_shards() {
         Some(1),
         "watch exits non-zero unless the job succeeded"
     );
-    assert!(!out.join("_SUCCESS").exists());
+    assert!(!job.out.join("_SUCCESS").exists());
 }
 
 #[test]

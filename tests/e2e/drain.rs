@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use nightshift_tests::PgServer;
 use nightshift_tests::cluster::{CoordinatorProc, SUBMIT_TOKEN, WorkerProc, rows_inferred};
-use nightshift_tests::fixtures::{Fixture, spec_toml};
+use nightshift_tests::fixtures::Fixture;
 use nightshift_tests::imds::MetadataServer;
 use nightshift_tests::process::{nightshift, run};
 use nightshift_tests::python::run_script;
@@ -34,8 +34,8 @@ fn preempted(preempt: impl FnOnce(&mut WorkerProc), spot: Option<&str>, name: &s
     let rt = tokio::runtime::Runtime::new().unwrap();
     let pg = rt.block_on(PgServer::start()).unwrap();
     let url = rt.block_on(pg.fresh_database()).unwrap();
-    let data = f.data(
-        "in",
+    let job = f.job(
+        name,
         &[
             "--rows",
             &ROWS.to_string(),
@@ -44,21 +44,10 @@ fn preempted(preempt: impl FnOnce(&mut WorkerProc), spot: Option<&str>, name: &s
             "--row-group-rows",
             "2000",
         ],
+        &["--hidden", "1536"],
+        "[batch]\nsize = 500\n[shards]\nrows = 16000\ncheckpoint_rows = 4000\n",
     );
-    let model = f.model("m.onnx", &["--hidden", "1536"]);
-    let out = f.path("out");
-    let input = format!("{}/*.parquet", data.display());
-    let spec = f.spec(
-        "job.toml",
-        &spec_toml(
-            name,
-            &input,
-            &model,
-            &out,
-            "[batch]\nsize = 500\n[shards]\nrows = 16000\ncheckpoint_rows = 4000\n",
-        ),
-    );
-    let allow = f.dir.path().display().to_string();
+    let allow = f.allow_uri();
     let c = CoordinatorProc::start(
         Path::new(BIN),
         f.dir.path(),
@@ -86,10 +75,12 @@ fn preempted(preempt: impl FnOnce(&mut WorkerProc), spot: Option<&str>, name: &s
         &debug,
     );
     let mut submit = nightshift(Path::new(BIN));
-    submit
-        .args(["submit"])
-        .arg(&spec)
-        .args(["--coordinator", &c.url(), "--token", SUBMIT_TOKEN]);
+    submit.args(["submit"]).arg(&job.spec).args([
+        "--coordinator",
+        &c.url(),
+        "--token",
+        SUBMIT_TOKEN,
+    ]);
     assert!(run(submit, Duration::from_secs(60)).status.success());
     let deadline = Instant::now() + Duration::from_secs(120);
     while !shards(&url)
@@ -150,7 +141,7 @@ fn preempted(preempt: impl FnOnce(&mut WorkerProc), spot: Option<&str>, name: &s
         inferred.saturating_sub(ROWS)
     );
     assert_eq!(inferred, ROWS, "a drained shard must not be recomputed");
-    verify_output(out.to_str().unwrap(), &input, &model, 1000, &[]).assert_exact(&[]);
+    verify_output(job.out.to_str().unwrap(), &job.input, &job.model, 1000, &[]).assert_exact(&[]);
 }
 
 #[test]

@@ -179,8 +179,9 @@ fn start_and_wait(
 }
 
 fn slow_job(f: &Fixture) -> (PathBuf, PathBuf, String, PathBuf) {
-    let data = f.data(
-        "in",
+    // Wide enough that the job takes seconds, so it can be stopped in the middle.
+    let job = f.job(
+        "slow",
         &[
             "--rows",
             "96000",
@@ -189,19 +190,10 @@ fn slow_job(f: &Fixture) -> (PathBuf, PathBuf, String, PathBuf) {
             "--row-group-rows",
             "2000",
         ],
-    );
-    // Wide enough that the job takes seconds, so it can be stopped in the middle.
-    let model = f.model("m.onnx", &["--hidden", "2048"]);
-    let out = f.path("out");
-    let input = format!("{}/*.parquet", data.display());
-    let toml = spec_toml(
-        "slow",
-        &input,
-        &model,
-        &out,
+        &["--hidden", "2048"],
         "[batch]\nsize = 500\n\n[shards]\nrows = 12000\ncheckpoint_rows = 2000\n",
     );
-    (f.spec("job.toml", &toml), model, input, out)
+    (job.spec, job.model, job.input, job.out)
 }
 
 #[test]

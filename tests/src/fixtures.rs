@@ -10,6 +10,15 @@ pub struct Fixture {
     pub dir: TempDir,
 }
 
+/// A job over generated files: data in `in/` (the input is its `*.parquet` glob), the model
+/// `m.onnx`, the output directory `out`, and the spec `job.toml` naming them.
+pub struct GeneratedJob {
+    pub input: String,
+    pub model: PathBuf,
+    pub out: PathBuf,
+    pub spec: PathBuf,
+}
+
 impl Drop for Fixture {
     fn drop(&mut self) {
         // NIGHTSHIFT_KEEP_TEST_DIRS=1 keeps every fixture's files (logs included) for a look.
@@ -56,6 +65,33 @@ impl Fixture {
         all.extend_from_slice(args);
         run_script("gen_model.py", &all);
         out
+    }
+
+    /// Generates data (`data_args`) and a model (`model_args`) and writes the spec of job
+    /// `name` over them with `spec_toml` (`extra` appended).
+    pub fn job(
+        &self,
+        name: &str,
+        data_args: &[&str],
+        model_args: &[&str],
+        extra: &str,
+    ) -> GeneratedJob {
+        let data = self.data("in", data_args);
+        let model = self.model("m.onnx", model_args);
+        let out = self.path("out");
+        let input = format!("{}/*.parquet", data.display());
+        let spec = self.spec("job.toml", &spec_toml(name, &input, &model, &out, extra));
+        GeneratedJob {
+            input,
+            model,
+            out,
+            spec,
+        }
+    }
+
+    /// The fixture's directory as an `--allow-uri` prefix for a coordinator.
+    pub fn allow_uri(&self) -> String {
+        self.dir.path().display().to_string()
     }
 
     /// Writes a spec file.
