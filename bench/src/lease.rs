@@ -25,6 +25,7 @@ use nightshift_proto::JobSpec;
 use nightshift_proto::wire::{InputFile, JobPlan, LeaseRef, PartRecord, ShardLease, ShardPlan};
 use nightshift_storage::Stores;
 use nightshift_tests::PgServer;
+use nightshift_tests::parts::write_part;
 use nightshift_worker::client::CoordinatorClient;
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
@@ -348,10 +349,13 @@ async fn measure(
     store.migrate().await?;
     let store: DynStore = Arc::new(store);
     let rows = u64::from(a.checkpoint);
+    // Parts checkpointed over HTTP must exist where the coordinator expects them: a local
+    // output that the workers below write stand-in parts into.
+    let out = tempfile::tempdir()?;
     let job = store
         .create_job(NewJob {
             uid: uuid::Uuid::new_v4().simple().to_string()[..16].to_string(),
-            spec: spec()?,
+            spec: spec(&out.path().display().to_string())?,
             idempotency_key: None,
             plan: plan(a.shards, rows),
         })
@@ -382,7 +386,9 @@ async fn measure(
         .map(|w| {
             // Each worker its own HTTP client (its own connection), as separate processes have.
             let lessee = match &base {
-                Some(base) => Lessee::Http(CoordinatorClient::new(base, WORKER_TOKEN)),
+                Some(base) => Lessee::Http(
+                    CoordinatorClient::new(base, WORKER_TOKEN).for_worker(&format!("bench-w{w}")),
+                ),
                 None => Lessee::Store(store.clone()),
             };
             let work = Work {
@@ -469,16 +475,14 @@ impl Work {
                 t.drained = true;
                 return Ok(t);
             }
-            let refs: Vec<LeaseRef> = leases
-                .iter()
-                .map(|l| LeaseRef {
-                    shard_id: l.shard_id,
-                    token: l.token,
-                })
-                .collect();
+            let refs: Vec<LeaseRef> = leases.iter().map(|l| l.lease_ref()).collect();
             if self.checkpoint {
-                for &r in &refs {
-                    lessee.checkpoint(r, one_row_part(r)).await?;
+                for l in &leases {
+                    let part = match lessee {
+                        Lessee::Http(_) => write_part(l, 0, 1),
+                        Lessee::Store(_) => one_row_part(l.lease_ref()),
+                    };
+                    lessee.checkpoint(l.lease_ref(), part).await?;
                 }
             }
             match self.completion {
@@ -522,9 +526,10 @@ fn one_row_part(lease: LeaseRef) -> PartRecord {
     }
 }
 
-/// A spec the store takes as is: nothing reads its URIs, since the plan is made here.
-fn spec() -> Result<JobSpec> {
-    Ok(JobSpec::from_toml(
+/// A spec the store takes as is: nothing reads its input and model, since the plan is made
+/// here; stand-in parts go to the local `out`.
+fn spec(out: &str) -> Result<JobSpec> {
+    Ok(JobSpec::from_toml(&format!(
         r#"name = "lease-bench"
 
 [input]
@@ -540,10 +545,10 @@ x = "features"
 logits = "logits"
 
 [output]
-uri = "s3://bench/out/"
+uri = "{out}"
 passthrough = ["id"]
-"#,
-    )?)
+"#
+    ))?)
 }
 
 /// `shards` shards of `rows` rows each, spread over 16 files.

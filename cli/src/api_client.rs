@@ -17,7 +17,10 @@ pub struct ApiArgs {
     pub coordinator: String,
     /// Bearer token (a submit token).
     #[arg(long, env = "NIGHTSHIFT_TOKEN", hide_env_values = true)]
-    pub token: String,
+    pub token: Option<String>,
+    /// A file whose first line is the token (a mounted secret, kept out of `ps`).
+    #[arg(long, env = "NIGHTSHIFT_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 pub struct ApiClient {
@@ -27,15 +30,20 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    pub fn new(args: &ApiArgs) -> Self {
-        Self {
+    pub fn new(args: &ApiArgs) -> Result<Self> {
+        let token = crate::token_files::one(
+            args.token.as_deref(),
+            args.token_file.as_deref(),
+            "--token or --token-file (NIGHTSHIFT_TOKEN or NIGHTSHIFT_TOKEN_FILE)",
+        )?;
+        Ok(Self {
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(600))
                 .build()
                 .unwrap_or_default(),
             base: args.coordinator.trim_end_matches('/').to_string(),
-            token: args.token.clone(),
-        }
+            token,
+        })
     }
 
     async fn send<T: serde::de::DeserializeOwned>(

@@ -15,6 +15,7 @@ use nightshift_worker::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::OrtArgs;
+use crate::token_files;
 
 #[derive(clap::Args, Debug)]
 pub struct CoordinatorArgs {
@@ -39,6 +40,12 @@ pub struct CoordinatorArgs {
         hide_env_values = true
     )]
     pub worker_tokens: Vec<String>,
+    /// Files of submit tokens, one per line (repeat): a mounted secret, kept out of `ps`.
+    #[arg(long = "submit-token-file", env = "NIGHTSHIFT_SUBMIT_TOKEN_FILE")]
+    pub submit_token_files: Vec<PathBuf>,
+    /// Files of worker tokens, one per line (repeat).
+    #[arg(long = "worker-token-file", env = "NIGHTSHIFT_WORKER_TOKEN_FILE")]
+    pub worker_token_files: Vec<PathBuf>,
     /// URI prefixes specs may name (repeat). Without any, local paths are refused.
     #[arg(long = "allow-uri")]
     pub allow_uri: Vec<String>,
@@ -62,7 +69,10 @@ pub struct WorkerArgs {
     pub coordinator: String,
     /// A worker token.
     #[arg(long, env = "NIGHTSHIFT_TOKEN", hide_env_values = true)]
-    pub token: String,
+    pub token: Option<String>,
+    /// A file whose first line is the worker token (a mounted secret).
+    #[arg(long, env = "NIGHTSHIFT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Shards run at once.
     #[arg(long, default_value_t = 1)]
     pub slots: usize,
@@ -112,19 +122,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 pub async fn coordinator(args: CoordinatorArgs) -> Result<ExitCode> {
     crate::logging::init("info", args.log_json);
-    let submit: Vec<String> = args
-        .submit_tokens
-        .into_iter()
-        .filter(|t| !t.is_empty())
-        .collect();
-    let worker: Vec<String> = args
-        .worker_tokens
-        .into_iter()
-        .filter(|t| !t.is_empty())
-        .collect();
+    let submit = token_files::all(args.submit_tokens, &args.submit_token_files)?;
+    let worker = token_files::all(args.worker_tokens, &args.worker_token_files)?;
     if submit.is_empty() || worker.is_empty() {
         bail!(
-            "give at least one --submit-token and one --worker-token (or NIGHTSHIFT_SUBMIT_TOKENS / NIGHTSHIFT_WORKER_TOKENS)"
+            "give at least one --submit-token and one --worker-token (or NIGHTSHIFT_SUBMIT_TOKENS / NIGHTSHIFT_WORKER_TOKENS, or --submit-token-file / --worker-token-file)"
         );
     }
     let store = nightshift_coordinator::store::open(&args.database_url).await?;
@@ -150,7 +152,12 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<ExitCode> {
 
 pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
     crate::logging::init("info", args.log_json);
-    let mut config = WorkerConfig::new(&args.coordinator, &args.token);
+    let token = token_files::one(
+        args.token.as_deref(),
+        args.token_file.as_deref(),
+        "--token or --token-file (NIGHTSHIFT_TOKEN or NIGHTSHIFT_TOKEN_FILE)",
+    )?;
+    let mut config = WorkerConfig::new(&args.coordinator, &token);
     config.slots = args.slots.max(1);
     config.drain_timeout = args.drain_timeout;
     config.intra_threads = args.threads;

@@ -49,7 +49,7 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     crate::logging::init("warn", false);
     let spec = crate::spec_file::load(&args.spec)?;
     let body = toml::to_string(&spec)?;
-    let client = ApiClient::new(&args.api);
+    let client = ApiClient::new(&args.api)?;
     let resp = client.submit(body, args.idempotency_key.as_deref()).await?;
     if args.json {
         println!("{}", serde_json::to_string(&resp)?);
@@ -74,7 +74,7 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
 }
 
 pub async fn jobs(args: JobsArgs) -> Result<ExitCode> {
-    let list = ApiClient::new(&args.api).list().await?;
+    let list = ApiClient::new(&args.api)?.list().await?;
     if args.json {
         println!("{}", serde_json::to_string(&list)?);
         return Ok(ExitCode::SUCCESS);
@@ -101,7 +101,7 @@ pub async fn jobs(args: JobsArgs) -> Result<ExitCode> {
 }
 
 pub async fn status(args: JobArgs) -> Result<ExitCode> {
-    let view = ApiClient::new(&args.api).get(&args.job).await?;
+    let view = ApiClient::new(&args.api)?.get(&args.job).await?;
     if args.json {
         println!("{}", serde_json::to_string(&view)?);
     } else {
@@ -111,12 +111,12 @@ pub async fn status(args: JobArgs) -> Result<ExitCode> {
 }
 
 pub async fn watch(args: JobArgs) -> Result<ExitCode> {
-    let client = ApiClient::new(&args.api);
+    let client = ApiClient::new(&args.api)?;
     follow(&client, &args.job, args.json).await
 }
 
 pub async fn cancel(args: JobArgs) -> Result<ExitCode> {
-    let view = ApiClient::new(&args.api).cancel(&args.job).await?;
+    let view = ApiClient::new(&args.api)?.cancel(&args.job).await?;
     if args.json {
         println!("{}", serde_json::to_string(&view)?);
     } else {

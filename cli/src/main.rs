@@ -9,6 +9,7 @@ mod logging;
 mod progress;
 mod signals;
 mod spec_file;
+mod token_files;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -2,7 +2,7 @@
 //! (`worker` tokens), and `/healthz`, `/readyz`, `/metrics`. Tokens never appear in logs.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
@@ -16,11 +16,16 @@ use nightshift_proto::wire::{
     Ack, CheckpointRequest, CompleteManyRequest, CompleteManyResponse, CompleteRequest,
     FailRequest, HeartbeatRequest, JobList, LeaseRequest, ReleaseRequest,
 };
-use nightshift_proto::{ErrorBody, JobSpec};
+use nightshift_proto::{ErrorBody, ErrorCode, JobSpec};
 use serde::Deserialize;
+
+use subtle::ConstantTimeEq;
 
 use crate::api_error::ApiError;
 use crate::service::Service;
+
+/// How long `/readyz` waits for the database before it answers 503.
+const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Bearer tokens by role.
 #[derive(Clone, Default)]
@@ -57,8 +62,66 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/worker/complete-many", post(complete_many))
         .route("/v1/worker/fail", post(fail))
         .route("/v1/worker/release", post(release))
+        .fallback(not_found)
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+/// The most bytes of a plain-text error body that `json_errors` repeats.
+const MAX_PLAIN_ERROR_BYTES: usize = 4096;
+
+/// Every error answer carries the `{code, message}` body, those axum makes itself included (413
+/// for a body over the limit, 405, a malformed query string).
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, MAX_PLAIN_ERROR_BYTES)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let body = ErrorBody {
+        code: code_for(status),
+        message,
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    let json = serde_json::to_vec(&body).unwrap_or_default();
+    Response::from_parts(parts, axum::body::Body::from(json))
+}
+
+/// The error code for a status no `ApiError` chose.
+fn code_for(status: StatusCode) -> ErrorCode {
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::TooLarge,
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+        StatusCode::FORBIDDEN => ErrorCode::Forbidden,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Unavailable,
+        s if s.is_server_error() => ErrorCode::Internal,
+        _ => ErrorCode::BadRequest,
+    }
 }
 
 /// Records latency per route and logs the request (never its headers).
@@ -81,9 +144,7 @@ fn authorize(state: &ApiState, headers: &HeaderMap, need: Role) -> Result<(), Ap
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+        .and_then(bearer_token)
         .ok_or(ApiError::Unauthorized)?;
     let has = |list: &[String]| {
         list.iter()
@@ -103,12 +164,17 @@ fn authorize(state: &ApiState, headers: &HeaderMap, need: Role) -> Result<(), Ap
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value; the scheme's case does not matter
+/// (RFC 9110, 11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// Compares without returning early, so timing does not leak how much of a token matched.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.ct_eq(b).into()
 }
 
 async fn healthz() -> &'static str {
@@ -116,14 +182,16 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<ApiState>) -> Response {
-    match state.service.store.ready().await {
-        Ok(true) => (StatusCode::OK, "ready").into_response(),
-        Ok(false) => (StatusCode::SERVICE_UNAVAILABLE, "migrations not applied").into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("database unreachable: {e}"),
-        )
-            .into_response(),
+    let unavailable =
+        |why: &str| (StatusCode::SERVICE_UNAVAILABLE, why.to_string()).into_response();
+    match tokio::time::timeout(READY_TIMEOUT, state.service.store.ready()).await {
+        Ok(Ok(true)) => (StatusCode::OK, "ready").into_response(),
+        Ok(Ok(false)) => unavailable("migrations not applied"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = ?e.to_string(), "readiness check failed");
+            unavailable("database unreachable")
+        }
+        Err(_) => unavailable("database did not answer in time"),
     }
 }
 
@@ -245,7 +313,10 @@ async fn checkpoint(
 ) -> Result<Json<Ack>, ApiError> {
     authorize(&state, &headers, Role::Worker)?;
     let req: CheckpointRequest = parse(&body)?;
-    state.service.checkpoint(req.lease, &req.part).await?;
+    state
+        .service
+        .checkpoint(&req.worker_id, req.lease, &req.part)
+        .await?;
     Ok(Json(Ack { ok: true }))
 }
 
@@ -256,7 +327,7 @@ async fn complete(
 ) -> Result<Json<Ack>, ApiError> {
     authorize(&state, &headers, Role::Worker)?;
     let req: CompleteRequest = parse(&body)?;
-    state.service.complete(req.lease).await?;
+    state.service.complete(&req.worker_id, req.lease).await?;
     Ok(Json(Ack { ok: true }))
 }
 
@@ -267,16 +338,14 @@ async fn complete_many(
 ) -> Result<Json<CompleteManyResponse>, ApiError> {
     authorize(&state, &headers, Role::Worker)?;
     let req: CompleteManyRequest = parse(&body)?;
-    let answers = state.service.complete_many(&req.leases).await?;
+    let answers = state
+        .service
+        .complete_many(&req.worker_id, &req.leases)
+        .await?;
     Ok(Json(CompleteManyResponse {
         results: answers
             .into_iter()
-            .map(|answer| {
-                answer.err().map(|e| ErrorBody {
-                    code: e.status_and_code().1,
-                    message: e.to_string(),
-                })
-            })
+            .map(|answer| answer.err().map(|e| e.body()))
             .collect(),
     }))
 }
@@ -290,7 +359,7 @@ async fn fail(
     let req: FailRequest = parse(&body)?;
     state
         .service
-        .fail(req.lease, req.class, &req.message)
+        .fail(&req.worker_id, req.lease, req.class, &req.message)
         .await?;
     Ok(Json(Ack { ok: true }))
 }
@@ -302,6 +371,6 @@ async fn release(
 ) -> Result<Json<Ack>, ApiError> {
     authorize(&state, &headers, Role::Worker)?;
     let req: ReleaseRequest = parse(&body)?;
-    state.service.release(req.lease).await?;
+    state.service.release(&req.worker_id, req.lease).await?;
     Ok(Json(Ack { ok: true }))
 }

@@ -3,9 +3,10 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use nightshift_proto::{ErrorBody, ErrorCode, SpecError};
+use nightshift_proto::{ErrorBody, ErrorCode, SpecError, TextError};
 
 use crate::job_check::JobCheckError;
+use crate::part_check::PartError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,8 +30,15 @@ pub enum ApiError {
     #[error("this token may not {0}")]
     Forbidden(&'static str),
     #[error(transparent)]
+    Text(#[from] TextError),
+    #[error("part refused: {0}")]
+    Part(#[from] PartError),
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+/// The most characters of an error message a client is sent.
+const MAX_MESSAGE_CHARS: usize = 2000;
 
 impl ApiError {
     pub fn status_and_code(&self) -> (StatusCode, ErrorCode) {
@@ -42,12 +50,18 @@ impl ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+            ApiError::Text(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
+            ApiError::Part(e) if e.is_storage() => {
+                (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable)
+            }
+            ApiError::Part(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidPart),
             ApiError::Store(e) => match e {
                 StoreError::LeaseLost { .. } => (StatusCode::CONFLICT, ErrorCode::LeaseLost),
                 StoreError::JobNotRunning { .. }
                 | StoreError::CheckpointGap { .. }
                 | StoreError::Incomplete { .. }
                 | StoreError::IdempotencyConflict { .. }
+                | StoreError::OutputTaken { .. }
                 | StoreError::BadTransition { .. } => (StatusCode::CONFLICT, ErrorCode::Conflict),
                 StoreError::JobNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
                 // The database is away: clients retry.
@@ -60,19 +74,44 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// What the client is told: the message, unless it would disclose the database's own
+    /// text (that goes to the log), cut to `MAX_MESSAGE_CHARS`.
+    pub fn client_message(&self) -> String {
+        let message = match self {
+            ApiError::Store(
+                StoreError::Db(_)
+                | StoreError::Migrate(_)
+                | StoreError::Batch(_)
+                | StoreError::Corrupt(_),
+            ) => "the coordinator's database is unavailable; retry later".to_string(),
+            other => other.to_string(),
+        };
+        truncate(message)
+    }
+
+    /// The error as the JSON body every API error has.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            code: self.status_and_code().1,
+            message: self.client_message(),
+        }
+    }
+}
+
+fn truncate(message: String) -> String {
+    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((cut, _)) => format!("{}... (message cut)", &message[..cut]),
+        None => message,
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
+        let (status, _) = self.status_and_code();
         if status.is_server_error() {
-            tracing::error!(error = %self, "request failed");
+            tracing::error!(error = ?self.to_string(), "request failed");
         }
-        (
-            status,
-            Json(ErrorBody {
-                code,
-                message: self.to_string(),
-            }),
-        )
-            .into_response()
+        (status, Json(self.body())).into_response()
     }
 }

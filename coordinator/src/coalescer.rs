@@ -50,7 +50,7 @@ impl<Req, Ans> Clone for Coalescer<Req, Ans> {
     }
 }
 
-impl<Req: Send + 'static, Ans: Send + 'static> Coalescer<Req, Ans> {
+impl<Req: Clone + Send + 'static, Ans: Send + 'static> Coalescer<Req, Ans> {
     /// Starts gathering; it stops at `shutdown`.
     pub fn start(limits: Limits, round: Round<Req, Ans>, shutdown: CancellationToken) -> Self {
         let (queue, requests) = mpsc::unbounded_channel();
@@ -67,7 +67,7 @@ impl<Req: Send + 'static, Ans: Send + 'static> Coalescer<Req, Ans> {
     }
 }
 
-async fn gather<Req: Send + 'static, Ans: Send + 'static>(
+async fn gather<Req: Clone + Send + 'static, Ans: Send + 'static>(
     mut requests: mpsc::UnboundedReceiver<Waiting<Req, Ans>>,
     limits: Limits,
     round: Round<Req, Ans>,
@@ -113,29 +113,38 @@ async fn gather<Req: Send + 'static, Ans: Send + 'static>(
         tokio::spawn(async move {
             let (reqs, replies): (Vec<Req>, Vec<_>) =
                 lot.into_iter().map(|w| (w.req, w.reply)).unzip();
-            let wanted = reqs.len();
-            match round(reqs).await {
-                Ok(answers) if answers.len() == wanted => {
-                    for (reply, answer) in replies.into_iter().zip(answers) {
-                        let _ = reply.send(answer);
-                    }
-                }
-                Ok(answers) => {
-                    let e = format!("{} answers for {wanted} requests", answers.len());
-                    for reply in replies {
-                        let _ = reply.send(Err(StoreError::Corrupt(e.clone())));
-                    }
-                }
-                Err(e) => {
-                    let e = e.to_string();
-                    for reply in replies {
-                        let _ = reply.send(Err(StoreError::Batch(e.clone())));
-                    }
-                }
+            for (reply, answer) in replies.into_iter().zip(serve(&round, reqs).await) {
+                let _ = reply.send(answer);
             }
             drop(permit);
         });
     }
+}
+
+/// One answer per request. When the lot's call fails as a whole, each request is tried alone,
+/// so one request the store cannot take fails only itself.
+async fn serve<Req: Clone, Ans>(round: &Round<Req, Ans>, reqs: Vec<Req>) -> Vec<Result<Ans>> {
+    let wanted = reqs.len();
+    let alone = (wanted > 1).then(|| reqs.clone());
+    let failure = match round(reqs).await {
+        Ok(answers) if answers.len() == wanted => return answers,
+        Ok(answers) => {
+            StoreError::Corrupt(format!("{} answers for {wanted} requests", answers.len()))
+        }
+        Err(e) => e,
+    };
+    let Some(reqs) = alone else {
+        return vec![Err(StoreError::Batch(failure.to_string()))];
+    };
+    tracing::warn!(requests = wanted, error = %failure, "a coalesced call failed; serving its requests one by one");
+    let answers = reqs.into_iter().map(|r| async move {
+        match round(vec![r]).await {
+            Ok(mut answers) if answers.len() == 1 => answers.remove(0),
+            Ok(_) => Err(StoreError::Corrupt("no answer for one request".into())),
+            Err(e) => Err(StoreError::Batch(e.to_string())),
+        }
+    });
+    futures::future::join_all(answers).await
 }
 
 #[cfg(test)]
@@ -189,6 +198,31 @@ mod tests {
             "a lot over the weight: {lots:?}"
         );
         assert!(lots.len() < 20, "nothing was coalesced: {lots:?}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_request_that_fails_its_lot_fails_only_itself() {
+        let lots = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let limits = Limits {
+            rounds: 1,
+            weight: 100,
+        };
+        let c = Coalescer::start(limits, recording(lots.clone()), stop.clone());
+        let calls: Vec<_> = [1u32, 999, 2, 3, 999, 4]
+            .into_iter()
+            .map(|i| {
+                let c = c.clone();
+                tokio::spawn(async move { (i, c.call(i, 1).await.unwrap()) })
+            })
+            .collect();
+        for call in calls {
+            match call.await.unwrap() {
+                (999, answer) => assert!(answer.is_err()),
+                (i, answer) => assert_eq!(answer.unwrap(), i * 2, "request {i}"),
+            }
+        }
         stop.cancel();
     }
 

@@ -3,21 +3,37 @@
 //! rewritten into one file), then `_manifest.json` and then `_SUCCESS` are written, and the
 //! parts are deleted. Every step is idempotent, so a crash mid-commit and a second run produce
 //! the same manifest.
+//!
+//! The commit adopts nothing it cannot prove its own (`ownership.rs`): a file already at an
+//! output name is kept only when its footer names this job (`layout::JOB_UID_KEY`) and holds
+//! the planned rows, and a manifest is overwritten only when it is this job's. Every part is
+//! checked before anything is written: one that is missing, of another size, not a plain file
+//! in the job's parts directory, or whose footer does not name the job and its rows, fails the
+//! commit for good, naming it. Before `_manifest.json` and `_SUCCESS` the finalizer renews its
+//! claim, so a job cancelled mid-commit is not published.
 
 use std::sync::Arc;
 
 use arrow_schema::SchemaRef;
 use futures::{StreamExt, TryStreamExt};
+use nightshift_proto::layout::{
+    ERROR_FILE_STEM, JOB_UID_KEY, MANIFEST, OUTPUT_FILE_STEM, SUCCESS, data_file, parts_dir,
+};
 use nightshift_proto::wire::{InputFile, Manifest, ManifestField, ManifestFile};
-use nightshift_storage::{Location, ObjectReader, PartUpload, StorageError, Stores, sync_local};
+use nightshift_storage::{
+    Location, ObjectReader, PartUpload, StorageError, Stores, copy_object, sync_local,
+};
 use object_store::{ObjectStoreExt, PutPayload};
 use parquet::arrow::AsyncArrowWriter;
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
 use parquet::basic::Compression;
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
-use crate::store::{JobRecord, PartRow};
+use crate::ownership::{check_manifest_owner, owned_file, verify_parts};
+use crate::part_check::PartError;
+use crate::store::{DynStore, JobRecord, PartRow};
 
 /// Output files written at once.
 const FILE_CONCURRENCY: usize = 4;
@@ -26,12 +42,19 @@ const FILE_CONCURRENCY: usize = 4;
 pub enum FinalizeError {
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("reading part `{uri}`: {message}")]
+    #[error("part `{uri}` cannot be committed: {message}")]
     Part { uri: String, message: String },
     #[error("writing `{uri}`: {message}")]
     Write { uri: String, message: String },
     #[error("output of job {job} is incomplete: {message}")]
     Incomplete { job: i64, message: String },
+    #[error(
+        "`{uri}` already exists and is not this job's ({found}); the commit never adopts a file \
+         it did not write"
+    )]
+    Foreign { uri: String, found: String },
+    #[error("the commit's claim on the job is gone (cancelled, or taken by another replica)")]
+    ClaimLost,
 }
 
 impl FinalizeError {
@@ -39,8 +62,46 @@ impl FinalizeError {
     pub fn is_retryable(&self) -> bool {
         match self {
             FinalizeError::Storage(e) => e.class() == nightshift_proto::FailureClass::Retryable,
-            FinalizeError::Part { .. } | FinalizeError::Write { .. } => true,
-            FinalizeError::Incomplete { .. } => false,
+            FinalizeError::Write { .. } | FinalizeError::ClaimLost => true,
+            FinalizeError::Part { .. }
+            | FinalizeError::Incomplete { .. }
+            | FinalizeError::Foreign { .. } => false,
+        }
+    }
+
+    pub(crate) fn part(uri: &str, e: PartError) -> Self {
+        match e {
+            PartError::Storage(e) => FinalizeError::Storage(e),
+            other => FinalizeError::Part {
+                uri: uri.to_string(),
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+/// The finalizer's claim on the job it commits: checked before each step that publishes.
+pub struct Claim<'a> {
+    pub store: &'a DynStore,
+    pub job: i64,
+    pub owner: &'a str,
+    pub ttl_ms: i64,
+}
+
+impl Claim<'_> {
+    /// Renews the claim; `ClaimLost` when the job is no longer this finalizer's to commit.
+    async fn renew(&self) -> Result<(), FinalizeError> {
+        match self
+            .store
+            .extend_finalize(self.job, self.owner, self.ttl_ms)
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(FinalizeError::ClaimLost),
+            Err(e) => Err(FinalizeError::Write {
+                uri: format!("job {}", self.job),
+                message: e.to_string(),
+            }),
         }
     }
 }
@@ -57,12 +118,7 @@ pub struct FilePlan {
 
 /// Groups consecutive parts into files of at least `target` bytes; only the last file may be
 /// smaller. Parts with no rows are left out.
-pub fn plan_files(
-    parts: &[(String, u64, u64)],
-    target: u64,
-    prefix: &str,
-    ext: &str,
-) -> Vec<FilePlan> {
+pub fn plan_files(parts: &[(String, u64, u64)], target: u64, stem: &str) -> Vec<FilePlan> {
     let mut files = Vec::new();
     let mut current: Option<FilePlan> = None;
     for (uri, rows, bytes) in parts {
@@ -84,7 +140,7 @@ pub fn plan_files(
     }
     files.extend(current.take());
     for (i, f) in files.iter_mut().enumerate() {
-        f.path = format!("{prefix}-{i:05}.{ext}");
+        f.path = data_file(stem, i);
     }
     files
 }
@@ -101,15 +157,11 @@ pub async fn finalize(
     job: &JobRecord,
     parts: &[PartRow],
     inputs: Vec<InputFile>,
+    claim: &Claim<'_>,
 ) -> Result<Committed, FinalizeError> {
     let out = stores.locate(&job.output_uri)?;
-    let covered: u64 = parts.iter().map(|p| p.rows).sum();
-    if covered != job.rows_total {
-        return Err(FinalizeError::Incomplete {
-            job: job.id,
-            message: format!("parts cover {covered} of {} rows", job.rows_total),
-        });
-    }
+    check_coverage(job, parts)?;
+    verify_parts(&out, job, parts).await?;
     let target = job.spec.output.target_file_mb * 1024 * 1024;
     let output_parts: Vec<(String, u64, u64)> = parts
         .iter()
@@ -123,11 +175,11 @@ pub async fn finalize(
                 .map(|u| (u, p.error_rows, p.error_bytes))
         })
         .collect();
-    let files = plan_files(&output_parts, target, "part", "parquet");
-    let error_files = plan_files(&error_parts, target, "_errors/errors", "parquet");
+    let files = plan_files(&output_parts, target, OUTPUT_FILE_STEM);
+    let error_files = plan_files(&error_parts, target, ERROR_FILE_STEM);
 
-    let written = write_files(stores, &out, &files).await?;
-    let errors_written = write_files(stores, &out, &error_files).await?;
+    let written = write_files(stores, &out, &job.uid, &files).await?;
+    let errors_written = write_files(stores, &out, &job.uid, &error_files).await?;
     let schema = match files.first() {
         Some(f) => schema_of(stores, &f.sources[0]).await?,
         None => match parts.first() {
@@ -157,14 +209,41 @@ pub async fn finalize(
         input_snapshot: inputs,
     };
     let body = serde_json::to_vec_pretty(&manifest).map_err(|e| FinalizeError::Write {
-        uri: out.join("_manifest.json").uri(),
+        uri: out.join(MANIFEST).uri(),
         message: e.to_string(),
     })?;
     crash_point("finalize:before-manifest");
-    put(&out.join("_manifest.json"), body).await?;
+    check_manifest_owner(&out.join(MANIFEST), &job.uid).await?;
+    claim.renew().await?;
+    put(&out.join(MANIFEST), body).await?;
     crash_point("finalize:before-success");
-    put(&out.join("_SUCCESS"), Vec::new()).await?;
+    claim.renew().await?;
+    put(&out.join(SUCCESS), Vec::new()).await?;
     Ok(Committed { manifest })
+}
+
+/// The parts cover the job's rows exactly, and no part counts more error rows than rows.
+fn check_coverage(job: &JobRecord, parts: &[PartRow]) -> Result<(), FinalizeError> {
+    if let Some(p) = parts.iter().find(|p| p.error_rows > p.rows) {
+        return Err(FinalizeError::Part {
+            uri: p.uri.clone(),
+            message: format!("{} error rows of {} rows", p.error_rows, p.rows),
+        });
+    }
+    let covered = parts
+        .iter()
+        .try_fold(0u64, |sum, p| sum.checked_add(p.rows));
+    if covered != Some(job.rows_total) {
+        return Err(FinalizeError::Incomplete {
+            job: job.id,
+            message: format!(
+                "parts cover {} of {} rows",
+                covered.map_or("more than 2^64".into(), |c| c.to_string()),
+                job.rows_total
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Crash tests stop the process here, for real, when `NIGHTSHIFT_CRASH_AT` names this point:
@@ -193,9 +272,7 @@ pub async fn collect_garbage(
     output_uri: &str,
     job_uid: &str,
 ) -> Result<Garbage, StorageError> {
-    let prefix = stores
-        .locate(output_uri)?
-        .join(&format!("_parts/{job_uid}"));
+    let prefix = stores.locate(output_uri)?.join(&parts_dir(job_uid));
     let uri = prefix.uri();
     let store = prefix.store().clone();
     let paths = store
@@ -233,12 +310,16 @@ async fn put(loc: &Location, body: Vec<u8>) -> Result<(), FinalizeError> {
 async fn write_files(
     stores: &Stores,
     out: &Location,
+    job_uid: &str,
     files: &[FilePlan],
 ) -> Result<Vec<ManifestFile>, FinalizeError> {
     futures::stream::iter(files.iter().cloned())
         .map(|f| async move {
             let dest = out.join(&f.path);
-            let bytes = write_file(stores, &dest, &f).await?;
+            let bytes = match owned_file(&dest, job_uid, f.rows).await? {
+                Some(bytes) => bytes,
+                None => write_file(stores, &dest, job_uid, &f).await?,
+            };
             Ok::<_, FinalizeError>(ManifestFile {
                 path: f.path.clone(),
                 rows: f.rows,
@@ -250,25 +331,17 @@ async fn write_files(
         .await
 }
 
-/// Produces one output file unless an earlier attempt already did; returns its size.
-async fn write_file(stores: &Stores, dest: &Location, f: &FilePlan) -> Result<u64, FinalizeError> {
-    if let Ok(meta) = dest.store().head(dest.path()).await {
-        return Ok(meta.size);
-    }
+/// Produces one output file; returns its size.
+async fn write_file(
+    stores: &Stores,
+    dest: &Location,
+    job_uid: &str,
+    f: &FilePlan,
+) -> Result<u64, FinalizeError> {
     if let [single] = f.sources.as_slice() {
         let src = stores.locate(single)?;
         if src.uri().starts_with(&root_of(dest)) {
-            dest.store()
-                .copy(src.path(), dest.path())
-                .await
-                .map_err(|e| StorageError::from_store(&dest.uri(), e))?;
-            sync_local(dest).await?;
-            let meta = dest
-                .store()
-                .head(dest.path())
-                .await
-                .map_err(|e| StorageError::from_store(&dest.uri(), e))?;
-            return Ok(meta.size);
+            return Ok(copy_object(&src, dest).await?);
         }
     }
     let mut writer: Option<AsyncArrowWriter<PartUpload>> = None;
@@ -280,16 +353,12 @@ async fn write_file(stores: &Stores, dest: &Location, f: &FilePlan) -> Result<u6
             None => {
                 let upload = PartUpload::new(dest.clone());
                 bytes = Some(upload.bytes_counter());
-                let props = WriterProperties::builder()
-                    .set_compression(Compression::SNAPPY)
-                    .build();
                 writer.insert(
-                    AsyncArrowWriter::try_new(upload, schema, Some(props)).map_err(|e| {
-                        FinalizeError::Write {
+                    AsyncArrowWriter::try_new(upload, schema, Some(file_properties(job_uid)))
+                        .map_err(|e| FinalizeError::Write {
                             uri: dest.uri(),
                             message: e.to_string(),
-                        }
-                    })?,
+                        })?,
                 )
             }
         };
@@ -305,21 +374,25 @@ async fn write_file(stores: &Stores, dest: &Location, f: &FilePlan) -> Result<u6
         }
     }
     if let Some(w) = writer {
-        match w.close().await {
-            Ok(_) => {}
-            // Another finalizer got there first with the same content.
-            Err(e) if e.to_string().contains("already exists") => {}
-            Err(e) => {
-                return Err(FinalizeError::Write {
-                    uri: dest.uri(),
-                    message: e.to_string(),
-                });
-            }
-        }
+        w.close().await.map_err(|e| FinalizeError::Write {
+            uri: dest.uri(),
+            message: e.to_string(),
+        })?;
     }
     Ok(bytes
         .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
         .unwrap_or(0))
+}
+
+/// Output files the commit writes: Snappy, and a footer that names the job.
+fn file_properties(job_uid: &str) -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_key_value_metadata(Some(vec![KeyValue::new(
+            JOB_UID_KEY.to_string(),
+            job_uid.to_string(),
+        )]))
+        .build()
 }
 
 /// `s3://bucket` or empty for local paths: copies stay within one store.
@@ -369,7 +442,7 @@ mod tests {
         let mb = 1024 * 1024;
         let parts: Vec<(String, u64, u64)> =
             (0..25).map(|i| (format!("p{i}"), 10, 30 * mb)).collect();
-        let files = plan_files(&parts, 100 * mb, "part", "parquet");
+        let files = plan_files(&parts, 100 * mb, OUTPUT_FILE_STEM);
         assert_eq!(files.len(), 7);
         assert!(files[..6].iter().all(|f| f.bytes >= 100 * mb));
         assert_eq!(files[6].sources, ["p24"]);
@@ -381,7 +454,7 @@ mod tests {
             ("b".to_string(), 0, 0),
             ("c".to_string(), 5, 1),
         ];
-        let files = plan_files(&big, 100 * mb, "part", "parquet");
+        let files = plan_files(&big, 100 * mb, OUTPUT_FILE_STEM);
         assert_eq!(
             files.iter().map(|f| f.sources.clone()).collect::<Vec<_>>(),
             [vec!["a".to_string()], vec!["c".to_string()]]

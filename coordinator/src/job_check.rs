@@ -10,11 +10,13 @@ use futures::{StreamExt, TryStreamExt};
 use nightshift_proto::JobSpec;
 use nightshift_proto::wire::{InputFile, JobPlan, Manifest};
 use nightshift_signature::{ModelSignature, plan_tensors};
+use nightshift_storage::input_listing::input_base;
 use nightshift_storage::{InputObject, ObjectReader, StorageError, Stores, list_inputs, read_all};
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 
 use crate::planner::plan_file;
+use crate::store::output_key;
 
 /// Footers read at once while planning.
 const FOOTER_CONCURRENCY: usize = 16;
@@ -51,6 +53,29 @@ pub enum JobCheckError {
     OutputTaken { uri: String, job: String },
     #[error("output `{uri}` is not writable: {reason}")]
     OutputNotWritable { uri: String, reason: String },
+    #[error(
+        "output `{output}` overlaps the input `{input}`: a job never writes where it reads \
+         (the same place, one inside the other, or a file the input matches)"
+    )]
+    OutputOverlapsInput { output: String, input: String },
+}
+
+/// Whether one of two locations lies inside the other (or they are the same).
+fn overlap(a: &str, b: &str) -> bool {
+    let (a, b) = (output_key(a), output_key(b));
+    a.starts_with(&b) || b.starts_with(&a)
+}
+
+/// The output is neither the input's place, nor inside it, nor around it.
+fn check_apart(spec: &JobSpec) -> Result<(), JobCheckError> {
+    let base = input_base(&spec.input.uri);
+    if !base.is_empty() && overlap(base, &spec.output.uri) {
+        return Err(JobCheckError::OutputOverlapsInput {
+            output: spec.output.uri.clone(),
+            input: spec.input.uri.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// A checked job: its plan and what the output will look like.
@@ -73,9 +98,19 @@ pub async fn check_and_plan(stores: &Stores, spec: &JobSpec) -> Result<CheckedJo
     );
     drop(model_bytes);
 
+    check_apart(spec)?;
     let objects = list_inputs(stores, &spec.input.uri)
         .await
         .map_err(JobCheckError::Input)?;
+    if let Some(inside) = objects
+        .iter()
+        .find(|o| overlap(&o.location.uri(), &spec.output.uri))
+    {
+        return Err(JobCheckError::OutputOverlapsInput {
+            output: spec.output.uri.clone(),
+            input: inside.location.uri(),
+        });
+    }
     let footers: Vec<(InputObject, ArrowReaderMetadata)> =
         futures::stream::iter(objects)
             .map(|o| async move {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::finalizer::{collect_garbage, finalize};
+use crate::finalizer::{Claim, FinalizeError, collect_garbage, finalize};
 use crate::service::Service;
 use crate::store::JobOutcome;
 
@@ -25,6 +25,10 @@ pub async fn reaper(service: Service, every: Duration, shutdown: CancellationTok
         }
     }
 }
+
+/// How long a job whose commit failed for a retryable reason waits before any replica takes
+/// it again; meanwhile the finalizer serves other jobs.
+pub const COMMIT_RETRY_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Moves finished jobs on (to finalizing or failed) and commits finalizing ones.
 pub async fn finalizer(
@@ -60,12 +64,15 @@ pub async fn finalizer(
                         claim_ttl,
                         renewing.clone(),
                     ));
-                    let committed = commit(&service, &replica, job).instrument(span).await;
+                    let committed = commit(&service, &replica, claim_ttl, job)
+                        .instrument(span)
+                        .await;
                     renewing.cancel();
                     if !committed {
-                        // Give it up now: the next pass (of any replica) tries again.
-                        let _ = service.store.extend_finalize(id, &replica, 0).await;
-                        break;
+                        // Keep it through a backoff: the next passes serve other jobs first,
+                        // then any replica tries this one again.
+                        let backoff = COMMIT_RETRY_BACKOFF.as_millis() as i64;
+                        let _ = service.store.extend_finalize(id, &replica, backoff).await;
                     }
                 }
                 Ok(None) => break,
@@ -108,7 +115,12 @@ async fn renew_claim(
 }
 
 /// Commits one job; false when it should be tried again later.
-async fn commit(service: &Service, replica: &str, job: crate::store::JobRecord) -> bool {
+async fn commit(
+    service: &Service,
+    replica: &str,
+    claim_ttl: Duration,
+    job: crate::store::JobRecord,
+) -> bool {
     let parts = match service.store.parts(job.id).await {
         Ok(p) => p,
         Err(e) => {
@@ -123,7 +135,13 @@ async fn commit(service: &Service, replica: &str, job: crate::store::JobRecord) 
             return false;
         }
     };
-    let outcome = match finalize(&service.stores, &job, &parts, inputs).await {
+    let claim = Claim {
+        store: &service.store,
+        job: job.id,
+        owner: replica,
+        ttl_ms: claim_ttl.as_millis() as i64,
+    };
+    let outcome = match finalize(&service.stores, &job, &parts, inputs, &claim).await {
         Ok(c) => {
             tracing::info!(
                 job = job.id,
@@ -133,6 +151,13 @@ async fn commit(service: &Service, replica: &str, job: crate::store::JobRecord) 
                 "job committed"
             );
             JobOutcome::Succeeded
+        }
+        Err(FinalizeError::ClaimLost) => {
+            tracing::info!(
+                job = job.id,
+                "job no longer ours to commit (cancelled or taken)"
+            );
+            return true;
         }
         Err(e) if e.is_retryable() => {
             tracing::warn!(job = job.id, error = %e, "finalizing failed; will retry");

@@ -6,22 +6,35 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nightshift_proto::wire::{
-    HeartbeatResponse, JobView, LeaseRef, LeaseResponse, PartRecord, ShardLease, SubmitResponse,
+    HeartbeatResponse, JobView, LeaseRef, LeaseResponse, LeaseStatus, PartRecord, ShardLease,
+    SubmitResponse,
 };
-use nightshift_proto::{FailureClass, JobSpec};
+use nightshift_proto::{FailureClass, JobSpec, LeaseState, check_free_text, check_text};
 use nightshift_storage::Stores;
-use nightshift_storage::location::{absolutize, is_local_uri};
+use nightshift_storage::location::{is_local_uri, resolve_links};
 use tokio_util::sync::CancellationToken;
 
 use crate::allow_list::AllowList;
 use crate::api_error::ApiError;
 use crate::coalescer::{Coalescer, Limits};
 use crate::job_check::check_and_plan;
+use crate::lease_check::{held_by, held_by_each};
 use crate::metrics::Metrics;
-use crate::store::{ClaimRequest, DynStore, JobRecord, LeaseTiming, NewJob, StoreError, Submitted};
+use crate::part_check::{check_counts, check_objects};
+use crate::store::{
+    ClaimRequest, DynStore, JobRecord, LeaseHolder, LeaseTiming, NewJob, StoreError, Submitted,
+};
 
 /// The most shards one lease request may take.
 pub const MAX_LEASE_BATCH: u32 = 256;
+/// The most leases one heartbeat may name.
+const MAX_HEARTBEAT_LEASES: usize = 4096;
+/// Longest worker id accepted.
+const MAX_WORKER_ID_CHARS: usize = 200;
+/// Longest idempotency key accepted.
+const MAX_KEY_CHARS: usize = 200;
+/// A shard's failure message is kept to this many characters.
+const MAX_FAIL_MESSAGE_CHARS: usize = 4000;
 
 /// Claims in flight at once when coalescing, and shards per claim call.
 const CLAIM_LIMITS: Limits = Limits {
@@ -48,7 +61,8 @@ pub struct Service {
 #[derive(Clone)]
 struct Coalesced {
     claims: Coalescer<ClaimRequest, Vec<ShardLease>>,
-    completions: Coalescer<LeaseRef, ()>,
+    /// `(worker, lease)`: each completion is checked against its own worker.
+    completions: Coalescer<(String, LeaseRef), ()>,
 }
 
 impl Service {
@@ -84,9 +98,9 @@ impl Service {
         let store = self.store.clone();
         let completions = Coalescer::start(
             COMPLETE_LIMITS,
-            Arc::new(move |leases: Vec<LeaseRef>| {
+            Arc::new(move |requests: Vec<(String, LeaseRef)>| {
                 let store = store.clone();
-                Box::pin(async move { store.complete_many(&leases).await })
+                Box::pin(async move { complete_lot(&store, &requests).await })
             }),
             shutdown,
         );
@@ -118,22 +132,18 @@ impl Service {
                         reason: "local paths in a submitted spec must be absolute".into(),
                     });
                 }
-                *uri = absolutize(uri);
+                // Links are followed first: the allow-list judges where a path really leads.
+                *uri = resolve_links(uri);
             }
-            if let Some(reason) = self.allow.refusal(uri.trim_end_matches('/')) {
-                return Err(ApiError::UriNotAllowed {
-                    key: field,
-                    uri: uri.clone(),
-                    reason,
-                });
-            }
+            self.allowed(field, uri)?;
         }
         if let Some(k) = &key {
-            if k.is_empty() || k.len() > 200 {
-                return Err(ApiError::BadRequest(
-                    "Idempotency-Key must be 1 to 200 characters".into(),
-                ));
+            if k.is_empty() || k.chars().count() > MAX_KEY_CHARS {
+                return Err(ApiError::BadRequest(format!(
+                    "Idempotency-Key must be 1 to {MAX_KEY_CHARS} characters"
+                )));
             }
+            check_text("Idempotency-Key", k)?;
             if let Some(existing) = self.store.job_by_key(k).await? {
                 return if existing.spec_hash == spec.hash() {
                     Ok(SubmitResponse {
@@ -151,6 +161,12 @@ impl Service {
         let checked = check_and_plan(&self.stores, &spec)
             .await
             .map_err(ApiError::Check)?;
+        // A glob inside an allowed directory may still match a link that leads out of it.
+        for file in &checked.plan.files {
+            if is_local_uri(&file.uri) {
+                self.allowed("input.uri", &resolve_links(&file.uri))?;
+            }
+        }
         let submitted = self
             .store
             .create_job(NewJob {
@@ -168,6 +184,18 @@ impl Service {
         Ok(SubmitResponse { created, job })
     }
 
+    /// The allow-list's verdict on `uri`, given in `field`.
+    fn allowed(&self, field: &'static str, uri: &str) -> Result<(), ApiError> {
+        match self.allow.refusal(uri.trim_end_matches('/')) {
+            None => Ok(()),
+            Some(reason) => Err(ApiError::UriNotAllowed {
+                key: field,
+                uri: uri.to_string(),
+                reason,
+            }),
+        }
+    }
+
     pub async fn view(&self, job: &JobRecord) -> Result<JobView, ApiError> {
         let (counts, done, errors) = self.store.shard_counts(job.id).await?;
         let now = self.store.now_ms().await?;
@@ -176,11 +204,17 @@ impl Service {
 
     /// A job by numeric id or, failing that, the newest job of that name.
     pub async fn find(&self, id_or_name: &str) -> Result<JobRecord, ApiError> {
+        check_text("job", id_or_name)?;
         let found = match id_or_name.parse::<i64>() {
             Ok(id) => self.store.job(id).await?,
             Err(_) => self.store.job_by_name(id_or_name).await?,
         };
-        found.ok_or_else(|| ApiError::NotFound(format!("no job `{id_or_name}`")))
+        found.ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no job `{}`",
+                nightshift_proto::excerpt(id_or_name)
+            ))
+        })
     }
 
     pub async fn get(&self, id_or_name: &str) -> Result<JobView, ApiError> {
@@ -211,14 +245,12 @@ impl Service {
         self.view(&job).await
     }
 
-    // Worker operations.
+    // Worker operations. Workers are less trusted than the coordinator: every text they send
+    // is checked before it reaches the database or a log, every lease they name must be theirs
+    // (`lease_check`), and every part they report must be theirs and add up (`part_check`).
 
     pub async fn lease(&self, worker: &str, max: u32) -> Result<LeaseResponse, ApiError> {
-        if worker.is_empty() || worker.len() > 200 {
-            return Err(ApiError::BadRequest(
-                "worker_id must be 1 to 200 characters".into(),
-            ));
-        }
+        check_worker_id(worker)?;
         let started = Instant::now();
         let request = ClaimRequest {
             worker: worker.to_string(),
@@ -243,28 +275,75 @@ impl Service {
         })
     }
 
+    /// Extends the leases `worker` holds; any other lease it names answers `lost`.
     pub async fn heartbeat(
         &self,
         worker: &str,
         leases: &[LeaseRef],
     ) -> Result<HeartbeatResponse, ApiError> {
-        Ok(self.store.heartbeat(worker, leases, self.timing).await?)
+        check_worker_id(worker)?;
+        check_lease_count(leases.len(), MAX_HEARTBEAT_LEASES)?;
+        let held = held_by(&self.store, worker, leases).await?;
+        let lost = |l: &LeaseRef| LeaseStatus {
+            shard_id: l.shard_id,
+            token: l.token,
+            state: LeaseState::Lost,
+        };
+        let statuses = on_held(leases, &held, lost, |mine| async move {
+            Ok(self
+                .store
+                .heartbeat(worker, &mine, self.timing)
+                .await?
+                .leases)
+        })
+        .await?;
+        Ok(HeartbeatResponse { leases: statuses })
     }
 
-    pub async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<(), ApiError> {
+    /// The grant `worker` holds for `lease`, or `lease_lost`.
+    async fn holder(&self, worker: &str, lease: LeaseRef) -> Result<LeaseHolder, ApiError> {
+        check_worker_id(worker)?;
+        held_by(&self.store, worker, &[lease])
+            .await?
+            .pop()
+            .flatten()
+            .ok_or(ApiError::Store(StoreError::LeaseLost {
+                shard_id: lease.shard_id,
+                token: lease.token,
+            }))
+    }
+
+    pub async fn checkpoint(
+        &self,
+        worker: &str,
+        lease: LeaseRef,
+        part: &PartRecord,
+    ) -> Result<(), ApiError> {
+        check_text("part.uri", &part.uri)?;
+        if let Some(uri) = &part.error_uri {
+            check_text("part.error_uri", uri)?;
+        }
+        let holder = self.holder(worker, lease).await?;
+        check_counts(part, holder.rows)?;
+        check_objects(&self.stores, &holder, &lease, part).await?;
         self.store.checkpoint(lease, part).await?;
         self.metrics.rows_committed(part.rows);
         Ok(())
     }
 
-    pub async fn complete(&self, lease: LeaseRef) -> Result<(), ApiError> {
+    pub async fn complete(&self, worker: &str, lease: LeaseRef) -> Result<(), ApiError> {
+        check_worker_id(worker)?;
+        let request = (worker.to_string(), lease);
         let coalesced = match &self.coalesced {
-            Some(c) => c.completions.call(lease, 1).await,
+            Some(c) => c.completions.call(request.clone(), 1).await,
             None => None,
         };
         match coalesced {
             Some(answer) => answer?,
-            None => self.store.complete(lease).await?,
+            None => complete_lot(&self.store, &[request])
+                .await?
+                .pop()
+                .unwrap_or(Ok(()))?,
         }
         self.metrics.shard_completed();
         Ok(())
@@ -274,15 +353,14 @@ impl Service {
     /// give. Only a failure of the store fails the whole request.
     pub async fn complete_many(
         &self,
+        worker: &str,
         leases: &[LeaseRef],
     ) -> Result<Vec<Result<(), ApiError>>, ApiError> {
-        if leases.len() > MAX_LEASE_BATCH as usize {
-            return Err(ApiError::BadRequest(format!(
-                "at most {MAX_LEASE_BATCH} leases per request, not {}",
-                leases.len()
-            )));
-        }
-        let answers = self.store.complete_many(leases).await?;
+        check_worker_id(worker)?;
+        check_lease_count(leases.len(), MAX_LEASE_BATCH as usize)?;
+        let requests: Vec<(String, LeaseRef)> =
+            leases.iter().map(|l| (worker.to_string(), *l)).collect();
+        let answers = complete_lot(&self.store, &requests).await?;
         Ok(answers
             .into_iter()
             .map(|answer| {
@@ -296,16 +374,103 @@ impl Service {
 
     pub async fn fail(
         &self,
+        worker: &str,
         lease: LeaseRef,
         class: FailureClass,
         message: &str,
     ) -> Result<(), ApiError> {
-        let message: String = message.chars().take(4000).collect();
-        tracing::warn!(shard = lease.shard_id, %class, error = %message, "shard failed");
+        let message: String = message.chars().take(MAX_FAIL_MESSAGE_CHARS).collect();
+        check_free_text("message", &message)?;
+        self.holder(worker, lease).await?;
+        // Debug formatting escapes the worker's text: it cannot forge log lines.
+        tracing::warn!(shard = lease.shard_id, worker = ?worker, %class, error = ?message, "shard failed");
         Ok(self.store.fail(lease, class, &message, self.timing).await?)
     }
 
-    pub async fn release(&self, lease: LeaseRef) -> Result<(), ApiError> {
+    pub async fn release(&self, worker: &str, lease: LeaseRef) -> Result<(), ApiError> {
+        self.holder(worker, lease).await?;
         Ok(self.store.release(lease).await?)
     }
+}
+
+/// Completes each `(worker, lease)` that its worker holds (one read for all, one store call for
+/// those held); the others answer `lease_lost`.
+async fn complete_lot(
+    store: &DynStore,
+    requests: &[(String, LeaseRef)],
+) -> crate::store::Result<Vec<crate::store::Result<()>>> {
+    let workers: Vec<&str> = requests.iter().map(|(w, _)| w.as_str()).collect();
+    let leases: Vec<LeaseRef> = requests.iter().map(|(_, l)| *l).collect();
+    let held = held_by_each(store, &workers, &leases).await?;
+    let lost = |l: &LeaseRef| {
+        Err(StoreError::LeaseLost {
+            shard_id: l.shard_id,
+            token: l.token,
+        })
+    };
+    on_held(&leases, &held, lost, |mine| async move {
+        store.complete_many(&mine).await
+    })
+    .await
+}
+
+/// One answer per lease, in order: `call`'s for the leases that are held (it gets them in
+/// order and answers each), `not_held`'s for the others. `call` is skipped when none is held.
+async fn on_held<A, F, Fut>(
+    leases: &[LeaseRef],
+    held: &[Option<LeaseHolder>],
+    not_held: impl Fn(&LeaseRef) -> A,
+    call: F,
+) -> crate::store::Result<Vec<A>>
+where
+    F: FnOnce(Vec<LeaseRef>) -> Fut,
+    Fut: std::future::Future<Output = crate::store::Result<Vec<A>>>,
+{
+    let mine: Vec<LeaseRef> = leases
+        .iter()
+        .zip(held)
+        .filter(|(_, h)| h.is_some())
+        .map(|(l, _)| *l)
+        .collect();
+    let wanted = mine.len();
+    let answers = if mine.is_empty() {
+        Vec::new()
+    } else {
+        call(mine).await?
+    };
+    if answers.len() != wanted {
+        return Err(StoreError::Corrupt(format!(
+            "{} answers for {wanted} leases",
+            answers.len()
+        )));
+    }
+    let mut answers = answers.into_iter();
+    Ok(leases
+        .iter()
+        .zip(held)
+        .map(|(l, h)| match h {
+            // As many answers as held leases: checked above.
+            Some(_) => answers.next().unwrap_or_else(|| not_held(l)),
+            None => not_held(l),
+        })
+        .collect())
+}
+
+/// A worker id is 1 to `MAX_WORKER_ID_CHARS` characters of printable text.
+fn check_worker_id(worker: &str) -> Result<(), ApiError> {
+    if worker.is_empty() || worker.chars().count() > MAX_WORKER_ID_CHARS {
+        return Err(ApiError::BadRequest(format!(
+            "worker_id must be 1 to {MAX_WORKER_ID_CHARS} characters"
+        )));
+    }
+    Ok(check_text("worker_id", worker)?)
+}
+
+fn check_lease_count(n: usize, max: usize) -> Result<(), ApiError> {
+    if n > max {
+        return Err(ApiError::BadRequest(format!(
+            "at most {max} leases per request, not {n}"
+        )));
+    }
+    Ok(())
 }

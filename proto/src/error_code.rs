@@ -19,6 +19,13 @@ pub enum ErrorCode {
     Unauthorized,
     Forbidden,
     BadRequest,
+    /// A part a worker reported is not its own, does not exist as reported, or its counts do
+    /// not add up.
+    InvalidPart,
+    /// The request body is larger than the coordinator accepts.
+    TooLarge,
+    /// The route exists, but not for this method.
+    MethodNotAllowed,
     Unavailable,
     Internal,
 }

@@ -2,9 +2,11 @@
 //! the lease protocol, and error codes. No I/O, no runtime: everything here is serde data.
 
 pub mod error_code;
+pub mod layout;
 pub mod spec;
 pub mod spec_check;
 pub mod state;
+pub mod text;
 pub mod wire;
 
 pub use error_code::{ErrorBody, ErrorCode};
@@ -13,3 +15,4 @@ pub use spec::{
 };
 pub use spec_check::SpecError;
 pub use state::{FailureClass, JobState, LeaseState, ShardState};
+pub use text::{TextError, check_free_text, check_text, excerpt};

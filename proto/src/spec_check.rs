@@ -3,6 +3,30 @@
 use std::fmt;
 
 use crate::spec::JobSpec;
+use crate::text::{TextError, check_text, excerpt};
+
+/// Every string in `value`, object keys included, passes `check_text`; `at` is the dotted key.
+fn check_strings(value: &serde_json::Value, at: &str) -> Result<(), TextError> {
+    let child = |k: &str| {
+        if at.is_empty() {
+            excerpt(k)
+        } else {
+            format!("{at}.{}", excerpt(k))
+        }
+    };
+    match value {
+        serde_json::Value::String(s) => check_text(at, s),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| check_strings(v, &format!("{at}[{i}]"))),
+        serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+            check_text(&child(k), k)?;
+            check_strings(v, &child(k))
+        }),
+        _ => Ok(()),
+    }
+}
 
 /// A spec that does not parse or breaks a rule. `key` is the dotted key (`batch.size`) and
 /// `line` the 1-based line in the TOML source when known.
@@ -56,6 +80,24 @@ impl JobSpec {
         Ok(spec)
     }
 
+    /// No string of the spec, key or value, holds a control character (they would reach the
+    /// database, paths and logs).
+    fn check_text(&self) -> Result<(), SpecError> {
+        let value = serde_json::to_value(self).map_err(|e| SpecError {
+            key: None,
+            line: None,
+            message: e.to_string(),
+        })?;
+        check_strings(&value, "").map_err(|e| SpecError {
+            key: Some(e.field.clone()),
+            line: None,
+            message: format!(
+                "holds a control character ({}) at character {}",
+                e.found, e.at
+            ),
+        })
+    }
+
     /// The rules a parsed spec must follow beyond its types.
     pub fn check(&self) -> Result<(), SpecError> {
         let err = |key: &str, message: String| {
@@ -65,12 +107,13 @@ impl JobSpec {
                 message,
             })
         };
+        self.check_text()?;
         if self.name.is_empty() || self.name.len() > MAX_NAME_LEN {
             return err(
                 "name",
                 format!(
                     "name `{}` must be 1 to {MAX_NAME_LEN} characters long",
-                    self.name
+                    excerpt(&self.name)
                 ),
             );
         }
@@ -83,7 +126,7 @@ impl JobSpec {
                 "name",
                 format!(
                     "name `{}` may hold only letters, digits, '-' and '_', not {c:?}",
-                    self.name
+                    excerpt(&self.name)
                 ),
             );
         }
@@ -293,6 +336,26 @@ size = 1024
 [shards]
 rows = 200000
 "#;
+
+    #[test]
+    fn control_characters_anywhere_are_refused_naming_the_key() {
+        let nul = GOOD.replace("out/demo-scores/", "out/demo\\u0000/");
+        let e = JobSpec::from_toml(&nul).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("output.uri"), "{e}");
+        assert!(e.message.contains("control character"), "{e}");
+        let newline = GOOD.replace("passthrough = [\"id\"]", "passthrough = [\"id\\nx\"]");
+        let e = JobSpec::from_toml(&newline).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("output.passthrough[0]"), "{e}");
+        let key = GOOD.replace("x = \"features\"", "\"x\\u0001\" = \"features\"");
+        let e = JobSpec::from_toml(&key).unwrap_err();
+        assert!(
+            e.key.as_deref().unwrap_or("").starts_with("model.inputs."),
+            "{e}"
+        );
+        let long = GOOD.replace("demo-scores\"", &format!("{}\"", "n".repeat(10_000)));
+        let e = JobSpec::from_toml(&long).unwrap_err();
+        assert!(e.to_string().len() < 300, "{e}");
+    }
 
     #[test]
     fn parses_the_documented_spec() {

@@ -108,6 +108,9 @@ pub struct ShardLease {
     pub shard_id: i64,
     /// Fencing token: every write for this shard carries it; a stale one is refused.
     pub token: i64,
+    /// Random secret of this grant, known only to the worker it was granted to: every write
+    /// carries it, so a lease cannot be used by guessing its (sequential) token.
+    pub secret: LeaseSecret,
     /// 1 for the first grant.
     pub attempt: u32,
     pub file: InputFile,
@@ -117,6 +120,64 @@ pub struct ShardLease {
     pub spec: JobSpec,
 }
 
+impl ShardLease {
+    /// What every write for this lease carries.
+    pub fn lease_ref(&self) -> LeaseRef {
+        LeaseRef {
+            shard_id: self.shard_id,
+            token: self.token,
+            secret: self.secret,
+        }
+    }
+}
+
+/// A lease's random secret: 128 bits, written as 32 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseSecret(u128);
+
+impl LeaseSecret {
+    pub const fn from_u128(value: u128) -> Self {
+        Self(value)
+    }
+
+    pub fn as_u128(&self) -> u128 {
+        self.0
+    }
+
+    /// The 32-digit hex form, as the wire and the store hold it.
+    pub fn to_hex(&self) -> String {
+        format!("{:032x}", self.0)
+    }
+
+    /// Parses exactly 32 hex digits.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        (text.len() == 32 && text.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| u128::from_str_radix(text, 16).ok().map(Self))
+            .flatten()
+    }
+}
+
+/// Never printed: a secret in a log line would be a credential in the log.
+impl std::fmt::Debug for LeaseSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeaseSecret(..)")
+    }
+}
+
+impl Serialize for LeaseSecret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for LeaseSecret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::from_hex(&text)
+            .ok_or_else(|| serde::de::Error::custom("a lease secret is 32 hex digits"))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeaseResponse {
     pub leases: Vec<ShardLease>,
@@ -124,11 +185,13 @@ pub struct LeaseResponse {
     pub lease_ttl_ms: u64,
 }
 
-/// Identifies one lease in writes and heartbeats.
+/// Identifies one lease in writes and heartbeats: the shard, the grant's fencing token and
+/// the grant's secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LeaseRef {
     pub shard_id: i64,
     pub token: i64,
+    pub secret: LeaseSecret,
 }
 
 /// `POST /v1/heartbeats`: extends every lease still held.
@@ -173,18 +236,24 @@ pub struct PartRecord {
 /// must start exactly at the current checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckpointRequest {
+    /// The worker that holds the lease(s); any other is refused.
+    pub worker_id: String,
     pub lease: LeaseRef,
     pub part: PartRecord,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompleteRequest {
+    /// The worker that holds the lease(s); any other is refused.
+    pub worker_id: String,
     pub lease: LeaseRef,
 }
 
 /// `POST /v1/worker/complete-many`: several completions in one request (at most 256).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompleteManyRequest {
+    /// The worker that holds the lease(s); any other is refused.
+    pub worker_id: String,
     pub leases: Vec<LeaseRef>,
 }
 
@@ -197,6 +266,8 @@ pub struct CompleteManyResponse {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailRequest {
+    /// The worker that holds the lease(s); any other is refused.
+    pub worker_id: String,
     pub lease: LeaseRef,
     pub class: FailureClass,
     pub message: String,
@@ -204,6 +275,8 @@ pub struct FailRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseRequest {
+    /// The worker that holds the lease(s); any other is refused.
+    pub worker_id: String,
     pub lease: LeaseRef,
 }
 

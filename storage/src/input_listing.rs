@@ -15,10 +15,23 @@ pub struct InputObject {
     pub meta: ObjectMeta,
 }
 
+/// Characters that make an input URI a glob.
+pub const GLOB_CHARS: [char; 4] = ['*', '?', '[', '{'];
+
+/// The fixed directory of an input URI that every object it names lies under: the URI itself,
+/// or for a glob the directory that holds its first wildcard (empty for a relative glob with
+/// no directory).
+pub fn input_base(uri: &str) -> &str {
+    match uri.find(GLOB_CHARS) {
+        Some(i) => &uri[..uri[..i].rfind('/').map(|j| j + 1).unwrap_or(0)],
+        None => uri,
+    }
+}
+
 /// The objects an input URI names, sorted by URI. Errors when nothing matches.
 pub async fn list_inputs(stores: &Stores, uri: &str) -> Result<Vec<InputObject>, StorageError> {
-    let found = match uri.find(['*', '?', '[', '{']) {
-        Some(i) => list_glob(stores, uri, i).await?,
+    let found = match uri.find(GLOB_CHARS) {
+        Some(_) => list_glob(stores, uri).await?,
         None => list_plain(stores, uri).await?,
     };
     if found.is_empty() {
@@ -58,13 +71,9 @@ async fn list_plain(stores: &Stores, uri: &str) -> Result<Vec<InputObject>, Stor
     Ok(objects.into_iter().filter(|o| !hidden(&loc, o)).collect())
 }
 
-async fn list_glob(
-    stores: &Stores,
-    uri: &str,
-    first_wild: usize,
-) -> Result<Vec<InputObject>, StorageError> {
+async fn list_glob(stores: &Stores, uri: &str) -> Result<Vec<InputObject>, StorageError> {
     // List from the directory that holds the first wildcard; match the rest of the path.
-    let base_end = uri[..first_wild].rfind('/').map(|i| i + 1).unwrap_or(0);
+    let base_end = input_base(uri).len();
     let base_uri = if base_end == 0 { "." } else { &uri[..base_end] };
     let pattern = &uri[base_end..];
     let base = stores.locate(base_uri)?;

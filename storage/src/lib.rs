@@ -1,6 +1,7 @@
 //! One path to every object: local files and S3 (or an S3-compatible store) behind
 //! `object_store`, with the Parquet reader and part writer the planner, worker and finalizer use.
 
+mod copy;
 pub mod error;
 pub mod input_listing;
 pub mod location;
@@ -9,6 +10,7 @@ pub mod open_uploads;
 pub mod part_upload;
 pub mod s3;
 
+pub use copy::copy_object;
 pub use error::StorageError;
 pub use input_listing::{InputObject, list_inputs};
 pub use location::{Location, Stores};

@@ -236,9 +236,64 @@ pub fn absolutize(uri: &str) -> String {
     }
 }
 
+/// A local URI made absolute with the links along its existing leading directories resolved
+/// (a glob's pattern and a tail that does not exist yet are kept as written), so that a check of
+/// where it leads sees the real place. Other URIs unchanged.
+pub fn resolve_links(uri: &str) -> String {
+    if !is_local_uri(uri) {
+        return uri.to_string();
+    }
+    let abs = absolutize(uri);
+    let trailing = abs.ends_with('/');
+    let parts: Vec<&std::ffi::OsStr> = std::path::Path::new(&abs)
+        .components()
+        .map(|c| c.as_os_str())
+        .collect();
+    let fixed = parts
+        .iter()
+        .position(|p| {
+            p.to_string_lossy()
+                .contains(crate::input_listing::GLOB_CHARS)
+        })
+        .unwrap_or(parts.len());
+    for k in (1..=fixed).rev() {
+        let prefix: std::path::PathBuf = parts[..k].iter().collect();
+        if let Ok(mut real) = std::fs::canonicalize(&prefix) {
+            real.extend(&parts[k..]);
+            let mut s = real.to_string_lossy().into_owned();
+            if trailing && !s.ends_with('/') {
+                s.push('/');
+            }
+            return s;
+        }
+    }
+    abs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn links_resolve_up_to_the_glob_or_what_does_not_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = std::fs::canonicalize(dir.path()).unwrap().join("real");
+        std::fs::create_dir_all(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let l = link.to_string_lossy();
+        let r = real.to_string_lossy();
+        assert_eq!(
+            resolve_links(&format!("{l}/x/*.parquet")),
+            format!("{r}/x/*.parquet")
+        );
+        assert_eq!(
+            resolve_links(&format!("{l}/new/out/")),
+            format!("{r}/new/out/")
+        );
+        assert_eq!(resolve_links(&l), r.to_string());
+        assert_eq!(resolve_links("s3://b/k/"), "s3://b/k/");
+    }
 
     #[test]
     fn local_paths_become_absolute_and_join() {

@@ -4,38 +4,24 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nightshift_tests::PgServer;
-use nightshift_tests::cluster::{CoordinatorProc, SUBMIT_TOKEN, WorkerProc, rows_inferred};
+use nightshift_tests::cluster::{self, CoordinatorProc, SUBMIT_TOKEN, WorkerProc, rows_inferred};
 use nightshift_tests::fixtures::Fixture;
-use nightshift_tests::process::{nightshift, run};
+use nightshift_tests::postgres::server_with_database;
+use nightshift_tests::process::{nightshift, output_text, run};
 use nightshift_tests::python::run_script;
 use nightshift_tests::verify::verify_output;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nightshift");
 
-/// A PostgreSQL server and a fresh database on it.
-fn postgres() -> (tokio::runtime::Runtime, PgServer, String) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let pg = rt.block_on(PgServer::start()).expect("postgres");
-    let url = rt.block_on(pg.fresh_database()).expect("database");
-    (rt, pg, url)
-}
-
 fn submit(f: &Fixture, coordinator: &str, spec: &Path, extra: &[&str]) -> std::process::Output {
-    let mut cmd = nightshift(Path::new(BIN));
-    cmd.current_dir(f.dir.path())
-        .arg("submit")
-        .arg(spec)
-        .args(["--coordinator", coordinator, "--token", SUBMIT_TOKEN])
-        .args(extra);
-    run(cmd, Duration::from_secs(300))
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+    let auth = ["--token", SUBMIT_TOKEN];
+    cluster::submit(
+        Path::new(BIN),
+        f.dir.path(),
+        coordinator,
+        spec,
+        &auth,
+        extra,
     )
 }
 
@@ -54,7 +40,7 @@ fn shards(url: &str) -> Vec<(i64, String, i64, i64, Option<String>)> {
 #[test]
 fn two_coordinators_three_workers_exact_output() {
     let f = Fixture::new();
-    let (_rt, _pg, url) = postgres();
+    let (_rt, _pg, url) = server_with_database();
     let job = f.job(
         "cluster",
         &[
@@ -101,7 +87,7 @@ fn two_coordinators_three_workers_exact_output() {
     assert!(
         o.status.success(),
         "{}\n{}",
-        text(&o),
+        output_text(&o),
         workers
             .iter()
             .map(|w| w.log_text())
@@ -119,7 +105,7 @@ fn two_coordinators_three_workers_exact_output() {
         &job.spec,
         &["--idempotency-key", "cluster-1", "--json"],
     );
-    assert!(again.status.success(), "{}", text(&again));
+    assert!(again.status.success(), "{}", output_text(&again));
     let resp: serde_json::Value = serde_json::from_str(
         String::from_utf8_lossy(&again.stdout)
             .lines()
@@ -156,14 +142,14 @@ fn two_coordinators_three_workers_exact_output() {
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("succeeded"),
         "{}",
-        text(&o)
+        output_text(&o)
     );
 }
 
 #[test]
 fn a_worker_killed_mid_shard_costs_at_most_one_checkpoint_interval() {
     let f = Fixture::new();
-    let (_rt, _pg, url) = postgres();
+    let (_rt, _pg, url) = server_with_database();
     let (batch, checkpoint) = (500u64, 2000u64);
     let job = f.job(
         "kill",
@@ -200,7 +186,7 @@ fn a_worker_killed_mid_shard_costs_at_most_one_checkpoint_interval() {
         &debug,
     );
     let o = submit(&f, &c.url(), &job.spec, &[]);
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     // Kill the victim once it has committed part of a shard and is past that checkpoint.
     let deadline = Instant::now() + Duration::from_secs(120);
     let held = loop {
@@ -239,7 +225,12 @@ fn a_worker_killed_mid_shard_costs_at_most_one_checkpoint_interval() {
         SUBMIT_TOKEN,
     ]);
     let w = run(watch, Duration::from_secs(300));
-    assert!(w.status.success(), "{}\n{}", text(&w), rescuer.log_text());
+    assert!(
+        w.status.success(),
+        "{}\n{}",
+        output_text(&w),
+        rescuer.log_text()
+    );
     // The shard was leased again after expiry, under a new token, and resumed at its checkpoint.
     let after = shards(&url);
     let again = after.iter().find(|x| x.0 == held.0).unwrap();
@@ -279,7 +270,7 @@ fn a_worker_killed_mid_shard_costs_at_most_one_checkpoint_interval() {
 #[test]
 fn a_coordinator_restart_mid_job_does_not_fail_it() {
     let f = Fixture::new();
-    let (_rt, _pg, url) = postgres();
+    let (_rt, _pg, url) = server_with_database();
     let job = f.job(
         "restart",
         &[
@@ -320,14 +311,14 @@ fn a_coordinator_restart_mid_job_does_not_fail_it() {
         SUBMIT_TOKEN,
     ]);
     let w = run(watch, Duration::from_secs(300));
-    assert!(w.status.success(), "{}", text(&w));
+    assert!(w.status.success(), "{}", output_text(&w));
     verify_output(job.out.to_str().unwrap(), &job.input, &job.model, 1000, &[]).assert_exact(&[]);
 }
 
 #[test]
 fn cancel_stops_the_workers_shards() {
     let f = Fixture::new();
-    let (_rt, _pg, url) = postgres();
+    let (_rt, _pg, url) = server_with_database();
     let job = f.job(
         "cancel-me",
         &[
@@ -364,7 +355,7 @@ fn cancel_stops_the_workers_shards() {
         .env("NIGHTSHIFT_COORDINATOR", c.url())
         .env("NIGHTSHIFT_TOKEN", SUBMIT_TOKEN);
     let o = run(cancel, Duration::from_secs(30));
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     let view: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
     assert_eq!(view["state"], "cancelled");
@@ -432,7 +423,7 @@ fn the_coordinator_takes_its_settings_from_the_environment() {
             .env("NIGHTSHIFT_COORDINATOR", format!("http://127.0.0.1:{port}"))
             .env("NIGHTSHIFT_TOKEN", token);
         let o = run(jobs, Duration::from_secs(30));
-        assert_eq!(o.status.success(), ok, "{token}: {}", text(&o));
+        assert_eq!(o.status.success(), ok, "{token}: {}", output_text(&o));
     }
     let log = std::fs::read_to_string(f.path("coordinator.log")).unwrap_or_default();
     assert!(

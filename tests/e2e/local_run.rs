@@ -367,3 +367,37 @@ fn reads_parquet_as_other_tools_write_it() {
     assert!(o.status.success(), "{}", text(&o));
     verify_output(out.to_str().unwrap(), &input, &model, 0, &[]).assert_exact(&[]);
 }
+
+#[test]
+fn a_file_already_at_an_output_name_is_never_adopted() {
+    let f = Fixture::new();
+    let job = f.job(
+        "adopter",
+        &["--rows", "2000", "--files", "1", "--row-group-rows", "500"],
+        &["--hidden", "16"],
+        "",
+    );
+    // Another file (here the input itself) sits where the first output file will go.
+    let input = std::fs::read_dir(f.path("in"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::create_dir_all(&job.out).unwrap();
+    let planted = job.out.join("part-00000.parquet");
+    std::fs::copy(&input, &planted).unwrap();
+    let before = std::fs::read(&planted).unwrap();
+    let o = run_job(&f, &job.spec, &[]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("not this job's"), "{t}");
+    assert!(t.contains("part-00000.parquet"), "{t}");
+    assert_eq!(
+        std::fs::read(&planted).unwrap(),
+        before,
+        "the file was changed"
+    );
+    assert!(!job.out.join("_manifest.json").exists());
+    assert!(!job.out.join("_SUCCESS").exists());
+}

@@ -142,6 +142,26 @@ fn spawn(bin: &Path, args: &[String], log: &Path, envs: &[(String, String)]) -> 
     ChildGuard::spawn_logged(cmd, log)
 }
 
+/// `nightshift submit SPEC --coordinator URL AUTH... EXTRA...` from `dir`, where `auth` gives
+/// the token (`--token T` or `--token-file F`).
+pub fn submit(
+    bin: &Path,
+    dir: &Path,
+    coordinator: &str,
+    spec: &Path,
+    auth: &[&str],
+    extra: &[&str],
+) -> std::process::Output {
+    let mut cmd = nightshift(bin);
+    cmd.current_dir(dir)
+        .arg("submit")
+        .arg(spec)
+        .args(["--coordinator", coordinator])
+        .args(auth)
+        .args(extra);
+    crate::process::run(cmd, Duration::from_secs(300))
+}
+
 /// A plain HTTP GET's status code, or None when nothing answers.
 pub fn http_get_status(port: u16, path: &str) -> Option<u16> {
     use std::io::{Read, Write};

@@ -3,10 +3,12 @@
 pub mod postgres;
 
 pub use postgres::PgServer;
+pub mod api_server;
 pub mod cluster;
 pub mod fault_proxy;
 pub mod fixtures;
 pub mod imds;
+pub mod parts;
 pub mod process;
 pub mod python;
 pub mod s3;

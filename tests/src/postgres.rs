@@ -439,6 +439,15 @@ fn log_tail(path: &Path) -> String {
     text
 }
 
+/// For synchronous tests: a runtime, a PostgreSQL server started on it and a fresh database's
+/// URL. Keep all three alive for the test.
+pub fn server_with_database() -> (tokio::runtime::Runtime, PgServer, String) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let pg = rt.block_on(PgServer::start()).expect("postgres");
+    let url = rt.block_on(pg.fresh_database()).expect("database");
+    (rt, pg, url)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,105 +2,15 @@
 //! idempotent submission, roles and tokens, the allow-list, cancel, readiness and metrics, and
 //! stale fencing tokens refused on every lease write.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use nightshift_coordinator::store::sqlite::SqliteStore;
-use nightshift_coordinator::store::{DynStore, LeaseTiming, Store};
-use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
-use nightshift_proto::wire::{LeaseRef, PartRecord};
-use nightshift_storage::Stores;
-use nightshift_tests::fixtures::{Fixture, spec_toml};
+use nightshift_coordinator::AllowList;
+use nightshift_proto::wire::LeaseRef;
+use nightshift_tests::api_server::{job, start};
+use nightshift_tests::fixtures::Fixture;
+use nightshift_tests::parts::write_part;
 use nightshift_worker::client::{ClientError, CoordinatorClient};
 use reqwest::StatusCode;
-use tokio_util::sync::CancellationToken;
-
-struct Api {
-    url: String,
-    http: reqwest::Client,
-    stop: CancellationToken,
-    _task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-async fn start(f: &Fixture, allow: AllowList, ttl_ms: i64) -> Api {
-    let sqlite = SqliteStore::open(&f.path("state/db.sqlite")).await.unwrap();
-    sqlite.migrate().await.unwrap();
-    let store: DynStore = Arc::new(sqlite);
-    let mut config = CoordinatorConfig::new("127.0.0.1:0".parse().unwrap());
-    config.submit_tokens = vec!["S".into()];
-    config.worker_tokens = vec!["W".into()];
-    config.allow = allow;
-    config.timing = LeaseTiming {
-        ttl_ms,
-        backoff_base_ms: 10,
-        backoff_max_ms: 100,
-    };
-    let c = Coordinator::new(config, store, Arc::new(Stores::default()));
-    let listener = c.bind().await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(c.run(listener, stop.clone()));
-    Api {
-        url,
-        http: reqwest::Client::new(),
-        stop,
-        _task: task,
-    }
-}
-
-fn job(f: &Fixture) -> String {
-    let data = f.data(
-        "in",
-        &["--rows", "2000", "--files", "2", "--row-group-rows", "500"],
-    );
-    let model = f.model("m.onnx", &["--hidden", "16"]);
-    spec_toml(
-        "api-job",
-        &format!("{}/*.parquet", data.display()),
-        &model,
-        &f.path("out"),
-        "[shards]\nrows = 500\n",
-    )
-}
-
-impl Api {
-    async fn submit(
-        &self,
-        token: Option<&str>,
-        key: Option<&str>,
-        toml: &str,
-    ) -> (StatusCode, serde_json::Value) {
-        let mut req = self
-            .http
-            .post(format!("{}/v1/jobs", self.url))
-            .header("content-type", "application/toml")
-            .body(toml.to_string());
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(k) = key {
-            req = req.header("idempotency-key", k);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status();
-        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
-    }
-
-    async fn get(&self, token: Option<&str>, path: &str) -> (StatusCode, String) {
-        let mut req = self.http.get(format!("{}{path}", self.url));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let resp = req.send().await.unwrap();
-        (resp.status(), resp.text().await.unwrap())
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn submission_is_idempotent_and_another_spec_with_the_key_is_a_conflict() {
@@ -288,14 +198,11 @@ async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartb
     let api = start(&f, AllowList::everything(), 300).await;
     let (s, _) = api.submit(Some("S"), None, &job(&f)).await;
     assert_eq!(s, StatusCode::CREATED);
-    let old = CoordinatorClient::new(&api.url, "W");
+    let old = CoordinatorClient::new(&api.url, "W").for_worker("slow");
     let first = old.lease("slow", 1).await.unwrap().leases.remove(0);
-    let stale = LeaseRef {
-        shard_id: first.shard_id,
-        token: first.token,
-    };
+    let stale = first.lease_ref();
     // No heartbeat: the lease expires, the reaper returns it, another worker gets it.
-    let new = CoordinatorClient::new(&api.url, "W");
+    let new = CoordinatorClient::new(&api.url, "W").for_worker("fast");
     let mut second = None;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -307,17 +214,9 @@ async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartb
     }
     let second = second.expect("expired shard granted again");
     assert!(second.token > first.token);
-    let part = PartRecord {
-        uri: "x".into(),
-        row_start: 0,
-        rows: 10,
-        bytes: 1,
-        error_rows: 0,
-        error_uri: None,
-        error_bytes: 0,
-    };
+    let part = write_part(&second, 0, 10);
     let lost = |r: Result<(), ClientError>| matches!(r, Err(ClientError::LeaseLost(_)));
-    assert!(lost(old.checkpoint(stale, part.clone()).await));
+    assert!(lost(old.checkpoint(stale, write_part(&first, 0, 10)).await));
     assert!(lost(old.complete(stale).await));
     assert!(lost(old.release(stale).await));
     assert!(lost(
@@ -327,10 +226,7 @@ async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartb
     let hb = old.heartbeat("slow", vec![stale]).await.unwrap();
     assert_eq!(hb.leases[0].state, nightshift_proto::LeaseState::Lost);
     // The current holder's writes go through; a cancel shows up in its next heartbeat.
-    let current = LeaseRef {
-        shard_id: second.shard_id,
-        token: second.token,
-    };
+    let current = second.lease_ref();
     new.checkpoint(current, part).await.unwrap();
     let cancel = api
         .http
@@ -355,31 +251,18 @@ async fn complete_many_answers_each_lease_in_order() {
     // Shards of one row group each; checkpoint all but the last before completing.
     let (s, _) = api.submit(Some("S"), None, &job(&f)).await;
     assert_eq!(s, StatusCode::CREATED);
-    let w = CoordinatorClient::new(&api.url, "W");
+    let w = CoordinatorClient::new(&api.url, "W").for_worker("batch");
     let leases = w.lease("batch", 10).await.unwrap().leases;
     assert_eq!(leases.len(), 4);
-    let refs: Vec<LeaseRef> = leases
-        .iter()
-        .map(|l| LeaseRef {
-            shard_id: l.shard_id,
-            token: l.token,
-        })
-        .collect();
+    let refs: Vec<LeaseRef> = leases.iter().map(|l| l.lease_ref()).collect();
     for (l, r) in leases.iter().zip(&refs).take(3) {
-        let part = PartRecord {
-            uri: format!("p{}", l.shard_id),
-            row_start: 0,
-            rows: l.plan.rows,
-            bytes: 1,
-            error_rows: 0,
-            error_uri: None,
-            error_bytes: 0,
-        };
-        w.checkpoint(*r, part).await.unwrap();
+        w.checkpoint(*r, write_part(l, 0, l.plan.rows))
+            .await
+            .unwrap();
     }
     let stale = LeaseRef {
-        shard_id: refs[0].shard_id,
         token: refs[0].token - 1,
+        ..refs[0]
     };
     let answers = w
         .complete_many(vec![refs[0], refs[1], refs[3], stale, refs[2]])
@@ -401,7 +284,7 @@ async fn complete_many_answers_each_lease_in_order() {
         .http
         .post(format!("{}/v1/worker/complete-many", api.url))
         .bearer_auth("W")
-        .json(&serde_json::json!({"leases": vec![serde_json::json!({"shard_id": 1, "token": 1}); 257]}))
+        .json(&serde_json::json!({"worker_id": "batch", "leases": vec![refs[0]; 257]}))
         .send()
         .await
         .unwrap();

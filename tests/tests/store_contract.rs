@@ -99,6 +99,8 @@ contract!(
     jobs::cancel_and_retry,
     jobs::delete_removes_everything,
     jobs::large_job,
+    jobs::outputs_are_owned,
+    jobs::retry_drops_a_stale_finalizer_claim,
     lease::claim_grants_each_shard_once,
     lease::claim_follows_priority_and_skips_stopped_jobs,
     lease::concurrent_claimers_never_share_a_shard,
@@ -111,6 +113,7 @@ contract!(
     lease::retryable_failure_backs_off_then_dies,
     lease::permanent_failure_is_dead_at_once,
     lease::release_keeps_progress_and_attempts,
+    lease::lease_holders_name_the_grant,
     loops::expired_lease_is_reaped_and_fenced,
     loops::expiry_past_max_attempts_is_dead,
     loops::reaper_takes_every_expired_lease,
@@ -119,6 +122,8 @@ contract!(
     loops::error_threshold_fails_the_job,
     loops::finalize_claim_is_exclusive,
     loops::finalize_claim_is_renewed_and_given_up,
+    loops::finalizer_serves_the_oldest_claim_first,
+    loops::cancel_stops_a_commit,
     loops::metrics_count,
     loops::churn_commits_every_row_once,
 );
@@ -218,10 +223,13 @@ pub fn new_job(spec: JobSpec, shards: usize, key: Option<&str>) -> NewJob {
     }
 }
 
-/// Creates a running job of `shards` shards and returns its id.
+/// Creates a running job of `shards` shards, with an output of its own, and returns its id.
 pub async fn create(store: &DynStore, name: &str, extra: &str, shards: usize) -> i64 {
+    let mut spec = spec(name, extra);
+    let n = NEXT_UID.fetch_add(1, Ordering::Relaxed);
+    spec.output.uri = format!("s3://out/{name}-{n}/");
     match store
-        .create_job(new_job(spec(name, extra), shards, None))
+        .create_job(new_job(spec, shards, None))
         .await
         .expect("create job")
     {
@@ -245,10 +253,7 @@ pub fn long() -> LeaseTiming {
 }
 
 pub fn lease_ref(lease: &ShardLease) -> LeaseRef {
-    LeaseRef {
-        shard_id: lease.shard_id,
-        token: lease.token,
-    }
+    lease.lease_ref()
 }
 
 pub fn part(lease: LeaseRef, row_start: u64, rows: u64) -> PartRecord {

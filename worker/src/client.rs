@@ -47,6 +47,8 @@ pub struct CoordinatorClient {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// The worker whose leases this client writes (`for_worker`).
+    worker_id: String,
     retry: ExponentialBuilder,
 }
 
@@ -61,6 +63,7 @@ impl CoordinatorClient {
             http,
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
+            worker_id: String::new(),
             // About a minute of retries: long enough to ride out a coordinator restart.
             retry: ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(100))
@@ -68,6 +71,12 @@ impl CoordinatorClient {
                 .with_max_times(25)
                 .with_jitter(),
         }
+    }
+
+    /// Writes leases as the worker `worker_id` (the one that leased them).
+    pub fn for_worker(mut self, worker_id: &str) -> Self {
+        self.worker_id = worker_id.to_string();
+        self
     }
 
     /// Retries for at most about `total` (heartbeats give up sooner and try on the next tick).
@@ -160,14 +169,27 @@ impl CoordinatorClient {
 
     pub async fn checkpoint(&self, lease: LeaseRef, part: PartRecord) -> Result<(), ClientError> {
         let _: Ack = self
-            .post("/v1/worker/checkpoint", &CheckpointRequest { lease, part })
+            .post(
+                "/v1/worker/checkpoint",
+                &CheckpointRequest {
+                    worker_id: self.worker_id.clone(),
+                    lease,
+                    part,
+                },
+            )
             .await?;
         Ok(())
     }
 
     pub async fn complete(&self, lease: LeaseRef) -> Result<(), ClientError> {
         let _: Ack = self
-            .post("/v1/worker/complete", &CompleteRequest { lease })
+            .post(
+                "/v1/worker/complete",
+                &CompleteRequest {
+                    worker_id: self.worker_id.clone(),
+                    lease,
+                },
+            )
             .await?;
         Ok(())
     }
@@ -181,7 +203,11 @@ impl CoordinatorClient {
     ) -> Result<Vec<Result<(), ClientError>>, ClientError> {
         const PATH: &str = "/v1/worker/complete-many";
         let n = leases.len();
-        let resp: CompleteManyResponse = self.post(PATH, &CompleteManyRequest { leases }).await?;
+        let request = CompleteManyRequest {
+            worker_id: self.worker_id.clone(),
+            leases,
+        };
+        let resp: CompleteManyResponse = self.post(PATH, &request).await?;
         if resp.results.len() != n {
             return Err(ClientError::Unreachable {
                 url: format!("{}{PATH}", self.base),
@@ -209,6 +235,7 @@ impl CoordinatorClient {
             .post(
                 "/v1/worker/fail",
                 &FailRequest {
+                    worker_id: self.worker_id.clone(),
                     lease,
                     class,
                     message,
@@ -220,7 +247,13 @@ impl CoordinatorClient {
 
     pub async fn release(&self, lease: LeaseRef) -> Result<(), ClientError> {
         let _: Ack = self
-            .post("/v1/worker/release", &ReleaseRequest { lease })
+            .post(
+                "/v1/worker/release",
+                &ReleaseRequest {
+                    worker_id: self.worker_id.clone(),
+                    lease,
+                },
+            )
             .await?;
         Ok(())
     }

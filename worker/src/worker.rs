@@ -83,7 +83,8 @@ impl Worker {
         let ctx = WorkerContext {
             worker_id: config.worker_id.clone(),
             stores,
-            client: CoordinatorClient::new(&config.coordinator, &config.token),
+            client: CoordinatorClient::new(&config.coordinator, &config.token)
+                .for_worker(&config.worker_id),
             runtime,
             models: ModelFiles::new(config.cache_dir.clone()),
             read_counter: ReadCounter::default(),
@@ -204,10 +205,7 @@ impl Worker {
         mut slot: Option<SlotModel>,
     ) {
         let ctx = self.ctx.clone();
-        let lease_ref = LeaseRef {
-            shard_id: lease.shard_id,
-            token: lease.token,
-        };
+        let lease_ref = lease.lease_ref();
         let signals = ShardSignals {
             drain: shutdown.child_token(),
             abort: CancellationToken::new(),
@@ -286,11 +284,12 @@ async fn heartbeat_loop(
                     if status.state == LeaseState::Held {
                         continue;
                     }
-                    let key = LeaseRef {
-                        shard_id: status.shard_id,
-                        token: status.token,
-                    };
-                    if let Some(signals) = lock(&held).remove(&key) {
+                    let mut held = lock(&held);
+                    let key = held
+                        .keys()
+                        .find(|l| l.shard_id == status.shard_id && l.token == status.token)
+                        .copied();
+                    if let Some(signals) = key.and_then(|k| held.remove(&k)) {
                         tracing::warn!(shard = status.shard_id, state = %status.state, "lease no longer held; stopping shard");
                         signals.abort.cancel();
                     }

@@ -21,6 +21,7 @@ pub fn sqlite() -> Migrator {
         migrations: Cow::Owned(migrations!("sqlite":
             1 => "0001_initial.sql",
             2 => "0002_claim_order.sql",
+            3 => "0003_ownership.sql",
         )),
         ..Migrator::DEFAULT
     }
@@ -31,6 +32,7 @@ pub fn postgres() -> Migrator {
         migrations: Cow::Owned(migrations!("postgres":
             1 => "0001_initial.sql",
             2 => "0002_claim_order.sql",
+            3 => "0003_ownership.sql",
         )),
         ..Migrator::DEFAULT
     }

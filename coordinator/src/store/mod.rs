@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use nightshift_proto::wire::{
-    HeartbeatResponse, InputFile, JobPlan, LeaseRef, PartRecord, ShardCounts, ShardLease,
+    HeartbeatResponse, InputFile, JobPlan, LeaseRef, LeaseSecret, PartRecord, ShardCounts,
+    ShardLease,
 };
 use nightshift_proto::{FailureClass, JobSpec, JobState};
 
@@ -35,6 +36,16 @@ pub enum StoreError {
     Incomplete { shard_id: i64, done: u64, rows: u64 },
     #[error("job {0} not found")]
     JobNotFound(i64),
+    #[error(
+        "output `{uri}` overlaps `{owner_uri}`, the output of job {job_id} (`{job}`), which owns it; \
+         choose another output"
+    )]
+    OutputTaken {
+        uri: String,
+        job_id: i64,
+        job: String,
+        owner_uri: String,
+    },
     #[error("idempotency key `{key}` already names job {job_id}, submitted with another spec")]
     IdempotencyConflict { key: String, job_id: i64 },
     #[error("job {job_id} is {state}: {action} does not apply")]
@@ -70,6 +81,31 @@ impl StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The prefix an output URI owns: the URI with exactly one trailing `/`, so that comparing
+/// prefixes matches on path boundaries (`out/a/` is not a prefix of `out/ab/`).
+pub fn output_key(uri: &str) -> String {
+    format!("{}/", uri.trim_end_matches('/'))
+}
+
+/// A fresh secret for one grant, from the thread's cryptographic generator.
+pub fn new_lease_secret() -> LeaseSecret {
+    LeaseSecret::from_u128(rand::random())
+}
+
+/// The current grant of a leased shard, as the lease check reads it, with what checking the
+/// grant's parts needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder {
+    pub shard_id: i64,
+    pub token: i64,
+    pub worker: String,
+    pub secret: Option<LeaseSecret>,
+    /// Rows of the shard.
+    pub rows: u64,
+    pub job_uid: String,
+    pub output_uri: String,
+}
 
 /// A job to insert: validated and planned.
 #[derive(Debug, Clone)]
@@ -140,7 +176,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Inserts a planned job, its input snapshot and its shards in one transaction, ready to
     /// run. With an idempotency key: the same key and spec returns the existing job; the same
-    /// key with another spec is refused.
+    /// key with another spec is refused. An output that overlaps the output of a job that is
+    /// not cancelled is refused (`OutputTaken`).
     async fn create_job(&self, job: NewJob) -> Result<Submitted>;
     async fn job_by_key(&self, key: &str) -> Result<Option<JobRecord>>;
     async fn job(&self, id: i64) -> Result<Option<JobRecord>>;
@@ -151,9 +188,12 @@ pub trait Store: Send + Sync + 'static {
     async fn shard_counts(&self, job_id: i64) -> Result<(ShardCounts, u64, u64)>;
     async fn shards(&self, job_id: i64) -> Result<Vec<ShardRow>>;
     async fn input_files(&self, job_id: i64) -> Result<Vec<InputFile>>;
+    /// Cancels a job that has not ended, finalizing included (its commit then stops before
+    /// `_SUCCESS`); a cancelled job answers as it is.
     async fn cancel_job(&self, id: i64) -> Result<JobRecord>;
     /// A failed or cancelled job runs again: dead shards go back to pending with fresh
-    /// attempts; committed checkpoints stay.
+    /// attempts; committed checkpoints stay; a finalizer's claim is dropped. A cancelled job
+    /// whose output another job has taken meanwhile is refused (`OutputTaken`).
     async fn retry_job(&self, id: i64) -> Result<JobRecord>;
     /// Removes a job and everything it owns.
     async fn delete_job(&self, id: i64) -> Result<()>;
@@ -178,6 +218,8 @@ pub trait Store: Send + Sync + 'static {
         }
         Ok(answers)
     }
+    /// The current grants of those of `shard_ids` that are leased, in any order.
+    async fn lease_holders(&self, shard_ids: &[i64]) -> Result<Vec<LeaseHolder>>;
     /// Extends every lease still held; says which are lost or cancelled.
     async fn heartbeat(
         &self,
@@ -219,10 +261,12 @@ pub trait Store: Send + Sync + 'static {
     /// Running jobs with no open shards move on: to finalizing, or to failed when shards died
     /// or too many rows were poison.
     async fn settle_jobs(&self) -> Result<u64>;
-    /// Takes a finalizing job for `ttl_ms`, unless another finalizer holds it.
+    /// Takes a finalizing job for `ttl_ms`, unless another finalizer holds it or it waits out
+    /// a backoff: the job whose last claim is oldest first (never-claimed jobs before all).
     async fn claim_finalize(&self, owner: &str, ttl_ms: i64) -> Result<Option<JobRecord>>;
     /// The finalizer holding `job_id` keeps it for `ttl_ms` more (0 gives it up now, so any
-    /// replica may take it at its next pass). False when `owner` no longer holds it.
+    /// replica may take it at its next pass). False when `owner` no longer holds it or the job
+    /// is no longer finalizing (cancelled meanwhile).
     async fn extend_finalize(&self, job_id: i64, owner: &str, ttl_ms: i64) -> Result<bool>;
     async fn parts(&self, job_id: i64) -> Result<Vec<PartRow>>;
     /// Ends a finalizing job (only its finalizer's claim may).

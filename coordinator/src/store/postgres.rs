@@ -28,8 +28,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{PgExecutor, Row};
 
 use super::{
-    ClaimRequest, JobOutcome, JobRecord, LeaseTiming, NewJob, PartRow, Result, ShardRow, Store,
-    StoreError, StoreMetrics, Submitted, migrations,
+    ClaimRequest, JobOutcome, JobRecord, LeaseHolder, LeaseTiming, NewJob, PartRow, Result,
+    ShardRow, Store, StoreError, StoreMetrics, Submitted, migrations,
 };
 
 /// Connections per coordinator replica. Every statement is short, so a few go a long way.
@@ -207,6 +207,10 @@ impl Store for PgStore {
             .into_iter()
             .map(Ok)
             .collect())
+    }
+
+    async fn lease_holders(&self, shard_ids: &[i64]) -> Result<Vec<LeaseHolder>> {
+        self.holders(shard_ids).await
     }
 
     async fn heartbeat(

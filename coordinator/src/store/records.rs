@@ -1,6 +1,8 @@
 //! Rows the store hands back.
 
-use nightshift_proto::wire::{JobView, ShardCounts};
+use nightshift_proto::wire::{JobView, LeaseSecret, ShardCounts};
+
+use crate::store::{LeaseHolder, StoreError};
 use nightshift_proto::{JobSpec, JobState, ShardState};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +86,54 @@ pub struct PartRow {
     pub error_uri: Option<String>,
     pub error_bytes: u64,
 }
+
+/// A lease secret as the store keeps it (32 hex digits).
+pub fn parse_secret(text: &str) -> crate::store::Result<LeaseSecret> {
+    LeaseSecret::from_hex(text).ok_or_else(|| {
+        crate::store::StoreError::Corrupt("a lease secret is not 32 hex digits".into())
+    })
+}
+
+/// Reads `LeaseHolder`s and `OutputTaken` refusals from rows of either dialect: the columns
+/// are the same, only the row type differs.
+pub trait DialectRow<'r>: sqlx::Row
+where
+    &'static str: sqlx::ColumnIndex<Self>,
+    i64: sqlx::Decode<'r, Self::Database> + sqlx::Type<Self::Database>,
+    String: sqlx::Decode<'r, Self::Database> + sqlx::Type<Self::Database>,
+{
+    /// A row of `id, token, worker_id, lease_secret, rows, uid, output_uri`.
+    fn holder(&'r self) -> crate::store::Result<LeaseHolder> {
+        Ok(LeaseHolder {
+            shard_id: self.try_get("id")?,
+            token: self.try_get("token")?,
+            worker: self
+                .try_get::<Option<String>, _>("worker_id")?
+                .unwrap_or_default(),
+            secret: self
+                .try_get::<Option<String>, _>("lease_secret")?
+                .as_deref()
+                .map(parse_secret)
+                .transpose()?,
+            rows: self.try_get::<i64, _>("rows")? as u64,
+            job_uid: self.try_get("uid")?,
+            output_uri: self.try_get("output_uri")?,
+        })
+    }
+
+    /// A row of `id, name, output_uri` naming the job that owns an output `uri` overlaps.
+    fn output_taken(&'r self, uri: &str) -> crate::store::Result<StoreError> {
+        Ok(StoreError::OutputTaken {
+            uri: uri.to_string(),
+            job_id: self.try_get("id")?,
+            job: self.try_get("name")?,
+            owner_uri: self.try_get("output_uri")?,
+        })
+    }
+}
+
+impl<'r> DialectRow<'r> for sqlx::postgres::PgRow {}
+impl<'r> DialectRow<'r> for sqlx::sqlite::SqliteRow {}
 
 /// Gauges for `/metrics`.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -1,6 +1,6 @@
 //! Jobs: submission, idempotency, reads, cancel, retry, delete.
 
-use nightshift_coordinator::store::{DynStore, StoreError, Submitted};
+use nightshift_coordinator::store::{DynStore, JobOutcome, StoreError, Submitted};
 use nightshift_proto::{FailureClass, JobState, ShardState};
 
 use crate::{ROWS, assert_err, create, lease_ref, long, new_job, part, spec};
@@ -189,15 +189,20 @@ pub async fn cancel_and_retry(store: DynStore) {
     assert_eq!(resumed.attempt, 1);
     assert!(resumed.token > lease.token);
 
-    // Cancel refuses finished jobs; unknown jobs are not found.
+    // Cancel refuses ended jobs; unknown jobs are not found.
     for s in &again {
         crate::finish(&store, s).await;
     }
     store.settle_jobs().await.unwrap();
+    store.claim_finalize("f", 60_000).await.unwrap().unwrap();
+    store
+        .finish_job(id, "f", JobOutcome::Succeeded)
+        .await
+        .unwrap();
     assert_err!(
         store.cancel_job(id).await,
         StoreError::BadTransition {
-            state: JobState::Finalizing,
+            state: JobState::Succeeded,
             ..
         }
     );
@@ -244,4 +249,92 @@ pub async fn large_job(store: DynStore) {
     let last = shards.last().unwrap();
     assert_eq!(last.file_index, ((SHARDS - 1) % 2) as u32);
     eprintln!("created a job of {SHARDS} shards in {took:?}");
+}
+
+/// A job with `output` as its output.
+fn job_at(name: &str, output: &str) -> nightshift_coordinator::store::NewJob {
+    let mut spec = spec(name, "");
+    spec.output.uri = output.to_string();
+    new_job(spec, 1, None)
+}
+
+pub async fn outputs_are_owned(store: DynStore) {
+    let owner = store
+        .create_job(job_at("owner", "s3://out/owned/"))
+        .await
+        .unwrap()
+        .job()
+        .clone();
+    // The same place (with or without the slash), inside it, or around it: refused, naming
+    // the owner.
+    for clash in [
+        "s3://out/owned/",
+        "s3://out/owned",
+        "s3://out/owned/day=1/",
+        "s3://out/",
+        "s3://out",
+    ] {
+        assert_err!(
+            store.create_job(job_at("clash", clash)).await,
+            StoreError::OutputTaken { job_id, ref job, .. } if job_id == owner.id && job == "owner"
+        );
+    }
+    // Siblings that share only a prefix of the name are separate places.
+    store
+        .create_job(job_at("sibling", "s3://out/owned-2/"))
+        .await
+        .unwrap();
+    store
+        .create_job(job_at("other-bucket", "s3://out2/owned/"))
+        .await
+        .unwrap();
+    // A cancelled job gives its output up; retrying it then finds the output taken.
+    store.cancel_job(owner.id).await.unwrap();
+    let successor = store
+        .create_job(job_at("successor", "s3://out/owned/"))
+        .await
+        .unwrap()
+        .job()
+        .clone();
+    assert_err!(
+        store.retry_job(owner.id).await,
+        StoreError::OutputTaken { job_id, .. } if job_id == successor.id
+    );
+    // Failed and finished jobs keep theirs.
+    let lease = store.claim("w1", 5, long()).await.unwrap();
+    let l = lease
+        .iter()
+        .find(|l| l.job_id == successor.id)
+        .expect("the successor's shard");
+    store
+        .fail(lease_ref(l), FailureClass::Permanent, "bad", long())
+        .await
+        .unwrap();
+    store.settle_jobs().await.unwrap();
+    assert_eq!(
+        store.job(successor.id).await.unwrap().unwrap().state,
+        JobState::Failed
+    );
+    assert_err!(
+        store.create_job(job_at("late", "s3://out/owned/x/")).await,
+        StoreError::OutputTaken { job_id, .. } if job_id == successor.id
+    );
+}
+
+pub async fn retry_drops_a_stale_finalizer_claim(store: DynStore) {
+    let id = create(&store, "reclaimed", "", 1).await;
+    let lease = store.claim("w1", 1, long()).await.unwrap().remove(0);
+    crate::finish(&store, &lease).await;
+    store.settle_jobs().await.unwrap();
+    store.claim_finalize("gone", 60_000).await.unwrap().unwrap();
+    store
+        .finish_job(id, "gone", JobOutcome::Failed("commit failed".into()))
+        .await
+        .unwrap();
+    // The retried job settles again and any finalizer may take it at once: the failed
+    // commit's claim does not outlive the retry.
+    store.retry_job(id).await.unwrap();
+    store.settle_jobs().await.unwrap();
+    let taken = store.claim_finalize("next", 60_000).await.unwrap();
+    assert_eq!(taken.map(|j| j.id), Some(id));
 }

@@ -11,8 +11,8 @@ use crate::{ROWS, assert_err, create, finish, lease_ref, long, part, plan, timin
 
 fn stale(l: LeaseRef) -> LeaseRef {
     LeaseRef {
-        shard_id: l.shard_id,
         token: l.token + 1,
+        ..l
     }
 }
 
@@ -179,6 +179,7 @@ pub async fn heartbeat_extends_and_reports(store: DynStore) {
     let unknown = LeaseRef {
         shard_id: a.shard_id + 10_000,
         token: 1,
+        ..a
     };
     assert!(
         store
@@ -495,4 +496,39 @@ pub async fn release_keeps_progress_and_attempts(store: DynStore) {
         .await
         .unwrap();
     assert_eq!(store.shards(id).await.unwrap()[0].state, ShardState::Dead);
+}
+
+pub async fn lease_holders_name_the_grant(store: DynStore) {
+    let id = create(&store, "held", "", 2).await;
+    let leases = store.claim("w1", 2, long()).await.unwrap();
+    let ids: Vec<i64> = leases.iter().map(|l| l.shard_id).collect();
+    let holders = store.lease_holders(&ids).await.unwrap();
+    assert_eq!(holders.len(), 2);
+    for l in &leases {
+        let h = holders.iter().find(|h| h.shard_id == l.shard_id).unwrap();
+        assert_eq!((h.token, h.worker.as_str()), (l.token, "w1"));
+        assert_eq!(h.secret, Some(l.secret));
+        assert_eq!(h.rows, ROWS);
+        assert_eq!(h.job_uid, l.job_uid);
+        assert_eq!(h.output_uri, l.spec.output.uri);
+    }
+    // A released shard has no holder; granted again, it has a new secret.
+    store.release(lease_ref(&leases[0])).await.unwrap();
+    assert!(
+        store
+            .lease_holders(&[leases[0].shard_id])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = store.claim("w2", 1, long()).await.unwrap().remove(0);
+    assert_eq!(again.shard_id, leases[0].shard_id);
+    assert_ne!(again.secret, leases[0].secret);
+    let h = store
+        .lease_holders(&[again.shard_id])
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!((h.worker.as_str(), h.secret), ("w2", Some(again.secret)));
+    assert_eq!(again.job_id, id);
 }

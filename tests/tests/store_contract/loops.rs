@@ -449,3 +449,40 @@ async fn work(store: &DynStore, lease: &nightshift_proto::wire::ShardLease) {
     }
     let _ = store.complete(l).await;
 }
+
+pub async fn finalizer_serves_the_oldest_claim_first(store: DynStore) {
+    let first = finished_job(&store, "stuck").await;
+    let second = finished_job(&store, "behind").await;
+    // The first job's commit fails and is put off for a while: the next claim takes the other
+    // job, however low its id, instead of the same one again.
+    let taken = store.claim_finalize("f", 60_000).await.unwrap().unwrap();
+    assert_eq!(taken.id, first);
+    assert!(store.extend_finalize(first, "f", 60_000).await.unwrap());
+    let next = store.claim_finalize("f", 60_000).await.unwrap().unwrap();
+    assert_eq!(next.id, second, "a job in backoff is skipped");
+    assert!(store.claim_finalize("f", 60_000).await.unwrap().is_none());
+    // Both claims lapse: the one claimed longest ago comes first.
+    assert!(store.extend_finalize(second, "f", 0).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(store.extend_finalize(first, "f", 0).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let again = store.claim_finalize("g", 60_000).await.unwrap().unwrap();
+    assert_eq!(again.id, second);
+}
+
+pub async fn cancel_stops_a_commit(store: DynStore) {
+    let id = finished_job(&store, "halted").await;
+    store.claim_finalize("f", 60_000).await.unwrap().unwrap();
+    let cancelled = store.cancel_job(id).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    // The commit cannot renew its claim, so it stops before publishing, and cannot end the job.
+    assert!(!store.extend_finalize(id, "f", 60_000).await.unwrap());
+    assert_err!(
+        store.finish_job(id, "f", JobOutcome::Succeeded).await,
+        StoreError::BadTransition {
+            state: JobState::Cancelled,
+            ..
+        }
+    );
+    assert!(store.claim_finalize("g", 60_000).await.unwrap().is_none());
+}

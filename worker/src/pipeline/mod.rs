@@ -9,7 +9,8 @@ pub mod reader;
 use std::sync::Arc;
 
 use nightshift_proto::Device;
-use nightshift_proto::wire::{LeaseRef, ShardLease};
+use nightshift_proto::layout::parts_dir;
+use nightshift_proto::wire::ShardLease;
 use nightshift_signature::plan_tensors;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -75,10 +76,7 @@ async fn run(
     signals: &ShardSignals,
 ) -> Result<ShardOutcome, ShardError> {
     let spec = &lease.spec;
-    let lease_ref = LeaseRef {
-        shard_id: lease.shard_id,
-        token: lease.token,
-    };
+    let lease_ref = lease.lease_ref();
     let total = lease.plan.rows;
     let skip = lease.checkpoint_rows;
     if skip >= total {
@@ -117,13 +115,10 @@ async fn run(
     let prefix = ctx
         .stores
         .locate(&spec.output.uri)?
-        .join(&format!("_parts/{}", lease.job_uid));
+        .join(&parts_dir(&lease.job_uid));
     let mut sink = PartSink::new(
         prefix,
-        lease.shard_id,
-        lease.token,
-        lease.file.uri.clone(),
-        lease.plan.file_row_start,
+        lease,
         plan.clone(),
         spec.output.passthrough.clone(),
         spec.shards.checkpoint_rows,

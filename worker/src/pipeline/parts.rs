@@ -9,11 +9,13 @@ use arrow::array::{ArrayRef, StringArray, UInt32Array, UInt64Array};
 use arrow::compute::take;
 use arrow_array::RecordBatch;
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use nightshift_proto::wire::PartRecord;
+use nightshift_proto::layout::{JOB_UID_KEY, part_name};
+use nightshift_proto::wire::{PartRecord, ShardLease};
 use nightshift_signature::TensorPlan;
 use nightshift_storage::{Location, PartUpload};
 use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::Compression;
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
 use crate::pipeline::infer::Inferred;
@@ -39,12 +41,17 @@ pub fn error_schema(plan: &TensorPlan, passthrough: usize) -> SchemaRef {
 }
 
 /// Parts are written once and read once or twice: no dictionaries (predictions and ids do not
-/// repeat, and building one costs more than it saves) and column-chunk statistics only.
-pub fn writer_properties() -> WriterProperties {
+/// repeat, and building one costs more than it saves) and column-chunk statistics only. The
+/// footer names the job, so that its commit recognises the file as its own.
+pub fn writer_properties(job_uid: &str) -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_dictionary_enabled(false)
         .set_statistics_enabled(parquet::file::properties::EnabledStatistics::Chunk)
+        .set_key_value_metadata(Some(vec![KeyValue::new(
+            JOB_UID_KEY.to_string(),
+            job_uid.to_string(),
+        )]))
         .build()
 }
 
@@ -55,10 +62,14 @@ struct OpenFile {
 }
 
 impl OpenFile {
-    fn create(location: Location, schema: SchemaRef) -> Result<Self, ShardError> {
+    fn create(
+        location: Location,
+        schema: SchemaRef,
+        props: WriterProperties,
+    ) -> Result<Self, ShardError> {
         let upload = PartUpload::new(location.clone());
         let bytes = upload.bytes_counter();
-        let writer = AsyncArrowWriter::try_new(upload, schema, Some(writer_properties()))
+        let writer = AsyncArrowWriter::try_new(upload, schema, Some(props))
             .map_err(|e| write_err(&location, e))?;
         Ok(Self {
             writer,
@@ -112,18 +123,16 @@ pub struct PartSink {
     plan: Arc<TensorPlan>,
     passthrough: Vec<String>,
     error_schema: SchemaRef,
+    props: WriterProperties,
     checkpoint_rows: u64,
     open: Option<OpenPart>,
 }
 
 impl PartSink {
-    #[allow(clippy::too_many_arguments)]
+    /// Parts of `lease`, written under `prefix` (the job's parts directory).
     pub fn new(
         prefix: Location,
-        shard_id: i64,
-        token: i64,
-        input_uri: String,
-        file_row_start: u64,
+        lease: &ShardLease,
         plan: Arc<TensorPlan>,
         passthrough: Vec<String>,
         checkpoint_rows: u64,
@@ -131,13 +140,14 @@ impl PartSink {
         let error_schema = error_schema(&plan, passthrough.len());
         Self {
             prefix,
-            shard_id,
-            token,
-            input_uri,
-            file_row_start,
+            shard_id: lease.shard_id,
+            token: lease.token,
+            input_uri: lease.file.uri.clone(),
+            file_row_start: lease.plan.file_row_start,
             plan,
             passthrough,
             error_schema,
+            props: writer_properties(&lease.job_uid),
             checkpoint_rows,
             open: None,
         }
@@ -146,14 +156,15 @@ impl PartSink {
     /// Adds a batch; returns the part it completed, if it completed one.
     pub async fn write(&mut self, inf: Inferred) -> Result<Option<PartRecord>, ShardError> {
         if self.open.is_none() {
-            let name = format!("s{}-t{}-r{}", self.shard_id, self.token, inf.start);
+            let name = part_name(self.shard_id, self.token, inf.start, false);
             self.open = Some(OpenPart {
                 row_start: inf.start,
                 rows: 0,
                 error_rows: 0,
                 out: OpenFile::create(
-                    self.prefix.join(&format!("{name}.parquet")),
+                    self.prefix.join(&name),
                     self.plan.output_schema.clone(),
+                    self.props.clone(),
                 )?,
                 errors: None,
             });
@@ -168,10 +179,11 @@ impl PartSink {
         part.out.write(&out_batch).await?;
         if let Some(eb) = err_batch {
             if part.errors.is_none() {
-                let name = format!("s{}-t{}-r{}", self.shard_id, self.token, part.row_start);
+                let name = part_name(self.shard_id, self.token, part.row_start, true);
                 part.errors = Some(OpenFile::create(
-                    self.prefix.join(&format!("{name}-errors.parquet")),
+                    self.prefix.join(&name),
                     self.error_schema.clone(),
+                    self.props.clone(),
                 )?);
             }
             if let Some(e) = part.errors.as_mut() {

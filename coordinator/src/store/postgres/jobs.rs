@@ -6,7 +6,10 @@ use nightshift_proto::wire::ShardCounts;
 use sqlx::Row;
 
 use super::{PgStore, job_from_row, job_in, parse_state};
-use crate::store::{JobRecord, NewJob, PartRow, Result, ShardRow, StoreError, Submitted};
+use crate::store::records::DialectRow;
+use crate::store::{
+    JobRecord, NewJob, PartRow, Result, ShardRow, StoreError, Submitted, output_key,
+};
 
 /// Times `insert_job` re-reads a key another replica inserted and then deleted under it.
 const KEY_RACE_TRIES: usize = 3;
@@ -15,6 +18,39 @@ const ANALYZE_MIN_SHARDS: usize = 1_000;
 /// ... when its shards are at least this fraction of the rows the statistics last counted
 /// (autovacuum's own default threshold for analysing a table).
 const ANALYZE_FRACTION: f64 = 0.1;
+
+/// The advisory lock that serialises the output check and insert of submissions and retries,
+/// so two racing submissions cannot both find an output free.
+const OUTPUT_LOCK: i64 = 0x6e73_6f75_7470_7574;
+
+/// Takes the output lock until `tx` ends.
+async fn lock_outputs(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(OUTPUT_LOCK)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The first job, other than `except`, that is not cancelled and owns an output overlapping
+/// `uri`'s (see `output_key`), as the refusal to give. Call under `lock_outputs`.
+async fn output_conflict(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    uri: &str,
+    except: i64,
+) -> Result<Option<StoreError>> {
+    let row = sqlx::query(
+        "SELECT id, name, output_uri FROM jobs \
+         WHERE state <> 'cancelled' AND id <> $2 \
+           AND (starts_with($1, output_key) OR starts_with(output_key, $1)) \
+         ORDER BY id LIMIT 1",
+    )
+    .bind(output_key(uri))
+    .bind(except)
+    .fetch_optional(&mut **tx)
+    .await?;
+    row.map(|r| r.output_taken(uri)).transpose()
+}
 
 /// What an idempotency key that already names `existing` means for a submission of `hash`.
 fn same_key(existing: JobRecord, key: &str, hash: &str) -> Result<Submitted> {
@@ -44,10 +80,22 @@ impl PgStore {
             .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
         for _ in 0..KEY_RACE_TRIES {
             let mut tx = self.pool.begin().await?;
+            // Under the lock a racing submission of the same key has committed or not begun:
+            // look for its job again before judging the output.
+            lock_outputs(&mut tx).await?;
+            if let Some(key) = &job.idempotency_key
+                && let Some(existing) = self.job_by_key_in(key).await?
+            {
+                return same_key(existing, key, &hash);
+            }
+            if let Some(taken) = output_conflict(&mut tx, &job.spec.output.uri, 0).await? {
+                return Err(taken);
+            }
             let id: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO jobs (uid, name, idempotency_key, spec_json, spec_hash, state, \
-                 priority, max_attempts, rows_total, output_uri, created_at_ms, started_at_ms) \
-                 SELECT $1, $2, $3, $4, $5, 'running', $6, $7, $8, $9, t.now, t.now \
+                 priority, max_attempts, rows_total, output_uri, output_key, created_at_ms, \
+                 started_at_ms) \
+                 SELECT $1, $2, $3, $4, $5, 'running', $6, $7, $8, $9, $10, t.now, t.now \
                  FROM (SELECT ns_now_ms() AS now) t \
                  ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
             )
@@ -60,6 +108,7 @@ impl PgStore {
             .bind(i64::from(job.spec.retry.max_attempts))
             .bind(job.plan.rows_total as i64)
             .bind(&job.spec.output.uri)
+            .bind(output_key(&job.spec.output.uri))
             .fetch_optional(&mut *tx)
             .await?;
             let Some(id) = id else {
@@ -258,8 +307,10 @@ impl PgStore {
     /// One guarded statement; a job already cancelled answers as it is.
     pub(super) async fn cancel(&self, id: i64) -> Result<JobRecord> {
         let row = sqlx::query(concat!(
-            "UPDATE jobs SET state = 'cancelled', finished_at_ms = ns_now_ms() \
-             WHERE id = $1 AND state IN ('pending', 'planning', 'running') RETURNING ",
+            "UPDATE jobs SET state = 'cancelled', finished_at_ms = ns_now_ms(), \
+             finalizer_owner = NULL, finalizer_expires_at_ms = NULL \
+             WHERE id = $1 AND state IN ('pending', 'planning', 'running', 'finalizing') \
+             RETURNING ",
             job_cols!()
         ))
         .bind(id)
@@ -304,6 +355,12 @@ impl PgStore {
                 state: job.state,
                 action: "retry",
             });
+        }
+        if job.state == JobState::Cancelled {
+            lock_outputs(&mut tx).await?;
+            if let Some(taken) = output_conflict(&mut tx, &job.output_uri, id).await? {
+                return Err(taken);
+            }
         }
         sqlx::query(
             "UPDATE shards SET state = 'pending', attempts = 0, not_before_ms = 0, error = NULL, \

@@ -12,8 +12,8 @@ use nightshift_proto::{FailureClass, JobSpec, JobState, LeaseState};
 use sqlx::{PgExecutor, Row};
 
 use super::{PgStore, job_from_row, parse_spec, parse_state};
-use crate::store::records::error_threshold_exceeded;
-use crate::store::{ClaimRequest, LeaseTiming, Result, StoreError};
+use crate::store::records::{DialectRow, error_threshold_exceeded, parse_secret};
+use crate::store::{ClaimRequest, LeaseHolder, LeaseTiming, Result, StoreError, new_lease_secret};
 
 /// `LeaseTiming::backoff_ms` for 0..=20 attempts (it is flat past 20), as an array that SQL
 /// indexes with `[LEAST(GREATEST(attempts, 0), 20) + 1]`, so the formula stays in one place.
@@ -129,8 +129,8 @@ impl PgStore {
         let limit = slots.next_power_of_two();
         let sql = format!(
             "WITH slot AS ( \
-               SELECT * FROM unnest($1::TEXT[], $2::BIGINT[]) WITH ORDINALITY \
-                 AS u(worker, request, n) \
+               SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $5::TEXT[]) WITH ORDINALITY \
+                 AS u(worker, request, secret, n) \
              ), seen AS ( \
                INSERT INTO workers (id, last_seen_ms) \
                SELECT w, ns_now_ms() FROM unnest($3::TEXT[]) AS w \
@@ -151,12 +151,12 @@ impl PgStore {
              ), claimed AS ( \
                UPDATE shards s SET state = 'leased', token = s.token + 1, \
                  attempts = s.attempts + 1, worker_id = slot.worker, \
-                 lease_expires_at_ms = ns_now_ms() + $4 \
+                 lease_secret = slot.secret, lease_expires_at_ms = ns_now_ms() + $4 \
                FROM picked JOIN slot ON slot.n = picked.n \
                WHERE s.id = picked.id \
                RETURNING s.id, s.job_id, s.file_index, s.row_group_start, s.row_group_end, \
                  s.file_row_start, s.rows, s.token, s.attempts, s.checkpoint_rows, \
-                 slot.request, slot.n \
+                 s.lease_secret, slot.request, slot.n \
              ) \
              SELECT c.*, j.uid, j.spec_json, f.uri, f.size, f.etag \
              FROM claimed c JOIN jobs j ON j.id = c.job_id \
@@ -168,10 +168,13 @@ impl PgStore {
         // five calls, and a claim is not planned afresh each time.
         let mut slot_workers: Vec<&str> = Vec::with_capacity(slots as usize);
         let mut slot_requests: Vec<i64> = Vec::with_capacity(slots as usize);
+        let mut slot_secrets: Vec<String> = Vec::with_capacity(slots as usize);
         for (i, r) in requests.iter().enumerate() {
+            let secret = new_lease_secret().to_hex();
             for _ in 0..r.max {
                 slot_workers.push(&r.worker);
                 slot_requests.push(i as i64);
+                slot_secrets.push(secret.clone());
             }
         }
         let mut workers: Vec<&str> = requests.iter().map(|r| r.worker.as_str()).collect();
@@ -182,6 +185,7 @@ impl PgStore {
             .bind(slot_requests)
             .bind(workers)
             .bind(timing.ttl_ms)
+            .bind(slot_secrets)
             .fetch_all(&self.pool)
             .await?;
         let mut specs: HashMap<i64, JobSpec> = HashMap::new();
@@ -204,6 +208,7 @@ impl PgStore {
                 job_uid: r.try_get("uid")?,
                 shard_id: r.try_get("id")?,
                 token: r.try_get("token")?,
+                secret: parse_secret(r.try_get("lease_secret")?)?,
                 attempt: r.try_get::<i64, _>("attempts")? as u32,
                 file: InputFile {
                     uri: r.try_get("uri")?,
@@ -222,6 +227,18 @@ impl PgStore {
             });
         }
         Ok(answers)
+    }
+
+    pub(super) async fn holders(&self, shard_ids: &[i64]) -> Result<Vec<LeaseHolder>> {
+        let rows = sqlx::query(
+            "SELECT s.id, s.token, s.worker_id, s.lease_secret, s.rows, j.uid, j.output_uri \
+             FROM shards s JOIN jobs j ON j.id = s.job_id \
+             WHERE s.id = ANY($1) AND s.state = 'leased'",
+        )
+        .bind(shard_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| r.holder()).collect()
     }
 
     /// One statement for all of a worker's leases. It changes only `lease_expires_at_ms`,

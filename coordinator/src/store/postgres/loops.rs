@@ -106,8 +106,9 @@ impl PgStore {
         Ok(settled)
     }
 
-    /// Takes the oldest finalizing job no live finalizer holds. SKIP LOCKED keeps a racing
-    /// replica off it, and the locked row is re-checked, so a claim just committed is seen.
+    /// Takes the finalizing job whose last claim is oldest (never-claimed ones first) that no
+    /// live finalizer holds and that waits out no backoff. SKIP LOCKED keeps a racing replica
+    /// off it, and the locked row is re-checked, so a claim just committed is seen.
     pub(super) async fn take_finalize(
         &self,
         owner: &str,
@@ -118,7 +119,8 @@ impl PgStore {
              WHERE id = ( \
                SELECT id FROM jobs WHERE state = 'finalizing' \
                  AND (finalizer_expires_at_ms IS NULL OR finalizer_expires_at_ms < ns_now_ms()) \
-               ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+               ORDER BY finalizer_expires_at_ms NULLS FIRST, id LIMIT 1 \
+               FOR UPDATE SKIP LOCKED) \
              RETURNING ",
             job_cols!()
         ))

@@ -5,7 +5,33 @@ use nightshift_proto::{JobState, ShardState};
 use sqlx::Row;
 
 use super::{SqliteStore, job_from_row, parse_state};
-use crate::store::{JobRecord, NewJob, Result, ShardRow, StoreError, Submitted};
+use crate::store::records::DialectRow;
+use crate::store::{JobRecord, NewJob, Result, ShardRow, StoreError, Submitted, output_key};
+
+/// The first job, other than `except`, that is not cancelled and owns an output overlapping
+/// `uri`'s (see `output_key`), as the refusal to give. SQLite has one writer, so the check and
+/// the insert in one transaction cannot interleave with another submission's.
+async fn output_conflict(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    uri: &str,
+    except: i64,
+) -> Result<Option<StoreError>> {
+    let key = output_key(uri);
+    let row = sqlx::query(
+        "SELECT id, name, output_uri FROM jobs \
+         WHERE state <> 'cancelled' AND id <> ? \
+           AND (substr(?, 1, length(output_key)) = output_key \
+                OR substr(output_key, 1, length(?)) = ?) \
+         ORDER BY id LIMIT 1",
+    )
+    .bind(except)
+    .bind(&key)
+    .bind(&key)
+    .bind(&key)
+    .fetch_optional(&mut **tx)
+    .await?;
+    row.map(|r| r.output_taken(uri)).transpose()
+}
 
 pub(super) async fn create_job(s: &SqliteStore, job: NewJob) -> Result<Submitted> {
     let mut tx = s.pool.begin().await?;
@@ -30,13 +56,16 @@ pub(super) async fn create_job(s: &SqliteStore, job: NewJob) -> Result<Submitted
             });
         }
     }
+    if let Some(taken) = output_conflict(&mut tx, &job.spec.output.uri, 0).await? {
+        return Err(taken);
+    }
     let now = SqliteStore::now(&mut tx).await?;
     let spec_json = serde_json::to_string(&job.spec)
         .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO jobs (uid, name, idempotency_key, spec_json, spec_hash, state, priority, \
-         max_attempts, rows_total, output_uri, created_at_ms, started_at_ms) \
-         VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?) RETURNING id",
+         max_attempts, rows_total, output_uri, output_key, created_at_ms, started_at_ms) \
+         VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(&job.uid)
     .bind(&job.spec.name)
@@ -47,6 +76,7 @@ pub(super) async fn create_job(s: &SqliteStore, job: NewJob) -> Result<Submitted
     .bind(job.spec.retry.max_attempts as i64)
     .bind(job.plan.rows_total as i64)
     .bind(&job.spec.output.uri)
+    .bind(output_key(&job.spec.output.uri))
     .bind(now)
     .bind(now)
     .fetch_one(&mut *tx)
@@ -201,7 +231,7 @@ pub(super) async fn cancel_job(s: &SqliteStore, id: i64) -> Result<JobRecord> {
         .ok_or(StoreError::JobNotFound(id))?;
     match job.state {
         JobState::Cancelled => return Ok(job),
-        JobState::Pending | JobState::Planning | JobState::Running => {}
+        JobState::Pending | JobState::Planning | JobState::Running | JobState::Finalizing => {}
         state => {
             return Err(StoreError::BadTransition {
                 job_id: id,
@@ -211,11 +241,14 @@ pub(super) async fn cancel_job(s: &SqliteStore, id: i64) -> Result<JobRecord> {
         }
     }
     let now = SqliteStore::now(&mut tx).await?;
-    sqlx::query("UPDATE jobs SET state = 'cancelled', finished_at_ms = ? WHERE id = ?")
-        .bind(now)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE jobs SET state = 'cancelled', finished_at_ms = ?, finalizer_owner = NULL, \
+         finalizer_expires_at_ms = NULL WHERE id = ?",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
     let job = SqliteStore::job_in(&mut tx, id)
         .await?
         .ok_or(StoreError::JobNotFound(id))?;
@@ -235,6 +268,11 @@ pub(super) async fn retry_job(s: &SqliteStore, id: i64) -> Result<JobRecord> {
             action: "retry",
         });
     }
+    if job.state == JobState::Cancelled
+        && let Some(taken) = output_conflict(&mut tx, &job.output_uri, id).await?
+    {
+        return Err(taken);
+    }
     sqlx::query(
         "UPDATE shards SET state = 'pending', attempts = 0, not_before_ms = 0, error = NULL, \
          error_class = NULL WHERE job_id = ? AND state = 'dead'",
@@ -243,7 +281,8 @@ pub(super) async fn retry_job(s: &SqliteStore, id: i64) -> Result<JobRecord> {
     .execute(&mut *tx)
     .await?;
     sqlx::query(
-        "UPDATE jobs SET state = 'running', error = NULL, finished_at_ms = NULL WHERE id = ?",
+        "UPDATE jobs SET state = 'running', error = NULL, finished_at_ms = NULL, \
+         finalizer_owner = NULL, finalizer_expires_at_ms = NULL WHERE id = ?",
     )
     .bind(id)
     .execute(&mut *tx)

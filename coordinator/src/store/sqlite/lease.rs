@@ -10,7 +10,8 @@ use nightshift_proto::{FailureClass, JobState, LeaseState};
 use sqlx::Row;
 
 use super::{SqliteStore, parse_state};
-use crate::store::{JobRecord, LeaseTiming, Result, StoreError};
+use crate::store::records::DialectRow;
+use crate::store::{JobRecord, LeaseHolder, LeaseTiming, Result, StoreError, new_lease_secret};
 
 /// Running jobs by priority through `jobs_running`, each one's pending shards in id order
 /// through `shards_job`: that nested loop yields the ORDER BY as is, so the LIMIT stops it
@@ -21,6 +22,7 @@ pub(super) async fn claim(
     max: u32,
     timing: LeaseTiming,
 ) -> Result<Vec<ShardLease>> {
+    let secret = new_lease_secret();
     let mut tx = s.pool.begin().await?;
     let now = SqliteStore::now(&mut tx).await?;
     sqlx::query(
@@ -33,7 +35,7 @@ pub(super) async fn claim(
     .await?;
     let rows = sqlx::query(
         "UPDATE shards SET state = 'leased', token = token + 1, attempts = attempts + 1, \
-         worker_id = ?, lease_expires_at_ms = ? \
+         worker_id = ?, lease_secret = ?, lease_expires_at_ms = ? \
          WHERE id IN (SELECT s.id FROM jobs j JOIN shards s ON s.job_id = j.id \
                       WHERE s.state = 'pending' AND j.state = 'running' AND s.not_before_ms <= ? \
                       ORDER BY j.priority DESC, j.id, s.id LIMIT ?) \
@@ -41,6 +43,7 @@ pub(super) async fn claim(
                    rows, token, attempts, checkpoint_rows",
     )
     .bind(worker)
+    .bind(secret.to_hex())
     .bind(now + timing.ttl_ms)
     .bind(now)
     .bind(max as i64)
@@ -69,6 +72,7 @@ pub(super) async fn claim(
             job_uid: job.uid.clone(),
             shard_id: r.try_get("id")?,
             token: r.try_get("token")?,
+            secret,
             attempt: r.try_get::<i64, _>("attempts")? as u32,
             file: InputFile {
                 uri: f.try_get("uri")?,
@@ -89,6 +93,23 @@ pub(super) async fn claim(
     tx.commit().await?;
     leases.sort_by_key(|l| l.shard_id);
     Ok(leases)
+}
+
+pub(super) async fn holders(s: &SqliteStore, shard_ids: &[i64]) -> Result<Vec<LeaseHolder>> {
+    let mut holders = Vec::with_capacity(shard_ids.len());
+    for &id in shard_ids {
+        let row = sqlx::query(
+            "SELECT s.id, s.token, s.worker_id, s.lease_secret, s.rows, j.uid, j.output_uri \
+             FROM shards s JOIN jobs j ON j.id = s.job_id WHERE s.id = ? AND s.state = 'leased'",
+        )
+        .bind(id)
+        .fetch_optional(&s.pool)
+        .await?;
+        if let Some(r) = row {
+            holders.push(r.holder()?);
+        }
+    }
+    Ok(holders)
 }
 
 pub(super) async fn heartbeat(

@@ -112,7 +112,7 @@ pub(super) async fn claim_finalize(
         "UPDATE jobs SET finalizer_owner = ?, finalizer_expires_at_ms = ? \
          WHERE id = (SELECT id FROM jobs WHERE state = 'finalizing' \
                      AND (finalizer_expires_at_ms IS NULL OR finalizer_expires_at_ms < ?) \
-                     ORDER BY id LIMIT 1) RETURNING id",
+                     ORDER BY finalizer_expires_at_ms NULLS FIRST, id LIMIT 1) RETURNING id",
     )
     .bind(owner)
     .bind(now + ttl_ms)

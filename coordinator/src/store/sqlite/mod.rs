@@ -17,8 +17,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    JobOutcome, JobRecord, LeaseTiming, NewJob, PartRow, Result, ShardRow, Store, StoreError,
-    StoreMetrics, Submitted, migrations,
+    JobOutcome, JobRecord, LeaseHolder, LeaseTiming, NewJob, PartRow, Result, ShardRow, Store,
+    StoreError, StoreMetrics, Submitted, migrations,
 };
 
 pub struct SqliteStore {
@@ -208,6 +208,10 @@ impl Store for SqliteStore {
 
     async fn claim(&self, worker: &str, max: u32, timing: LeaseTiming) -> Result<Vec<ShardLease>> {
         lease::claim(self, worker, max, timing).await
+    }
+
+    async fn lease_holders(&self, shard_ids: &[i64]) -> Result<Vec<LeaseHolder>> {
+        lease::holders(self, shard_ids).await
     }
 
     async fn heartbeat(

@@ -1,0 +1,106 @@
+//! Who may use a lease: only the worker it was granted to, presenting the grant's fencing
+//! token and its random secret. Workers run on machines the coordinator does not trust, and
+//! tokens are small sequential numbers, so the token alone proves nothing.
+//!
+//! The check reads the shard's current grant and compares; the write that follows is still
+//! guarded by `(shard, token)` in the store. A token names exactly one grant, and a grant's
+//! worker and secret never change, so a write that passes both refers to the grant that was
+//! checked.
+
+use std::collections::HashMap;
+
+use nightshift_proto::wire::LeaseRef;
+use subtle::ConstantTimeEq;
+
+use crate::store::{DynStore, LeaseHolder, Result};
+
+/// The rule: same token, same worker, same secret (compared in constant time).
+pub fn holds(holder: &LeaseHolder, worker: &str, lease: &LeaseRef) -> bool {
+    let Some(secret) = holder.secret else {
+        return false;
+    };
+    let same_secret: bool = secret
+        .as_u128()
+        .to_be_bytes()
+        .ct_eq(&lease.secret.as_u128().to_be_bytes())
+        .into();
+    same_secret && holder.token == lease.token && holder.worker == worker
+}
+
+/// For each lease, its grant when `worker` holds it, else `None`.
+pub async fn held_by(
+    store: &DynStore,
+    worker: &str,
+    leases: &[LeaseRef],
+) -> Result<Vec<Option<LeaseHolder>>> {
+    let (workers, leases): (Vec<&str>, Vec<LeaseRef>) = leases.iter().map(|l| (worker, *l)).unzip();
+    held_by_each(store, &workers, &leases).await
+}
+
+/// `held_by` for leases of several workers at once (`workers[i]` presents `leases[i]`): one
+/// read for all of them.
+pub async fn held_by_each(
+    store: &DynStore,
+    workers: &[&str],
+    leases: &[LeaseRef],
+) -> Result<Vec<Option<LeaseHolder>>> {
+    let mut ids: Vec<i64> = leases.iter().map(|l| l.shard_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let holders: HashMap<i64, LeaseHolder> = store
+        .lease_holders(&ids)
+        .await?
+        .into_iter()
+        .map(|h| (h.shard_id, h))
+        .collect();
+    Ok(workers
+        .iter()
+        .zip(leases)
+        .map(|(worker, lease)| {
+            holders
+                .get(&lease.shard_id)
+                .filter(|h| holds(h, worker, lease))
+                .cloned()
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use nightshift_proto::wire::LeaseSecret;
+
+    use super::*;
+
+    #[test]
+    fn only_the_holder_with_the_secret_and_token_holds() {
+        let secret = LeaseSecret::from_u128(0xfeed_beef);
+        let holder = LeaseHolder {
+            shard_id: 1,
+            token: 7,
+            worker: "w1".into(),
+            secret: Some(secret),
+            rows: 10,
+            job_uid: "u".into(),
+            output_uri: "/out".into(),
+        };
+        let lease = LeaseRef {
+            shard_id: 1,
+            token: 7,
+            secret,
+        };
+        assert!(holds(&holder, "w1", &lease));
+        assert!(!holds(&holder, "w2", &lease), "another worker");
+        let guessed = LeaseRef {
+            secret: LeaseSecret::from_u128(1),
+            ..lease
+        };
+        assert!(!holds(&holder, "w1", &guessed), "a guessed secret");
+        let stale = LeaseRef { token: 6, ..lease };
+        assert!(!holds(&holder, "w1", &stale), "a stale token");
+        let unset = LeaseHolder {
+            secret: None,
+            ..holder
+        };
+        assert!(!holds(&unset, "w1", &lease), "a grant without a secret");
+    }
+}

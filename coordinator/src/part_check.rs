@@ -1,0 +1,250 @@
+//! What a worker says about a part is checked before the part is recorded, and again before
+//! the commit reads it: the counts add up and fit the shard; the part and its error part are
+//! exactly the objects the lease may write (`OUTPUT/_parts/<job_uid>/s<shard>-t<token>-r<row>`,
+//! see `nightshift_proto::layout`), they exist with the sizes reported, and locally no link
+//! leads out of the job's parts directory. So a worker token cannot publish a file from
+//! anywhere else, another shard's part, or a count that does not add up.
+
+use nightshift_proto::layout::{part_name, parts_dir};
+use nightshift_proto::wire::{LeaseRef, PartRecord};
+use nightshift_storage::{Location, StorageError, Stores};
+use object_store::ObjectStoreExt;
+
+use crate::store::LeaseHolder;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PartError {
+    #[error("a part must cover at least one row")]
+    Empty,
+    #[error("a part's error_rows ({error_rows}) exceed its rows ({rows})")]
+    TooManyErrors { rows: u64, error_rows: u64 },
+    #[error("a part of {rows} rows from row {start} does not fit in the shard's {shard_rows} rows")]
+    OutsideShard {
+        start: u64,
+        rows: u64,
+        shard_rows: u64,
+    },
+    #[error("a part with {error_rows} error rows must name an error part, and only then")]
+    ErrorPartMismatch { error_rows: u64 },
+    #[error(
+        "{field} `{got}` is not `{expected}`: a lease writes only under its job's own _parts/ \
+         prefix, under the name its shard, token and first row give"
+    )]
+    WrongUri {
+        field: &'static str,
+        got: String,
+        expected: String,
+    },
+    #[error("part `{uri}` does not exist")]
+    Missing { uri: String },
+    #[error("part `{uri}` holds {actual} bytes, not the {reported} reported")]
+    WrongSize {
+        uri: String,
+        actual: u64,
+        reported: u64,
+    },
+    #[error("part `{uri}` is not a plain file inside its job's parts directory")]
+    Escapes { uri: String },
+    /// The object store could not be asked: not the worker's fault.
+    #[error(transparent)]
+    Storage(StorageError),
+}
+
+impl PartError {
+    /// The object store failed, rather than the part being wrong.
+    pub fn is_storage(&self) -> bool {
+        matches!(self, PartError::Storage(_))
+    }
+}
+
+/// The counts of a part fit together and inside its shard.
+pub fn check_counts(part: &PartRecord, shard_rows: u64) -> Result<(), PartError> {
+    if part.rows == 0 {
+        return Err(PartError::Empty);
+    }
+    if part.error_rows > part.rows {
+        return Err(PartError::TooManyErrors {
+            rows: part.rows,
+            error_rows: part.error_rows,
+        });
+    }
+    if part
+        .row_start
+        .checked_add(part.rows)
+        .is_none_or(|end| end > shard_rows)
+    {
+        return Err(PartError::OutsideShard {
+            start: part.row_start,
+            rows: part.rows,
+            shard_rows,
+        });
+    }
+    if part.error_uri.is_some() != (part.error_rows > 0)
+        || (part.error_uri.is_none() && part.error_bytes > 0)
+    {
+        return Err(PartError::ErrorPartMismatch {
+            error_rows: part.error_rows,
+        });
+    }
+    Ok(())
+}
+
+/// The part (and error part) are the objects this lease may write, and exist as reported.
+pub async fn check_objects(
+    stores: &Stores,
+    holder: &LeaseHolder,
+    lease: &LeaseRef,
+    part: &PartRecord,
+) -> Result<(), PartError> {
+    let out = stores
+        .locate(&holder.output_uri)
+        .map_err(PartError::Storage)?;
+    let name = |errors| {
+        format!(
+            "{}/{}",
+            parts_dir(&holder.job_uid),
+            part_name(lease.shard_id, lease.token, part.row_start, errors)
+        )
+    };
+    let expect = |field, got: &str, rel: &str| {
+        let expected = out.join(rel).uri();
+        if got == expected {
+            Ok(())
+        } else {
+            Err(PartError::WrongUri {
+                field,
+                got: nightshift_proto::excerpt(got),
+                expected,
+            })
+        }
+    };
+    let main = name(false);
+    expect("part uri", &part.uri, &main)?;
+    verify_object(&out, &main, part.bytes).await?;
+    if let Some(error_uri) = &part.error_uri {
+        let errors = name(true);
+        expect("error_uri", error_uri, &errors)?;
+        verify_object(&out, &errors, part.error_bytes).await?;
+    }
+    Ok(())
+}
+
+/// The object at `rel` under the output `out` exists with `bytes` bytes; locally it is a plain
+/// file reached through no link (so what is read is what lies under `out`).
+pub async fn verify_object(out: &Location, rel: &str, bytes: u64) -> Result<(), PartError> {
+    let loc = out.join(rel);
+    let uri = loc.uri();
+    if loc.is_local() {
+        let (root, path) = (out.uri(), uri.clone());
+        let inside = tokio::task::spawn_blocking(move || plain_file_inside(&root, &path))
+            .await
+            .unwrap_or(false);
+        if !inside {
+            return Err(PartError::Escapes { uri });
+        }
+    }
+    let meta = match loc.store().head(loc.path()).await {
+        Ok(meta) => meta,
+        Err(e) => {
+            return Err(match StorageError::from_store(&uri, e) {
+                StorageError::NotFound { uri } => PartError::Missing { uri },
+                other => PartError::Storage(other),
+            });
+        }
+    };
+    if meta.size != bytes {
+        return Err(PartError::WrongSize {
+            uri,
+            actual: meta.size,
+            reported: bytes,
+        });
+    }
+    Ok(())
+}
+
+/// `path` is a regular file (not a link) whose real path is `root`'s real path followed by the
+/// rest of `path`: no component between them is a link.
+fn plain_file_inside(root: &str, path: &str) -> bool {
+    let Some(rest) = path.strip_prefix(root.trim_end_matches('/')) else {
+        return false;
+    };
+    let is_file = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file());
+    let real_root = std::fs::canonicalize(root);
+    let real = std::fs::canonicalize(path);
+    match (is_file, real_root, real) {
+        (true, Ok(r), Ok(p)) => p.as_os_str().to_string_lossy() == format!("{}{rest}", r.display()),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(row_start: u64, rows: u64, error_rows: u64) -> PartRecord {
+        PartRecord {
+            uri: String::new(),
+            row_start,
+            rows,
+            bytes: 10,
+            error_rows,
+            error_uri: (error_rows > 0).then(|| "e".to_string()),
+            error_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn counts_must_add_up() {
+        assert!(check_counts(&part(0, 10, 2), 10).is_ok());
+        assert!(matches!(
+            check_counts(&part(0, 0, 0), 10),
+            Err(PartError::Empty)
+        ));
+        assert!(matches!(
+            check_counts(&part(0, 5, 6), 10),
+            Err(PartError::TooManyErrors { .. })
+        ));
+        assert!(matches!(
+            check_counts(&part(5, 6, 0), 10),
+            Err(PartError::OutsideShard { .. })
+        ));
+        assert!(matches!(
+            check_counts(&part(u64::MAX, 2, 0), 10),
+            Err(PartError::OutsideShard { .. })
+        ));
+        let mut no_error_part = part(0, 5, 1);
+        no_error_part.error_uri = None;
+        assert!(matches!(
+            check_counts(&no_error_part, 10),
+            Err(PartError::ErrorPartMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn links_out_of_the_parts_directory_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("out");
+        let parts = root.join("_parts/u");
+        std::fs::create_dir_all(&parts).unwrap();
+        std::fs::write(parts.join("a.parquet"), b"x").unwrap();
+        std::fs::write(dir.path().join("secret"), b"x").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), parts.join("b.parquet")).unwrap();
+        std::os::unix::fs::symlink(dir.path(), root.join("_parts/v")).unwrap();
+        let root_s = root.to_string_lossy().to_string();
+        let at = |rel: &str| root.join(rel).to_string_lossy().to_string();
+        assert!(plain_file_inside(&root_s, &at("_parts/u/a.parquet")));
+        assert!(
+            !plain_file_inside(&root_s, &at("_parts/u/b.parquet")),
+            "a link"
+        );
+        assert!(
+            !plain_file_inside(&root_s, &at("_parts/v/secret")),
+            "a linked dir"
+        );
+        assert!(
+            !plain_file_inside(&root_s, &at("_parts/u/none.parquet")),
+            "missing"
+        );
+        assert!(!plain_file_inside(&root_s, "/etc/passwd"), "elsewhere");
+    }
+}

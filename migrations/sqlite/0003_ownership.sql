@@ -1,0 +1,7 @@
+-- Leases are bound to their holder: each grant carries a random secret that only the worker it
+-- was granted to knows (the worker's id is already on the row).
+ALTER TABLE shards ADD COLUMN lease_secret TEXT;
+-- The output location a job owns, as a prefix ending in '/'. No two jobs that are not
+-- cancelled may own overlapping ones (one a prefix of the other).
+ALTER TABLE jobs ADD COLUMN output_key TEXT;
+UPDATE jobs SET output_key = rtrim(output_uri, '/') || '/';

@@ -1,0 +1,33 @@
+//! Stand-in parts for tests that drive the lease protocol by hand: a small object at exactly
+//! the key the coordinator accepts for a lease's rows (`nightshift_proto::layout`), and its
+//! record. The checkpoint checks the object's place and size, not its content.
+
+use std::path::PathBuf;
+
+use nightshift_proto::layout::{part_name, parts_dir};
+use nightshift_proto::wire::{PartRecord, ShardLease};
+
+/// The local path of the part (or error part) `lease` writes from `row_start`.
+pub fn part_path(lease: &ShardLease, row_start: u64, errors: bool) -> PathBuf {
+    PathBuf::from(lease.spec.output.uri.trim_end_matches('/'))
+        .join(parts_dir(&lease.job_uid))
+        .join(part_name(lease.shard_id, lease.token, row_start, errors))
+}
+
+/// Writes a stand-in part of `rows` rows from `row_start` for a lease of a job with a local
+/// output, and answers its record.
+pub fn write_part(lease: &ShardLease, row_start: u64, rows: u64) -> PartRecord {
+    let path = part_path(lease, row_start, false);
+    let body = b"stand-in part";
+    std::fs::create_dir_all(path.parent().expect("parts directory")).expect("parts directory");
+    std::fs::write(&path, body).expect("part written");
+    PartRecord {
+        uri: path.display().to_string(),
+        row_start,
+        rows,
+        bytes: body.len() as u64,
+        error_rows: 0,
+        error_uri: None,
+        error_bytes: 0,
+    }
+}

@@ -1,0 +1,404 @@
+//! What the API refuses, as an attacker with a token would try it (security review of round
+//! 1): outputs owned by one job, parts and counts from workers checked, leases bound to their
+//! holder, text with control characters refused at the door, error bodies always
+//! `{code, message}` and short, symlinks resolved before the allow-list, `/readyz` quick when
+//! the database hangs. A real coordinator over HTTP on 127.0.0.1 with a real store.
+
+use std::time::{Duration, Instant};
+
+use nightshift_coordinator::AllowList;
+use nightshift_coordinator::store::Store;
+use nightshift_coordinator::store::postgres::PgStore;
+use nightshift_proto::wire::{LeaseSecret, ShardLease};
+use nightshift_tests::PgServer;
+use nightshift_tests::api_server::{Api, job, start, start_on};
+use nightshift_tests::fixtures::Fixture;
+use nightshift_tests::parts::{part_path, write_part};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// `post` on the API with the worker token, answering the status and the JSON body.
+async fn post(api: &Api, path: &str, body: &Value) -> (StatusCode, Value) {
+    let resp = api
+        .http
+        .post(format!("{}{path}", api.url))
+        .bearer_auth("W")
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Submits the fixture's job and leases `n` of its shards as `worker`.
+async fn leased(api: &Api, f: &Fixture, worker: &str, n: u32) -> Vec<ShardLease> {
+    let (s, body) = api.submit(Some("S"), None, &job(f)).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    lease(api, worker, n).await
+}
+
+async fn lease(api: &Api, worker: &str, n: u32) -> Vec<ShardLease> {
+    let (s, body) = post(
+        api,
+        "/v1/worker/lease",
+        &json!({"worker_id": worker, "max": n}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    serde_json::from_value(body["leases"].clone()).unwrap()
+}
+
+/// A file of the fixture's generated input.
+fn first_input(f: &Fixture) -> std::path::PathBuf {
+    let mut files: Vec<_> = std::fs::read_dir(f.path("in"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files.remove(0)
+}
+
+fn message(body: &Value) -> &str {
+    body["message"].as_str().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_output_belongs_to_one_job_and_never_to_its_own_input() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let toml = job(&f);
+    let (s, first) = api.submit(Some("S"), None, &toml).await;
+    assert_eq!(s, StatusCode::CREATED, "{first}");
+    // Another job into the same output, or one inside it: refused, naming the owner.
+    let out = f.path("out").display().to_string();
+    for (name, output) in [("second", out.clone()), ("nested", format!("{out}/day=1"))] {
+        let spec = toml
+            .replace("api-job", name)
+            .replace(&format!("uri = \"{out}\""), &format!("uri = \"{output}\""));
+        let (s, body) = api.submit(Some("S"), None, &spec).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{body}");
+        assert_eq!(body["code"], "conflict");
+        assert!(message(&body).contains("`api-job`"), "{body}");
+    }
+    // An output that is the input's directory, or inside it: refused before anything is queued.
+    let input_dir = f.path("in").display().to_string();
+    for output in [input_dir.clone(), format!("{input_dir}/scores")] {
+        let spec = toml
+            .replace("api-job", "self-eating")
+            .replace(&format!("uri = \"{out}\""), &format!("uri = \"{output}\""));
+        let (s, body) = api.submit(Some("S"), None, &spec).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(message(&body).contains("overlaps the input"), "{body}");
+    }
+    let (_, list) = api.get(Some("S"), "/v1/jobs").await;
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1, "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parts_must_be_the_leases_own_and_counts_must_add_up() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let l = leased(&api, &f, "w1", 1).await.remove(0);
+    let good = write_part(&l, 0, 100);
+    let checkpoint = |part: Value| json!({"worker_id": "w1", "lease": l.lease_ref(), "part": part});
+    let part_json = |uri: &str, rows: u64, error_rows: u64, error_uri: Option<&str>| {
+        json!({"uri": uri, "row_start": 0, "rows": rows, "bytes": good.bytes,
+               "error_rows": error_rows, "error_uri": error_uri})
+    };
+    let input = first_input(&f).display().to_string();
+    let parts_dir = part_path(&l, 0, false).parent().unwrap().to_path_buf();
+    let dotdot = format!("{}/../../in/part-00000.parquet", parts_dir.display());
+    let cases = [
+        (
+            "a file outside the output",
+            part_json(&input, 100, 0, None),
+            "is not `",
+        ),
+        (
+            "`..` out of _parts",
+            part_json(&dotdot, 100, 0, None),
+            "is not `",
+        ),
+        (
+            "no rows",
+            part_json(&good.uri, 0, 0, None),
+            "at least one row",
+        ),
+        (
+            "more errors than rows",
+            part_json(&good.uri, 10, 11, Some(&good.uri)),
+            "exceed",
+        ),
+        (
+            "past the shard",
+            part_json(&good.uri, 1_000_000, 0, None),
+            "does not fit",
+        ),
+        (
+            "an error part elsewhere",
+            part_json(&good.uri, 10, 1, Some(&input)),
+            "error_uri",
+        ),
+    ];
+    for (what, part, says) in cases {
+        let (s, body) = post(&api, "/v1/worker/checkpoint", &checkpoint(part)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{what}: {body}");
+        assert_eq!(body["code"], "invalid_part", "{what}: {body}");
+        assert!(message(&body).contains(says), "{what}: {body}");
+    }
+    // The right key, but the size is not what is there; then a link planted at the key.
+    let mut wrong_size = part_json(&good.uri, 100, 0, None);
+    wrong_size["bytes"] = json!(good.bytes + 1);
+    let (s, body) = post(&api, "/v1/worker/checkpoint", &checkpoint(wrong_size)).await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_part"))
+    );
+    std::fs::remove_file(part_path(&l, 0, false)).unwrap();
+    std::os::unix::fs::symlink(&input, part_path(&l, 0, false)).unwrap();
+    let mut linked = part_json(&good.uri, 100, 0, None);
+    linked["bytes"] = json!(std::fs::metadata(&input).unwrap().len());
+    let (s, body) = post(&api, "/v1/worker/checkpoint", &checkpoint(linked)).await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "a link at the part's key: {body}"
+    );
+    assert!(message(&body).contains("not a plain file"), "{body}");
+    // The real thing goes through, and the checkpoint moved.
+    std::fs::remove_file(part_path(&l, 0, false)).unwrap();
+    let good = write_part(&l, 0, 100);
+    let (s, body) = post(
+        &api,
+        "/v1/worker/checkpoint",
+        &checkpoint(serde_json::to_value(&good).unwrap()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_is_usable_only_by_its_holder_with_its_secret() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let l = leased(&api, &f, "holder", 1).await.remove(0);
+    let mine = l.lease_ref();
+    let mut guessed = mine;
+    guessed.secret = LeaseSecret::from_u128(mine.secret.as_u128() ^ 1);
+    let fail = |worker: &str, lease| json!({"worker_id": worker, "lease": lease, "class": "permanent", "message": "sabotage"});
+    for (what, path, body) in [
+        (
+            "another worker fails it",
+            "/v1/worker/fail",
+            fail("thief", mine),
+        ),
+        (
+            "a guessed secret fails it",
+            "/v1/worker/fail",
+            fail("holder", guessed),
+        ),
+        (
+            "another worker releases it",
+            "/v1/worker/release",
+            json!({"worker_id": "thief", "lease": mine}),
+        ),
+        (
+            "another worker completes it",
+            "/v1/worker/complete",
+            json!({"worker_id": "thief", "lease": mine}),
+        ),
+    ] {
+        let (s, body) = post(&api, path, &body).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{what}: {body}");
+        assert_eq!(body["code"], "lease_lost", "{what}: {body}");
+    }
+    let beat = |worker: &str, lease| json!({"worker_id": worker, "leases": [lease]});
+    let (_, body) = post(&api, "/v1/worker/heartbeat", &beat("thief", mine)).await;
+    assert_eq!(body["leases"][0]["state"], "lost", "{body}");
+    let (_, body) = post(&api, "/v1/worker/heartbeat", &beat("holder", guessed)).await;
+    assert_eq!(body["leases"][0]["state"], "lost", "{body}");
+    // Through all of it the holder kept its lease.
+    let (_, body) = post(&api, "/v1/worker/heartbeat", &beat("holder", mine)).await;
+    assert_eq!(body["leases"][0]["state"], "held", "{body}");
+    let missing =
+        json!({"worker_id": "holder", "lease": {"shard_id": mine.shard_id, "token": mine.token}});
+    let (s, body) = post(&api, "/v1/worker/release", &missing).await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "a lease without its secret: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn control_characters_are_refused_at_the_door_naming_the_field() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let l = leased(&api, &f, "w1", 1).await.remove(0);
+    let cases = [
+        (
+            "/v1/worker/lease",
+            json!({"worker_id": "w\u{0}1", "max": 1}),
+            "worker_id",
+        ),
+        (
+            "/v1/worker/heartbeat",
+            json!({"worker_id": "w\u{0}1", "leases": []}),
+            "worker_id",
+        ),
+        (
+            "/v1/worker/fail",
+            json!({"worker_id": "w1", "lease": l.lease_ref(), "class": "retryable", "message": "x\u{0}"}),
+            "message",
+        ),
+        (
+            "/v1/worker/checkpoint",
+            json!({"worker_id": "w1", "lease": l.lease_ref(), "part": {"uri": "/a\u{0}b", "row_start": 0, "rows": 1, "bytes": 1}}),
+            "part.uri",
+        ),
+    ];
+    for (path, body, field) in cases {
+        let (s, answer) = post(&api, path, &body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {answer}");
+        assert!(message(&answer).contains(field), "{path}: {answer}");
+    }
+    let spec = job(&f)
+        .replace("api-job", "other")
+        .replace("/out\"", "/o\\u0000ut\"");
+    let (s, body) = api.submit(Some("S"), None, &spec).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(message(&body).contains("output.uri"), "{body}");
+    let (s, body) = api.get(Some("S"), "/v1/jobs/a%00b").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    // The lease is untouched and its holder goes on.
+    let (_, body) = post(
+        &api,
+        "/v1/worker/heartbeat",
+        &json!({"worker_id": "w1", "leases": [l.lease_ref()]}),
+    )
+    .await;
+    assert_eq!(body["leases"][0]["state"], "held", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_error_is_json_short_and_the_scheme_is_case_insensitive() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let big = api
+        .http
+        .post(format!("{}/v1/jobs", api.url))
+        .bearer_auth("S")
+        .body(vec![b' '; 50 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = big.json().await.expect("413 has a JSON body");
+    assert_eq!(body["code"], "too_large", "{body}");
+    let (s, text) = api.get(Some("S"), "/v1/nowhere").await;
+    let body: Value = serde_json::from_str(&text).expect("404 has a JSON body");
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (s, text) = api.get(Some("W"), "/v1/worker/lease").await;
+    let body: Value = serde_json::from_str(&text).expect("405 has a JSON body");
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+    // A 10,000-character name is not echoed back whole.
+    let long = job(&f).replace("api-job", &"n".repeat(10_000));
+    let (s, body) = api.submit(Some("S"), None, &long).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        message(&body).len() < 400,
+        "{} characters",
+        message(&body).len()
+    );
+    // `bearer`, `BEARER`: the scheme's case does not matter.
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let resp = api
+            .http
+            .get(format!("{}/v1/jobs", api.url))
+            .header("authorization", format!("{scheme} S"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{scheme}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn links_are_followed_before_the_allow_list_judges() {
+    let f = Fixture::new();
+    let toml = job(&f);
+    let allowed = f.path("allowed");
+    std::fs::create_dir_all(&allowed).unwrap();
+    // A link inside the allowed directory to the fixture's directory, which is not allowed.
+    std::os::unix::fs::symlink(f.dir.path(), allowed.join("escape")).unwrap();
+    let api = start(
+        &f,
+        AllowList::new(vec![allowed.display().to_string()]),
+        30_000,
+    )
+    .await;
+    let root = f.dir.path().display().to_string();
+    let via_link = toml.replace(&root, &format!("{}/escape", allowed.display()));
+    let (s, body) = api.submit(Some("S"), None, &via_link).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["code"], "uri_not_allowed");
+    // Real files in the allowed directory, but the glob matches a link leading out.
+    let inside = allowed.join("in");
+    std::fs::create_dir_all(&inside).unwrap();
+    std::fs::copy(f.path("m.onnx"), allowed.join("m.onnx")).unwrap();
+    std::os::unix::fs::symlink(first_input(&f), inside.join("a.parquet")).unwrap();
+    let spec = toml
+        .replace(&format!("{root}/in/"), &format!("{}/", inside.display()))
+        .replace(
+            &format!("{root}/m.onnx"),
+            &allowed.join("m.onnx").display().to_string(),
+        )
+        .replace(
+            &format!("{root}/out"),
+            &allowed.join("out").display().to_string(),
+        );
+    let (s, body) = api.submit(Some("S"), None, &spec).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert!(message(&body).contains("input.uri"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_answers_within_a_second_when_the_database_hangs() {
+    let pg = PgServer::start().await.unwrap();
+    let store = PgStore::connect(&pg.fresh_database().await.unwrap())
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let f = Fixture::new();
+    let api = start_on(std::sync::Arc::new(store), AllowList::everything(), 30_000).await;
+    assert_eq!(api.get(None, "/readyz").await.0, StatusCode::OK);
+    // The server and its backends stop answering, but their connections stay open: a hang,
+    // not a refusal.
+    let pid = pg.pid().to_string();
+    let signal = |sig: &str| {
+        let children = std::process::Command::new("pkill")
+            .args([sig, "-P", &pid])
+            .status()
+            .unwrap();
+        let server = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        children.success() && server.success()
+    };
+    assert!(signal("-STOP"));
+    let began = Instant::now();
+    let (s, text) = api.get(None, "/readyz").await;
+    let took = began.elapsed();
+    assert!(signal("-CONT"));
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(took < Duration::from_millis(1900), "readyz took {took:?}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["code"], "unavailable");
+    drop(f);
+}
