@@ -15,6 +15,7 @@ use nightshift_worker::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::OrtArgs;
+use crate::cmd_gpus::GpuArgs;
 use crate::token_files;
 
 #[derive(clap::Args, Debug)]
@@ -73,9 +74,11 @@ pub struct WorkerArgs {
     /// A file whose first line is the worker token (a mounted secret).
     #[arg(long, env = "NIGHTSHIFT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    /// Shards run at once.
-    #[arg(long, default_value_t = 1)]
-    pub slots: usize,
+    /// Shards run at once (default: one per GPU used, else 1).
+    #[arg(long)]
+    pub slots: Option<usize>,
+    #[command(flatten)]
+    pub gpus: GpuArgs,
     /// Time allowed to finish, checkpoint and release after SIGTERM or a spot notice.
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -158,7 +161,8 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
         "--token or --token-file (NIGHTSHIFT_TOKEN or NIGHTSHIFT_TOKEN_FILE)",
     )?;
     let mut config = WorkerConfig::new(&args.coordinator, &token);
-    config.slots = args.slots.max(1);
+    config.gpus = args.gpus.selected()?.iter().map(|g| g.index).collect();
+    config.slots = args.slots.unwrap_or(config.gpus.len()).max(1);
     config.drain_timeout = args.drain_timeout;
     config.intra_threads = args.threads;
     config.ort_lib = args.ort.ort_lib;

@@ -20,15 +20,18 @@ use nightshift_worker::{Worker, WorkerConfig, onnx_runtime};
 use tokio_util::sync::CancellationToken;
 
 use crate::OrtArgs;
+use crate::cmd_gpus::GpuArgs;
 use crate::progress::Progress;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// The job spec (TOML).
     pub spec: PathBuf,
-    /// Local workers (each runs one shard at a time).
-    #[arg(long, default_value_t = 1)]
-    pub workers: usize,
+    /// Local workers, each running one shard at a time (default: one per GPU used, else 1).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    #[command(flatten)]
+    pub gpus: GpuArgs,
     /// Print one final JSON line instead of a progress bar.
     #[arg(long)]
     pub json: bool,
@@ -55,7 +58,9 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     crate::logging::init("warn", false);
     let started = Instant::now();
     let spec = crate::spec_file::load(&args.spec)?;
-    if args.workers == 0 {
+    let gpus: Vec<u32> = args.gpus.selected()?.iter().map(|g| g.index).collect();
+    let worker_count = args.workers.unwrap_or(gpus.len().max(1));
+    if worker_count == 0 {
         bail!("--workers must be at least 1");
     }
 
@@ -68,7 +73,8 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&args.state)
         .with_context(|| format!("cannot create state directory `{}`", args.state.display()))?;
     let _lock = lock_state(&args.state)?;
-    let device_note = probe_model(&stores, &spec, runtime, &args.state.join("models")).await?;
+    let models = args.state.join("models");
+    let device_note = probe_model(&stores, &spec, runtime, &models, gpus.first().copied()).await?;
     if !args.json {
         eprintln!("nightshift: {device_note}");
     }
@@ -147,16 +153,21 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         .map(|n| n.get())
         .unwrap_or(1);
     let mut workers = Vec::new();
-    for i in 0..args.workers {
+    for i in 0..worker_count {
         let mut wc = WorkerConfig::new(&url, &worker_token);
         wc.worker_id = format!("local-{}-{i}", std::process::id());
         wc.ort_lib = args.ort.ort_lib.clone();
-        wc.intra_threads = if args.workers > 1 {
-            (cores / args.workers).max(1)
+        wc.gpus = gpus
+            .get(i % gpus.len().max(1))
+            .copied()
+            .into_iter()
+            .collect();
+        wc.intra_threads = if worker_count > 1 {
+            (cores / worker_count).max(1)
         } else {
             0
         };
-        wc.cache_dir = args.state.join("models");
+        wc.cache_dir = models.clone();
         wc.idle_poll = Duration::from_millis(100);
         let worker = Worker::build(wc, stores.clone())?;
         workers.push(tokio::spawn(worker.run(workers_stop.clone())));
@@ -246,6 +257,7 @@ async fn probe_model(
     spec: &JobSpec,
     runtime: &'static onnx_runtime::OnnxRuntime,
     cache: &Path,
+    gpu: Option<u32>,
 ) -> Result<String> {
     let loc = stores.locate(&spec.model.uri)?;
     let path = if loc.is_local() {
@@ -263,9 +275,10 @@ async fn probe_model(
             .path
     };
     let (uri, device) = (spec.model.uri.clone(), spec.model.device);
-    let session =
-        tokio::task::spawn_blocking(move || ModelSession::open(runtime, &uri, &path, device, 1))
-            .await??;
+    let session = tokio::task::spawn_blocking(move || {
+        ModelSession::open(runtime, &uri, &path, device, gpu, 1)
+    })
+    .await??;
     Ok(format!(
         "device {} ({})",
         session.device, session.device_note

@@ -3,6 +3,7 @@
 
 mod api_client;
 mod cmd_cluster;
+mod cmd_gpus;
 mod cmd_jobs;
 mod cmd_run;
 mod logging;
@@ -45,6 +46,8 @@ enum Command {
     Watch(cmd_jobs::JobArgs),
     /// Cancel a job.
     Cancel(cmd_jobs::JobArgs),
+    /// List the GPUs of this machine, as a worker finds them (none without a CUDA driver).
+    Gpus(cmd_gpus::GpusArgs),
 }
 
 /// Where ONNX Runtime's library is, for the commands that run models.
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
             Command::Status(a) => cmd_jobs::status(a).await,
             Command::Watch(a) => cmd_jobs::watch(a).await,
             Command::Cancel(a) => cmd_jobs::cancel(a).await,
+            Command::Gpus(a) => cmd_gpus::gpus(a),
         }
     });
     // Workers' inference threads may still hold sessions; do not wait for stragglers.

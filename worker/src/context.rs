@@ -7,6 +7,7 @@ use nightshift_storage::{ReadCounter, Stores};
 
 use crate::client::CoordinatorClient;
 use crate::model_files::ModelFiles;
+use crate::model_session::CallStats;
 use crate::onnx_runtime::OnnxRuntime;
 
 pub struct WorkerContext {
@@ -18,6 +19,8 @@ pub struct WorkerContext {
     pub read_counter: ReadCounter,
     /// ONNX Runtime intra-op threads per session (0: its default).
     pub intra_threads: usize,
+    /// Blocking threads that prepare one shard's tensors at once.
+    pub prepare_threads: usize,
     pub metrics: WorkerMetrics,
 }
 
@@ -31,9 +34,19 @@ pub struct WorkerMetrics {
     pub shards_released: AtomicU64,
     pub shards_failed: AtomicU64,
     pub shards_lost: AtomicU64,
+    pub model_calls: AtomicU64,
+    /// The most rows one model call carried.
+    pub largest_model_call: AtomicU64,
 }
 
 impl WorkerMetrics {
+    /// Adds what a session's model calls were over one shard.
+    pub fn record_calls(&self, stats: CallStats) {
+        self.model_calls.fetch_add(stats.calls, Ordering::Relaxed);
+        self.largest_model_call
+            .fetch_max(stats.largest as u64, Ordering::Relaxed);
+    }
+
     pub fn record_batch(&self, rows: usize, errors: usize) {
         self.rows.fetch_add(rows as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
@@ -50,6 +63,8 @@ impl WorkerMetrics {
             shards_released: g(&self.shards_released),
             shards_failed: g(&self.shards_failed),
             shards_lost: g(&self.shards_lost),
+            model_calls: g(&self.model_calls),
+            largest_model_call: g(&self.largest_model_call),
         }
     }
 }
@@ -65,4 +80,6 @@ pub struct WorkerReport {
     pub shards_released: u64,
     pub shards_failed: u64,
     pub shards_lost: u64,
+    pub model_calls: u64,
+    pub largest_model_call: u64,
 }

@@ -5,6 +5,7 @@
 pub mod allocator;
 pub mod client;
 pub mod context;
+pub mod gpus;
 pub mod model_files;
 pub mod model_session;
 pub mod onnx_runtime;

@@ -39,20 +39,70 @@ impl fmt::Display for ChosenDevice {
     }
 }
 
+/// Why a model call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RunError {
+    /// The device had no memory for a call this large: a smaller one may fit.
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
+    /// The model refused the input (or failed on it).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// ONNX Runtime reports an allocation failure with the generic RUNTIME_EXCEPTION code and no
+/// code of its own; its messages for it (the BFC arena's "Failed to allocate memory", CUDA's
+/// "out of memory") are the only sign, so this is the one place that reads them.
+fn classify(e: ort::Error) -> RunError {
+    let text = e.to_string();
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("out of memory") || lower.contains("failed to allocate memory") {
+        RunError::OutOfMemory(text)
+    } else {
+        RunError::Failed(text)
+    }
+}
+
+/// An out-of-memory error on calls above `limit` rows, when the `model-run-oom` failpoint is
+/// set (`return(LIMIT)`); nothing otherwise. Only builds with the `failpoints` feature have it.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+fn injected_oom(rows: usize) -> Option<RunError> {
+    fail::fail_point!("model-run-oom", |limit: Option<String>| {
+        let limit = limit.and_then(|l| l.parse::<usize>().ok()).unwrap_or(0);
+        (rows > limit).then(|| RunError::OutOfMemory(format!("injected above {limit} rows")))
+    });
+    None
+}
+
+/// Model calls a session has made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallStats {
+    pub calls: u64,
+    /// The most rows one call carried.
+    pub largest: usize,
+}
+
 pub struct ModelSession {
     session: Session,
     pub device: ChosenDevice,
     /// Why `auto` chose what it chose.
     pub device_note: String,
+    /// The most rows per call since the device ran out of memory on a larger one (`None`:
+    /// no limit met yet). It stays with the session, across shards.
+    pub row_limit: Option<usize>,
+    pub stats: CallStats,
 }
 
 impl ModelSession {
-    /// Opens a session for the model file. `intra_threads` 0 lets ONNX Runtime decide.
+    /// Opens a session for the model file. `gpu` is the GPU of the worker slot that opens it
+    /// (`auto` uses it when ONNX Runtime can; `None`: the slot has none, and `auto` is the
+    /// CPU); `cuda:N` names its device itself. `intra_threads` 0 lets ONNX Runtime decide.
     pub fn open(
         rt: &OnnxRuntime,
         uri: &str,
         path: &Path,
         device: Device,
+        gpu: Option<u32>,
         intra_threads: usize,
     ) -> Result<Self, ModelError> {
         let load_err = |e: ort::Error| ModelError::Load {
@@ -75,11 +125,14 @@ impl ModelSession {
                 }
                 (Some(n), format!("device = \"{device}\""))
             }
-            Device::Auto if cuda_ok => (Some(0), "auto: CUDA provider present".to_string()),
-            Device::Auto => (
-                None,
-                "auto: chose cpu, this ONNX Runtime has no CUDA execution provider".to_string(),
-            ),
+            Device::Auto => match gpu {
+                None => (None, "auto: chose cpu, this worker uses no GPU".to_string()),
+                Some(n) if cuda_ok => (Some(n), format!("auto: the slot's GPU {n}")),
+                Some(_) => (
+                    None,
+                    "auto: chose cpu, this ONNX Runtime has no CUDA execution provider".to_string(),
+                ),
+            },
         };
         let builder = || -> Result<_, ModelError> {
             let mut b = Session::builder(&rt.env)
@@ -108,11 +161,7 @@ impl ModelSession {
                 .and_then(|mut b| b.commit_from_file(path).map_err(|e| e.to_string()));
             match attempt {
                 Ok(session) => {
-                    return Ok(Self {
-                        session,
-                        device: ChosenDevice::Cuda(n),
-                        device_note: note,
-                    });
+                    return Ok(Self::new(session, ChosenDevice::Cuda(n), note));
                 }
                 Err(reason) if device != Device::Auto => {
                     return Err(ModelError::CudaUnavailable { device, reason });
@@ -120,20 +169,22 @@ impl ModelSession {
                 Err(reason) => {
                     let note = format!("auto: chose cpu, CUDA failed: {reason}");
                     let session = builder()?.commit_from_file(path).map_err(load_err)?;
-                    return Ok(Self {
-                        session,
-                        device: ChosenDevice::Cpu,
-                        device_note: note,
-                    });
+                    return Ok(Self::new(session, ChosenDevice::Cpu, note));
                 }
             }
         }
         let session = builder()?.commit_from_file(path).map_err(load_err)?;
-        Ok(Self {
+        Ok(Self::new(session, ChosenDevice::Cpu, note))
+    }
+
+    fn new(session: Session, device: ChosenDevice, device_note: String) -> Self {
+        Self {
             session,
-            device: ChosenDevice::Cpu,
-            device_note: note,
-        })
+            device,
+            device_note,
+            row_limit: None,
+            stats: CallStats::default(),
+        }
     }
 
     /// Runs one batch of `rows` rows and returns the mapped outputs as Arrow arrays.
@@ -142,12 +193,18 @@ impl ModelSession {
         inputs: &[TensorInput],
         outputs: &[OutputBinding],
         rows: usize,
-    ) -> Result<Vec<ArrayRef>, String> {
+    ) -> Result<Vec<ArrayRef>, RunError> {
+        if let Some(e) = injected_oom(rows) {
+            return Err(e);
+        }
         let views = inputs
             .iter()
             .map(|t| Ok((t.name.as_str(), t.view()?)))
-            .collect::<Result<Vec<_>, String>>()?;
-        let result = self.session.run(views).map_err(|e| e.to_string())?;
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(RunError::Failed)?;
+        let result = self.session.run(views).map_err(classify)?;
+        self.stats.calls += 1;
+        self.stats.largest = self.stats.largest.max(rows);
         outputs
             .iter()
             .map(|o| {
@@ -156,6 +213,7 @@ impl ModelSession {
                     .ok_or_else(|| format!("the model returned no output `{}`", o.onnx_name))?;
                 tensors::output_array(value, o, rows)
             })
-            .collect()
+            .collect::<Result<_, String>>()
+            .map_err(RunError::Failed)
     }
 }

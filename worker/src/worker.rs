@@ -19,7 +19,7 @@ use crate::client::CoordinatorClient;
 use crate::context::{WorkerContext, WorkerMetrics, WorkerReport};
 use crate::model_files::ModelFiles;
 use crate::onnx_runtime::{self, RuntimeError};
-use crate::pipeline::{ShardOutcome, ShardSignals, SlotModel, run_shard};
+use crate::pipeline::{ShardOutcome, ShardSignals, Slot, run_shard};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -28,6 +28,9 @@ pub struct WorkerConfig {
     pub worker_id: String,
     /// Shards run at once.
     pub slots: usize,
+    /// The CUDA devices this worker's slots use, slot `i` on `gpus[i % len]` (empty: none,
+    /// `auto` models run on the CPU).
+    pub gpus: Vec<u32>,
     pub ort_lib: Option<PathBuf>,
     /// ONNX Runtime intra-op threads per session (0: its default).
     pub intra_threads: usize,
@@ -46,6 +49,7 @@ impl WorkerConfig {
             token: token.to_string(),
             worker_id: default_worker_id(),
             slots: 1,
+            gpus: Vec::new(),
             ort_lib: None,
             intra_threads: 0,
             cache_dir: std::env::temp_dir().join("nightshift-models"),
@@ -53,6 +57,12 @@ impl WorkerConfig {
             idle_poll: Duration::from_millis(500),
         }
     }
+}
+
+/// Tensor preparation threads per shard: the machine's cores shared among the slots.
+fn prepare_threads(slots: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / slots).max(1)
 }
 
 /// `host-pid-random`: unique per process.
@@ -70,6 +80,7 @@ pub fn default_worker_id() -> String {
 pub struct Worker {
     ctx: Arc<WorkerContext>,
     slots: usize,
+    gpus: Vec<u32>,
     drain_timeout: Duration,
     idle_poll: Duration,
 }
@@ -89,11 +100,13 @@ impl Worker {
             models: ModelFiles::new(config.cache_dir.clone()),
             read_counter: ReadCounter::default(),
             intra_threads: config.intra_threads,
+            prepare_threads: prepare_threads(config.slots.max(1)),
             metrics: WorkerMetrics::default(),
         };
         Ok(Self {
             ctx: Arc::new(ctx),
             slots: config.slots.max(1),
+            gpus: config.gpus,
             drain_timeout: config.drain_timeout,
             idle_poll: config.idle_poll,
         })
@@ -123,9 +136,17 @@ impl Worker {
             ttl.clone(),
             heartbeat_stop.clone(),
         ));
-        let mut running: JoinSet<Option<SlotModel>> = JoinSet::new();
-        let mut models: Vec<Option<SlotModel>> = (0..self.slots).map(|_| None).collect();
-        tracing::info!(worker = %ctx.worker_id, slots = self.slots, "worker started");
+        let mut running: JoinSet<Slot> = JoinSet::new();
+        // Free slots; a running shard's slot comes back when it ends, even if it panicked.
+        let mut idle_slots: Vec<Slot> = (0..self.slots)
+            .rev()
+            .map(|i| Slot {
+                gpu: (!self.gpus.is_empty()).then(|| self.gpus[i % self.gpus.len()]),
+                model: None,
+            })
+            .collect();
+        let mut gpu_of: HashMap<tokio::task::Id, Option<u32>> = HashMap::new();
+        tracing::info!(worker = %ctx.worker_id, slots = self.slots, gpus = ?self.gpus, "worker started");
         let mut idle = self.idle_poll;
         while !shutdown.is_cancelled() {
             let free = self.slots - running.len();
@@ -136,8 +157,10 @@ impl Worker {
                         *lock(&ttl) = Duration::from_millis(resp.lease_ttl_ms.max(300));
                         granted = resp.leases.len();
                         for lease in resp.leases {
-                            let slot = models.pop().flatten();
-                            self.spawn_shard(&mut running, &held, &shutdown, lease, slot);
+                            let Some(slot) = idle_slots.pop() else { break };
+                            let gpu = slot.gpu;
+                            let id = self.spawn_shard(&mut running, &held, &shutdown, lease, slot);
+                            gpu_of.insert(id, gpu);
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "lease request failed"),
@@ -156,17 +179,16 @@ impl Worker {
             if let Some(wait) = wait {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    Some(done) = running.join_next(), if !running.is_empty() => {
-                        models.push(done.ok().flatten());
+                    Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                        slot_back(done, &mut gpu_of, &mut idle_slots);
                         idle = self.idle_poll;
                     }
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
-            while let Some(done) = running.try_join_next() {
-                models.push(done.ok().flatten());
+            while let Some(done) = running.try_join_next_with_id() {
+                slot_back(done, &mut gpu_of, &mut idle_slots);
             }
-            models.resize_with(self.slots - running.len(), || None);
         }
         // Drain: every shard finishes its batches in flight, checkpoints and releases.
         let in_flight = running.len();
@@ -198,12 +220,12 @@ impl Worker {
 
     fn spawn_shard(
         &self,
-        running: &mut JoinSet<Option<SlotModel>>,
+        running: &mut JoinSet<Slot>,
         held: &Held,
         shutdown: &CancellationToken,
         lease: ShardLease,
-        mut slot: Option<SlotModel>,
-    ) {
+        mut slot: Slot,
+    ) -> tokio::task::Id {
         let ctx = self.ctx.clone();
         let lease_ref = lease.lease_ref();
         let signals = ShardSignals {
@@ -218,7 +240,7 @@ impl Worker {
             shard = lease.shard_id,
             attempt = lease.attempt
         );
-        running.spawn(async move {
+        let handle = running.spawn(async move {
             tracing::info!(job = lease.job_id, shard = lease.shard_id, attempt = lease.attempt, from_row = lease.checkpoint_rows, rows = lease.plan.rows, "shard leased");
             let outcome = run_shard(&ctx, &lease, &mut slot, &signals).await;
             lock(&held).remove(&lease_ref);
@@ -250,7 +272,27 @@ impl Worker {
             }
             slot
         }.instrument(span));
+        handle.id()
     }
+}
+
+/// Puts the slot of a shard task that ended back among the idle ones; the slot of a task that
+/// panicked comes back empty, on its GPU.
+fn slot_back(
+    done: Result<(tokio::task::Id, Slot), tokio::task::JoinError>,
+    gpu_of: &mut HashMap<tokio::task::Id, Option<u32>>,
+    idle: &mut Vec<Slot>,
+) {
+    idle.push(match done {
+        Ok((id, slot)) => {
+            gpu_of.remove(&id);
+            slot
+        }
+        Err(e) => Slot {
+            gpu: gpu_of.remove(&e.id()).flatten(),
+            model: None,
+        },
+    });
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -11,7 +11,7 @@ use arrow_array::RecordBatch;
 use nightshift_signature::TensorPlan;
 use tokio::sync::mpsc;
 
-use crate::model_session::ModelSession;
+use crate::model_session::{ModelSession, RunError};
 use crate::pipeline::reader::InputBatch;
 use crate::shard_error::ShardError;
 use crate::tensors::{TensorInput, input_tensors, row_problems};
@@ -134,89 +134,127 @@ fn infer(
             errors: p.errors,
         });
     }
-    match session.run(&p.tensors, &plan.outputs, good_rows.len()) {
-        Ok(outputs) => Ok(Inferred {
-            start: p.start,
-            input: p.input,
-            kept: p.good,
-            outputs,
-            errors: p.errors,
-        }),
-        Err(whole) => {
-            // Find the rows the model rejects.
-            let good_batch = take_rows(&p.input, &good_rows)?;
-            let mut segments = Vec::new();
-            let mut rejected = Vec::new();
-            bisect(
-                session,
-                plan,
-                &good_batch,
-                0,
-                good_rows.len(),
-                &mut segments,
-                &mut rejected,
-            )?;
-            if segments.is_empty() && good_rows.len() > 1 {
-                // Every row fails alone too: the model or the device is broken, not the data.
-                return Err(ShardError::Inference(whole));
+    let fits = session
+        .row_limit
+        .is_none_or(|limit| good_rows.len() <= limit);
+    let whole = if fits {
+        match session.run(&p.tensors, &plan.outputs, good_rows.len()) {
+            Ok(outputs) => {
+                return Ok(Inferred {
+                    start: p.start,
+                    input: p.input,
+                    kept: p.good,
+                    outputs,
+                    errors: p.errors,
+                });
             }
-            let mut errors = p.errors;
-            errors.extend(rejected.into_iter().map(|(i, message)| RowError {
-                row: good_rows[i] as usize,
-                class: "model",
-                message,
-            }));
-            errors.sort_by_key(|e| e.row);
-            let kept: Vec<u32> = segments
-                .iter()
-                .flat_map(|(from, to, _)| good_rows[*from..*to].iter().copied())
-                .collect();
-            let outputs = (0..plan.outputs.len())
-                .map(|k| {
-                    let parts: Vec<&dyn arrow::array::Array> =
-                        segments.iter().map(|(_, _, out)| out[k].as_ref()).collect();
-                    if parts.is_empty() {
-                        Ok(empty_outputs(plan)[k].clone())
-                    } else {
-                        concat(&parts).map_err(|e| ShardError::Internal(e.to_string()))
-                    }
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Inferred {
-                start: p.start,
-                input: p.input,
-                kept: Some(kept),
-                outputs,
-                errors,
-            })
+            Err(e) => Some(e),
         }
+    } else {
+        None
+    };
+    // Run it in pieces: smaller calls where the device ran out of memory, and halves down to
+    // single rows to find the rows the model rejects.
+    let good_batch = take_rows(&p.input, &good_rows)?;
+    let mut calls = Calls {
+        session,
+        plan,
+        batch: &good_batch,
+        ok: Vec::new(),
+        rejected: Vec::new(),
+    };
+    calls.run(0, good_rows.len(), whole)?;
+    let Calls { ok, rejected, .. } = calls;
+    if ok.is_empty() && good_rows.len() > 1 {
+        // Every row fails alone too: the model or the device is broken, not the data.
+        let reason = rejected.first().map(|(_, m)| m.clone()).unwrap_or_default();
+        return Err(ShardError::Inference(reason));
     }
+    let mut errors = p.errors;
+    errors.extend(rejected.into_iter().map(|(i, message)| RowError {
+        row: good_rows[i] as usize,
+        class: "model",
+        message,
+    }));
+    errors.sort_by_key(|e| e.row);
+    let kept: Vec<u32> = ok
+        .iter()
+        .flat_map(|(from, to, _)| good_rows[*from..*to].iter().copied())
+        .collect();
+    let outputs = (0..plan.outputs.len())
+        .map(|k| {
+            let parts: Vec<&dyn arrow::array::Array> =
+                ok.iter().map(|(_, _, out)| out[k].as_ref()).collect();
+            if parts.is_empty() {
+                Ok(empty_outputs(plan)[k].clone())
+            } else {
+                concat(&parts).map_err(|e| ShardError::Internal(e.to_string()))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Inferred {
+        start: p.start,
+        input: p.input,
+        kept: Some(kept),
+        outputs,
+        errors,
+    })
 }
 
 type Segment = (usize, usize, Vec<ArrayRef>);
 
-/// Runs rows `[from, to)` of `batch`; on failure splits in halves, down to single rows.
-fn bisect(
-    session: &mut ModelSession,
-    plan: &TensorPlan,
-    batch: &RecordBatch,
-    from: usize,
-    to: usize,
-    ok: &mut Vec<Segment>,
-    rejected: &mut Vec<(usize, String)>,
-) -> Result<(), ShardError> {
-    let slice = batch.slice(from, to - from);
-    let tensors = input_tensors(&slice, &plan.inputs).map_err(ShardError::Inference)?;
-    match session.run(&tensors, &plan.outputs, to - from) {
-        Ok(out) => ok.push((from, to, out)),
-        Err(e) if to - from == 1 => rejected.push((from, e)),
-        Err(_) => {
-            let mid = from + (to - from) / 2;
-            bisect(session, plan, batch, from, mid, ok, rejected)?;
-            bisect(session, plan, batch, mid, to, ok, rejected)?;
+/// Model calls over the rows of one batch, in order: the outputs of the ranges that ran and the
+/// rows the model rejected.
+struct Calls<'a> {
+    session: &'a mut ModelSession,
+    plan: &'a TensorPlan,
+    batch: &'a RecordBatch,
+    ok: Vec<Segment>,
+    rejected: Vec<(usize, String)>,
+}
+
+impl Calls<'_> {
+    /// Runs rows `[from, to)` in calls of at most the session's row limit. A call the device
+    /// has no memory for halves the limit (for this and every later batch) and is run again in
+    /// pieces; a call the model rejects is split in halves down to single rows. `failed` is a
+    /// failure this range already had as one call.
+    fn run(&mut self, from: usize, to: usize, failed: Option<RunError>) -> Result<(), ShardError> {
+        let rows = to - from;
+        if let Some(limit) = self.session.row_limit.filter(|&l| rows > l) {
+            self.run(from, from + limit, None)?;
+            return self.run(from + limit, to, None);
         }
+        let outcome = match failed {
+            Some(e) => Err(e),
+            None => {
+                let slice = self.batch.slice(from, rows);
+                let tensors =
+                    input_tensors(&slice, &self.plan.inputs).map_err(ShardError::Inference)?;
+                self.session.run(&tensors, &self.plan.outputs, rows)
+            }
+        };
+        match outcome {
+            Ok(out) => self.ok.push((from, to, out)),
+            Err(RunError::OutOfMemory(e)) if rows == 1 => {
+                return Err(ShardError::Inference(format!(
+                    "out of device memory even for one row: {e}"
+                )));
+            }
+            Err(RunError::OutOfMemory(e)) => {
+                let limit = rows / 2;
+                tracing::warn!(rows, limit, error = %e, "out of device memory; calls halved");
+                self.session.row_limit = Some(limit);
+                self.run(from, to, None)?;
+            }
+            Err(RunError::Failed(e)) if rows == 1 => self.rejected.push((from, e)),
+            Err(RunError::Failed(_)) => {
+                let mid = from + rows / 2;
+                self.run(from, mid, None)?;
+                self.run(mid, to, None)?;
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 fn empty_outputs(plan: &TensorPlan) -> Vec<ArrayRef> {

@@ -8,6 +8,7 @@ pub mod reader;
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use nightshift_proto::Device;
 use nightshift_proto::layout::parts_dir;
 use nightshift_proto::wire::ShardLease;
@@ -49,6 +50,14 @@ pub enum ShardOutcome {
     Failed(ShardError),
 }
 
+/// Where one shard runs at a time: on one GPU (or the CPU), keeping its model session for the
+/// next shard of the same model.
+pub struct Slot {
+    /// The CUDA device this slot's sessions use; `None`: no GPU (`auto` runs on the CPU).
+    pub gpu: Option<u32>,
+    pub model: Option<SlotModel>,
+}
+
 /// A session kept by a worker slot between shards of the same model.
 pub struct SlotModel {
     key: String,
@@ -59,7 +68,7 @@ pub struct SlotModel {
 pub async fn run_shard(
     ctx: &WorkerContext,
     lease: &ShardLease,
-    slot: &mut Option<SlotModel>,
+    slot: &mut Slot,
     signals: &ShardSignals,
 ) -> ShardOutcome {
     match run(ctx, lease, slot, signals).await {
@@ -72,7 +81,7 @@ pub async fn run_shard(
 async fn run(
     ctx: &WorkerContext,
     lease: &ShardLease,
-    slot: &mut Option<SlotModel>,
+    slot: &mut Slot,
     signals: &ShardSignals,
 ) -> Result<ShardOutcome, ShardError> {
     let spec = &lease.spec;
@@ -93,7 +102,8 @@ async fn run(
             }
         })?;
     let plan = Arc::new(plan);
-    let session = match slot.take() {
+    let gpu = slot.gpu;
+    let session = match slot.model.take() {
         Some(s) if s.key == model.key && s.device == spec.model.device => s.session,
         _ => {
             let rt = ctx.runtime;
@@ -104,7 +114,7 @@ async fn run(
                 ctx.intra_threads,
             );
             let session = tokio::task::spawn_blocking(move || {
-                ModelSession::open(rt, &uri, &path, device, threads)
+                ModelSession::open(rt, &uri, &path, device, gpu, threads)
             })
             .await
             .map_err(|e| ShardError::Internal(e.to_string()))??;
@@ -143,11 +153,19 @@ async fn run(
         )
         .await
     });
+    // Tensors are prepared on several blocking threads at once, handed on in input order.
     let prep_plan = plan.clone();
-    let preparer = tokio::task::spawn_blocking(move || {
-        while let Some(item) = read_rx.blocking_recv() {
-            let out = item.and_then(|b| prepare(b, &prep_plan));
-            if prep_tx.blocking_send(out).is_err() {
+    let prepare_threads = ctx.prepare_threads.max(1);
+    let preparer = tokio::spawn(async move {
+        let mut prepared = futures::stream::poll_fn(move |cx| read_rx.poll_recv(cx))
+            .map(|item| {
+                let plan = prep_plan.clone();
+                tokio::task::spawn_blocking(move || item.and_then(|b| prepare(b, &plan)))
+            })
+            .buffered(prepare_threads);
+        while let Some(out) = prepared.next().await {
+            let out = out.unwrap_or_else(|e| Err(ShardError::Internal(e.to_string())));
+            if prep_tx.send(out).await.is_err() {
                 break;
             }
         }
@@ -198,11 +216,12 @@ async fn run(
     drop(inf_rx);
     let _ = reader.await;
     let _ = preparer.await;
-    let session = tokio::task::spawn_blocking(move || inference.join())
+    let mut session = tokio::task::spawn_blocking(move || inference.join())
         .await
         .map_err(|e| ShardError::Internal(e.to_string()))?
         .map_err(|_| ShardError::Internal("inference thread panicked".into()))?;
-    *slot = Some(SlotModel {
+    ctx.metrics.record_calls(std::mem::take(&mut session.stats));
+    slot.model = Some(SlotModel {
         key: model.key.clone(),
         device: spec.model.device,
         session,

@@ -1,0 +1,80 @@
+//! Out of device memory: a model call the device cannot hold is halved, and later calls stay
+//! at the size that fit, until the job is done with the exact output. The error is injected
+//! (the `model-run-oom` failpoint fails every call above N rows), since CI has no GPU to fill;
+//! the coordinator, worker, ONNX Runtime and files are real.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nightshift_coordinator::AllowList;
+use nightshift_storage::Stores;
+use nightshift_tests::api_server::{Api, job, start};
+use nightshift_tests::fixtures::Fixture;
+use nightshift_tests::python::ort_library;
+use nightshift_tests::verify::verify_output;
+use nightshift_worker::context::WorkerReport;
+use nightshift_worker::{Worker, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Rows of the fixture's job, and its batch size (the spec's default).
+const ROWS: u64 = 2000;
+const BATCH: u64 = 1024;
+
+/// Runs the fixture's job to the end with one in-process worker; answers its report.
+async fn run_job(f: &Fixture, api: &Api) -> WorkerReport {
+    let (s, body) = api.submit(Some("S"), None, &job(f)).await;
+    assert_eq!(s, reqwest::StatusCode::CREATED, "{body}");
+    let mut config = WorkerConfig::new(&api.url, "W");
+    config.ort_lib = Some(ort_library());
+    config.cache_dir = f.path("models");
+    let worker = Worker::build(config, Arc::new(Stores::default())).expect("worker");
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker.run(stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, text) = api.get(Some("S"), "/v1/jobs/api-job").await;
+        let view: serde_json::Value = serde_json::from_str(&text).unwrap();
+        match view["state"].as_str() {
+            Some("succeeded") => break,
+            Some("failed" | "cancelled") => panic!("the job ended badly: {view}"),
+            _ => assert!(Instant::now() < deadline, "the job did not end: {view}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.cancel();
+    running.await.expect("worker")
+}
+
+fn verify(f: &Fixture) {
+    let input = format!("{}/*.parquet", f.path("in").display());
+    let out = f.path("out");
+    verify_output(out.to_str().unwrap(), &input, &f.path("m.onnx"), 0, &[]).assert_exact(&[]);
+}
+
+// One test: the failpoint is global to the process, so the run without it must not overlap
+// the run with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_the_device_cannot_hold_are_halved_until_they_fit() {
+    const LIMIT: u64 = 300;
+    // Without the fault, each call is a whole batch (here a shard of 500 rows).
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let report = run_job(&f, &api).await;
+    assert_eq!(report.largest_model_call, 500, "{report:?}");
+    assert!(report.largest_model_call <= BATCH);
+    verify(&f);
+    // With it, calls above LIMIT rows fail for lack of memory: they are halved and stay small.
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    fail::cfg("model-run-oom", &format!("return({LIMIT})")).unwrap();
+    let report = run_job(&f, &api).await;
+    fail::remove("model-run-oom");
+    assert!(
+        report.largest_model_call <= LIMIT && report.largest_model_call >= LIMIT / 2,
+        "{report:?}"
+    );
+    assert!(report.model_calls >= ROWS.div_ceil(LIMIT), "{report:?}");
+    assert_eq!(report.rows, ROWS, "{report:?}");
+    assert_eq!(report.error_rows, 0, "no row is poison for lack of memory");
+    verify(&f);
+}
