@@ -303,7 +303,11 @@ async fn heartbeat(
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers, Role::Worker)?;
     let req: HeartbeatRequest = parse(&body)?;
-    Ok(Json(state.service.heartbeat(&req.worker_id, &req.leases).await?).into_response())
+    let answer = state
+        .service
+        .heartbeat(&req.worker_id, &req.leases, &req.gpus)
+        .await?;
+    Ok(Json(answer).into_response())
 }
 
 async fn checkpoint(

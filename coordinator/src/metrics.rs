@@ -6,6 +6,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use nightshift_proto::wire::GpuSample;
+
 use crate::store::StoreMetrics;
 
 pub const PENDING_SHARDS: &str = "nightshift_pending_shards";
@@ -18,6 +20,12 @@ pub const ROWS_COMMITTED: &str = "nightshift_rows_committed_total";
 pub const SHARDS_COMPLETED: &str = "nightshift_shards_completed_total";
 pub const LEASE_SECONDS: &str = "nightshift_lease_claim_seconds";
 pub const API_SECONDS: &str = "nightshift_api_request_seconds";
+pub const GPU_BUSY: &str = "nightshift_worker_gpu_busy_ratio";
+pub const GPU_MEMORY_USED: &str = "nightshift_worker_gpu_memory_used_bytes";
+pub const GPU_MEMORY_TOTAL: &str = "nightshift_worker_gpu_memory_total_bytes";
+
+/// GPU samples older than this are not exported: their worker went quiet.
+const GPU_SAMPLE_MAX_AGE: Duration = Duration::from_secs(60);
 
 const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -78,6 +86,8 @@ pub struct Metrics {
     shards_completed: AtomicU64,
     /// (when, rows committed) samples for the rows/s gauge.
     samples: Mutex<Vec<(Instant, u64)>>,
+    /// The latest GPU samples of each worker that sent some to this replica.
+    gpus: Mutex<BTreeMap<String, (Instant, Vec<GpuSample>)>>,
 }
 
 impl Default for Metrics {
@@ -88,6 +98,7 @@ impl Default for Metrics {
             rows_committed: AtomicU64::new(0),
             shards_completed: AtomicU64::new(0),
             samples: Mutex::new(Vec::new()),
+            gpus: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -108,6 +119,52 @@ impl Metrics {
         let now = Instant::now();
         s.push((now, total));
         s.retain(|(t, _)| now.duration_since(*t) <= Duration::from_secs(60));
+    }
+
+    /// A worker's latest GPU samples (kept until it sends others or goes quiet).
+    pub fn record_gpus(&self, worker: &str, samples: &[GpuSample]) {
+        let mut gpus = self.gpus.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        gpus.retain(|_, (at, _)| now.duration_since(*at) <= GPU_SAMPLE_MAX_AGE);
+        if !samples.is_empty() {
+            gpus.insert(worker.to_string(), (now, samples.to_vec()));
+        }
+    }
+
+    /// GPU gauges per worker and device, from samples younger than `GPU_SAMPLE_MAX_AGE`.
+    fn render_gpus(&self, out: &mut String) {
+        let gpus = self.gpus.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let fresh: Vec<(&String, &GpuSample)> = gpus
+            .iter()
+            .filter(|(_, (at, _))| now.duration_since(*at) <= GPU_SAMPLE_MAX_AGE)
+            .flat_map(|(w, (_, samples))| samples.iter().map(move |g| (w, g)))
+            .collect();
+        let series: [GpuSeries; 3] = [
+            (
+                GPU_BUSY,
+                "Share of time a kernel ran on the GPU, as the worker last sampled it.",
+                |g| f64::from(g.utilization_percent) / 100.0,
+            ),
+            (GPU_MEMORY_USED, "GPU memory in use.", |g| {
+                g.memory_used_bytes as f64
+            }),
+            (GPU_MEMORY_TOTAL, "GPU memory.", |g| {
+                g.memory_total_bytes as f64
+            }),
+        ];
+        for (name, help, value) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (worker, g) in &fresh {
+                let worker = label_value(worker);
+                let _ = writeln!(
+                    out,
+                    "{name}{{worker=\"{worker}\",gpu=\"{}\"}} {}",
+                    g.index,
+                    value(g)
+                );
+            }
+        }
     }
 
     pub fn shard_completed(&self) {
@@ -186,8 +243,19 @@ impl Metrics {
         for (route, h) in self.api.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             h.render(&mut out, API_SECONDS, &format!("route=\"{route}\""));
         }
+        self.render_gpus(&mut out);
         out
     }
+}
+
+/// A GPU gauge: its name, its help and how to read it from a sample.
+type GpuSeries = (&'static str, &'static str, fn(&GpuSample) -> f64);
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -209,5 +277,32 @@ mod tests {
         assert!(text.contains("nightshift_lease_claim_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("nightshift_api_request_seconds_count{route=\"submit\"} 1"));
         assert!(text.contains("nightshift_rows_committed_total 100"));
+    }
+
+    #[test]
+    fn gpu_samples_are_gauges_per_worker_and_device() {
+        let m = Metrics::default();
+        let g = |index, busy| GpuSample {
+            index,
+            utilization_percent: busy,
+            memory_used_bytes: 10,
+            memory_total_bytes: 80,
+        };
+        m.record_gpus("w\"1", &[g(0, 97), g(1, 50)]);
+        let text = m.render(&StoreMetrics::default());
+        assert!(
+            text.contains("nightshift_worker_gpu_busy_ratio{worker=\"w\\\"1\",gpu=\"0\"} 0.97"),
+            "{text}"
+        );
+        assert!(text.contains("nightshift_worker_gpu_busy_ratio{worker=\"w\\\"1\",gpu=\"1\"} 0.5"));
+        assert!(
+            text.contains(
+                "nightshift_worker_gpu_memory_total_bytes{worker=\"w\\\"1\",gpu=\"1\"} 80"
+            )
+        );
+        // The next samples replace the last ones.
+        m.record_gpus("w\"1", &[g(0, 10)]);
+        let text = m.render(&StoreMetrics::default());
+        assert!(!text.contains("gpu=\"1\""), "{text}");
     }
 }

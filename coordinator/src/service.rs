@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nightshift_proto::wire::{
-    HeartbeatResponse, JobView, LeaseRef, LeaseResponse, LeaseStatus, PartRecord, ShardLease,
-    SubmitResponse,
+    GpuSample, HeartbeatResponse, JobView, LeaseRef, LeaseResponse, LeaseStatus, PartRecord,
+    ShardLease, SubmitResponse,
 };
 use nightshift_proto::{FailureClass, JobSpec, LeaseState, check_free_text, check_text};
 use nightshift_storage::Stores;
@@ -29,6 +29,8 @@ use crate::store::{
 pub const MAX_LEASE_BATCH: u32 = 256;
 /// The most leases one heartbeat may name.
 const MAX_HEARTBEAT_LEASES: usize = 4096;
+/// The most GPUs one worker may report.
+const MAX_GPUS_PER_WORKER: usize = 64;
 /// Longest worker id accepted.
 const MAX_WORKER_ID_CHARS: usize = 200;
 /// Longest idempotency key accepted.
@@ -275,14 +277,18 @@ impl Service {
         })
     }
 
-    /// Extends the leases `worker` holds; any other lease it names answers `lost`.
+    /// Extends the leases `worker` holds; any other lease it names answers `lost`. The GPU
+    /// samples it sends go to `/metrics`.
     pub async fn heartbeat(
         &self,
         worker: &str,
         leases: &[LeaseRef],
+        gpus: &[GpuSample],
     ) -> Result<HeartbeatResponse, ApiError> {
         check_worker_id(worker)?;
         check_lease_count(leases.len(), MAX_HEARTBEAT_LEASES)?;
+        check_gpu_samples(gpus)?;
+        self.metrics.record_gpus(worker, gpus);
         let held = held_by(&self.store, worker, leases).await?;
         let lost = |l: &LeaseRef| LeaseStatus {
             shard_id: l.shard_id,
@@ -464,6 +470,33 @@ fn check_worker_id(worker: &str) -> Result<(), ApiError> {
         )));
     }
     Ok(check_text("worker_id", worker)?)
+}
+
+/// GPU samples a worker reports: a bounded number, each device once, percentages and memory
+/// that make sense.
+fn check_gpu_samples(gpus: &[GpuSample]) -> Result<(), ApiError> {
+    let bad = |why: String| Err(ApiError::BadRequest(format!("gpus: {why}")));
+    if gpus.len() > MAX_GPUS_PER_WORKER {
+        return bad(format!(
+            "at most {MAX_GPUS_PER_WORKER} per worker, not {}",
+            gpus.len()
+        ));
+    }
+    for (i, g) in gpus.iter().enumerate() {
+        if g.utilization_percent > 100 {
+            return bad(format!(
+                "GPU {} is {}% busy",
+                g.index, g.utilization_percent
+            ));
+        }
+        if g.memory_used_bytes > g.memory_total_bytes {
+            return bad(format!("GPU {} uses more memory than it has", g.index));
+        }
+        if gpus[..i].iter().any(|o| o.index == g.index) {
+            return bad(format!("GPU {} is named twice", g.index));
+        }
+    }
+    Ok(())
 }
 
 fn check_lease_count(n: usize, max: usize) -> Result<(), ApiError> {

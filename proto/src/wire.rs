@@ -199,6 +199,20 @@ pub struct LeaseRef {
 pub struct HeartbeatRequest {
     pub worker_id: String,
     pub leases: Vec<LeaseRef>,
+    /// How busy the worker's GPUs are (none on a worker without GPUs or without NVML).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<GpuSample>,
+}
+
+/// One GPU of a worker at one moment, as NVML reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuSample {
+    /// The CUDA device number on the worker's machine.
+    pub index: u32,
+    /// Percent of the last sample period in which a kernel ran (0 to 100).
+    pub utilization_percent: u32,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

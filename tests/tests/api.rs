@@ -223,7 +223,10 @@ async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartb
         old.fail(stale, nightshift_proto::FailureClass::Retryable, "x".into())
             .await
     ));
-    let hb = old.heartbeat("slow", vec![stale]).await.unwrap();
+    let hb = old
+        .heartbeat("slow", vec![stale], Vec::new())
+        .await
+        .unwrap();
     assert_eq!(hb.leases[0].state, nightshift_proto::LeaseState::Lost);
     // The current holder's writes go through; a cancel shows up in its next heartbeat.
     let current = second.lease_ref();
@@ -236,7 +239,10 @@ async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartb
         .await
         .unwrap();
     assert_eq!(cancel.status(), StatusCode::OK);
-    let hb = new.heartbeat("fast", vec![current]).await.unwrap();
+    let hb = new
+        .heartbeat("fast", vec![current], Vec::new())
+        .await
+        .unwrap();
     assert_eq!(hb.leases[0].state, nightshift_proto::LeaseState::Cancelled);
     assert!(
         new.lease("fast", 10).await.unwrap().leases.is_empty(),

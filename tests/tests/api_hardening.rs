@@ -402,3 +402,50 @@ async fn readiness_answers_within_a_second_when_the_database_hangs() {
     assert_eq!(body["code"], "unavailable");
     drop(f);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gpu_samples_reach_metrics_and_nonsense_is_refused() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let l = leased(&api, &f, "gpu-box", 1).await.remove(0);
+    let sample = |index: u32, busy: u32, used: u64| {
+        json!({"index": index, "utilization_percent": busy,
+               "memory_used_bytes": used, "memory_total_bytes": 1000})
+    };
+    let beat =
+        |gpus: Value| json!({"worker_id": "gpu-box", "leases": [l.lease_ref()], "gpus": gpus});
+    for (what, gpus) in [
+        ("over 100% busy", json!([sample(0, 101, 1)])),
+        (
+            "more memory used than there is",
+            json!([sample(0, 50, 1001)]),
+        ),
+        (
+            "a device twice",
+            json!([sample(0, 50, 1), sample(0, 60, 1)]),
+        ),
+    ] {
+        let (s, body) = post(&api, "/v1/worker/heartbeat", &beat(gpus)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{what}: {body}");
+        assert!(message(&body).starts_with("gpus:"), "{what}: {body}");
+    }
+    let (s, body) = post(
+        &api,
+        "/v1/worker/heartbeat",
+        &beat(json!([sample(0, 93, 400), sample(1, 5, 10)])),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (_, text) = api.get(Some("S"), "/metrics").await;
+    assert!(
+        text.contains("nightshift_worker_gpu_busy_ratio{worker=\"gpu-box\",gpu=\"0\"} 0.93"),
+        "{text}"
+    );
+    assert!(
+        text.contains("nightshift_worker_gpu_memory_used_bytes{worker=\"gpu-box\",gpu=\"1\"} 10")
+    );
+    assert!(
+        text.contains("nightshift_pending_rows"),
+        "beside the queue depth"
+    );
+}

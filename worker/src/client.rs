@@ -7,8 +7,8 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use nightshift_proto::wire::{
     Ack, CheckpointRequest, CompleteManyRequest, CompleteManyResponse, CompleteRequest,
-    FailRequest, HeartbeatRequest, HeartbeatResponse, LeaseRef, LeaseRequest, LeaseResponse,
-    PartRecord, ReleaseRequest,
+    FailRequest, GpuSample, HeartbeatRequest, HeartbeatResponse, LeaseRef, LeaseRequest,
+    LeaseResponse, PartRecord, ReleaseRequest,
 };
 use nightshift_proto::{ErrorBody, ErrorCode, FailureClass};
 use serde::Serialize;
@@ -156,12 +156,14 @@ impl CoordinatorClient {
         &self,
         worker_id: &str,
         leases: Vec<LeaseRef>,
+        gpus: Vec<GpuSample>,
     ) -> Result<HeartbeatResponse, ClientError> {
         self.post(
             "/v1/worker/heartbeat",
             &HeartbeatRequest {
                 worker_id: worker_id.to_string(),
                 leases,
+                gpus,
             },
         )
         .await

@@ -6,6 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use cudarc::driver::{result, sys};
+use nightshift_proto::wire::GpuSample;
 
 /// One GPU as the driver describes it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -67,6 +68,48 @@ pub fn discover() -> Result<Vec<GpuInfo>, GpuError> {
             })
         })
         .collect()
+}
+
+/// Samples how busy GPUs are, through NVML loaded at run time; a machine without it has no
+/// samples to give.
+pub struct GpuMonitor {
+    nvml: Option<nvml_wrapper::Nvml>,
+}
+
+impl GpuMonitor {
+    pub fn new() -> Self {
+        let nvml = nvml_wrapper::Nvml::init()
+            .inspect_err(|e| tracing::debug!(error = %e, "no NVML: GPUs are not sampled"))
+            .ok();
+        Self { nvml }
+    }
+
+    /// Utilisation and memory of the GPUs `indices`; those NVML cannot read are left out.
+    pub fn sample(&self, indices: &[u32]) -> Vec<GpuSample> {
+        let Some(nvml) = &self.nvml else {
+            return Vec::new();
+        };
+        indices
+            .iter()
+            .filter_map(|&index| {
+                let device = nvml.device_by_index(index).ok()?;
+                let busy = device.utilization_rates().ok()?;
+                let memory = device.memory_info().ok()?;
+                Some(GpuSample {
+                    index,
+                    utilization_percent: busy.gpu.min(100),
+                    memory_used_bytes: memory.used,
+                    memory_total_bytes: memory.total,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Default for GpuMonitor {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Which GPUs a worker uses: `--gpus all|none|0,2`.
@@ -180,6 +223,14 @@ mod tests {
         let e = GpuSelection::Only(vec![0]).resolve(&[]).unwrap_err();
         assert!(e.to_string().contains("none (no CUDA driver"), "{e}");
         assert!(GpuSelection::All.resolve(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn without_nvml_there_is_nothing_to_sample() {
+        let monitor = GpuMonitor::new();
+        if monitor.nvml.is_none() {
+            assert!(monitor.sample(&[0, 1]).is_empty());
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use crate::client::CoordinatorClient;
 use crate::context::{WorkerContext, WorkerMetrics, WorkerReport};
+use crate::gpus::GpuMonitor;
 use crate::model_files::ModelFiles;
 use crate::onnx_runtime::{self, RuntimeError};
 use crate::pipeline::{ShardOutcome, ShardSignals, Slot, run_shard};
@@ -132,6 +133,7 @@ impl Worker {
         let heartbeat_stop = CancellationToken::new();
         let heartbeats = tokio::spawn(heartbeat_loop(
             ctx.clone(),
+            self.gpus.clone(),
             held.clone(),
             ttl.clone(),
             heartbeat_stop.clone(),
@@ -303,11 +305,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// aborts its shard.
 async fn heartbeat_loop(
     ctx: Arc<WorkerContext>,
+    gpus: Vec<u32>,
     held: Held,
     ttl: Arc<Mutex<Duration>>,
     stop: CancellationToken,
 ) {
     let client = ctx.client.clone().with_retry_times(2);
+    let monitor = GpuMonitor::new();
     loop {
         // A third of the TTL keeps leases alive; at most 2 s so a cancelled job's shards stop
         // within a couple of batches.
@@ -320,7 +324,8 @@ async fn heartbeat_loop(
         if leases.is_empty() {
             continue;
         }
-        match client.heartbeat(&ctx.worker_id, leases).await {
+        let samples = monitor.sample(&gpus);
+        match client.heartbeat(&ctx.worker_id, leases, samples).await {
             Ok(resp) => {
                 for status in resp.leases {
                     if status.state == LeaseState::Held {
