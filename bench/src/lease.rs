@@ -296,7 +296,7 @@ impl Lessee {
     async fn checkpoint(&self, lease: LeaseRef, part: PartRecord) -> Result<()> {
         match self {
             Lessee::Store(s) => s.checkpoint(lease, &part).await?,
-            Lessee::Http(c) => c.checkpoint(lease, part).await?,
+            Lessee::Http(c) => c.checkpoint(lease, part, None).await?,
         }
         Ok(())
     }

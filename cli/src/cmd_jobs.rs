@@ -177,6 +177,9 @@ fn print_view(v: &JobView) {
             .map(|e| format!(", ETA {e:.0} s"))
             .unwrap_or_default()
     );
+    if let Some(rows) = v.batch_rows {
+        println!("  batch     {rows} rows per model call");
+    }
     println!("  output    {}", v.output_uri);
     if let Some(e) = &v.error {
         println!("  error     {e}");

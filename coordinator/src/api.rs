@@ -319,7 +319,7 @@ async fn checkpoint(
     let req: CheckpointRequest = parse(&body)?;
     state
         .service
-        .checkpoint(&req.worker_id, req.lease, &req.part)
+        .checkpoint(&req.worker_id, req.lease, &req.part, req.batch_rows)
         .await?;
     Ok(Json(Ack { ok: true }))
 }

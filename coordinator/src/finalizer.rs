@@ -1,8 +1,8 @@
-//! Commit: when every shard is done, the committed parts are gathered into output files sized
-//! toward `output.target_file_mb` (a part big enough is copied as is; runs of small parts are
-//! rewritten into one file), then `_manifest.json` and then `_SUCCESS` are written, and the
-//! parts are deleted. Every step is idempotent, so a crash mid-commit and a second run produce
-//! the same manifest.
+//! Commit: when every shard is done, workers have already made the output files (merge work,
+//! `merges.rs`: each about `output.target_file_mb`); the commit reads no row data. It copies
+//! each merged file whole under its output name (a server-side copy on S3, a real copy
+//! locally), writes `_manifest.json` and then `_SUCCESS`, and the parts are deleted. Every step
+//! is idempotent, so a crash mid-commit and a second run produce the same manifest.
 //!
 //! The commit adopts nothing it cannot prove its own (`ownership.rs`): a file already at an
 //! output name is kept only when its footer names this job (`layout::JOB_UID_KEY`) and holds
@@ -17,19 +17,12 @@ use std::sync::Arc;
 use arrow_schema::SchemaRef;
 use futures::{StreamExt, TryStreamExt};
 use nightshift_proto::layout::{
-    ERROR_FILE_STEM, JOB_UID_KEY, MANIFEST, OUTPUT_FILE_STEM, SUCCESS, data_file, parts_dir,
+    ERROR_FILE_STEM, MANIFEST, OUTPUT_FILE_STEM, SUCCESS, data_file, parts_dir,
 };
 use nightshift_proto::wire::{InputFile, Manifest, ManifestField, ManifestFile};
-use nightshift_storage::{
-    Location, ObjectReader, PartUpload, StorageError, Stores, copy_object, sync_local,
-};
+use nightshift_storage::{Location, ObjectReader, StorageError, Stores, copy_object, sync_local};
 use object_store::{ObjectStoreExt, PutPayload};
-use parquet::arrow::AsyncArrowWriter;
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
-use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
-use parquet::basic::Compression;
-use parquet::file::metadata::KeyValue;
-use parquet::file::properties::WriterProperties;
 
 use crate::ownership::{check_manifest_owner, owned_file, verify_parts};
 use crate::part_check::PartError;
@@ -106,43 +99,27 @@ impl Claim<'_> {
     }
 }
 
-/// One output file to produce from consecutive parts.
+/// One output file: a whole merged file, copied under its output name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FilePlan {
     pub path: String,
-    /// URIs of the parts, in order.
-    pub sources: Vec<String>,
+    /// URI of the merged file.
+    pub source: String,
     pub rows: u64,
-    pub bytes: u64,
 }
 
-/// Groups consecutive parts into files of at least `target` bytes; only the last file may be
-/// smaller. Parts with no rows are left out.
-pub fn plan_files(parts: &[(String, u64, u64)], target: u64, stem: &str) -> Vec<FilePlan> {
-    let mut files = Vec::new();
-    let mut current: Option<FilePlan> = None;
-    for (uri, rows, bytes) in parts {
-        if *rows == 0 {
-            continue;
-        }
-        let f = current.get_or_insert_with(|| FilePlan {
-            path: String::new(),
-            sources: Vec::new(),
-            rows: 0,
-            bytes: 0,
-        });
-        f.sources.push(uri.clone());
-        f.rows += rows;
-        f.bytes += bytes;
-        if f.bytes >= target {
-            files.extend(current.take());
-        }
-    }
-    files.extend(current.take());
-    for (i, f) in files.iter_mut().enumerate() {
-        f.path = data_file(stem, i);
-    }
-    files
+/// One output file per merged file that has rows, named in order.
+pub fn plan_files(parts: &[(String, u64)], stem: &str) -> Vec<FilePlan> {
+    parts
+        .iter()
+        .filter(|(_, rows)| *rows > 0)
+        .enumerate()
+        .map(|(i, (uri, rows))| FilePlan {
+            path: data_file(stem, i),
+            source: uri.clone(),
+            rows: *rows,
+        })
+        .collect()
 }
 
 /// What finalizing wrote.
@@ -162,27 +139,21 @@ pub async fn finalize(
     let out = stores.locate(&job.output_uri)?;
     check_coverage(job, parts)?;
     verify_parts(&out, job, parts).await?;
-    let target = job.spec.output.target_file_mb * 1024 * 1024;
-    let output_parts: Vec<(String, u64, u64)> = parts
+    let output_parts: Vec<(String, u64)> = parts
         .iter()
-        .map(|p| (p.uri.clone(), p.rows - p.error_rows, p.bytes))
+        .map(|p| (p.uri.clone(), p.rows - p.error_rows))
         .collect();
-    let error_parts: Vec<(String, u64, u64)> = parts
+    let error_parts: Vec<(String, u64)> = parts
         .iter()
-        .filter_map(|p| {
-            p.error_uri
-                .clone()
-                .map(|u| (u, p.error_rows, p.error_bytes))
-        })
+        .filter_map(|p| p.error_uri.clone().map(|u| (u, p.error_rows)))
         .collect();
-    let files = plan_files(&output_parts, target, OUTPUT_FILE_STEM);
-    let error_files = plan_files(&error_parts, target, ERROR_FILE_STEM);
-
+    let files = plan_files(&output_parts, OUTPUT_FILE_STEM);
+    let error_files = plan_files(&error_parts, ERROR_FILE_STEM);
     let written = write_files(stores, &out, &job.uid, &files).await?;
     let errors_written = write_files(stores, &out, &job.uid, &error_files).await?;
-    let schema = match files.first() {
-        Some(f) => schema_of(stores, &f.sources[0]).await?,
-        None => match parts.first() {
+    let schema = match files.first().or(error_files.first()) {
+        Some(f) if !files.is_empty() => schema_of(stores, &f.source).await?,
+        _ => match parts.first() {
             Some(p) => schema_of(stores, &p.uri).await?,
             None => Arc::new(arrow_schema::Schema::empty()),
         },
@@ -318,7 +289,7 @@ async fn write_files(
             let dest = out.join(&f.path);
             let bytes = match owned_file(&dest, job_uid, f.rows).await? {
                 Some(bytes) => bytes,
-                None => write_file(stores, &dest, job_uid, &f).await?,
+                None => write_file(stores, &dest, &f).await?,
             };
             Ok::<_, FinalizeError>(ManifestFile {
                 path: f.path.clone(),
@@ -331,82 +302,14 @@ async fn write_files(
         .await
 }
 
-/// Produces one output file; returns its size.
-async fn write_file(
-    stores: &Stores,
-    dest: &Location,
-    job_uid: &str,
-    f: &FilePlan,
-) -> Result<u64, FinalizeError> {
-    if let [single] = f.sources.as_slice() {
-        let src = stores.locate(single)?;
-        if src.uri().starts_with(&root_of(dest)) {
-            return Ok(copy_object(&src, dest).await?);
-        }
-    }
-    let mut writer: Option<AsyncArrowWriter<PartUpload>> = None;
-    let mut bytes = None;
-    for uri in &f.sources {
-        let (mut stream, schema) = open_part(stores, uri).await?;
-        let w = match writer.as_mut() {
-            Some(w) => w,
-            None => {
-                let upload = PartUpload::new(dest.clone());
-                bytes = Some(upload.bytes_counter());
-                writer.insert(
-                    AsyncArrowWriter::try_new(upload, schema, Some(file_properties(job_uid)))
-                        .map_err(|e| FinalizeError::Write {
-                            uri: dest.uri(),
-                            message: e.to_string(),
-                        })?,
-                )
-            }
-        };
-        while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(|e| FinalizeError::Part {
-                uri: uri.clone(),
-                message: e.to_string(),
-            })?;
-            w.write(&batch).await.map_err(|e| FinalizeError::Write {
-                uri: dest.uri(),
-                message: e.to_string(),
-            })?;
-        }
-    }
-    if let Some(w) = writer {
-        w.close().await.map_err(|e| FinalizeError::Write {
-            uri: dest.uri(),
-            message: e.to_string(),
-        })?;
-    }
-    Ok(bytes
-        .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
-        .unwrap_or(0))
+/// Produces one output file, a copy of its merged file; returns its size.
+async fn write_file(stores: &Stores, dest: &Location, f: &FilePlan) -> Result<u64, FinalizeError> {
+    let src = stores.locate(&f.source)?;
+    Ok(copy_object(&src, dest).await?)
 }
 
-/// Output files the commit writes: Snappy, and a footer that names the job.
-fn file_properties(job_uid: &str) -> WriterProperties {
-    WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_key_value_metadata(Some(vec![KeyValue::new(
-            JOB_UID_KEY.to_string(),
-            job_uid.to_string(),
-        )]))
-        .build()
-}
-
-/// `s3://bucket` or empty for local paths: copies stay within one store.
-fn root_of(loc: &Location) -> String {
-    let uri = loc.uri();
-    match uri.strip_prefix("s3://") {
-        Some(rest) => format!("s3://{}", rest.split('/').next().unwrap_or("")),
-        None => String::new(),
-    }
-}
-
-type BatchStream = parquet::arrow::async_reader::ParquetRecordBatchStream<ObjectReader>;
-
-async fn open_part(stores: &Stores, uri: &str) -> Result<(BatchStream, SchemaRef), FinalizeError> {
+/// The Arrow schema a Parquet file's footer holds (no row data is read).
+async fn schema_of(stores: &Stores, uri: &str) -> Result<SchemaRef, FinalizeError> {
     let part_err = |m: String| FinalizeError::Part {
         uri: uri.to_string(),
         message: m,
@@ -417,20 +320,13 @@ async fn open_part(stores: &Stores, uri: &str) -> Result<(BatchStream, SchemaRef
         .head(loc.path())
         .await
         .map_err(|e| StorageError::from_store(uri, e))?;
-    let mut reader = ObjectReader::new(loc, meta.size, None);
-    let footer = reader.footer().await.map_err(|e| part_err(e.to_string()))?;
+    let footer = ObjectReader::new(loc, meta.size, None)
+        .footer()
+        .await
+        .map_err(|e| part_err(e.to_string()))?;
     let arrow_meta = ArrowReaderMetadata::try_new(footer, ArrowReaderOptions::new())
         .map_err(|e| part_err(e.to_string()))?;
-    let schema = arrow_meta.schema().clone();
-    let stream = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, arrow_meta)
-        .with_batch_size(64 * 1024)
-        .build()
-        .map_err(|e| part_err(e.to_string()))?;
-    Ok((stream, schema))
-}
-
-async fn schema_of(stores: &Stores, uri: &str) -> Result<SchemaRef, FinalizeError> {
-    Ok(open_part(stores, uri).await?.1)
+    Ok(arrow_meta.schema().clone())
 }
 
 #[cfg(test)]
@@ -438,26 +334,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn files_reach_the_target_and_only_the_last_is_small() {
-        let mb = 1024 * 1024;
-        let parts: Vec<(String, u64, u64)> =
-            (0..25).map(|i| (format!("p{i}"), 10, 30 * mb)).collect();
-        let files = plan_files(&parts, 100 * mb, OUTPUT_FILE_STEM);
-        assert_eq!(files.len(), 7);
-        assert!(files[..6].iter().all(|f| f.bytes >= 100 * mb));
-        assert_eq!(files[6].sources, ["p24"]);
-        assert_eq!(files[0].path, "part-00000.parquet");
-        let rows: u64 = files.iter().map(|f| f.rows).sum();
-        assert_eq!(rows, 250);
-        let big = vec![
-            ("a".to_string(), 5, 500 * mb),
-            ("b".to_string(), 0, 0),
-            ("c".to_string(), 5, 1),
+    fn one_file_per_merged_file_with_rows_in_order() {
+        let parts = [
+            ("a".to_string(), 5),
+            ("b".to_string(), 0),
+            ("c".to_string(), 7),
         ];
-        let files = plan_files(&big, 100 * mb, OUTPUT_FILE_STEM);
+        let files = plan_files(&parts, OUTPUT_FILE_STEM);
+        assert_eq!(files.len(), 2);
         assert_eq!(
-            files.iter().map(|f| f.sources.clone()).collect::<Vec<_>>(),
-            [vec!["a".to_string()], vec!["c".to_string()]]
+            (files[0].path.as_str(), files[0].source.as_str()),
+            ("part-00000.parquet", "a")
         );
+        assert_eq!(
+            (files[1].path.as_str(), files[1].rows),
+            ("part-00001.parquet", 7)
+        );
+        let errors = plan_files(&[("e".to_string(), 1)], ERROR_FILE_STEM);
+        assert_eq!(errors[0].path, "_errors/errors-00000.parquet");
     }
 }

@@ -10,6 +10,7 @@ pub mod finalizer;
 pub mod job_check;
 mod lease_check;
 pub mod loops;
+pub mod merges;
 pub mod metrics;
 mod ownership;
 pub mod part_check;

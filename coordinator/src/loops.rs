@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::finalizer::{Claim, FinalizeError, collect_garbage, finalize};
+use crate::merges::plan_groups;
 use crate::service::Service;
 use crate::store::JobOutcome;
 
@@ -26,6 +27,9 @@ pub async fn reaper(service: Service, every: Duration, shutdown: CancellationTok
     }
 }
 
+/// `output.target_file_mb` is in MiB.
+const BYTES_PER_MB: u64 = 1024 * 1024;
+
 /// How long a job whose commit failed for a retryable reason waits before any replica takes
 /// it again; meanwhile the finalizer serves other jobs.
 pub const COMMIT_RETRY_BACKOFF: Duration = Duration::from_secs(5);
@@ -39,6 +43,11 @@ pub async fn finalizer(
     shutdown: CancellationToken,
 ) {
     loop {
+        match plan_merges(&service).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(merges = n, "merge work queued"),
+            Err(e) => tracing::warn!(error = %e, "planning merges failed"),
+        }
         if let Err(e) = service.store.settle_jobs().await {
             tracing::warn!(error = %e, "settling jobs failed");
         }
@@ -89,6 +98,21 @@ pub async fn finalizer(
     }
 }
 
+/// Queues merge work for the committed parts of every running job (`merges.rs`), so that
+/// workers make the output files while the job runs; answers how many merges were queued.
+async fn plan_merges(service: &Service) -> Result<u64, crate::store::StoreError> {
+    let mut made = 0;
+    for job in service.store.running_jobs().await? {
+        let candidates = service.store.merge_candidates(job.id).await?;
+        let target = job.spec.output.target_file_mb.saturating_mul(BYTES_PER_MB);
+        let groups = plan_groups(&candidates, target);
+        if !groups.is_empty() {
+            made += service.store.create_merges(job.id, &groups).await?;
+        }
+    }
+    Ok(made)
+}
+
 /// Keeps a finalize claim alive every third of its TTL until `stop`.
 async fn renew_claim(
     service: Service,
@@ -121,7 +145,7 @@ async fn commit(
     claim_ttl: Duration,
     job: crate::store::JobRecord,
 ) -> bool {
-    let parts = match service.store.parts(job.id).await {
+    let parts = match service.store.merged_parts(job.id).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(job = job.id, error = %e, "reading parts failed; will retry");

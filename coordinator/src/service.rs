@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use nightshift_proto::spec_check::MAX_BATCH_SIZE;
 use nightshift_proto::wire::{
     GpuSample, HeartbeatResponse, JobView, LeaseRef, LeaseResponse, LeaseStatus, PartRecord,
     ShardLease, SubmitResponse,
@@ -324,6 +325,7 @@ impl Service {
         worker: &str,
         lease: LeaseRef,
         part: &PartRecord,
+        batch_rows: Option<u64>,
     ) -> Result<(), ApiError> {
         check_text("part.uri", &part.uri)?;
         if let Some(uri) = &part.error_uri {
@@ -334,6 +336,9 @@ impl Service {
         check_objects(&self.stores, &holder, &lease, part).await?;
         self.store.checkpoint(lease, part).await?;
         self.metrics.rows_committed(part.rows);
+        if let Some(rows) = batch_rows.filter(|&r| (1..=MAX_BATCH_SIZE).contains(&r)) {
+            self.store.note_batch_rows(&holder.job_uid, rows).await?;
+        }
         Ok(())
     }
 

@@ -9,3 +9,5 @@ UPDATE jobs SET output_key = rtrim(output_uri, '/') || '/';
 -- The finalizer serves the job whose last claim is oldest first; a job whose commit failed
 -- for a retryable reason waits out a backoff before any replica takes it again.
 CREATE INDEX jobs_finalizing ON jobs (finalizer_expires_at_ms, id) WHERE state = 'finalizing';
+-- Rows per model call a worker last reported for the job (`batch.size = "auto"` finds it).
+ALTER TABLE jobs ADD COLUMN batch_rows BIGINT;

@@ -5,3 +5,5 @@ ALTER TABLE shards ADD COLUMN lease_secret TEXT;
 -- cancelled may own overlapping ones (one a prefix of the other).
 ALTER TABLE jobs ADD COLUMN output_key TEXT;
 UPDATE jobs SET output_key = rtrim(output_uri, '/') || '/';
+-- Rows per model call a worker last reported for the job (`batch.size = "auto"` finds it).
+ALTER TABLE jobs ADD COLUMN batch_rows BIGINT;

@@ -11,7 +11,8 @@ pub mod wire;
 
 pub use error_code::{ErrorBody, ErrorCode};
 pub use spec::{
-    BatchSpec, Device, ErrorSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, RetrySpec, ShardSpec,
+    BatchSize, BatchSpec, Device, ErrorSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, RetrySpec,
+    ShardSpec,
 };
 pub use spec_check::SpecError;
 pub use state::{FailureClass, JobState, LeaseState, ShardState};

@@ -61,12 +61,89 @@ pub struct OutputSpec {
     pub target_file_mb: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchSpec {
-    /// Rows per model call.
-    #[serde(default = "default_batch_size")]
-    pub size: u64,
+    /// Rows per model call, or `"auto"`.
+    #[serde(default)]
+    pub size: BatchSize,
+}
+
+/// `batch.size`: a number of rows, or `"auto"`: as large as the device holds. A worker starts
+/// an `auto` job's GPU calls at `AUTO_GPU_ROWS` and halves them on each out-of-memory error
+/// until they fit; on the CPU, where memory is not the limit, `auto` is `DEFAULT_BATCH_ROWS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchSize {
+    Rows(u64),
+    Auto,
+}
+
+/// Rows per model call unless the spec says otherwise.
+pub const DEFAULT_BATCH_ROWS: u64 = 1024;
+/// Where an `auto` batch starts on a GPU.
+pub const AUTO_GPU_ROWS: u64 = 16_384;
+
+impl Default for BatchSize {
+    fn default() -> Self {
+        BatchSize::Rows(DEFAULT_BATCH_ROWS)
+    }
+}
+
+impl BatchSize {
+    /// Rows per call to start with, on a GPU or not.
+    pub fn start_rows(&self, on_gpu: bool) -> u64 {
+        match self {
+            BatchSize::Rows(n) => *n,
+            BatchSize::Auto if on_gpu => AUTO_GPU_ROWS,
+            BatchSize::Auto => DEFAULT_BATCH_ROWS,
+        }
+    }
+}
+
+impl fmt::Display for BatchSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BatchSize::Rows(n) => write!(f, "{n}"),
+            BatchSize::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+/// A number stays a number, so the hashes of specs with numeric sizes do not change.
+impl Serialize for BatchSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            BatchSize::Rows(n) => s.serialize_u64(*n),
+            BatchSize::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = BatchSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of rows or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<BatchSize, E> {
+                Ok(BatchSize::Rows(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<BatchSize, E> {
+                u64::try_from(v)
+                    .map(BatchSize::Rows)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<BatchSize, E> {
+                match v {
+                    "auto" => Ok(BatchSize::Auto),
+                    other => Err(E::invalid_type(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,9 +179,6 @@ pub struct ErrorSpec {
 fn default_target_file_mb() -> u64 {
     256
 }
-fn default_batch_size() -> u64 {
-    1024
-}
 fn default_shard_rows() -> u64 {
     200_000
 }
@@ -115,13 +189,6 @@ fn default_max_attempts() -> u32 {
     5
 }
 
-impl Default for BatchSpec {
-    fn default() -> Self {
-        Self {
-            size: default_batch_size(),
-        }
-    }
-}
 impl Default for ShardSpec {
     fn default() -> Self {
         Self {

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::spec::JobSpec;
+use crate::spec::{BatchSize, JobSpec};
 use crate::text::{TextError, check_text, excerpt};
 
 /// Every string in `value`, object keys included, passes `check_text`; `at` is the dotted key.
@@ -190,13 +190,12 @@ impl JobSpec {
             }
             seen.push(col);
         }
-        if !(1..=MAX_BATCH_SIZE).contains(&self.batch.size) {
+        if let BatchSize::Rows(n) = self.batch.size
+            && !(1..=MAX_BATCH_SIZE).contains(&n)
+        {
             return err(
                 "batch.size",
-                format!(
-                    "must be between 1 and {MAX_BATCH_SIZE}, got {}",
-                    self.batch.size
-                ),
+                format!("must be between 1 and {MAX_BATCH_SIZE} or \"auto\", got {n}"),
             );
         }
         if !(1..=MAX_SHARD_ROWS).contains(&self.shards.rows) {
@@ -362,7 +361,7 @@ rows = 200000
         let spec = JobSpec::from_toml(GOOD).unwrap();
         assert_eq!(spec.name, "demo-scores");
         assert_eq!(spec.model.inputs["x"], "features");
-        assert_eq!(spec.batch.size, 1024);
+        assert_eq!(spec.batch.size, BatchSize::Rows(1024));
         assert_eq!(spec.retry.max_attempts, 5);
         assert_eq!(spec.input_columns(), vec!["features", "id"]);
     }
@@ -395,6 +394,30 @@ rows = 200000
         assert_eq!(e.key.as_deref(), Some("model.uri"), "{e}");
         let e = JobSpec::from_toml(&GOOD.replace("name = \"demo-scores\"\n", "")).unwrap_err();
         assert!(e.to_string().contains("missing field `name`"), "{e}");
+    }
+
+    #[test]
+    fn batch_size_is_rows_or_auto_and_numbers_hash_as_before() {
+        let auto = JobSpec::from_toml(&GOOD.replace("size = 1024", "size = \"auto\"")).unwrap();
+        assert_eq!(auto.batch.size, BatchSize::Auto);
+        assert_eq!(auto.batch.size.start_rows(true), crate::spec::AUTO_GPU_ROWS);
+        assert_eq!(
+            auto.batch.size.start_rows(false),
+            crate::spec::DEFAULT_BATCH_ROWS
+        );
+        let json = serde_json::to_value(&auto).unwrap();
+        assert_eq!(json["batch"]["size"], "auto");
+        let numbered = JobSpec::from_toml(GOOD).unwrap();
+        assert_eq!(
+            serde_json::to_value(&numbered).unwrap()["batch"]["size"],
+            1024
+        );
+        assert_eq!(
+            JobSpec::from_json(&serde_json::to_vec(&auto).unwrap()).unwrap(),
+            auto
+        );
+        let e = JobSpec::from_toml(&GOOD.replace("size = 1024", "size = -3")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("batch.size"), "{e}");
     }
 
     #[test]

@@ -78,6 +78,9 @@ pub struct JobView {
     pub created_at_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<i64>,
+    /// Rows per model call a worker last reported (what `batch.size = "auto"` chose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_rows: Option<u64>,
 }
 
 /// `POST /v1/jobs` answer: the job and whether this call created it.
@@ -118,6 +121,10 @@ pub struct ShardLease {
     /// Rows of this shard already committed: resume after them.
     pub checkpoint_rows: u64,
     pub spec: JobSpec,
+    /// Merge work instead of rows: rewrite these committed parts (in row order) into one output
+    /// file and checkpoint it as this shard's one part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<Vec<PartRecord>>,
 }
 
 impl ShardLease {
@@ -254,6 +261,9 @@ pub struct CheckpointRequest {
     pub worker_id: String,
     pub lease: LeaseRef,
     pub part: PartRecord,
+    /// Rows per model call the worker uses now, shown in the job's status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_rows: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -31,7 +31,7 @@ fn shards(url: &str) -> Vec<(i64, String, i64, i64, Option<String>)> {
         "query_postgres.py",
         &[
             url,
-            "SELECT id, state, token, checkpoint_rows, worker_id FROM shards ORDER BY id",
+            "SELECT id, state, token, checkpoint_rows, worker_id FROM shards WHERE kind = 'rows' ORDER BY id",
         ],
     );
     serde_json::from_str(out.trim()).unwrap_or_default()

@@ -24,12 +24,13 @@ fn without_cuda_there_is_no_gpu_and_auto_runs_on_the_cpu() {
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
     let o = nightshift_in(&f, &["gpus"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("no GPU found"));
-    // The default, `--gpus all`, finds none: one local worker, the model on the CPU.
+    // The default, `--gpus all`, finds none: one local worker, the model on the CPU, and an
+    // `auto` batch is the CPU's default size.
     let job = f.job(
         "no-gpu",
         &["--rows", "2000", "--files", "1", "--row-group-rows", "500"],
         &["--hidden", "16"],
-        "",
+        "[batch]\nsize = \"auto\"\n",
     );
     let toml = std::fs::read_to_string(&job.spec).unwrap();
     std::fs::write(

@@ -351,15 +351,7 @@ fn a_part_that_cannot_be_read_fails_its_own_job_and_no_other() {
             assert_eq!(h.post("/v1/worker/complete", &done).await.0, 200);
         }
     });
-    let a_end = wait_for_end(&f, &coord.url(), "victim");
-    assert_eq!(a_end["state"], "failed", "{a_end}");
-    let error = a_end["error"].as_str().unwrap_or_default();
-    assert!(
-        error.contains("_parts/") && error.contains("cannot be committed"),
-        "{a_end}"
-    );
-    assert!(!a.out.join("_SUCCESS").exists());
-    // The next job is committed all the same.
+    // An honest worker takes the merge work over the garbage, and the other job.
     let _w = WorkerProc::start(
         Path::new(BIN),
         f.dir.path(),
@@ -368,6 +360,16 @@ fn a_part_that_cannot_be_read_fails_its_own_job_and_no_other() {
         &[],
         &[],
     );
+    let a_end = wait_for_end(&f, &coord.url(), "victim");
+    assert_eq!(a_end["state"], "failed", "{a_end}");
+    let error = a_end["error"].as_str().unwrap_or_default();
+    // The merge cannot read the garbage: it fails for good, naming the part.
+    assert!(
+        error.contains("_parts/") && error.contains("corrupt Parquet data"),
+        "{a_end}"
+    );
+    assert!(!a.out.join("_SUCCESS").exists());
+    // The next job is committed all the same.
     let b_end = wait_for_end(&f, &coord.url(), "bystander");
     assert_eq!(b_end["state"], "succeeded", "{b_end}");
     verify_output(

@@ -38,7 +38,7 @@ fn shards(state: &Path) -> Vec<(i64, String, i64, i64)> {
         "query_sqlite.py",
         &[
             db.to_str().unwrap(),
-            "SELECT id, state, token, checkpoint_rows FROM shards ORDER BY id",
+            "SELECT id, state, token, checkpoint_rows FROM shards WHERE kind = 'rows' ORDER BY id",
         ],
     );
     serde_json::from_str::<Vec<(i64, String, i64, i64)>>(out.trim()).unwrap_or_default()
@@ -83,8 +83,21 @@ fn multi_file_multi_row_group_job_is_exact() {
     assert_eq!(line["rows"], 24000);
     assert!(line["seconds"].as_f64().unwrap() > 0.0);
     assert!(line["rows_per_s"].as_f64().unwrap() > 0.0);
-    // Six shards across three files with eight row groups each.
+    // Six shards across three files with eight row groups each, and the output made by one
+    // merge (the output is far under `target_file_mb`): one file, written by a worker.
     assert_eq!(shards(&f.path("state")).len(), 6);
+    let db = f.path("state").join("nightshift.db");
+    let merges = run_script(
+        "query_sqlite.py",
+        &[
+            db.to_str().unwrap(),
+            "SELECT COUNT(*) FROM shards WHERE kind = 'merge' AND state = 'done'",
+        ],
+    );
+    assert_eq!(merges.trim(), "[[1]]", "{merges}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("_manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["files"].as_array().unwrap().len(), 1, "{manifest}");
 
     let v = verify_output(
         out.to_str().unwrap(),

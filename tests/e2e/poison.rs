@@ -186,7 +186,7 @@ fn a_corrupt_page_fails_its_shard_at_once_and_names_the_file() {
         "query_sqlite.py",
         &[
             db.to_str().unwrap(),
-            "SELECT COUNT(*) FROM shards WHERE state = 'done'",
+            "SELECT COUNT(*) FROM shards WHERE state = 'done' AND kind = 'rows'",
         ],
     );
     assert_eq!(done.trim(), "[[3]]", "the rest of the job went on");

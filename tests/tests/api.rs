@@ -216,7 +216,9 @@ async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartb
     assert!(second.token > first.token);
     let part = write_part(&second, 0, 10);
     let lost = |r: Result<(), ClientError>| matches!(r, Err(ClientError::LeaseLost(_)));
-    assert!(lost(old.checkpoint(stale, write_part(&first, 0, 10)).await));
+    assert!(lost(
+        old.checkpoint(stale, write_part(&first, 0, 10), None).await
+    ));
     assert!(lost(old.complete(stale).await));
     assert!(lost(old.release(stale).await));
     assert!(lost(
@@ -230,7 +232,7 @@ async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartb
     assert_eq!(hb.leases[0].state, nightshift_proto::LeaseState::Lost);
     // The current holder's writes go through; a cancel shows up in its next heartbeat.
     let current = second.lease_ref();
-    new.checkpoint(current, part).await.unwrap();
+    new.checkpoint(current, part, Some(500)).await.unwrap();
     let cancel = api
         .http
         .post(format!("{}/v1/jobs/api-job/cancel", api.url))
@@ -262,7 +264,7 @@ async fn complete_many_answers_each_lease_in_order() {
     assert_eq!(leases.len(), 4);
     let refs: Vec<LeaseRef> = leases.iter().map(|l| l.lease_ref()).collect();
     for (l, r) in leases.iter().zip(&refs).take(3) {
-        w.checkpoint(*r, write_part(l, 0, l.plan.rows))
+        w.checkpoint(*r, write_part(l, 0, l.plan.rows), None)
             .await
             .unwrap();
     }

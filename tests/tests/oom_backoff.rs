@@ -62,6 +62,9 @@ async fn calls_the_device_cannot_hold_are_halved_until_they_fit() {
     let report = run_job(&f, &api).await;
     assert_eq!(report.largest_model_call, 500, "{report:?}");
     assert!(report.largest_model_call <= BATCH);
+    let (_, text) = api.get(Some("S"), "/v1/jobs/api-job").await;
+    let view: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(view["batch_rows"], BATCH, "the spec's size: {view}");
     verify(&f);
     // With it, calls above LIMIT rows fail for lack of memory: they are halved and stay small.
     let f = Fixture::new();
@@ -76,5 +79,12 @@ async fn calls_the_device_cannot_hold_are_halved_until_they_fit() {
     assert!(report.model_calls >= ROWS.div_ceil(LIMIT), "{report:?}");
     assert_eq!(report.rows, ROWS, "{report:?}");
     assert_eq!(report.error_rows, 0, "no row is poison for lack of memory");
+    // The job's status shows the size that fit.
+    let (_, text) = api.get(Some("S"), "/v1/jobs/api-job").await;
+    let view: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let shown = view["batch_rows"]
+        .as_u64()
+        .expect("batch_rows in the status");
+    assert!((LIMIT / 2..=LIMIT).contains(&shown), "{view}");
     verify(&f);
 }

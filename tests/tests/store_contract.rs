@@ -124,6 +124,7 @@ contract!(
     loops::finalize_claim_is_renewed_and_given_up,
     loops::finalizer_serves_the_oldest_claim_first,
     loops::cancel_stops_a_commit,
+    loops::merges_cover_the_rows_in_order_and_settling_waits_for_them,
     loops::metrics_count,
     loops::churn_commits_every_row_once,
 );
@@ -282,6 +283,21 @@ pub async fn finish(store: &DynStore, lease: &ShardLease) {
             .expect("checkpoint the rest");
     }
     store.complete(l).await.expect("complete");
+}
+
+/// Queues the merge work of a job whose row shards are all done, as the finalizer loop would
+/// with a target no group reaches (one merge of every row), and does it like a worker.
+pub async fn merge_all(store: &DynStore, job_id: i64) {
+    let candidates = store.merge_candidates(job_id).await.expect("candidates");
+    let groups = nightshift_coordinator::merges::plan_groups(&candidates, u64::MAX);
+    store.create_merges(job_id, &groups).await.expect("merges");
+    for lease in store.claim("merger", 100, long()).await.expect("claim") {
+        if lease.job_id == job_id && lease.merge.is_some() {
+            finish(store, &lease).await;
+        } else {
+            store.release(lease_ref(&lease)).await.expect("release");
+        }
+    }
 }
 
 /// Asserts that a result is an error matching a pattern, and shows what it was otherwise.

@@ -169,7 +169,13 @@ impl CoordinatorClient {
         .await
     }
 
-    pub async fn checkpoint(&self, lease: LeaseRef, part: PartRecord) -> Result<(), ClientError> {
+    /// Records a part; `batch_rows` is the rows per model call in use, for the job's status.
+    pub async fn checkpoint(
+        &self,
+        lease: LeaseRef,
+        part: PartRecord,
+        batch_rows: Option<u64>,
+    ) -> Result<(), ClientError> {
         let _: Ack = self
             .post(
                 "/v1/worker/checkpoint",
@@ -177,6 +183,7 @@ impl CoordinatorClient {
                     worker_id: self.worker_id.clone(),
                     lease,
                     part,
+                    batch_rows,
                 },
             )
             .await?;

@@ -22,6 +22,7 @@ pub fn sqlite() -> Migrator {
             1 => "0001_initial.sql",
             2 => "0002_claim_order.sql",
             3 => "0003_ownership.sql",
+            4 => "0004_merges.sql",
         )),
         ..Migrator::DEFAULT
     }
@@ -33,6 +34,7 @@ pub fn postgres() -> Migrator {
             1 => "0001_initial.sql",
             2 => "0002_claim_order.sql",
             3 => "0003_ownership.sql",
+            4 => "0004_merges.sql",
         )),
         ..Migrator::DEFAULT
     }

@@ -18,6 +18,8 @@ use nightshift_proto::{FailureClass, JobSpec, JobState};
 
 pub use records::{JobRecord, PartRow, ShardRow, StoreMetrics};
 
+use crate::merges::{MergeCandidate, MergeGroup};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("lease lost: shard {shard_id} is no longer held under token {token}")]
@@ -227,6 +229,8 @@ pub trait Store: Send + Sync + 'static {
         leases: &[LeaseRef],
         timing: LeaseTiming,
     ) -> Result<HeartbeatResponse>;
+    /// Notes the rows per model call a worker of the job `job_uid` reports.
+    async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<()>;
     /// Records a durably written part and moves the checkpoint past it.
     async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()>;
     async fn complete(&self, lease: LeaseRef) -> Result<()>;
@@ -269,6 +273,15 @@ pub trait Store: Send + Sync + 'static {
     /// is no longer finalizing (cancelled meanwhile).
     async fn extend_finalize(&self, job_id: i64, owner: &str, ttl_ms: i64) -> Result<bool>;
     async fn parts(&self, job_id: i64) -> Result<Vec<PartRow>>;
+    /// The files merge work wrote for a job (its output files), in row order.
+    async fn merged_parts(&self, job_id: i64) -> Result<Vec<PartRow>>;
+    /// Running jobs, oldest first.
+    async fn running_jobs(&self) -> Result<Vec<JobRecord>>;
+    /// A job's row shards from the first one no merge covers, in order (`merges.rs`).
+    async fn merge_candidates(&self, job_id: i64) -> Result<Vec<MergeCandidate>>;
+    /// Creates merge work for `groups` of a running job; a group already made is skipped.
+    /// Answers how many were made.
+    async fn create_merges(&self, job_id: i64, groups: &[MergeGroup]) -> Result<u64>;
     /// Ends a finalizing job (only its finalizer's claim may).
     async fn finish_job(&self, job_id: i64, owner: &str, outcome: JobOutcome) -> Result<()>;
 

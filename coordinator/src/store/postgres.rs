@@ -8,28 +8,29 @@
 macro_rules! job_cols {
     () => {
         "id, uid, name, idempotency_key, spec_json, spec_hash, state, priority, rows_total, \
-         output_uri, error, created_at_ms, started_at_ms, finished_at_ms"
+         output_uri, error, created_at_ms, started_at_ms, finished_at_ms, batch_rows"
     };
 }
 
 mod jobs;
 mod lease;
 mod loops;
+mod merges;
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use nightshift_proto::FailureClass;
 use nightshift_proto::wire::{
     HeartbeatResponse, InputFile, LeaseRef, PartRecord, ShardCounts, ShardLease,
 };
-use nightshift_proto::{FailureClass, JobSpec};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{PgExecutor, Row};
 
 use super::{
     ClaimRequest, JobOutcome, JobRecord, LeaseHolder, LeaseTiming, NewJob, PartRow, Result,
-    ShardRow, Store, StoreError, StoreMetrics, Submitted, migrations,
+    ShardRow, Store, StoreMetrics, Submitted, migrations,
 };
 
 /// Connections per coordinator replica. Every statement is short, so a few go a long way.
@@ -64,31 +65,11 @@ async fn job_in<'e, E: PgExecutor<'e>>(ex: E, id: i64) -> Result<Option<JobRecor
     row.as_ref().map(job_from_row).transpose()
 }
 
-fn parse_state<T: FromStr<Err = String>>(s: &str) -> Result<T> {
-    s.parse().map_err(StoreError::Corrupt)
-}
-
-fn parse_spec(json: &str) -> Result<JobSpec> {
-    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))
-}
+use super::records::{DialectRow, parse_spec, parse_state};
+use crate::merges::{MergeCandidate, MergeGroup};
 
 fn job_from_row(row: &PgRow) -> Result<JobRecord> {
-    Ok(JobRecord {
-        id: row.try_get("id")?,
-        uid: row.try_get("uid")?,
-        name: row.try_get("name")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        spec: parse_spec(row.try_get("spec_json")?)?,
-        spec_hash: row.try_get("spec_hash")?,
-        state: parse_state(row.try_get("state")?)?,
-        priority: row.try_get::<i64, _>("priority")? as i32,
-        rows_total: row.try_get::<i64, _>("rows_total")? as u64,
-        output_uri: row.try_get("output_uri")?,
-        error: row.try_get("error")?,
-        created_at_ms: row.try_get("created_at_ms")?,
-        started_at_ms: row.try_get("started_at_ms")?,
-        finished_at_ms: row.try_get("finished_at_ms")?,
-    })
+    row.job()
 }
 
 #[async_trait]
@@ -222,6 +203,17 @@ impl Store for PgStore {
         self.renew(worker, leases, timing).await
     }
 
+    async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET batch_rows = $1 WHERE uid = $2 AND batch_rows IS DISTINCT FROM $1",
+        )
+        .bind(i64::try_from(rows).unwrap_or(i64::MAX))
+        .bind(job_uid)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()> {
         self.record_part(lease, part).await
     }
@@ -278,6 +270,29 @@ impl Store for PgStore {
         self.part_rows(job_id).await
     }
 
+    async fn merged_parts(&self, job_id: i64) -> Result<Vec<PartRow>> {
+        self.merged(job_id).await
+    }
+
+    async fn running_jobs(&self) -> Result<Vec<JobRecord>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            job_cols!(),
+            " FROM jobs WHERE state = 'running' ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn merge_candidates(&self, job_id: i64) -> Result<Vec<MergeCandidate>> {
+        self.candidates(job_id).await
+    }
+
+    async fn create_merges(&self, job_id: i64, groups: &[MergeGroup]) -> Result<u64> {
+        self.insert_merges(job_id, groups).await
+    }
+
     async fn finish_job(&self, job_id: i64, owner: &str, outcome: JobOutcome) -> Result<()> {
         self.end_job(job_id, owner, outcome).await
     }
@@ -286,10 +301,12 @@ impl Store for PgStore {
         let row = sqlx::query(
             "SELECT \
                (SELECT COUNT(*) FROM shards s JOIN jobs j ON j.id = s.job_id \
-                  WHERE s.state = 'pending' AND j.state = 'running') AS pending, \
+                  WHERE s.state = 'pending' AND j.state = 'running' AND s.kind = 'rows') \
+                  AS pending, \
                (SELECT COALESCE(SUM(s.rows - s.checkpoint_rows), 0)::BIGINT FROM shards s \
                   JOIN jobs j ON j.id = s.job_id \
-                  WHERE s.state = 'pending' AND j.state = 'running') AS pending_rows, \
+                  WHERE s.state = 'pending' AND j.state = 'running' AND s.kind = 'rows') \
+                  AS pending_rows, \
                (SELECT COUNT(*) FROM shards WHERE state = 'leased') AS leased, \
                (SELECT COUNT(*) FROM jobs WHERE state = 'running') AS running, \
                (SELECT COUNT(*) FROM workers WHERE last_seen_ms > ns_now_ms() - $1) AS workers",

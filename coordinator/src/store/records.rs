@@ -1,6 +1,6 @@
 //! Rows the store hands back.
 
-use nightshift_proto::wire::{JobView, LeaseSecret, ShardCounts};
+use nightshift_proto::wire::{JobView, LeaseSecret, PartRecord, ShardCounts};
 
 use crate::store::{LeaseHolder, StoreError};
 use nightshift_proto::{JobSpec, JobState, ShardState};
@@ -21,6 +21,8 @@ pub struct JobRecord {
     pub created_at_ms: i64,
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
+    /// Rows per model call a worker last reported for this job.
+    pub batch_rows: Option<u64>,
 }
 
 impl JobRecord {
@@ -56,6 +58,7 @@ impl JobRecord {
             error: self.error.clone(),
             created_at_ms: self.created_at_ms,
             finished_at_ms: self.finished_at_ms,
+            batch_rows: self.batch_rows,
         }
     }
 }
@@ -87,6 +90,35 @@ pub struct PartRow {
     pub error_bytes: u64,
 }
 
+/// The columns of `parts` that `DialectRow::part` reads, qualified by `p.`.
+pub const PART_COLUMNS: &str = "p.shard_id, p.token, p.row_start, p.rows, p.bytes, p.uri, \
+     p.error_rows, p.error_uri, p.error_bytes";
+
+impl PartRow {
+    /// The part as a worker reported it.
+    pub fn record(&self) -> PartRecord {
+        PartRecord {
+            uri: self.uri.clone(),
+            row_start: self.row_start,
+            rows: self.rows,
+            bytes: self.bytes,
+            error_rows: self.error_rows,
+            error_uri: self.error_uri.clone(),
+            error_bytes: self.error_bytes,
+        }
+    }
+}
+
+/// A state column (job, shard or lease state).
+pub fn parse_state<T: std::str::FromStr<Err = String>>(s: &str) -> crate::store::Result<T> {
+    s.parse().map_err(StoreError::Corrupt)
+}
+
+/// A job's spec as the store keeps it (JSON).
+pub fn parse_spec(json: &str) -> crate::store::Result<JobSpec> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))
+}
+
 /// A lease secret as the store keeps it (32 hex digits).
 pub fn parse_secret(text: &str) -> crate::store::Result<LeaseSecret> {
     LeaseSecret::from_hex(text).ok_or_else(|| {
@@ -102,6 +134,44 @@ where
     i64: sqlx::Decode<'r, Self::Database> + sqlx::Type<Self::Database>,
     String: sqlx::Decode<'r, Self::Database> + sqlx::Type<Self::Database>,
 {
+    /// A row of the columns `JOB_COLUMNS` names.
+    fn job(&'r self) -> crate::store::Result<JobRecord> {
+        Ok(JobRecord {
+            id: self.try_get("id")?,
+            uid: self.try_get("uid")?,
+            name: self.try_get("name")?,
+            idempotency_key: self.try_get("idempotency_key")?,
+            spec: parse_spec(&self.try_get::<String, _>("spec_json")?)?,
+            spec_hash: self.try_get("spec_hash")?,
+            state: parse_state(&self.try_get::<String, _>("state")?)?,
+            priority: self.try_get::<i64, _>("priority")? as i32,
+            rows_total: self.try_get::<i64, _>("rows_total")? as u64,
+            output_uri: self.try_get("output_uri")?,
+            error: self.try_get("error")?,
+            created_at_ms: self.try_get("created_at_ms")?,
+            started_at_ms: self.try_get("started_at_ms")?,
+            finished_at_ms: self.try_get("finished_at_ms")?,
+            batch_rows: self
+                .try_get::<Option<i64>, _>("batch_rows")?
+                .map(|n| n.max(0) as u64),
+        })
+    }
+
+    /// A row of `PART_COLUMNS`.
+    fn part(&'r self) -> crate::store::Result<PartRow> {
+        Ok(PartRow {
+            shard_id: self.try_get("shard_id")?,
+            token: self.try_get("token")?,
+            row_start: self.try_get::<i64, _>("row_start")? as u64,
+            rows: self.try_get::<i64, _>("rows")? as u64,
+            bytes: self.try_get::<i64, _>("bytes")? as u64,
+            uri: self.try_get("uri")?,
+            error_rows: self.try_get::<i64, _>("error_rows")? as u64,
+            error_uri: self.try_get("error_uri")?,
+            error_bytes: self.try_get::<i64, _>("error_bytes")? as u64,
+        })
+    }
+
     /// A row of `id, token, worker_id, lease_secret, rows, uid, output_uri`.
     fn holder(&'r self) -> crate::store::Result<LeaseHolder> {
         Ok(LeaseHolder {

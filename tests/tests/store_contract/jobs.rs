@@ -193,6 +193,7 @@ pub async fn cancel_and_retry(store: DynStore) {
     for s in &again {
         crate::finish(&store, s).await;
     }
+    crate::merge_all(&store, id).await;
     store.settle_jobs().await.unwrap();
     store.claim_finalize("f", 60_000).await.unwrap().unwrap();
     store
@@ -325,6 +326,7 @@ pub async fn retry_drops_a_stale_finalizer_claim(store: DynStore) {
     let id = create(&store, "reclaimed", "", 1).await;
     let lease = store.claim("w1", 1, long()).await.unwrap().remove(0);
     crate::finish(&store, &lease).await;
+    crate::merge_all(&store, id).await;
     store.settle_jobs().await.unwrap();
     store.claim_finalize("gone", 60_000).await.unwrap().unwrap();
     store

@@ -87,6 +87,9 @@ pub async fn settle_moves_finished_jobs_on(store: DynStore) {
         finish(&store, &lease).await;
     }
     store.claim("w1", 1, long()).await.unwrap();
+    // Every row is done, but no merge covers them yet: the job waits for its merge work.
+    assert_eq!(store.settle_jobs().await.unwrap(), 0);
+    crate::merge_all(&store, done).await;
     assert_eq!(store.settle_jobs().await.unwrap(), 1);
     assert_eq!(
         store.job(done).await.unwrap().unwrap().state,
@@ -102,6 +105,7 @@ pub async fn settle_moves_finished_jobs_on(store: DynStore) {
     let raced = create(&store, "raced", "", 1).await;
     let lease = store.claim("w1", 1, long()).await.unwrap().remove(0);
     finish(&store, &lease).await;
+    crate::merge_all(&store, raced).await;
     let (a, b) = tokio::join!(store.settle_jobs(), store.settle_jobs());
     assert_eq!(a.unwrap() + b.unwrap(), 1);
     assert_eq!(
@@ -310,6 +314,7 @@ async fn finished_job(store: &DynStore, name: &str) -> i64 {
     let id = create(store, name, "", 1).await;
     let lease = store.claim("w1", 1, long()).await.unwrap().remove(0);
     finish(store, &lease).await;
+    crate::merge_all(store, id).await;
     assert_eq!(store.settle_jobs().await.unwrap(), 1);
     id
 }
@@ -423,6 +428,7 @@ pub async fn churn_commits_every_row_once(store: DynStore) {
         }
         assert_eq!(next, ROWS, "shard {} parts {mine:?}", shard.id);
     }
+    crate::merge_all(&store, id).await;
     assert_eq!(store.settle_jobs().await.unwrap(), 1);
 }
 
@@ -485,4 +491,52 @@ pub async fn cancel_stops_a_commit(store: DynStore) {
         }
     );
     assert!(store.claim_finalize("g", 60_000).await.unwrap().is_none());
+}
+
+pub async fn merges_cover_the_rows_in_order_and_settling_waits_for_them(store: DynStore) {
+    let id = create(&store, "merged", "", 4).await;
+    let leases = store.claim("w1", 4, long()).await.unwrap();
+    // Shards 1, 2 and 4 are done, 3 is not: only the run before it may be merged.
+    for i in [0, 1, 3] {
+        finish(&store, &leases[i]).await;
+    }
+    let candidates = store.merge_candidates(id).await.unwrap();
+    assert_eq!(candidates.len(), 4);
+    assert_eq!(candidates.iter().filter(|c| c.done).count(), 3);
+    assert!(candidates.iter().filter(|c| c.done).all(|c| c.bytes > 0));
+    let per_shard = candidates[0].bytes;
+    let groups = nightshift_coordinator::merges::plan_groups(&candidates, per_shard * 2);
+    assert_eq!(groups.len(), 1);
+    assert_eq!(
+        (groups[0].first, groups[0].last),
+        (leases[0].shard_id, leases[1].shard_id)
+    );
+    assert_eq!(store.create_merges(id, &groups).await.unwrap(), 1);
+    assert_eq!(
+        store.create_merges(id, &groups).await.unwrap(),
+        0,
+        "planned twice, made once"
+    );
+    // The merge work carries the parts it rewrites, in row order; it does not count as rows.
+    let merge = store.claim("m", 5, long()).await.unwrap().remove(0);
+    let sources = merge.merge.clone().expect("merge work");
+    assert_eq!(sources.len(), 2);
+    assert_eq!(merge.plan.rows, 2 * ROWS);
+    let (counts, done, _) = store.shard_counts(id).await.unwrap();
+    assert_eq!((counts.total(), done), (4, 3 * ROWS));
+    finish(&store, &merge).await;
+    assert_eq!(store.merged_parts(id).await.unwrap().len(), 1);
+    // The rest: shard 3 finishes, the last group is made, and only then does the job settle.
+    finish(&store, &leases[2]).await;
+    assert_eq!(store.settle_jobs().await.unwrap(), 0);
+    let rest = store.merge_candidates(id).await.unwrap();
+    assert_eq!(rest.len(), 2);
+    crate::merge_all(&store, id).await;
+    assert_eq!(store.settle_jobs().await.unwrap(), 1);
+    let merged = store.merged_parts(id).await.unwrap();
+    assert_eq!(merged.iter().map(|p| p.rows).sum::<u64>(), 4 * ROWS);
+    assert_eq!(
+        store.job(id).await.unwrap().unwrap().state,
+        JobState::Finalizing
+    );
 }

@@ -44,6 +44,8 @@ pub struct Inferred {
     pub kept: Option<Vec<u32>>,
     pub outputs: Vec<ArrayRef>,
     pub errors: Vec<RowError>,
+    /// The session's row limit after this batch (`None`: no limit met).
+    pub row_limit: Option<usize>,
 }
 
 /// Finds rows that cannot become tensors and builds the tensors from the rest.
@@ -132,6 +134,7 @@ fn infer(
             kept: Some(Vec::new()),
             outputs: empty_outputs(plan),
             errors: p.errors,
+            row_limit: session.row_limit,
         });
     }
     let fits = session
@@ -146,6 +149,7 @@ fn infer(
                     kept: p.good,
                     outputs,
                     errors: p.errors,
+                    row_limit: session.row_limit,
                 });
             }
             Err(e) => Some(e),
@@ -164,7 +168,12 @@ fn infer(
         rejected: Vec::new(),
     };
     calls.run(0, good_rows.len(), whole)?;
-    let Calls { ok, rejected, .. } = calls;
+    let Calls {
+        ok,
+        rejected,
+        session,
+        ..
+    } = calls;
     if ok.is_empty() && good_rows.len() > 1 {
         // Every row fails alone too: the model or the device is broken, not the data.
         let reason = rejected.first().map(|(_, m)| m.clone()).unwrap_or_default();
@@ -198,6 +207,7 @@ fn infer(
         kept: Some(kept),
         outputs,
         errors,
+        row_limit: session.row_limit,
     })
 }
 

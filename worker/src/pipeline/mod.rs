@@ -3,6 +3,7 @@
 //! model never waits on I/O while the channels hold work.
 
 pub mod infer;
+mod merge;
 pub mod parts;
 pub mod reader;
 
@@ -17,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::WorkerContext;
-use crate::model_session::ModelSession;
+use crate::model_session::{ChosenDevice, ModelSession};
 use crate::shard_error::ShardError;
 use infer::{infer_loop, prepare};
 use parts::PartSink;
@@ -84,6 +85,9 @@ async fn run(
     slot: &mut Slot,
     signals: &ShardSignals,
 ) -> Result<ShardOutcome, ShardError> {
+    if let Some(sources) = &lease.merge {
+        return merge::run_merge(ctx, lease, sources, signals).await;
+    }
     let spec = &lease.spec;
     let lease_ref = lease.lease_ref();
     let total = lease.plan.rows;
@@ -140,7 +144,9 @@ async fn run(
     let columns = spec.input_columns();
     let reader_lease = lease.clone();
     let drain = signals.drain.clone();
-    let batch_size = spec.batch.size as usize;
+    let on_gpu = matches!(session.device, ChosenDevice::Cuda(_));
+    let batch_size = spec.batch.size.start_rows(on_gpu) as usize;
+    tracing::info!(shard = lease.shard_id, batch_rows = batch_size, size = %spec.batch.size, "batch size");
     let reader = tokio::spawn(async move {
         read_batches(
             input,
@@ -178,6 +184,7 @@ async fn run(
 
     let mut committed = skip;
     let mut computed = 0u64;
+    let mut batch_rows = batch_size;
     let result: Result<bool, ShardError> = async {
         loop {
             let item = tokio::select! {
@@ -196,15 +203,20 @@ async fn run(
                 rows = inf.input.num_rows(),
                 "batch inferred"
             );
+            batch_rows = inf.row_limit.map_or(batch_size, |l| l.min(batch_size));
             if let Some(part) = sink.write(inf).await? {
                 let next = part.row_start + part.rows;
-                ctx.client.checkpoint(lease_ref, part).await?;
+                ctx.client
+                    .checkpoint(lease_ref, part, Some(batch_rows as u64))
+                    .await?;
                 committed = next;
             }
         }
         if let Some(part) = sink.finish().await? {
             let next = part.row_start + part.rows;
-            ctx.client.checkpoint(lease_ref, part).await?;
+            ctx.client
+                .checkpoint(lease_ref, part, Some(batch_rows as u64))
+                .await?;
             committed = next;
         }
         Ok(true)

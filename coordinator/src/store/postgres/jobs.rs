@@ -232,7 +232,7 @@ impl PgStore {
         let rows = sqlx::query(
             "SELECT state, COUNT(*) AS n, COALESCE(SUM(checkpoint_rows), 0)::BIGINT AS done, \
              COALESCE(SUM(error_rows), 0)::BIGINT AS errors \
-             FROM shards WHERE job_id = $1 GROUP BY state",
+             FROM shards WHERE job_id = $1 AND kind = 'rows' GROUP BY state",
         )
         .bind(job_id)
         .fetch_all(&self.pool)
@@ -256,7 +256,7 @@ impl PgStore {
     pub(super) async fn shard_rows(&self, job_id: i64) -> Result<Vec<ShardRow>> {
         let rows = sqlx::query(
             "SELECT id, job_id, file_index, rows, state, token, attempts, checkpoint_rows, \
-             error_rows, error FROM shards WHERE job_id = $1 ORDER BY id",
+             error_rows, error FROM shards WHERE job_id = $1 AND kind = 'rows' ORDER BY id",
         )
         .bind(job_id)
         .fetch_all(&self.pool)

@@ -27,6 +27,14 @@ fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// The row shards a claimed merge shard covers, if it is one.
+fn merge_range(r: &sqlx::postgres::PgRow) -> Result<Option<(i64, i64)>> {
+    if r.try_get::<String, _>("kind")? != "merge" {
+        return Ok(None);
+    }
+    Ok(Some((r.try_get("merge_first")?, r.try_get("merge_last")?)))
+}
+
 /// A shard as a refused lease write finds it.
 struct LeaseRow {
     state: String,
@@ -156,7 +164,7 @@ impl PgStore {
                WHERE s.id = picked.id \
                RETURNING s.id, s.job_id, s.file_index, s.row_group_start, s.row_group_end, \
                  s.file_row_start, s.rows, s.token, s.attempts, s.checkpoint_rows, \
-                 s.lease_secret, slot.request, slot.n \
+                 s.lease_secret, s.kind, s.merge_first, s.merge_last, slot.request, slot.n \
              ) \
              SELECT c.*, j.uid, j.spec_json, f.uri, f.size, f.etag \
              FROM claimed c JOIN jobs j ON j.id = c.job_id \
@@ -224,6 +232,12 @@ impl PgStore {
                 },
                 checkpoint_rows: r.try_get::<i64, _>("checkpoint_rows")? as u64,
                 spec,
+                merge: match merge_range(&r)? {
+                    Some((first, last)) => {
+                        Some(super::merges::sources(&self.pool, job_id, first, last).await?)
+                    }
+                    None => None,
+                },
             });
         }
         Ok(answers)
@@ -358,7 +372,8 @@ impl PgStore {
             .ok_or(StoreError::JobNotFound(job_id))?;
             let job = job_from_row(&row)?;
             let errors: i64 = sqlx::query_scalar(
-                "SELECT COALESCE(SUM(error_rows), 0)::BIGINT FROM shards WHERE job_id = $1",
+                "SELECT COALESCE(SUM(error_rows), 0)::BIGINT FROM shards \
+                 WHERE job_id = $1 AND kind = 'rows'",
             )
             .bind(job_id)
             .fetch_one(&mut *tx)

@@ -58,7 +58,10 @@ impl PgStore {
             ", (SELECT COUNT(*) FROM shards s WHERE s.job_id = jobs.id AND s.state = 'dead') \
                  AS dead, \
                (SELECT COALESCE(SUM(s.error_rows), 0)::BIGINT FROM shards s \
-                 WHERE s.job_id = jobs.id) AS error_rows, \
+                 WHERE s.job_id = jobs.id AND s.kind = 'rows') AS error_rows, \
+               EXISTS (SELECT 1 FROM shards r WHERE r.job_id = jobs.id AND r.kind = 'rows' \
+                 AND r.id > COALESCE((SELECT MAX(m.merge_last) FROM shards m \
+                   WHERE m.job_id = jobs.id AND m.kind = 'merge'), 0)) AS unmerged, \
                d.first_dead, d.first_error \
              FROM jobs LEFT JOIN LATERAL ( \
                SELECT s.id AS first_dead, s.error AS first_error FROM shards s \
@@ -83,6 +86,10 @@ impl PgStore {
             } else {
                 error_threshold_exceeded(&job, error_rows as u64)
             };
+            if failure.is_none() && row.try_get::<bool, _>("unmerged")? {
+                // Its merge work is still to be queued (`loops.rs: plan_merges`).
+                continue;
+            }
             let n = match failure {
                 Some(message) => sqlx::query(
                     "UPDATE jobs SET state = 'failed', error = $1, finished_at_ms = ns_now_ms() \

@@ -161,7 +161,8 @@ pub(super) async fn list_jobs(s: &SqliteStore, limit: u32) -> Result<Vec<JobReco
 pub(super) async fn shard_counts(s: &SqliteStore, job_id: i64) -> Result<(ShardCounts, u64, u64)> {
     let rows = sqlx::query(
         "SELECT state, COUNT(*) AS n, COALESCE(SUM(checkpoint_rows), 0) AS done, \
-         COALESCE(SUM(error_rows), 0) AS errors FROM shards WHERE job_id = ? GROUP BY state",
+         COALESCE(SUM(error_rows), 0) AS errors FROM shards WHERE job_id = ? AND kind = 'rows' \
+         GROUP BY state",
     )
     .bind(job_id)
     .fetch_all(&s.pool)
@@ -185,7 +186,7 @@ pub(super) async fn shard_counts(s: &SqliteStore, job_id: i64) -> Result<(ShardC
 pub(super) async fn shards(s: &SqliteStore, job_id: i64) -> Result<Vec<ShardRow>> {
     let rows = sqlx::query(
         "SELECT id, job_id, file_index, rows, state, token, attempts, checkpoint_rows, \
-         error_rows, error FROM shards WHERE job_id = ? ORDER BY id",
+         error_rows, error FROM shards WHERE job_id = ? AND kind = 'rows' ORDER BY id",
     )
     .bind(job_id)
     .fetch_all(&s.pool)

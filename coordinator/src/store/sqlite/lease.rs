@@ -40,7 +40,7 @@ pub(super) async fn claim(
                       WHERE s.state = 'pending' AND j.state = 'running' AND s.not_before_ms <= ? \
                       ORDER BY j.priority DESC, j.id, s.id LIMIT ?) \
          RETURNING id, job_id, file_index, row_group_start, row_group_end, file_row_start, \
-                   rows, token, attempts, checkpoint_rows",
+                   rows, token, attempts, checkpoint_rows, kind, merge_first, merge_last",
     )
     .bind(worker)
     .bind(secret.to_hex())
@@ -88,6 +88,12 @@ pub(super) async fn claim(
             },
             checkpoint_rows: r.try_get::<i64, _>("checkpoint_rows")? as u64,
             spec: job.spec.clone(),
+            merge: if r.try_get::<String, _>("kind")? == "merge" {
+                let (first, last) = (r.try_get("merge_first")?, r.try_get("merge_last")?);
+                Some(super::merges::sources(&mut *tx, job_id, first, last).await?)
+            } else {
+                None
+            },
         });
     }
     tx.commit().await?;
@@ -231,11 +237,12 @@ pub(super) async fn checkpoint(s: &SqliteStore, lease: LeaseRef, part: &PartReco
         let job = SqliteStore::job_in(&mut tx, job_id)
             .await?
             .ok_or(StoreError::JobNotFound(job_id))?;
-        let errors: i64 =
-            sqlx::query_scalar("SELECT COALESCE(SUM(error_rows), 0) FROM shards WHERE job_id = ?")
-                .bind(job_id)
-                .fetch_one(&mut *tx)
-                .await?;
+        let errors: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(error_rows), 0) FROM shards WHERE job_id = ? AND kind = 'rows'",
+        )
+        .bind(job_id)
+        .fetch_one(&mut *tx)
+        .await?;
         if let Some(message) = crate::store::records::error_threshold_exceeded(&job, errors as u64)
         {
             let now = SqliteStore::now(&mut tx).await?;

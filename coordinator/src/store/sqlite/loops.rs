@@ -44,10 +44,13 @@ pub(super) async fn settle_jobs(s: &SqliteStore) -> Result<u64> {
         job_cols!(),
         ", (SELECT COUNT(*) FROM shards s WHERE s.job_id = jobs.id AND s.state = 'dead') \
              AS dead, \
-           (SELECT COALESCE(SUM(s.error_rows), 0) FROM shards s WHERE s.job_id = jobs.id) \
-             AS error_rows, \
+           (SELECT COALESCE(SUM(s.error_rows), 0) FROM shards s \
+             WHERE s.job_id = jobs.id AND s.kind = 'rows') AS error_rows, \
            (SELECT MIN(s.id) FROM shards s WHERE s.job_id = jobs.id AND s.state = 'dead') \
-             AS first_dead \
+             AS first_dead, \
+           EXISTS (SELECT 1 FROM shards r WHERE r.job_id = jobs.id AND r.kind = 'rows' \
+             AND r.id > COALESCE((SELECT MAX(m.merge_last) FROM shards m \
+               WHERE m.job_id = jobs.id AND m.kind = 'merge'), 0)) AS unmerged \
          FROM jobs WHERE state = 'running' AND NOT EXISTS ( \
            SELECT 1 FROM shards s \
            WHERE s.job_id = jobs.id AND s.state IN ('pending', 'leased')) \
@@ -77,6 +80,10 @@ pub(super) async fn settle_jobs(s: &SqliteStore) -> Result<u64> {
             let errors: i64 = r.try_get("error_rows")?;
             crate::store::records::error_threshold_exceeded(&job, errors as u64)
         };
+        if failure.is_none() && r.try_get::<bool, _>("unmerged")? {
+            // Its merge work is still to be queued (`loops.rs: plan_merges`).
+            continue;
+        }
         n += match failure {
             Some(message) => sqlx::query(
                 "UPDATE jobs SET state = 'failed', error = ?, finished_at_ms = ? \
@@ -194,9 +201,10 @@ pub(super) async fn metrics(s: &SqliteStore, workers_window_ms: i64) -> Result<S
     let row = sqlx::query(
         "SELECT \
            (SELECT COUNT(*) FROM shards s JOIN jobs j ON j.id = s.job_id \
-              WHERE s.state = 'pending' AND j.state = 'running') AS pending, \
+              WHERE s.state = 'pending' AND j.state = 'running' AND s.kind = 'rows') AS pending, \
            (SELECT COALESCE(SUM(s.rows - s.checkpoint_rows), 0) FROM shards s \
-              JOIN jobs j ON j.id = s.job_id WHERE s.state = 'pending' AND j.state = 'running') AS pending_rows, \
+              JOIN jobs j ON j.id = s.job_id \
+              WHERE s.state = 'pending' AND j.state = 'running' AND s.kind = 'rows') AS pending_rows, \
            (SELECT COUNT(*) FROM shards WHERE state = 'leased') AS leased, \
            (SELECT COUNT(*) FROM jobs WHERE state = 'running') AS running, \
            (SELECT COUNT(*) FROM workers WHERE last_seen_ms > \

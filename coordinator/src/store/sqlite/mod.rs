@@ -2,14 +2,13 @@
 //! lease statements are the PostgreSQL ones without SKIP LOCKED, run through one connection.
 
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use nightshift_proto::wire::{
     HeartbeatResponse, InputFile, LeaseRef, PartRecord, ShardCounts, ShardLease,
 };
-use nightshift_proto::{FailureClass, JobSpec, JobState};
+use nightshift_proto::{FailureClass, JobState};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -30,13 +29,14 @@ const NOW: &str = "SELECT CAST((julianday('now') - 2440587.5) * 86400000.0 AS IN
 macro_rules! job_cols {
     () => {
         "id, uid, name, idempotency_key, spec_json, spec_hash, state, priority, rows_total, \
-         output_uri, error, created_at_ms, started_at_ms, finished_at_ms"
+         output_uri, error, created_at_ms, started_at_ms, finished_at_ms, batch_rows"
     };
 }
 
 mod jobs;
 mod lease;
 mod loops;
+mod merges;
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file.
@@ -111,30 +111,11 @@ impl SqliteStore {
     }
 }
 
-fn parse_state<T: FromStr<Err = String>>(s: &str) -> Result<T> {
-    s.parse().map_err(StoreError::Corrupt)
-}
+use super::records::{DialectRow, parse_state};
+use crate::merges::{MergeCandidate, MergeGroup};
 
 fn job_from_row(row: &SqliteRow) -> Result<JobRecord> {
-    let spec_json: String = row.try_get("spec_json")?;
-    let spec: JobSpec = serde_json::from_str(&spec_json)
-        .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
-    Ok(JobRecord {
-        id: row.try_get("id")?,
-        uid: row.try_get("uid")?,
-        name: row.try_get("name")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        spec,
-        spec_hash: row.try_get("spec_hash")?,
-        state: parse_state(&row.try_get::<String, _>("state")?)?,
-        priority: row.try_get::<i64, _>("priority")? as i32,
-        rows_total: row.try_get::<i64, _>("rows_total")? as u64,
-        output_uri: row.try_get("output_uri")?,
-        error: row.try_get("error")?,
-        created_at_ms: row.try_get("created_at_ms")?,
-        started_at_ms: row.try_get("started_at_ms")?,
-        finished_at_ms: row.try_get("finished_at_ms")?,
-    })
+    row.job()
 }
 
 #[async_trait]
@@ -223,6 +204,16 @@ impl Store for SqliteStore {
         lease::heartbeat(self, worker, leases, timing).await
     }
 
+    async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<()> {
+        sqlx::query("UPDATE jobs SET batch_rows = ? WHERE uid = ? AND batch_rows IS NOT ?")
+            .bind(i64::try_from(rows).unwrap_or(i64::MAX))
+            .bind(job_uid)
+            .bind(i64::try_from(rows).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()> {
         lease::checkpoint(self, lease, part).await
     }
@@ -274,6 +265,29 @@ impl Store for SqliteStore {
 
     async fn parts(&self, job_id: i64) -> Result<Vec<PartRow>> {
         loops::parts(self, job_id).await
+    }
+
+    async fn merged_parts(&self, job_id: i64) -> Result<Vec<PartRow>> {
+        merges::merged(self, job_id).await
+    }
+
+    async fn running_jobs(&self) -> Result<Vec<JobRecord>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            job_cols!(),
+            " FROM jobs WHERE state = 'running' ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn merge_candidates(&self, job_id: i64) -> Result<Vec<MergeCandidate>> {
+        merges::candidates(self, job_id).await
+    }
+
+    async fn create_merges(&self, job_id: i64, groups: &[MergeGroup]) -> Result<u64> {
+        merges::insert(self, job_id, groups).await
     }
 
     async fn finish_job(&self, job_id: i64, owner: &str, outcome: JobOutcome) -> Result<()> {

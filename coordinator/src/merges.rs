@@ -1,0 +1,135 @@
+//! Output files are made by workers while a job runs, never by the coordinator: consecutive
+//! row shards whose parts are committed are gathered into merge work (shards of kind `merge`),
+//! leased like any shard, whose worker rewrites the parts into one file of about
+//! `output.target_file_mb`. The commit then only copies whole files.
+//!
+//! The rule, here once for every store: walk the job's row shards in order from the first one
+//! no merge covers; take consecutive finished ones while their parts stay under the target,
+//! and close a group when it reaches the target; stop at the first unfinished shard. When
+//! every row shard is finished, what is left is one last group, however small. So groups are
+//! made in row order, each the same whichever replica makes it, and at most the last file of
+//! a job is under the target.
+
+/// A row shard as the merge planner sees it, in shard order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeCandidate {
+    pub shard_id: i64,
+    /// All its rows are committed.
+    pub done: bool,
+    /// A merge already takes its parts.
+    pub covered: bool,
+    /// Bytes of its committed parts (output and errors).
+    pub bytes: u64,
+}
+
+/// Row shards `[first, last]` (ids) to merge into one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeGroup {
+    pub first: i64,
+    pub last: i64,
+}
+
+/// The groups to create now for one job's row shards (see the module's rule).
+pub fn plan_groups(shards: &[MergeCandidate], target_bytes: u64) -> Vec<MergeGroup> {
+    let open: Vec<&MergeCandidate> = shards.iter().skip_while(|s| s.covered).collect();
+    let all_done = open.iter().all(|s| s.done || s.covered);
+    let mut groups = Vec::new();
+    let mut run: Option<(i64, i64, u64)> = None;
+    for s in open {
+        if s.covered || !s.done {
+            break;
+        }
+        let (first, _, bytes) = run.unwrap_or((s.shard_id, s.shard_id, 0));
+        let bytes = bytes.saturating_add(s.bytes);
+        if bytes >= target_bytes {
+            groups.push(MergeGroup {
+                first,
+                last: s.shard_id,
+            });
+            run = None;
+        } else {
+            run = Some((first, s.shard_id, bytes));
+        }
+    }
+    if let Some((first, last, _)) = run
+        && all_done
+    {
+        groups.push(MergeGroup { first, last });
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(id: i64, done: bool, bytes: u64) -> MergeCandidate {
+        MergeCandidate {
+            shard_id: id,
+            done,
+            covered: false,
+            bytes,
+        }
+    }
+
+    fn ranges(groups: &[MergeGroup]) -> Vec<(i64, i64)> {
+        groups.iter().map(|g| (g.first, g.last)).collect()
+    }
+
+    #[test]
+    fn groups_close_at_the_target_and_stop_at_an_unfinished_shard() {
+        let shards = [
+            shard(1, true, 40),
+            shard(2, true, 70),
+            shard(3, true, 100),
+            shard(4, true, 30),
+            shard(5, false, 50),
+            shard(6, true, 500),
+        ];
+        assert_eq!(ranges(&plan_groups(&shards, 100)), [(1, 2), (3, 3)]);
+    }
+
+    #[test]
+    fn when_every_shard_is_done_the_rest_is_one_last_group() {
+        let mut shards = [shard(1, true, 150), shard(2, true, 30), shard(3, true, 20)];
+        assert_eq!(ranges(&plan_groups(&shards, 100)), [(1, 1), (2, 3)]);
+        // Once covered, nothing is planned twice; the tail waits for its last shard.
+        shards[0].covered = true;
+        shards[2].done = false;
+        assert!(plan_groups(&shards, 100).is_empty());
+        shards[2].done = true;
+        assert_eq!(ranges(&plan_groups(&shards, 100)), [(2, 3)]);
+        for s in &mut shards {
+            s.covered = true;
+        }
+        assert!(plan_groups(&shards, 100).is_empty());
+    }
+
+    #[test]
+    fn every_file_but_the_last_reaches_the_target() {
+        let sizes = [13u64, 90, 7, 55, 61, 2, 99, 100, 1, 1, 40];
+        let mut shards: Vec<MergeCandidate> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, b)| shard(i as i64 + 1, true, *b))
+            .collect();
+        let groups = plan_groups(&shards, 100);
+        let bytes = |g: &MergeGroup| -> u64 {
+            shards[(g.first - 1) as usize..g.last as usize]
+                .iter()
+                .map(|s| s.bytes)
+                .sum()
+        };
+        assert!(groups[..groups.len() - 1].iter().all(|g| bytes(g) >= 100));
+        let covered: Vec<i64> = groups.iter().flat_map(|g| g.first..=g.last).collect();
+        assert_eq!(
+            covered,
+            (1..=11).collect::<Vec<_>>(),
+            "each shard once, in order"
+        );
+        for s in &mut shards {
+            s.covered = true;
+        }
+        assert!(plan_groups(&shards, 100).is_empty());
+    }
+}

@@ -1,0 +1,157 @@
+//! Merge work: a lease on a shard of kind `merge` rewrites the committed parts of a run of row
+//! shards (given in the lease, in row order) into one output file and one error file, writes
+//! them under this lease's own part names, and checkpoints them as its one part. The commit
+//! then copies these files whole. A worker that dies mid-merge leaves an upload that is never
+//! recorded; the lease expires and the next worker merges again.
+
+use std::sync::atomic::Ordering;
+
+use futures::StreamExt;
+use nightshift_proto::layout::{part_name, parts_dir};
+use nightshift_proto::wire::{PartRecord, ShardLease};
+use nightshift_storage::{Location, ObjectReader, PartUpload};
+use parquet::arrow::AsyncArrowWriter;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
+use parquet::file::properties::WriterProperties;
+use tokio_util::sync::CancellationToken;
+
+use crate::context::WorkerContext;
+use crate::pipeline::parts::writer_properties;
+use crate::pipeline::{ShardOutcome, ShardSignals};
+use crate::shard_error::ShardError;
+
+/// Rows per batch while copying parts into the merged file.
+const MERGE_BATCH_ROWS: usize = 64 * 1024;
+
+/// Runs merge work to its checkpoint and completion.
+pub async fn run_merge(
+    ctx: &WorkerContext,
+    lease: &ShardLease,
+    sources: &[PartRecord],
+    signals: &ShardSignals,
+) -> Result<ShardOutcome, ShardError> {
+    let lease_ref = lease.lease_ref();
+    if lease.checkpoint_rows >= lease.plan.rows {
+        ctx.client.complete(lease_ref).await?;
+        return Ok(ShardOutcome::Completed { rows: 0 });
+    }
+    let prefix = ctx
+        .stores
+        .locate(&lease.spec.output.uri)?
+        .join(&parts_dir(&lease.job_uid));
+    let props = writer_properties(&lease.job_uid);
+    let name = |errors| part_name(lease.shard_id, lease.token, 0, errors);
+    let outputs: Vec<(String, u64)> = sources.iter().map(|p| (p.uri.clone(), p.bytes)).collect();
+    let Some((out, bytes)) = merge_files(
+        ctx,
+        prefix.join(&name(false)),
+        &outputs,
+        &props,
+        &signals.abort,
+    )
+    .await?
+    else {
+        return Ok(ShardOutcome::Lost);
+    };
+    let errors: Vec<(String, u64)> = sources
+        .iter()
+        .filter_map(|p| p.error_uri.clone().map(|u| (u, p.error_bytes)))
+        .collect();
+    let (error_uri, error_bytes) = if errors.is_empty() {
+        (None, 0)
+    } else {
+        match merge_files(
+            ctx,
+            prefix.join(&name(true)),
+            &errors,
+            &props,
+            &signals.abort,
+        )
+        .await?
+        {
+            Some((loc, bytes)) => (Some(loc.uri()), bytes),
+            None => return Ok(ShardOutcome::Lost),
+        }
+    };
+    let rows: u64 = sources.iter().map(|p| p.rows).sum();
+    let part = PartRecord {
+        uri: out.uri(),
+        row_start: 0,
+        rows,
+        bytes,
+        error_rows: sources.iter().map(|p| p.error_rows).sum(),
+        error_uri,
+        error_bytes,
+    };
+    ctx.client.checkpoint(lease_ref, part, None).await?;
+    ctx.client.complete(lease_ref).await?;
+    tracing::info!(
+        shard = lease.shard_id,
+        parts = sources.len(),
+        rows,
+        bytes,
+        "merged"
+    );
+    Ok(ShardOutcome::Completed { rows })
+}
+
+/// Copies the rows of `sources` (URI and size), in order, into a new file at `dest`; `None`
+/// when `abort` fired first (the upload is abandoned).
+async fn merge_files(
+    ctx: &WorkerContext,
+    dest: Location,
+    sources: &[(String, u64)],
+    props: &WriterProperties,
+    abort: &CancellationToken,
+) -> Result<Option<(Location, u64)>, ShardError> {
+    let write_err = |e: parquet::errors::ParquetError| ShardError::Write {
+        uri: dest.uri(),
+        message: e.to_string(),
+    };
+    let upload = PartUpload::new(dest.clone());
+    let counter = upload.bytes_counter();
+    let mut upload = Some(upload);
+    let mut writer: Option<AsyncArrowWriter<PartUpload>> = None;
+    for (uri, size) in sources {
+        let mut reader = ObjectReader::new(ctx.stores.locate(uri)?, *size, None);
+        let parquet_err = |e| ShardError::from_parquet(uri, e);
+        let footer = reader.footer().await.map_err(parquet_err)?;
+        let meta =
+            ArrowReaderMetadata::try_new(footer, ArrowReaderOptions::new()).map_err(parquet_err)?;
+        let schema = meta.schema().clone();
+        let mut rows = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, meta)
+            .with_batch_size(MERGE_BATCH_ROWS)
+            .build()
+            .map_err(parquet_err)?;
+        let w = match (writer.as_mut(), upload.take()) {
+            (Some(w), _) => w,
+            (None, Some(upload)) => writer.insert(
+                AsyncArrowWriter::try_new(upload, schema, Some(props.clone()))
+                    .map_err(write_err)?,
+            ),
+            (None, None) => return Err(ShardError::Internal("merge writer lost".into())),
+        };
+        while let Some(batch) = rows.next().await {
+            if abort.is_cancelled() {
+                break;
+            }
+            w.write(&batch.map_err(parquet_err)?)
+                .await
+                .map_err(write_err)?;
+        }
+        if abort.is_cancelled() {
+            if let Some(w) = writer.take() {
+                w.into_inner().abort().await;
+            }
+            return Ok(None);
+        }
+    }
+    match writer {
+        Some(w) => {
+            w.close().await.map_err(write_err)?;
+            Ok(Some((dest, counter.load(Ordering::Relaxed))))
+        }
+        None => Err(ShardError::Internal("merge work without parts".into())),
+    }
+}
