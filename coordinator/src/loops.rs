@@ -94,6 +94,7 @@ pub async fn finalizer(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
+            _ = service.shard_done.notified() => {}
         }
     }
 }

@@ -59,6 +59,9 @@ pub struct Service {
     pub metrics: Arc<Metrics>,
     /// Set by `coalescing`: concurrent claims and completions share store calls.
     coalesced: Option<Coalesced>,
+    /// Woken when a shard completes, so the finalizer loop queues merge work and settles
+    /// jobs at once rather than at its next tick.
+    pub shard_done: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Clone)]
@@ -83,6 +86,7 @@ impl Service {
             timing,
             metrics,
             coalesced: None,
+            shard_done: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -357,6 +361,7 @@ impl Service {
                 .unwrap_or(Ok(()))?,
         }
         self.metrics.shard_completed();
+        self.shard_done.notify_one();
         Ok(())
     }
 
@@ -377,6 +382,7 @@ impl Service {
             .map(|answer| {
                 if answer.is_ok() {
                     self.metrics.shard_completed();
+                    self.shard_done.notify_one();
                 }
                 answer.map_err(ApiError::from)
             })

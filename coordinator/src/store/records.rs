@@ -157,6 +157,19 @@ where
         })
     }
 
+    /// A row of `id, done, bytes`, as the merge planner reads row shards.
+    fn merge_candidate(&'r self) -> crate::store::Result<crate::merges::MergeCandidate>
+    where
+        bool: sqlx::Decode<'r, Self::Database> + sqlx::Type<Self::Database>,
+    {
+        Ok(crate::merges::MergeCandidate {
+            shard_id: self.try_get("id")?,
+            done: self.try_get("done")?,
+            covered: false,
+            bytes: self.try_get::<i64, _>("bytes")?.max(0) as u64,
+        })
+    }
+
     /// A row of `PART_COLUMNS`.
     fn part(&'r self) -> crate::store::Result<PartRow> {
         Ok(PartRow {

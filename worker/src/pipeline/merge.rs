@@ -9,10 +9,9 @@ use std::sync::atomic::Ordering;
 use futures::StreamExt;
 use nightshift_proto::layout::{part_name, parts_dir};
 use nightshift_proto::wire::{PartRecord, ShardLease};
-use nightshift_storage::{Location, ObjectReader, PartUpload};
+use nightshift_storage::{Location, PartUpload, read_all};
 use parquet::arrow::AsyncArrowWriter;
-use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
-use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::properties::WriterProperties;
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +22,9 @@ use crate::shard_error::ShardError;
 
 /// Rows per batch while copying parts into the merged file.
 const MERGE_BATCH_ROWS: usize = 64 * 1024;
+/// Bytes of parts held in memory at once while merging, and the most parts fetched at once.
+const MERGE_PREFETCH_BYTES: u64 = 64 * 1024 * 1024;
+const MERGE_PREFETCH_PARTS: usize = 16;
 
 /// Runs merge work to its checkpoint and completion.
 pub async fn run_merge(
@@ -97,7 +99,8 @@ pub async fn run_merge(
 }
 
 /// Copies the rows of `sources` (URI and size), in order, into a new file at `dest`; `None`
-/// when `abort` fired first (the upload is abandoned).
+/// when `abort` fired first (the upload is abandoned). Parts are small and many (one per
+/// checkpoint), so they are fetched whole, several at once within `MERGE_PREFETCH_BYTES`.
 async fn merge_files(
     ctx: &WorkerContext,
     dest: Location,
@@ -113,17 +116,32 @@ async fn merge_files(
     let counter = upload.bytes_counter();
     let mut upload = Some(upload);
     let mut writer: Option<AsyncArrowWriter<PartUpload>> = None;
-    for (uri, size) in sources {
-        let mut reader = ObjectReader::new(ctx.stores.locate(uri)?, *size, None);
-        let parquet_err = |e| ShardError::from_parquet(uri, e);
-        let footer = reader.footer().await.map_err(parquet_err)?;
-        let meta =
-            ArrowReaderMetadata::try_new(footer, ArrowReaderOptions::new()).map_err(parquet_err)?;
-        let schema = meta.schema().clone();
-        let mut rows = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, meta)
-            .with_batch_size(MERGE_BATCH_ROWS)
-            .build()
-            .map_err(parquet_err)?;
+    let largest = sources
+        .iter()
+        .map(|(_, size)| *size)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let in_flight = (MERGE_PREFETCH_BYTES / largest).clamp(1, MERGE_PREFETCH_PARTS as u64) as usize;
+    let mut fetched = futures::stream::iter(sources.iter().cloned())
+        .map(|(uri, _)| async move {
+            let loc = ctx.stores.locate(&uri)?;
+            Ok::<_, ShardError>((uri, read_all(&loc).await?))
+        })
+        .buffered(in_flight);
+    while let Some(next) = fetched.next().await {
+        let (uri, bytes) = next?;
+        if abort.is_cancelled() {
+            if let Some(w) = writer.take() {
+                w.into_inner().abort().await;
+            }
+            return Ok(None);
+        }
+        let parquet_err = |e| ShardError::from_parquet(&uri, e);
+        let rows = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .map_err(parquet_err)?
+            .with_batch_size(MERGE_BATCH_ROWS);
+        let schema = rows.schema().clone();
         let w = match (writer.as_mut(), upload.take()) {
             (Some(w), _) => w,
             (None, Some(upload)) => writer.insert(
@@ -132,19 +150,9 @@ async fn merge_files(
             ),
             (None, None) => return Err(ShardError::Internal("merge writer lost".into())),
         };
-        while let Some(batch) = rows.next().await {
-            if abort.is_cancelled() {
-                break;
-            }
-            w.write(&batch.map_err(parquet_err)?)
-                .await
-                .map_err(write_err)?;
-        }
-        if abort.is_cancelled() {
-            if let Some(w) = writer.take() {
-                w.into_inner().abort().await;
-            }
-            return Ok(None);
+        for batch in rows.build().map_err(parquet_err)? {
+            let batch = batch.map_err(|e| parquet_err(e.into()))?;
+            w.write(&batch).await.map_err(write_err)?;
         }
     }
     match writer {

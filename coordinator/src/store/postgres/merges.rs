@@ -2,7 +2,7 @@
 //! shard, whichever replica plans them), the parts a merge rewrites, and the merged files.
 
 use nightshift_proto::wire::PartRecord;
-use sqlx::{PgExecutor, Row};
+use sqlx::PgExecutor;
 
 use super::PgStore;
 use crate::merges::{MergeCandidate, MergeGroup};
@@ -45,16 +45,7 @@ impl PgStore {
         .bind(job_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(MergeCandidate {
-                    shard_id: r.try_get("id")?,
-                    done: r.try_get("done")?,
-                    covered: false,
-                    bytes: r.try_get::<i64, _>("bytes")?.max(0) as u64,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| r.merge_candidate()).collect()
     }
 
     pub(super) async fn insert_merges(&self, job_id: i64, groups: &[MergeGroup]) -> Result<u64> {

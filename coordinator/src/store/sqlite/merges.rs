@@ -2,7 +2,7 @@
 //! shard), the parts a merge rewrites, and the merged files.
 
 use nightshift_proto::wire::PartRecord;
-use sqlx::{Row, SqliteExecutor};
+use sqlx::SqliteExecutor;
 
 use super::SqliteStore;
 use crate::merges::{MergeCandidate, MergeGroup};
@@ -44,16 +44,7 @@ pub(super) async fn candidates(s: &SqliteStore, job_id: i64) -> Result<Vec<Merge
     .bind(job_id)
     .fetch_all(&s.pool)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(MergeCandidate {
-                shard_id: r.try_get("id")?,
-                done: r.try_get("done")?,
-                covered: false,
-                bytes: r.try_get::<i64, _>("bytes")?.max(0) as u64,
-            })
-        })
-        .collect()
+    rows.iter().map(|r| r.merge_candidate()).collect()
 }
 
 pub(super) async fn insert(s: &SqliteStore, job_id: i64, groups: &[MergeGroup]) -> Result<u64> {
