@@ -115,3 +115,21 @@ impl IntoResponse for ApiError {
         (status, Json(self.body())).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_errors_are_logged_not_told_and_long_messages_are_cut() {
+        let db = ApiError::Store(StoreError::Db(sqlx::Error::Protocol(
+            "invalid byte sequence for encoding \"UTF8\": 0x00".into(),
+        )));
+        assert_eq!(db.status_and_code().0, StatusCode::SERVICE_UNAVAILABLE);
+        let told = db.client_message();
+        assert!(!told.contains("0x00") && !told.contains("UTF8"), "{told}");
+        assert!(told.contains("database is unavailable"), "{told}");
+        let long = ApiError::BadRequest("x".repeat(10 * MAX_MESSAGE_CHARS));
+        assert!(long.client_message().chars().count() < MAX_MESSAGE_CHARS + 40);
+    }
+}

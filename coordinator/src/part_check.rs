@@ -7,6 +7,7 @@
 
 use nightshift_proto::layout::{part_name, parts_dir};
 use nightshift_proto::wire::{LeaseRef, PartRecord};
+use nightshift_storage::location::plain_file_inside;
 use nightshift_storage::{Location, StorageError, Stores};
 use object_store::ObjectStoreExt;
 
@@ -162,21 +163,6 @@ pub async fn verify_object(out: &Location, rel: &str, bytes: u64) -> Result<(), 
     Ok(())
 }
 
-/// `path` is a regular file (not a link) whose real path is `root`'s real path followed by the
-/// rest of `path`: no component between them is a link.
-fn plain_file_inside(root: &str, path: &str) -> bool {
-    let Some(rest) = path.strip_prefix(root.trim_end_matches('/')) else {
-        return false;
-    };
-    let is_file = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file());
-    let real_root = std::fs::canonicalize(root);
-    let real = std::fs::canonicalize(path);
-    match (is_file, real_root, real) {
-        (true, Ok(r), Ok(p)) => p.as_os_str().to_string_lossy() == format!("{}{rest}", r.display()),
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,33 +204,5 @@ mod tests {
             check_counts(&no_error_part, 10),
             Err(PartError::ErrorPartMismatch { .. })
         ));
-    }
-
-    #[test]
-    fn links_out_of_the_parts_directory_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("out");
-        let parts = root.join("_parts/u");
-        std::fs::create_dir_all(&parts).unwrap();
-        std::fs::write(parts.join("a.parquet"), b"x").unwrap();
-        std::fs::write(dir.path().join("secret"), b"x").unwrap();
-        std::os::unix::fs::symlink(dir.path().join("secret"), parts.join("b.parquet")).unwrap();
-        std::os::unix::fs::symlink(dir.path(), root.join("_parts/v")).unwrap();
-        let root_s = root.to_string_lossy().to_string();
-        let at = |rel: &str| root.join(rel).to_string_lossy().to_string();
-        assert!(plain_file_inside(&root_s, &at("_parts/u/a.parquet")));
-        assert!(
-            !plain_file_inside(&root_s, &at("_parts/u/b.parquet")),
-            "a link"
-        );
-        assert!(
-            !plain_file_inside(&root_s, &at("_parts/v/secret")),
-            "a linked dir"
-        );
-        assert!(
-            !plain_file_inside(&root_s, &at("_parts/u/none.parquet")),
-            "missing"
-        );
-        assert!(!plain_file_inside(&root_s, "/etc/passwd"), "elsewhere");
     }
 }

@@ -270,6 +270,21 @@ pub fn resolve_links(uri: &str) -> String {
     abs
 }
 
+/// `path` is a regular file (not a link) whose real path is `root`'s real path followed by the
+/// rest of `path`: no component between them is a link.
+pub fn plain_file_inside(root: &str, path: &str) -> bool {
+    let Some(rest) = path.strip_prefix(root.trim_end_matches('/')) else {
+        return false;
+    };
+    let is_file = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file());
+    let real_root = std::fs::canonicalize(root);
+    let real = std::fs::canonicalize(path);
+    match (is_file, real_root, real) {
+        (true, Ok(r), Ok(p)) => p.as_os_str().to_string_lossy() == format!("{}{rest}", r.display()),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,6 +308,34 @@ mod tests {
         );
         assert_eq!(resolve_links(&l), r.to_string());
         assert_eq!(resolve_links("s3://b/k/"), "s3://b/k/");
+    }
+
+    #[test]
+    fn links_out_of_the_parts_directory_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("out");
+        let parts = root.join("_parts/u");
+        std::fs::create_dir_all(&parts).unwrap();
+        std::fs::write(parts.join("a.parquet"), b"x").unwrap();
+        std::fs::write(dir.path().join("secret"), b"x").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), parts.join("b.parquet")).unwrap();
+        std::os::unix::fs::symlink(dir.path(), root.join("_parts/v")).unwrap();
+        let root_s = root.to_string_lossy().to_string();
+        let at = |rel: &str| root.join(rel).to_string_lossy().to_string();
+        assert!(plain_file_inside(&root_s, &at("_parts/u/a.parquet")));
+        assert!(
+            !plain_file_inside(&root_s, &at("_parts/u/b.parquet")),
+            "a link"
+        );
+        assert!(
+            !plain_file_inside(&root_s, &at("_parts/v/secret")),
+            "a linked dir"
+        );
+        assert!(
+            !plain_file_inside(&root_s, &at("_parts/u/none.parquet")),
+            "missing"
+        );
+        assert!(!plain_file_inside(&root_s, "/etc/passwd"), "elsewhere");
     }
 
     #[test]

@@ -313,6 +313,66 @@ fn a_hostile_worker_cannot_publish_foreign_files_or_touch_other_leases() {
     );
 }
 
+/// The hostile worker leases every one of `n` shards of the job `victim`, checkpoints a
+/// stand-in part of the right size at the right key for each, calls `after` on the lease, and
+/// completes it.
+async fn commit_every_shard(h: &Hostile, n: u32, after: impl Fn(&ShardLease)) {
+    let leases = h.lease("evil", n).await;
+    assert_eq!(leases.len(), n as usize);
+    for l in &leases {
+        assert_eq!(l.spec.name, "victim");
+        let part = write_part(l, 0, l.plan.rows);
+        let (s, body) = h
+            .checkpoint("evil", l, serde_json::to_value(&part).unwrap())
+            .await;
+        assert_eq!(s, 200, "{body}");
+        after(l);
+        let done = json!({"worker_id": "evil", "lease": l.lease_ref()});
+        assert_eq!(h.post("/v1/worker/complete", &done).await.0, 200);
+    }
+}
+
+#[test]
+fn a_link_planted_after_a_checkpoint_is_never_merged() {
+    let f = Fixture::new();
+    let (rt, _pg, url) = server_with_database();
+    let a = victim(&f);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let outside = elsewhere.path().join("other.parquet");
+    let first_input = std::fs::read_dir(f.path("in"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::copy(&first_input, &outside).unwrap();
+    let coord = coordinator(&f, &url);
+    let h = Hostile {
+        http: reqwest::Client::new(),
+        base: coord.url(),
+    };
+    assert!(submit(&f, &coord.url(), &a.spec, &[]).status.success());
+    // Each part, once accepted, is swapped for a link to a valid Parquet file from elsewhere.
+    rt.block_on(commit_every_shard(&h, 8, |l| {
+        let path = part_path(l, 0, false);
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&outside, &path).unwrap();
+    }));
+    let _w = WorkerProc::start(
+        Path::new(BIN),
+        f.dir.path(),
+        "honest",
+        &coord.url(),
+        &[],
+        &[],
+    );
+    let end = wait_for_end(&f, &coord.url(), "victim");
+    assert_eq!(end["state"], "failed", "{end}");
+    let error = end["error"].as_str().unwrap_or_default();
+    assert!(error.contains("not a plain file"), "{end}");
+    assert!(!a.out.join("_manifest.json").exists());
+}
+
 #[test]
 fn a_part_that_cannot_be_read_fails_its_own_job_and_no_other() {
     let f = Fixture::new();
@@ -337,20 +397,7 @@ fn a_part_that_cannot_be_read_fails_its_own_job_and_no_other() {
     assert!(submit(&f, &coord.url(), &b_spec, &[]).status.success());
     // The hostile worker takes every shard of the first job and commits garbage of the right
     // size at the right keys.
-    rt.block_on(async {
-        let leases = h.lease("evil", 8).await;
-        assert_eq!(leases.len(), 8);
-        for l in &leases {
-            assert_eq!(l.spec.name, "victim");
-            let part = write_part(l, 0, l.plan.rows);
-            let (s, body) = h
-                .checkpoint("evil", l, serde_json::to_value(&part).unwrap())
-                .await;
-            assert_eq!(s, 200, "{body}");
-            let done = json!({"worker_id": "evil", "lease": l.lease_ref()});
-            assert_eq!(h.post("/v1/worker/complete", &done).await.0, 200);
-        }
-    });
+    rt.block_on(commit_every_shard(&h, 8, |_| {}));
     // An honest worker takes the merge work over the garbage, and the other job.
     let _w = WorkerProc::start(
         Path::new(BIN),

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use futures::StreamExt;
 use nightshift_proto::layout::{part_name, parts_dir};
 use nightshift_proto::wire::{PartRecord, ShardLease};
+use nightshift_storage::location::plain_file_inside;
 use nightshift_storage::{Location, PartUpload, read_all};
 use parquet::arrow::AsyncArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -38,15 +39,14 @@ pub async fn run_merge(
         ctx.client.complete(lease_ref).await?;
         return Ok(ShardOutcome::Completed { rows: 0 });
     }
-    let prefix = ctx
-        .stores
-        .locate(&lease.spec.output.uri)?
-        .join(&parts_dir(&lease.job_uid));
+    let out = ctx.stores.locate(&lease.spec.output.uri)?;
+    let prefix = out.join(&parts_dir(&lease.job_uid));
     let props = writer_properties(&lease.job_uid);
     let name = |errors| part_name(lease.shard_id, lease.token, 0, errors);
     let outputs: Vec<(String, u64)> = sources.iter().map(|p| (p.uri.clone(), p.bytes)).collect();
-    let Some((out, bytes)) = merge_files(
+    let Some((merged, bytes)) = merge_files(
         ctx,
+        &out,
         prefix.join(&name(false)),
         &outputs,
         &props,
@@ -65,6 +65,7 @@ pub async fn run_merge(
     } else {
         match merge_files(
             ctx,
+            &out,
             prefix.join(&name(true)),
             &errors,
             &props,
@@ -78,7 +79,7 @@ pub async fn run_merge(
     };
     let rows: u64 = sources.iter().map(|p| p.rows).sum();
     let part = PartRecord {
-        uri: out.uri(),
+        uri: merged.uri(),
         row_start: 0,
         rows,
         bytes,
@@ -98,11 +99,35 @@ pub async fn run_merge(
     Ok(ShardOutcome::Completed { rows })
 }
 
+/// A local part must be a plain file under the job's output, reached through no link from it
+/// (`root`): a link planted after its checkpoint would merge a file from elsewhere.
+async fn check_local_part(loc: &Location, root: String) -> Result<(), ShardError> {
+    if !loc.is_local() {
+        return Ok(());
+    }
+    let path = loc.uri();
+    let inside = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || plain_file_inside(&root, &path))
+            .await
+            .unwrap_or(false)
+    };
+    if inside {
+        return Ok(());
+    }
+    Err(ShardError::Read {
+        uri: path,
+        message: "not a plain file inside the job's parts directory".into(),
+        class: nightshift_proto::FailureClass::Permanent,
+    })
+}
+
 /// Copies the rows of `sources` (URI and size), in order, into a new file at `dest`; `None`
 /// when `abort` fired first (the upload is abandoned). Parts are small and many (one per
 /// checkpoint), so they are fetched whole, several at once within `MERGE_PREFETCH_BYTES`.
 async fn merge_files(
     ctx: &WorkerContext,
+    output: &Location,
     dest: Location,
     sources: &[(String, u64)],
     props: &WriterProperties,
@@ -123,10 +148,15 @@ async fn merge_files(
         .unwrap_or(1)
         .max(1);
     let in_flight = (MERGE_PREFETCH_BYTES / largest).clamp(1, MERGE_PREFETCH_PARTS as u64) as usize;
+    let root = output.uri();
     let mut fetched = futures::stream::iter(sources.iter().cloned())
-        .map(|(uri, _)| async move {
-            let loc = ctx.stores.locate(&uri)?;
-            Ok::<_, ShardError>((uri, read_all(&loc).await?))
+        .map(|(uri, _)| {
+            let root = root.clone();
+            async move {
+                let loc = ctx.stores.locate(&uri)?;
+                check_local_part(&loc, root).await?;
+                Ok::<_, ShardError>((uri, read_all(&loc).await?))
+            }
         })
         .buffered(in_flight);
     while let Some(next) = fetched.next().await {
