@@ -28,6 +28,13 @@ struct Hostile {
 }
 
 impl Hostile {
+    fn new(coordinator: &CoordinatorProc) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: coordinator.url(),
+        }
+    }
+
     async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let resp = self
             .http
@@ -68,6 +75,20 @@ impl Hostile {
         .await
         .0
     }
+}
+
+/// A valid Parquet file outside the allow-list (a copy of an input file), in a directory that
+/// lives as long as the first value.
+fn outside_copy(f: &Fixture) -> (tempfile::TempDir, std::path::PathBuf) {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let outside = elsewhere.path().join("elsewhere.parquet");
+    let mut inputs: Vec<_> = std::fs::read_dir(f.path("in"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    inputs.sort();
+    std::fs::copy(&inputs[0], &outside).unwrap();
+    (elsewhere, outside)
 }
 
 /// A coordinator that knows the hostile token only from a file.
@@ -235,20 +256,9 @@ fn a_hostile_worker_cannot_publish_foreign_files_or_touch_other_leases() {
     let f = Fixture::new();
     let (rt, _pg, url) = server_with_database();
     let job = victim(&f);
-    let elsewhere = tempfile::tempdir().unwrap();
-    let outside = elsewhere.path().join("secret.parquet");
-    let first_input = std::fs::read_dir(f.path("in"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    std::fs::copy(&first_input, &outside).unwrap();
+    let (_elsewhere, outside) = outside_copy(&f);
     let coord = coordinator(&f, &url);
-    let h = Hostile {
-        http: reqwest::Client::new(),
-        base: coord.url(),
-    };
+    let h = Hostile::new(&coord);
     rt.block_on(nul_flood(&h));
     let o = submit(
         &f,
@@ -337,20 +347,9 @@ fn a_link_planted_after_a_checkpoint_is_never_merged() {
     let f = Fixture::new();
     let (rt, _pg, url) = server_with_database();
     let a = victim(&f);
-    let elsewhere = tempfile::tempdir().unwrap();
-    let outside = elsewhere.path().join("other.parquet");
-    let first_input = std::fs::read_dir(f.path("in"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    std::fs::copy(&first_input, &outside).unwrap();
+    let (_elsewhere, outside) = outside_copy(&f);
     let coord = coordinator(&f, &url);
-    let h = Hostile {
-        http: reqwest::Client::new(),
-        base: coord.url(),
-    };
+    let h = Hostile::new(&coord);
     assert!(submit(&f, &coord.url(), &a.spec, &[]).status.success());
     // Each part, once accepted, is swapped for a link to a valid Parquet file from elsewhere.
     rt.block_on(commit_every_shard(&h, 8, |l| {
@@ -389,10 +388,7 @@ fn a_part_that_cannot_be_read_fails_its_own_job_and_no_other() {
         ),
     );
     let coord = coordinator(&f, &url);
-    let h = Hostile {
-        http: reqwest::Client::new(),
-        base: coord.url(),
-    };
+    let h = Hostile::new(&coord);
     assert!(submit(&f, &coord.url(), &a.spec, &[]).status.success());
     assert!(submit(&f, &coord.url(), &b_spec, &[]).status.success());
     // The hostile worker takes every shard of the first job and commits garbage of the right

@@ -6,7 +6,7 @@ use nightshift_proto::wire::ShardCounts;
 use sqlx::Row;
 
 use super::{PgStore, job_from_row, job_in, parse_state};
-use crate::store::records::DialectRow;
+use crate::store::records::{DialectRow, PART_COLUMNS};
 use crate::store::{
     JobRecord, NewJob, PartRow, Result, ShardRow, StoreError, Submitted, output_key,
 };
@@ -280,28 +280,15 @@ impl PgStore {
     }
 
     pub(super) async fn part_rows(&self, job_id: i64) -> Result<Vec<PartRow>> {
-        let rows = sqlx::query(
-            "SELECT shard_id, token, row_start, rows, bytes, uri, error_rows, error_uri, \
-             error_bytes FROM parts WHERE job_id = $1 ORDER BY shard_id, row_start",
-        )
-        .bind(job_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(PartRow {
-                    shard_id: r.try_get("shard_id")?,
-                    token: r.try_get("token")?,
-                    row_start: r.try_get::<i64, _>("row_start")? as u64,
-                    rows: r.try_get::<i64, _>("rows")? as u64,
-                    bytes: r.try_get::<i64, _>("bytes")? as u64,
-                    uri: r.try_get("uri")?,
-                    error_rows: r.try_get::<i64, _>("error_rows")? as u64,
-                    error_uri: r.try_get("error_uri")?,
-                    error_bytes: r.try_get::<i64, _>("error_bytes")? as u64,
-                })
-            })
-            .collect()
+        let sql = format!(
+            "SELECT {PART_COLUMNS} FROM parts p WHERE p.job_id = $1 \
+             ORDER BY p.shard_id, p.row_start"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(job_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| r.part()).collect()
     }
 
     /// One guarded statement; a job already cancelled answers as it is.

@@ -3,6 +3,7 @@
 use sqlx::Row;
 
 use super::{SqliteStore, job_from_row};
+use crate::store::records::{DialectRow, PART_COLUMNS};
 use crate::store::{JobOutcome, JobRecord, LeaseTiming, PartRow, Result, StoreError, StoreMetrics};
 
 pub(super) async fn reap_expired(s: &SqliteStore, timing: LeaseTiming) -> Result<u64> {
@@ -135,28 +136,14 @@ pub(super) async fn claim_finalize(
 }
 
 pub(super) async fn parts(s: &SqliteStore, job_id: i64) -> Result<Vec<PartRow>> {
-    let rows = sqlx::query(
-        "SELECT shard_id, token, row_start, rows, bytes, uri, error_rows, error_uri, error_bytes \
-         FROM parts WHERE job_id = ? ORDER BY shard_id, row_start",
-    )
-    .bind(job_id)
-    .fetch_all(&s.pool)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(PartRow {
-                shard_id: r.try_get("shard_id")?,
-                token: r.try_get("token")?,
-                row_start: r.try_get::<i64, _>("row_start")? as u64,
-                rows: r.try_get::<i64, _>("rows")? as u64,
-                bytes: r.try_get::<i64, _>("bytes")? as u64,
-                uri: r.try_get("uri")?,
-                error_rows: r.try_get::<i64, _>("error_rows")? as u64,
-                error_uri: r.try_get("error_uri")?,
-                error_bytes: r.try_get::<i64, _>("error_bytes")? as u64,
-            })
-        })
-        .collect()
+    let sql = format!(
+        "SELECT {PART_COLUMNS} FROM parts p WHERE p.job_id = ? ORDER BY p.shard_id, p.row_start"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(job_id)
+        .fetch_all(&s.pool)
+        .await?;
+    rows.iter().map(|r| r.part()).collect()
 }
 
 pub(super) async fn finish_job(
