@@ -305,7 +305,7 @@ async fn heartbeat(
     let req: HeartbeatRequest = parse(&body)?;
     let answer = state
         .service
-        .heartbeat(&req.worker_id, &req.leases, &req.gpus)
+        .heartbeat(&req.worker_id, &req.leases, &req.gpus, &req.models)
         .await?;
     Ok(Json(answer).into_response())
 }

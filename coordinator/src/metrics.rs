@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nightshift_proto::wire::GpuSample;
+use nightshift_proto::wire::{GpuSample, LoadedModel, ModelHolder};
 
 use crate::store::StoreMetrics;
 
@@ -23,9 +23,17 @@ pub const API_SECONDS: &str = "nightshift_api_request_seconds";
 pub const GPU_BUSY: &str = "nightshift_worker_gpu_busy_ratio";
 pub const GPU_MEMORY_USED: &str = "nightshift_worker_gpu_memory_used_bytes";
 pub const GPU_MEMORY_TOTAL: &str = "nightshift_worker_gpu_memory_total_bytes";
+pub const MODEL_LOADED: &str = "nightshift_worker_model_loaded";
 
-/// GPU samples older than this are not exported: their worker went quiet.
-const GPU_SAMPLE_MAX_AGE: Duration = Duration::from_secs(60);
+/// What a worker reported last is forgotten after this: the worker went quiet.
+const WORKER_REPORT_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// What a worker reported with its last heartbeat: its GPUs and the models it holds loaded.
+#[derive(Debug, Default)]
+struct WorkerState {
+    gpus: Vec<GpuSample>,
+    models: Vec<LoadedModel>,
+}
 
 const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -86,8 +94,8 @@ pub struct Metrics {
     shards_completed: AtomicU64,
     /// (when, rows committed) samples for the rows/s gauge.
     samples: Mutex<Vec<(Instant, u64)>>,
-    /// The latest GPU samples of each worker that sent some to this replica.
-    gpus: Mutex<BTreeMap<String, (Instant, Vec<GpuSample>)>>,
+    /// The latest report of each worker that sent one to this replica.
+    workers: Mutex<BTreeMap<String, (Instant, WorkerState)>>,
 }
 
 impl Default for Metrics {
@@ -98,7 +106,7 @@ impl Default for Metrics {
             rows_committed: AtomicU64::new(0),
             shards_completed: AtomicU64::new(0),
             samples: Mutex::new(Vec::new()),
-            gpus: Mutex::new(BTreeMap::new()),
+            workers: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -121,24 +129,48 @@ impl Metrics {
         s.retain(|(t, _)| now.duration_since(*t) <= Duration::from_secs(60));
     }
 
-    /// A worker's latest GPU samples (kept until it sends others or goes quiet).
-    pub fn record_gpus(&self, worker: &str, samples: &[GpuSample]) {
-        let mut gpus = self.gpus.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        gpus.retain(|_, (at, _)| now.duration_since(*at) <= GPU_SAMPLE_MAX_AGE);
-        if !samples.is_empty() {
-            gpus.insert(worker.to_string(), (now, samples.to_vec()));
-        }
+    /// A worker's latest GPU samples and loaded models (kept until it sends others or goes
+    /// quiet).
+    pub fn record_worker(&self, worker: &str, gpus: &[GpuSample], models: &[LoadedModel]) {
+        let mut workers = self.fresh_workers();
+        let state = WorkerState {
+            gpus: gpus.to_vec(),
+            models: models.to_vec(),
+        };
+        workers.insert(worker.to_string(), (Instant::now(), state));
     }
 
-    /// GPU gauges per worker and device, from samples younger than `GPU_SAMPLE_MAX_AGE`.
-    fn render_gpus(&self, out: &mut String) {
-        let gpus = self.gpus.lock().unwrap_or_else(|p| p.into_inner());
+    /// Workers that reported lately, with what they reported.
+    fn fresh_workers(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (Instant, WorkerState)>> {
+        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let fresh: Vec<(&String, &GpuSample)> = gpus
+        workers.retain(|_, (at, _)| now.duration_since(*at) <= WORKER_REPORT_MAX_AGE);
+        workers
+    }
+
+    /// The workers that hold a session of the model `uri` loaded, and where.
+    pub fn model_holders(&self, uri: &str) -> Vec<ModelHolder> {
+        self.fresh_workers()
             .iter()
-            .filter(|(_, (at, _))| now.duration_since(*at) <= GPU_SAMPLE_MAX_AGE)
-            .flat_map(|(w, (_, samples))| samples.iter().map(move |g| (w, g)))
+            .flat_map(|(worker, (_, state))| {
+                state
+                    .models
+                    .iter()
+                    .filter(|m| m.uri == uri)
+                    .map(|m| ModelHolder {
+                        worker: worker.clone(),
+                        device: m.device.clone(),
+                    })
+            })
+            .collect()
+    }
+
+    /// GPU gauges per worker and device, and the models each worker holds.
+    fn render_workers(&self, out: &mut String) {
+        let workers = self.fresh_workers();
+        let fresh: Vec<(&String, &GpuSample)> = workers
+            .iter()
+            .flat_map(|(w, (_, state))| state.gpus.iter().map(move |g| (w, g)))
             .collect();
         let series: [GpuSeries; 3] = [
             (
@@ -162,6 +194,22 @@ impl Metrics {
                     "{name}{{worker=\"{worker}\",gpu=\"{}\"}} {}",
                     g.index,
                     value(g)
+                );
+            }
+        }
+        let name = MODEL_LOADED;
+        let _ = writeln!(
+            out,
+            "# HELP {name} A model session the worker holds loaded.\n# TYPE {name} gauge"
+        );
+        for (worker, (_, state)) in workers.iter() {
+            for m in &state.models {
+                let _ = writeln!(
+                    out,
+                    "{name}{{worker=\"{}\",model=\"{}\",device=\"{}\"}} 1",
+                    label_value(worker),
+                    label_value(&m.uri),
+                    label_value(&m.device)
                 );
             }
         }
@@ -243,7 +291,7 @@ impl Metrics {
         for (route, h) in self.api.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             h.render(&mut out, API_SECONDS, &format!("route=\"{route}\""));
         }
-        self.render_gpus(&mut out);
+        self.render_workers(&mut out);
         out
     }
 }
@@ -288,7 +336,7 @@ mod tests {
             memory_used_bytes: 10,
             memory_total_bytes: 80,
         };
-        m.record_gpus("w\"1", &[g(0, 97), g(1, 50)]);
+        m.record_worker("w\"1", &[g(0, 97), g(1, 50)], &[]);
         let text = m.render(&StoreMetrics::default());
         assert!(
             text.contains("nightshift_worker_gpu_busy_ratio{worker=\"w\\\"1\",gpu=\"0\"} 0.97"),
@@ -301,7 +349,7 @@ mod tests {
             )
         );
         // The next samples replace the last ones.
-        m.record_gpus("w\"1", &[g(0, 10)]);
+        m.record_worker("w\"1", &[g(0, 10)], &[]);
         let text = m.render(&StoreMetrics::default());
         assert!(!text.contains("gpu=\"1\""), "{text}");
     }

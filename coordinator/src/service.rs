@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use nightshift_proto::spec_check::MAX_BATCH_SIZE;
 use nightshift_proto::wire::{
-    GpuSample, HeartbeatResponse, JobView, LeaseRef, LeaseResponse, LeaseStatus, PartRecord,
-    ShardLease, SubmitResponse,
+    GpuSample, HeartbeatResponse, JobView, LeaseRef, LeaseResponse, LeaseStatus, LoadedModel,
+    PartRecord, ShardLease, SubmitResponse,
 };
 use nightshift_proto::{FailureClass, JobSpec, LeaseState, check_free_text, check_text};
 use nightshift_storage::Stores;
@@ -32,6 +32,9 @@ pub const MAX_LEASE_BATCH: u32 = 256;
 const MAX_HEARTBEAT_LEASES: usize = 4096;
 /// The most GPUs one worker may report.
 const MAX_GPUS_PER_WORKER: usize = 64;
+/// Loaded models one heartbeat may name (slots x model cache, with room to spare).
+const MAX_MODELS_PER_WORKER: usize = 256;
+const MAX_MODEL_URI_CHARS: usize = 2048;
 /// Longest worker id accepted.
 const MAX_WORKER_ID_CHARS: usize = 200;
 /// Longest idempotency key accepted.
@@ -206,7 +209,11 @@ impl Service {
     pub async fn view(&self, job: &JobRecord) -> Result<JobView, ApiError> {
         let (counts, done, errors) = self.store.shard_counts(job.id).await?;
         let now = self.store.now_ms().await?;
-        Ok(job.view(counts, done, errors, now))
+        let mut view = job.view(counts, done, errors, now);
+        if !job.state.is_terminal() {
+            view.model_held_by = self.metrics.model_holders(&job.spec.model.uri);
+        }
+        Ok(view)
     }
 
     /// A job by numeric id or, failing that, the newest job of that name.
@@ -289,11 +296,13 @@ impl Service {
         worker: &str,
         leases: &[LeaseRef],
         gpus: &[GpuSample],
+        models: &[LoadedModel],
     ) -> Result<HeartbeatResponse, ApiError> {
         check_worker_id(worker)?;
         check_lease_count(leases.len(), MAX_HEARTBEAT_LEASES)?;
         check_gpu_samples(gpus)?;
-        self.metrics.record_gpus(worker, gpus);
+        check_loaded_models(models)?;
+        self.metrics.record_worker(worker, gpus, models);
         let held = held_by(&self.store, worker, leases).await?;
         let lost = |l: &LeaseRef| LeaseStatus {
             shard_id: l.shard_id,
@@ -505,6 +514,33 @@ fn check_gpu_samples(gpus: &[GpuSample]) -> Result<(), ApiError> {
         }
         if gpus[..i].iter().any(|o| o.index == g.index) {
             return bad(format!("GPU {} is named twice", g.index));
+        }
+    }
+    Ok(())
+}
+
+/// Loaded models a worker reports: a bounded number of plain URIs, each on `cpu` or `cuda:N`.
+fn check_loaded_models(models: &[LoadedModel]) -> Result<(), ApiError> {
+    let bad = |why: String| Err(ApiError::BadRequest(format!("models: {why}")));
+    if models.len() > MAX_MODELS_PER_WORKER {
+        return bad(format!(
+            "at most {MAX_MODELS_PER_WORKER} per worker, not {}",
+            models.len()
+        ));
+    }
+    for m in models {
+        if m.uri.is_empty() || m.uri.len() > MAX_MODEL_URI_CHARS {
+            return bad(format!(
+                "a model URI must be 1 to {MAX_MODEL_URI_CHARS} characters"
+            ));
+        }
+        check_text("models.uri", &m.uri)?;
+        use nightshift_proto::Device;
+        if !matches!(m.device.parse(), Ok(Device::Cpu | Device::Cuda(_))) {
+            return bad(format!(
+                "device `{}` is neither `cpu` nor `cuda:N`",
+                nightshift_proto::excerpt(&m.device)
+            ));
         }
     }
     Ok(())

@@ -81,6 +81,17 @@ pub struct JobView {
     /// Rows per model call a worker last reported (what `batch.size = "auto"` chose).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_rows: Option<u64>,
+    /// Workers that hold the job's model loaded, as they last reported to this coordinator.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub model_held_by: Vec<ModelHolder>,
+}
+
+/// A worker holding a model session, and where it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelHolder {
+    pub worker: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
 }
 
 /// `POST /v1/jobs` answer: the job and whether this call created it.
@@ -209,6 +220,18 @@ pub struct HeartbeatRequest {
     /// How busy the worker's GPUs are (none on a worker without GPUs or without NVML).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<GpuSample>,
+    /// The model sessions the worker holds loaded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<LoadedModel>,
+}
+
+/// A model session a worker holds loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LoadedModel {
+    /// The model's URI, as the job's spec names it.
+    pub uri: String,
+    /// Where the session runs: `cpu` or `cuda:N`.
+    pub device: String,
 }
 
 /// One GPU of a worker at one moment, as NVML reports it.

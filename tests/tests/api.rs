@@ -226,7 +226,7 @@ async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartb
             .await
     ));
     let hb = old
-        .heartbeat("slow", vec![stale], Vec::new())
+        .heartbeat("slow", vec![stale], Vec::new(), Vec::new())
         .await
         .unwrap();
     assert_eq!(hb.leases[0].state, nightshift_proto::LeaseState::Lost);
@@ -242,7 +242,7 @@ async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartb
         .unwrap();
     assert_eq!(cancel.status(), StatusCode::OK);
     let hb = new
-        .heartbeat("fast", vec![current], Vec::new())
+        .heartbeat("fast", vec![current], Vec::new(), Vec::new())
         .await
         .unwrap();
     assert_eq!(hb.leases[0].state, nightshift_proto::LeaseState::Cancelled);
@@ -297,4 +297,60 @@ async fn complete_many_answers_each_lease_in_order() {
         .await
         .unwrap();
     assert_eq!(too_many.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_metrics_show_which_worker_holds_the_jobs_model() {
+    use nightshift_proto::wire::LoadedModel;
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let (s, submitted) = api.submit(Some("S"), None, &job(&f)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let model_uri = f.path("m.onnx").display().to_string();
+    let w1 = CoordinatorClient::new(&api.url, "W").for_worker("w1");
+    let lease = w1.lease("w1", 1).await.unwrap().leases.remove(0);
+    let loaded = |uri: &str, device: &str| LoadedModel {
+        uri: uri.into(),
+        device: device.into(),
+    };
+    let models = vec![
+        loaded(&model_uri, "cuda:1"),
+        loaded("s3://other/model.onnx", "cpu"),
+    ];
+    w1.heartbeat("w1", vec![lease.lease_ref()], Vec::new(), models)
+        .await
+        .unwrap();
+    let (_, text) = api.get(Some("S"), "/v1/jobs/api-job").await;
+    let view: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        view["model_held_by"],
+        serde_json::json!([{"worker": "w1", "device": "cuda:1"}]),
+        "only the job's own model: {view}"
+    );
+    assert!(submitted["job"].get("model_held_by").is_none());
+    let (_, metrics) = api.get(Some("W"), "/metrics").await;
+    let line = format!(
+        "nightshift_worker_model_loaded{{worker=\"w1\",model=\"{model_uri}\",device=\"cuda:1\"}} 1"
+    );
+    assert!(metrics.contains(&line), "{metrics}");
+    // What a worker reports is checked like everything else it sends.
+    for (bad, why) in [
+        (loaded(&model_uri, "auto"), "device `auto`"),
+        (loaded("", "cpu"), "model URI must be"),
+        (loaded("m\u{1b}[2J.onnx", "cpu"), "models.uri"),
+    ] {
+        let err = w1
+            .heartbeat("w1", vec![lease.lease_ref()], Vec::new(), vec![bad])
+            .await
+            .unwrap_err();
+        match err {
+            ClientError::Refused {
+                status, message, ..
+            } => {
+                assert_eq!(status, 400, "{message}");
+                assert!(message.contains(why), "{message}");
+            }
+            other => panic!("{other}"),
+        }
+    }
 }

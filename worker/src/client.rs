@@ -8,7 +8,7 @@ use backon::{ExponentialBuilder, Retryable};
 use nightshift_proto::wire::{
     Ack, CheckpointRequest, CompleteManyRequest, CompleteManyResponse, CompleteRequest,
     FailRequest, GpuSample, HeartbeatRequest, HeartbeatResponse, LeaseRef, LeaseRequest,
-    LeaseResponse, PartRecord, ReleaseRequest,
+    LeaseResponse, LoadedModel, PartRecord, ReleaseRequest,
 };
 use nightshift_proto::{ErrorBody, ErrorCode, FailureClass};
 use serde::Serialize;
@@ -157,6 +157,7 @@ impl CoordinatorClient {
         worker_id: &str,
         leases: Vec<LeaseRef>,
         gpus: Vec<GpuSample>,
+        models: Vec<LoadedModel>,
     ) -> Result<HeartbeatResponse, ClientError> {
         self.post(
             "/v1/worker/heartbeat",
@@ -164,6 +165,7 @@ impl CoordinatorClient {
                 worker_id: worker_id.to_string(),
                 leases,
                 gpus,
+                models,
             },
         )
         .await

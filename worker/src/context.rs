@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use nightshift_storage::{ReadCounter, Stores};
 
 use crate::client::CoordinatorClient;
+use crate::executor::StreamReport;
 use crate::model_files::ModelFiles;
-use crate::model_session::CallStats;
 use crate::onnx_runtime::OnnxRuntime;
 
 pub struct WorkerContext {
@@ -37,14 +37,21 @@ pub struct WorkerMetrics {
     pub model_calls: AtomicU64,
     /// The most rows one model call carried.
     pub largest_model_call: AtomicU64,
+    /// Model sessions opened (not found loaded in the slot's cache).
+    pub model_loads: AtomicU64,
+    /// Shards started on a slot while its previous shard was still running.
+    pub shards_read_ahead: AtomicU64,
 }
 
 impl WorkerMetrics {
-    /// Adds what a session's model calls were over one shard.
-    pub fn record_calls(&self, stats: CallStats) {
+    /// Adds what the executor did for one shard.
+    pub fn record_stream(&self, report: StreamReport) {
+        let stats = report.calls;
         self.model_calls.fetch_add(stats.calls, Ordering::Relaxed);
         self.largest_model_call
             .fetch_max(stats.largest as u64, Ordering::Relaxed);
+        self.model_loads
+            .fetch_add(u64::from(report.opened), Ordering::Relaxed);
     }
 
     pub fn record_batch(&self, rows: usize, errors: usize) {
@@ -65,6 +72,8 @@ impl WorkerMetrics {
             shards_lost: g(&self.shards_lost),
             model_calls: g(&self.model_calls),
             largest_model_call: g(&self.largest_model_call),
+            model_loads: g(&self.model_loads),
+            shards_read_ahead: g(&self.shards_read_ahead),
         }
     }
 }
@@ -82,4 +91,6 @@ pub struct WorkerReport {
     pub shards_lost: u64,
     pub model_calls: u64,
     pub largest_model_call: u64,
+    pub model_loads: u64,
+    pub shards_read_ahead: u64,
 }

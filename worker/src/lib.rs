@@ -5,6 +5,7 @@
 pub mod allocator;
 pub mod client;
 pub mod context;
+mod executor;
 pub mod gpus;
 pub mod model_files;
 pub mod model_session;

@@ -74,6 +74,11 @@ fn injected_oom(rows: usize) -> Option<RunError> {
     None
 }
 
+/// Whether the loaded ONNX Runtime has the CUDA execution provider.
+pub fn cuda_provider_available() -> bool {
+    ep::CUDA::is_available().unwrap_or(false)
+}
+
 /// Model calls a session has made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CallStats {
@@ -109,7 +114,7 @@ impl ModelSession {
             uri: uri.to_string(),
             reason: format!("{e}"),
         };
-        let cuda_ok = ep::CUDA::is_available().unwrap_or(false);
+        let cuda_ok = cuda_provider_available();
         let (want_cuda, note) = match device {
             Device::Cpu => (None, "device = \"cpu\"".to_string()),
             Device::Cuda(n) => {

@@ -3,24 +3,26 @@
 //! shutdown drains: no new shards, the batches in flight are finished, checkpointed and
 //! released within the drain deadline.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nightshift_proto::LeaseState;
-use nightshift_proto::wire::{LeaseRef, ShardLease};
+use nightshift_proto::wire::{LeaseRef, LoadedModel, ShardLease};
 use nightshift_storage::{ReadCounter, Stores};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::client::CoordinatorClient;
 use crate::context::{WorkerContext, WorkerMetrics, WorkerReport};
+use crate::executor::{DEFAULT_MODEL_CACHE, Executor, SessionOptions};
 use crate::gpus::GpuMonitor;
 use crate::model_files::ModelFiles;
 use crate::onnx_runtime::{self, RuntimeError};
-use crate::pipeline::{ShardOutcome, ShardSignals, Slot, run_shard};
+use crate::pipeline::{InputDone, ShardOutcome, ShardSignals, run_shard};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -35,6 +37,8 @@ pub struct WorkerConfig {
     pub ort_lib: Option<PathBuf>,
     /// ONNX Runtime intra-op threads per session (0: its default).
     pub intra_threads: usize,
+    /// Model sessions each slot keeps loaded across shards and jobs.
+    pub model_cache: usize,
     /// Where remote models are cached by ETag.
     pub cache_dir: PathBuf,
     /// Time allowed to finish, checkpoint and release after a shutdown signal.
@@ -53,6 +57,7 @@ impl WorkerConfig {
             gpus: Vec::new(),
             ort_lib: None,
             intra_threads: 0,
+            model_cache: DEFAULT_MODEL_CACHE,
             cache_dir: std::env::temp_dir().join("nightshift-models"),
             drain_timeout: Duration::from_secs(90),
             idle_poll: Duration::from_millis(500),
@@ -82,6 +87,7 @@ pub struct Worker {
     ctx: Arc<WorkerContext>,
     slots: usize,
     gpus: Vec<u32>,
+    model_cache: usize,
     drain_timeout: Duration,
     idle_poll: Duration,
 }
@@ -108,6 +114,7 @@ impl Worker {
             ctx: Arc::new(ctx),
             slots: config.slots.max(1),
             gpus: config.gpus,
+            model_cache: config.model_cache,
             drain_timeout: config.drain_timeout,
             idle_poll: config.idle_poll,
         })
@@ -130,39 +137,54 @@ impl Worker {
         let ctx = self.ctx.clone();
         let held: Held = Arc::new(Mutex::new(HashMap::new()));
         let ttl = Arc::new(Mutex::new(Duration::from_secs(30)));
+        let mut slots = match self.start_slots() {
+            Ok(slots) => slots,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the inference threads");
+                return ctx.metrics.snapshot();
+            }
+        };
+        let executors: Vec<Arc<Executor>> = slots.iter().map(|s| s.executor.clone()).collect();
         let heartbeat_stop = CancellationToken::new();
         let heartbeats = tokio::spawn(heartbeat_loop(
             ctx.clone(),
             self.gpus.clone(),
+            executors.clone(),
             held.clone(),
             ttl.clone(),
             heartbeat_stop.clone(),
         ));
-        let mut running: JoinSet<Slot> = JoinSet::new();
-        // Free slots; a running shard's slot comes back when it ends, even if it panicked.
-        let mut idle_slots: Vec<Slot> = (0..self.slots)
-            .rev()
-            .map(|i| Slot {
-                gpu: (!self.gpus.is_empty()).then(|| self.gpus[i % self.gpus.len()]),
-                model: None,
-            })
-            .collect();
-        let mut gpu_of: HashMap<tokio::task::Id, Option<u32>> = HashMap::new();
+        let mut running: JoinSet<()> = JoinSet::new();
+        let mut slot_of: HashMap<tokio::task::Id, usize> = HashMap::new();
+        let input_read = Arc::new(Notify::new());
         tracing::info!(worker = %ctx.worker_id, slots = self.slots, gpus = ?self.gpus, "worker started");
         let mut idle = self.idle_poll;
         while !shutdown.is_cancelled() {
-            let free = self.slots - running.len();
+            let ready = ready_slots(&slots);
             let mut granted = 0;
-            if free > 0 {
-                match ctx.client.lease(&ctx.worker_id, free as u32).await {
+            if !ready.is_empty() {
+                match ctx.client.lease(&ctx.worker_id, ready.len() as u32).await {
                     Ok(resp) => {
                         *lock(&ttl) = Duration::from_millis(resp.lease_ttl_ms.max(300));
                         granted = resp.leases.len();
-                        for lease in resp.leases {
-                            let Some(slot) = idle_slots.pop() else { break };
-                            let gpu = slot.gpu;
-                            let id = self.spawn_shard(&mut running, &held, &shutdown, lease, slot);
-                            gpu_of.insert(id, gpu);
+                        for (lease, &i) in resp.leases.into_iter().zip(&ready) {
+                            let done = Arc::new(InputDone::new(input_read.clone()));
+                            let executor = slots[i].executor.clone();
+                            let id = self.spawn_shard(
+                                &mut running,
+                                &held,
+                                &shutdown,
+                                lease,
+                                executor,
+                                done.clone(),
+                            );
+                            if !slots[i].shards.is_empty() {
+                                ctx.metrics
+                                    .shards_read_ahead
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            slots[i].shards.push((id, done));
+                            slot_of.insert(id, i);
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "lease request failed"),
@@ -182,17 +204,45 @@ impl Worker {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     Some(done) = running.join_next_with_id(), if !running.is_empty() => {
-                        slot_back(done, &mut gpu_of, &mut idle_slots);
+                        shard_ended(done, &mut slot_of, &mut slots);
                         idle = self.idle_poll;
                     }
+                    _ = input_read.notified() => {}
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
             while let Some(done) = running.try_join_next_with_id() {
-                slot_back(done, &mut gpu_of, &mut idle_slots);
+                shard_ended(done, &mut slot_of, &mut slots);
             }
         }
-        // Drain: every shard finishes its batches in flight, checkpoints and releases.
+        self.drain(&mut running, &held).await;
+        heartbeat_stop.cancel();
+        let _ = heartbeats.await;
+        let _ = tokio::task::spawn_blocking(move || executors.iter().for_each(|e| e.stop())).await;
+        let report = ctx.metrics.snapshot();
+        tracing::info!(?report, "worker stopped");
+        report
+    }
+
+    fn start_slots(&self) -> std::io::Result<Vec<SlotState>> {
+        let options = SessionOptions {
+            runtime: self.ctx.runtime,
+            intra_threads: self.ctx.intra_threads,
+            capacity: self.model_cache,
+        };
+        (0..self.slots)
+            .map(|i| {
+                let gpu = (!self.gpus.is_empty()).then(|| self.gpus[i % self.gpus.len()]);
+                Ok(SlotState {
+                    executor: Arc::new(Executor::start(i, gpu, options)?),
+                    shards: Vec::new(),
+                })
+            })
+            .collect()
+    }
+
+    /// Drain: every shard finishes its batches in flight, checkpoints and releases.
+    async fn drain(&self, running: &mut JoinSet<()>, held: &Held) {
         let in_flight = running.len();
         if in_flight > 0 {
             tracing::info!(
@@ -206,27 +256,23 @@ impl Worker {
         })
         .await;
         if drained.is_err() {
-            let left: Vec<i64> = lock(&held).keys().map(|l| l.shard_id).collect();
+            let left: Vec<i64> = lock(held).keys().map(|l| l.shard_id).collect();
             tracing::error!(shards = ?left, "drain deadline passed; abandoning shards (their leases will expire)");
-            for s in lock(&held).values() {
+            for s in lock(held).values() {
                 s.abort.cancel();
             }
             running.shutdown().await;
         }
-        heartbeat_stop.cancel();
-        let _ = heartbeats.await;
-        let report = ctx.metrics.snapshot();
-        tracing::info!(?report, "worker stopped");
-        report
     }
 
     fn spawn_shard(
         &self,
-        running: &mut JoinSet<Slot>,
+        running: &mut JoinSet<()>,
         held: &Held,
         shutdown: &CancellationToken,
         lease: ShardLease,
-        mut slot: Slot,
+        executor: Arc<Executor>,
+        input_done: Arc<InputDone>,
     ) -> tokio::task::Id {
         let ctx = self.ctx.clone();
         let lease_ref = lease.lease_ref();
@@ -243,8 +289,9 @@ impl Worker {
             attempt = lease.attempt
         );
         let handle = running.spawn(async move {
-            tracing::info!(job = lease.job_id, shard = lease.shard_id, attempt = lease.attempt, from_row = lease.checkpoint_rows, rows = lease.plan.rows, "shard leased");
-            let outcome = run_shard(&ctx, &lease, &mut slot, &signals).await;
+            let kind = if lease.merge.is_some() { "merge" } else { "rows" };
+            tracing::info!(job = lease.job_id, shard = lease.shard_id, kind, attempt = lease.attempt, from_row = lease.checkpoint_rows, rows = lease.plan.rows, "shard leased");
+            let outcome = run_shard(&ctx, &lease, &executor, &signals, &input_done).await;
             lock(&held).remove(&lease_ref);
             let m = &ctx.metrics;
             let inc = |a: &std::sync::atomic::AtomicU64| {
@@ -272,29 +319,49 @@ impl Worker {
                     }
                 }
             }
-            slot
         }.instrument(span));
         handle.id()
     }
 }
 
-/// Puts the slot of a shard task that ended back among the idle ones; the slot of a task that
-/// panicked comes back empty, on its GPU.
-fn slot_back(
-    done: Result<(tokio::task::Id, Slot), tokio::task::JoinError>,
-    gpu_of: &mut HashMap<tokio::task::Id, Option<u32>>,
-    idle: &mut Vec<Slot>,
-) {
-    idle.push(match done {
-        Ok((id, slot)) => {
-            gpu_of.remove(&id);
-            slot
-        }
-        Err(e) => Slot {
-            gpu: gpu_of.remove(&e.id()).flatten(),
-            model: None,
-        },
+/// A slot: its executor and the shards feeding it, oldest first.
+struct SlotState {
+    executor: Arc<Executor>,
+    shards: Vec<(tokio::task::Id, Arc<InputDone>)>,
+}
+
+/// Most shards a slot holds at once: one being inferred and the next one reading ahead.
+const SHARDS_PER_SLOT: usize = 2;
+
+/// Slots that can take a shard now: idle ones first, then those whose every shard has read
+/// all its input (the new shard's reading overlaps their last batches).
+fn ready_slots(slots: &[SlotState]) -> Vec<usize> {
+    let idle = (0..slots.len()).filter(|&i| slots[i].shards.is_empty());
+    let tail = (0..slots.len()).filter(|&i| {
+        let shards = &slots[i].shards;
+        !shards.is_empty()
+            && shards.len() < SHARDS_PER_SLOT
+            && shards.iter().all(|(_, done)| done.is_done())
     });
+    idle.chain(tail).collect()
+}
+
+/// Forgets a shard task that ended (or panicked) on its slot.
+fn shard_ended(
+    done: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+    slot_of: &mut HashMap<tokio::task::Id, usize>,
+    slots: &mut [SlotState],
+) {
+    let id = match done {
+        Ok((id, ())) => id,
+        Err(e) => {
+            tracing::error!(error = %e, "a shard task panicked");
+            e.id()
+        }
+    };
+    if let Some(i) = slot_of.remove(&id) {
+        slots[i].shards.retain(|(task, _)| *task != id);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -306,6 +373,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn heartbeat_loop(
     ctx: Arc<WorkerContext>,
     gpus: Vec<u32>,
+    executors: Vec<Arc<Executor>>,
     held: Held,
     ttl: Arc<Mutex<Duration>>,
     stop: CancellationToken,
@@ -325,7 +393,12 @@ async fn heartbeat_loop(
             continue;
         }
         let samples = monitor.sample(&gpus);
-        match client.heartbeat(&ctx.worker_id, leases, samples).await {
+        let models: BTreeSet<LoadedModel> = executors.iter().flat_map(|e| e.loaded()).collect();
+        let models = models.into_iter().collect();
+        match client
+            .heartbeat(&ctx.worker_id, leases, samples, models)
+            .await
+        {
             Ok(resp) => {
                 for status in resp.leases {
                     if status.state == LeaseState::Held {

@@ -58,6 +58,7 @@ impl JobRecord {
             error: self.error.clone(),
             created_at_ms: self.created_at_ms,
             finished_at_ms: self.finished_at_ms,
+            model_held_by: Vec::new(),
             batch_rows: self.batch_rows,
         }
     }

@@ -1,9 +1,7 @@
-//! Stages 2 and 3: prepare tensors (find rows that cannot feed the model, stack the rest) on a
-//! blocking thread, and run the model on a dedicated thread that owns the session. A batch the
+//! Stages 2 and 3: prepare tensors (find rows that cannot feed the model, stack the rest) on
+//! blocking threads, and run the model on the slot's executor thread, which owns the session. A batch the
 //! model rejects is split in halves until the rows it rejects are found; those become poison
 //! rows and the rest goes on.
-
-use std::sync::Arc;
 
 use arrow::array::{ArrayRef, UInt32Array};
 use arrow::compute::{concat, take_record_batch};
@@ -100,22 +98,21 @@ pub fn take_rows(batch: &RecordBatch, rows: &[u32]) -> Result<RecordBatch, Shard
         .map_err(|e| ShardError::Internal(e.to_string()))
 }
 
-/// The inference thread: runs every prepared batch and hands the session back when the input
-/// channel closes.
+/// Runs every prepared batch of one shard on the executor's thread, until the input channel
+/// closes, the shard stops listening or a batch fails.
 pub fn infer_loop(
-    mut session: ModelSession,
-    plan: Arc<TensorPlan>,
+    session: &mut ModelSession,
+    plan: &TensorPlan,
     mut rx: mpsc::Receiver<Result<Prepared, ShardError>>,
     tx: mpsc::Sender<Result<Inferred, ShardError>>,
-) -> ModelSession {
+) {
     while let Some(item) = rx.blocking_recv() {
-        let out = item.and_then(|p| infer(&mut session, &plan, p));
+        let out = item.and_then(|p| infer(session, plan, p));
         let failed = out.is_err();
         if tx.blocking_send(out).is_err() || failed {
             break;
         }
     }
-    session
 }
 
 fn infer(

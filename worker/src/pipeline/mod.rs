@@ -10,17 +10,17 @@ pub mod reader;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use nightshift_proto::Device;
 use nightshift_proto::layout::parts_dir;
 use nightshift_proto::wire::ShardLease;
 use nightshift_signature::plan_tensors;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::context::WorkerContext;
-use crate::model_session::{ChosenDevice, ModelSession};
+use crate::executor::{Executor, Stream};
+use crate::model_session::ChosenDevice;
 use crate::shard_error::ShardError;
-use infer::{infer_loop, prepare};
+use infer::prepare;
 use parts::PartSink;
 use reader::{ShardInput, read_batches};
 
@@ -51,28 +51,44 @@ pub enum ShardOutcome {
     Failed(ShardError),
 }
 
-/// Where one shard runs at a time: on one GPU (or the CPU), keeping its model session for the
-/// next shard of the same model.
-pub struct Slot {
-    /// The CUDA device this slot's sessions use; `None`: no GPU (`auto` runs on the CPU).
-    pub gpu: Option<u32>,
-    pub model: Option<SlotModel>,
+/// Tells the worker's lease loop that a shard no longer feeds its slot's executor with new
+/// input (its input is read, or it is merge work), so the slot can take the next shard, whose
+/// reading then overlaps this one's last batches.
+#[derive(Default)]
+pub struct InputDone {
+    done: std::sync::atomic::AtomicBool,
+    wake: Arc<tokio::sync::Notify>,
 }
 
-/// A session kept by a worker slot between shards of the same model.
-pub struct SlotModel {
-    key: String,
-    device: Device,
-    session: ModelSession,
+impl InputDone {
+    pub fn new(wake: Arc<tokio::sync::Notify>) -> Self {
+        Self {
+            done: Default::default(),
+            wake,
+        }
+    }
+
+    pub fn mark(&self) {
+        if !self.done.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.wake.notify_one();
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 pub async fn run_shard(
     ctx: &WorkerContext,
     lease: &ShardLease,
-    slot: &mut Slot,
+    executor: &Executor,
     signals: &ShardSignals,
+    input_done: &Arc<InputDone>,
 ) -> ShardOutcome {
-    match run(ctx, lease, slot, signals).await {
+    let outcome = run(ctx, lease, executor, signals, input_done).await;
+    input_done.mark();
+    match outcome {
         Ok(outcome) => outcome,
         Err(e) if e.is_lease_lost() => ShardOutcome::Lost,
         Err(e) => ShardOutcome::Failed(e),
@@ -82,10 +98,12 @@ pub async fn run_shard(
 async fn run(
     ctx: &WorkerContext,
     lease: &ShardLease,
-    slot: &mut Slot,
+    executor: &Executor,
     signals: &ShardSignals,
+    input_done: &Arc<InputDone>,
 ) -> Result<ShardOutcome, ShardError> {
     if let Some(sources) = &lease.merge {
+        input_done.mark(); // merge work never uses the executor
         return merge::run_merge(ctx, lease, sources, signals).await;
     }
     let spec = &lease.spec;
@@ -106,26 +124,6 @@ async fn run(
             }
         })?;
     let plan = Arc::new(plan);
-    let gpu = slot.gpu;
-    let session = match slot.model.take() {
-        Some(s) if s.key == model.key && s.device == spec.model.device => s.session,
-        _ => {
-            let rt = ctx.runtime;
-            let (uri, path, device, threads) = (
-                model.uri.clone(),
-                model.path.clone(),
-                spec.model.device,
-                ctx.intra_threads,
-            );
-            let session = tokio::task::spawn_blocking(move || {
-                ModelSession::open(rt, &uri, &path, device, gpu, threads)
-            })
-            .await
-            .map_err(|e| ShardError::Internal(e.to_string()))??;
-            tracing::info!(model = %model.uri, device = %session.device, note = %session.device_note, "model session ready");
-            session
-        }
-    };
     let prefix = ctx
         .stores
         .locate(&spec.output.uri)?
@@ -144,11 +142,15 @@ async fn run(
     let columns = spec.input_columns();
     let reader_lease = lease.clone();
     let drain = signals.drain.clone();
-    let on_gpu = matches!(session.device, ChosenDevice::Cuda(_));
+    let on_gpu = matches!(
+        executor.expected_device(spec.model.device),
+        ChosenDevice::Cuda(_)
+    );
     let batch_size = spec.batch.size.start_rows(on_gpu) as usize;
     tracing::info!(shard = lease.shard_id, batch_rows = batch_size, size = %spec.batch.size, "batch size");
+    let reader_done = input_done.clone();
     let reader = tokio::spawn(async move {
-        read_batches(
+        let read = read_batches(
             input,
             &reader_lease,
             &columns,
@@ -157,7 +159,9 @@ async fn run(
             read_tx,
             drain,
         )
-        .await
+        .await;
+        reader_done.mark();
+        read
     });
     // Tensors are prepared on several blocking threads at once, handed on in input order.
     let prep_plan = plan.clone();
@@ -176,11 +180,15 @@ async fn run(
             }
         }
     });
-    let infer_plan = plan.clone();
-    let inference = std::thread::Builder::new()
-        .name(format!("infer-s{}", lease.shard_id))
-        .spawn(move || infer_loop(session, infer_plan, prep_rx, inf_tx))
-        .map_err(|e| ShardError::Internal(format!("cannot start inference thread: {e}")))?;
+    let (done_tx, done_rx) = oneshot::channel();
+    executor.submit(Stream {
+        model: model.clone(),
+        device: spec.model.device,
+        plan: plan.clone(),
+        batches: prep_rx,
+        results: inf_tx,
+        done: done_tx,
+    })?;
 
     let mut committed = skip;
     let mut computed = 0u64;
@@ -228,16 +236,9 @@ async fn run(
     drop(inf_rx);
     let _ = reader.await;
     let _ = preparer.await;
-    let mut session = tokio::task::spawn_blocking(move || inference.join())
-        .await
-        .map_err(|e| ShardError::Internal(e.to_string()))?
-        .map_err(|_| ShardError::Internal("inference thread panicked".into()))?;
-    ctx.metrics.record_calls(std::mem::take(&mut session.stats));
-    slot.model = Some(SlotModel {
-        key: model.key.clone(),
-        device: spec.model.device,
-        session,
-    });
+    if let Ok(report) = done_rx.await {
+        ctx.metrics.record_stream(report);
+    }
     match result {
         Ok(false) => return Ok(ShardOutcome::Lost),
         Err(e) => return Err(e),
