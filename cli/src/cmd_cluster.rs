@@ -85,6 +85,11 @@ pub struct WorkerArgs {
     /// ONNX Runtime intra-op threads per slot (0: its default).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Model sessions each slot keeps loaded across shards and jobs (the least recently used
+    /// is dropped first, and sooner when the GPU runs short of memory).
+    #[arg(long, default_value_t = nightshift_worker::DEFAULT_MODEL_CACHE,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    pub model_cache: usize,
     /// Where models fetched from object stores are cached.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -165,6 +170,7 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
     config.slots = args.slots.unwrap_or(config.gpus.len()).max(1);
     config.drain_timeout = args.drain_timeout;
     config.intra_threads = args.threads;
+    config.model_cache = args.model_cache;
     config.ort_lib = args.ort.ort_lib;
     if let Some(dir) = args.cache_dir {
         config.cache_dir = dir;

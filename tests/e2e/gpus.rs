@@ -83,4 +83,20 @@ fn a_gpu_that_is_not_there_or_a_bad_list_is_refused_by_name() {
         "{}",
         output_text(&o)
     );
+    let o = nightshift_in(
+        &f,
+        &[
+            "worker",
+            "--coordinator",
+            "http://127.0.0.1:9",
+            "--model-cache",
+            "0",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));
+    assert!(
+        output_text(&o).contains("'0' for '--model-cache"),
+        "{}",
+        output_text(&o)
+    );
 }

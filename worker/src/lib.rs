@@ -17,4 +17,5 @@ pub mod tensors;
 pub mod worker;
 
 pub use context::WorkerReport;
+pub use executor::DEFAULT_MODEL_CACHE;
 pub use worker::{Worker, WorkerConfig};
