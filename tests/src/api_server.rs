@@ -34,6 +34,16 @@ pub async fn start(f: &Fixture, allow: AllowList, ttl_ms: i64) -> Api {
 
 /// A coordinator on `store`, with submit token `S` and worker token `W`.
 pub async fn start_on(store: DynStore, allow: AllowList, ttl_ms: i64) -> Api {
+    start_with(store, allow, ttl_ms, Arc::new(Stores::default())).await
+}
+
+/// As `start_on`, reaching objects through `stores`.
+pub async fn start_with(
+    store: DynStore,
+    allow: AllowList,
+    ttl_ms: i64,
+    stores: Arc<Stores>,
+) -> Api {
     let mut config = CoordinatorConfig::new("127.0.0.1:0".parse().unwrap());
     config.submit_tokens = vec!["S".into()];
     config.worker_tokens = vec!["W".into()];
@@ -43,7 +53,7 @@ pub async fn start_on(store: DynStore, allow: AllowList, ttl_ms: i64) -> Api {
         backoff_base_ms: 10,
         backoff_max_ms: 100,
     };
-    let c = Coordinator::new(config, store, Arc::new(Stores::default()));
+    let c = Coordinator::new(config, store, stores);
     let listener = c.bind().await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();

@@ -185,8 +185,19 @@ impl Counters {
     }
 }
 
+/// One request the proxy forwarded and the size of the body it answered with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    pub method: String,
+    /// The request target: path and query.
+    pub target: String,
+    pub response_body_bytes: u64,
+}
+
 struct Shared {
     upstream: SocketAddr,
+    /// Every forwarded request, in the order answered.
+    exchanges: std::sync::Mutex<Vec<Exchange>>,
     plan: FaultPlan,
     /// The plan's rate, changeable while running (f64 bits).
     rate: AtomicU64,
@@ -215,6 +226,7 @@ impl FaultProxy {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             upstream,
+            exchanges: Default::default(),
             rate: AtomicU64::new(plan.rate.to_bits()),
             plan,
             counters: Counters::default(),
@@ -244,6 +256,15 @@ impl FaultProxy {
     /// Changes the fraction of requests faulted from now on.
     pub fn set_rate(&self, rate: f64) {
         self.shared.rate.store(rate.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Every request forwarded so far, with the bytes of its answer's body.
+    pub fn exchanges(&self) -> Vec<Exchange> {
+        self.shared
+            .exchanges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn stats(&self) -> FaultStats {
@@ -417,7 +438,10 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) {
                     tokio::time::timeout(UPSTREAM_TIMEOUT, forward(shared.upstream, &head, &body))
                         .await;
                 match sent {
-                    Ok(Ok(response)) => response,
+                    Ok(Ok(response)) => {
+                        record(&shared, &head, &response);
+                        response
+                    }
                     _ => {
                         // The server failed us: the client sees a closed connection, which
                         // it treats as a transport error.
@@ -447,6 +471,20 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) {
             return;
         }
     }
+}
+
+fn record(shared: &Shared, head: &Head, answer: &Answer) {
+    let mut parts = head.first.split(' ');
+    let exchange = Exchange {
+        method: parts.next().unwrap_or_default().to_string(),
+        target: parts.next().unwrap_or_default().to_string(),
+        response_body_bytes: answer.body.len() as u64,
+    };
+    shared
+        .exchanges
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(exchange);
 }
 
 /// A response ready to send: status line and headers (without the blank line), and body.
