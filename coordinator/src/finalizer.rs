@@ -1,8 +1,9 @@
 //! Commit: when every shard is done, workers have already made the output files (merge work,
-//! `merges.rs`: each about `output.target_file_mb`); the commit reads no row data. It copies
-//! each merged file whole under its output name (a server-side copy on S3, a real copy
-//! locally), writes `_manifest.json` and then `_SUCCESS`, and the parts are deleted. Every step
-//! is idempotent, so a crash mid-commit and a second run produce the same manifest.
+//! `merges.rs`: each about `output.target_file_mb`); the commit reads no row data. It puts
+//! each merged file whole under its output name (a server-side copy on S3, a rename locally:
+//! `publish_object`), writes `_manifest.json` and then `_SUCCESS`, and the parts are deleted.
+//! Every step is idempotent, so a crash mid-commit and a second run produce the same manifest:
+//! an output file an earlier attempt published is kept (its source may be gone, moved).
 //!
 //! The commit adopts nothing it cannot prove its own (`ownership.rs`): a file already at an
 //! output name is kept only when its footer names this job (`layout::JOB_UID_KEY`) and holds
@@ -12,6 +13,7 @@
 //! commit for good, naming it. Before `_manifest.json` and `_SUCCESS` the finalizer renews its
 //! claim, so a job cancelled mid-commit is not published.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow_schema::SchemaRef;
@@ -20,7 +22,9 @@ use nightshift_proto::layout::{
     ERROR_FILE_STEM, MANIFEST, OUTPUT_FILE_STEM, SUCCESS, data_file, parts_dir,
 };
 use nightshift_proto::wire::{InputFile, Manifest, ManifestField, ManifestFile};
-use nightshift_storage::{Location, ObjectReader, StorageError, Stores, copy_object, sync_local};
+use nightshift_storage::{
+    Location, ObjectReader, StorageError, Stores, publish_object, sync_local,
+};
 use object_store::{ObjectStoreExt, PutPayload};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 
@@ -138,7 +142,6 @@ pub async fn finalize(
 ) -> Result<Committed, FinalizeError> {
     let out = stores.locate(&job.output_uri)?;
     check_coverage(job, parts)?;
-    verify_parts(&out, job, parts).await?;
     let output_parts: Vec<(String, u64)> = parts
         .iter()
         .map(|p| (p.uri.clone(), p.rows - p.error_rows))
@@ -149,14 +152,22 @@ pub async fn finalize(
         .collect();
     let files = plan_files(&output_parts, OUTPUT_FILE_STEM);
     let error_files = plan_files(&error_parts, ERROR_FILE_STEM);
-    let written = write_files(stores, &out, &job.uid, &files).await?;
-    let errors_written = write_files(stores, &out, &job.uid, &error_files).await?;
-    let schema = match files.first().or(error_files.first()) {
-        Some(f) if !files.is_empty() => schema_of(stores, &f.source).await?,
-        _ => match parts.first() {
-            Some(p) => schema_of(stores, &p.uri).await?,
-            None => Arc::new(arrow_schema::Schema::empty()),
-        },
+    // Files an earlier attempt published are kept; every other source is checked before
+    // anything is written.
+    let all: Vec<FilePlan> = files.iter().chain(&error_files).cloned().collect();
+    let published = published_files(&out, &job.uid, &all).await?;
+    let sources_left: HashSet<String> = all
+        .iter()
+        .filter(|f| !published.contains_key(&f.path))
+        .map(|f| f.source.clone())
+        .collect();
+    verify_parts(&out, job, parts, &sources_left).await?;
+    let written = write_files(stores, &out, &files, &published).await?;
+    let errors_written = write_files(stores, &out, &error_files, &published).await?;
+    let schema = match (files.first(), parts.first()) {
+        (Some(f), _) => schema_of(stores, &out.join(&f.path).uri()).await?,
+        (None, Some(p)) => schema_of(stores, &p.uri).await?,
+        (None, None) => Arc::new(arrow_schema::Schema::empty()),
     };
     let error_rows: u64 = parts.iter().map(|p| p.error_rows).sum();
     let manifest = Manifest {
@@ -278,18 +289,36 @@ async fn put(loc: &Location, body: Vec<u8>) -> Result<(), FinalizeError> {
     Ok(())
 }
 
-async fn write_files(
-    stores: &Stores,
+/// The planned files already at their output names (path -> size): published by an earlier
+/// attempt of this commit. A file there that is not provably this job's is `Foreign`.
+async fn published_files(
     out: &Location,
     job_uid: &str,
     files: &[FilePlan],
+) -> Result<HashMap<String, u64>, FinalizeError> {
+    let found: Vec<Option<(String, u64)>> = futures::stream::iter(files.iter().cloned())
+        .map(|f| async move {
+            let bytes = owned_file(&out.join(&f.path), job_uid, f.rows).await?;
+            Ok::<_, FinalizeError>(bytes.map(|b| (f.path, b)))
+        })
+        .buffered(FILE_CONCURRENCY)
+        .try_collect()
+        .await?;
+    Ok(found.into_iter().flatten().collect())
+}
+
+/// Publishes each file not yet at its output name; answers the manifest's entries.
+async fn write_files(
+    stores: &Stores,
+    out: &Location,
+    files: &[FilePlan],
+    published: &HashMap<String, u64>,
 ) -> Result<Vec<ManifestFile>, FinalizeError> {
     futures::stream::iter(files.iter().cloned())
         .map(|f| async move {
-            let dest = out.join(&f.path);
-            let bytes = match owned_file(&dest, job_uid, f.rows).await? {
-                Some(bytes) => bytes,
-                None => write_file(stores, &dest, &f).await?,
+            let bytes = match published.get(&f.path) {
+                Some(&bytes) => bytes,
+                None => publish_object(&stores.locate(&f.source)?, &out.join(&f.path)).await?,
             };
             Ok::<_, FinalizeError>(ManifestFile {
                 path: f.path.clone(),
@@ -300,12 +329,6 @@ async fn write_files(
         .buffered(FILE_CONCURRENCY)
         .try_collect()
         .await
-}
-
-/// Produces one output file, a copy of its merged file; returns its size.
-async fn write_file(stores: &Stores, dest: &Location, f: &FilePlan) -> Result<u64, FinalizeError> {
-    let src = stores.locate(&f.source)?;
-    Ok(copy_object(&src, dest).await?)
 }
 
 /// The Arrow schema a Parquet file's footer holds (no row data is read).

@@ -5,6 +5,8 @@
 //! kept only when its footer names this job, and a manifest is replaced only when it is this
 //! job's. Footers only: no row data is read here.
 
+use std::collections::HashSet;
+
 use futures::{StreamExt, TryStreamExt};
 use nightshift_proto::layout::{JOB_UID_KEY, parts_dir};
 use nightshift_proto::wire::Manifest;
@@ -30,11 +32,13 @@ async fn stamp(loc: &Location, size: u64) -> Result<(Option<String>, u64), Strin
     Ok((owner, file.num_rows().max(0) as u64))
 }
 
-/// Every part (and error part) lies in the job's parts directory and is there as recorded.
+/// Every part (and error part) lies in the job's parts directory, and those in `present`
+/// (the ones the commit still reads) are there as recorded.
 pub async fn verify_parts(
     out: &Location,
     job: &JobRecord,
     parts: &[PartRow],
+    present: &HashSet<String>,
 ) -> Result<(), FinalizeError> {
     let dir = parts_dir(&job.uid);
     // (uri, bytes, rows) of every part and error part.
@@ -55,6 +59,9 @@ pub async fn verify_parts(
                     uri: uri.clone(),
                     message: format!("not inside `{}`", out.join(dir).uri()),
                 })?;
+            if !present.contains(&uri) {
+                return Ok(());
+            }
             verify_object(out, rel, bytes)
                 .await
                 .map_err(|e| FinalizeError::part(&uri, e))?;

@@ -1,16 +1,15 @@
 //! One path to every object: local files and S3 (or an S3-compatible store) behind
 //! `object_store`, with the Parquet reader and part writer the planner, worker and finalizer use.
 
-mod copy;
 pub mod error;
 pub mod input_listing;
 pub mod location;
 pub mod object_reader;
 pub mod open_uploads;
 pub mod part_upload;
+mod publish;
 pub mod s3;
 
-pub use copy::copy_object;
 pub use error::StorageError;
 pub use input_listing::{InputObject, list_inputs};
 pub use location::{Location, Stores};
@@ -18,3 +17,4 @@ pub use object_reader::{ObjectReader, ReadCounter};
 pub use object_reader::{read_all, storage_cause};
 pub use open_uploads::{OpenUpload, S3Bucket};
 pub use part_upload::{PartUpload, sync_local};
+pub use publish::publish_object;

@@ -414,3 +414,66 @@ fn a_file_already_at_an_output_name_is_never_adopted() {
     assert!(!job.out.join("_manifest.json").exists());
     assert!(!job.out.join("_SUCCESS").exists());
 }
+
+#[test]
+fn a_crash_mid_commit_publishes_each_file_once_on_the_next_run() {
+    let f = Fixture::new();
+    let job = f.job(
+        "moved",
+        &["--rows", "24000", "--files", "2", "--row-group-rows", "1000"],
+        &["--hidden", "16"],
+        "[shards]\nrows = 2000\ncheckpoint_rows = 1000\n",
+    );
+    let spec = std::fs::read_to_string(&job.spec).unwrap().replace(
+        "passthrough = [\"id\"]",
+        "passthrough = [\"id\", \"features\"]\ntarget_file_mb = 1",
+    );
+    std::fs::write(&job.spec, spec).unwrap();
+    let mut cmd = nightshift(Path::new(BIN));
+    cmd.current_dir(f.dir.path())
+        .arg("run")
+        .arg(&job.spec)
+        .arg("--state")
+        .arg(f.path("state"))
+        .env("NIGHTSHIFT_CRASH_AT", "finalize:before-manifest");
+    let o = run(cmd, Duration::from_secs(300));
+    assert!(!o.status.success(), "{}", text(&o));
+    // The files were moved into place (their merged sources are gone), no manifest yet.
+    let listing = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    let before: Vec<String> = listing(&job.out)
+        .into_iter()
+        .filter(|n| n.ends_with(".parquet"))
+        .collect();
+    assert!(before.len() >= 2, "{before:?}");
+    assert!(!job.out.join("_manifest.json").exists());
+    let inodes = |names: &[String]| -> Vec<u64> {
+        use std::os::unix::fs::MetadataExt;
+        names
+            .iter()
+            .map(|n| std::fs::metadata(job.out.join(n)).unwrap().ino())
+            .collect()
+    };
+    let inodes_before = inodes(&before);
+    // The next run keeps what it published and commits.
+    let o = run_job(&f, &job.spec, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let after: Vec<String> = listing(&job.out)
+        .into_iter()
+        .filter(|n| n.ends_with(".parquet"))
+        .collect();
+    assert_eq!(before, after);
+    assert_eq!(
+        inodes_before,
+        inodes(&after),
+        "the same files, not rewritten"
+    );
+    assert!(!job.out.join("_parts").exists(), "{:?}", listing(&job.out));
+    verify_output(job.out.to_str().unwrap(), &job.input, &job.model, 0, &[]).assert_exact(&[]);
+}
