@@ -3,7 +3,11 @@
 //!
 //!   cargo run --release -p nightshift-bench -- pipeline     # worker pipeline vs bare ONNX Runtime
 //!   cargo run --release -p nightshift-bench -- lease        # lease layer: claims+completes/s
+//!   cargo run --release -p nightshift-bench -- commit       # commit time, 1 vs 8 GiB of output
+//!   cargo run --release -p nightshift-bench -- gpu          # pipeline vs bare ORT-CUDA loop
 
+mod commit;
+mod gpu;
 mod lease;
 mod pipeline;
 mod storage;
@@ -25,6 +29,12 @@ enum Command {
     /// Shard claims+completes per second and claim latency at 1, 16 and 64 workers, on the
     /// PostgreSQL store directly and through the coordinator's HTTP API.
     Lease(lease::Args),
+    /// Commit time of a job with 1 GiB and one with 8 GiB of output (local files; smaller on
+    /// the local S3 server): the commit moves or copies whole files, so it should not grow.
+    Commit(commit::Args),
+    /// On a GPU machine: the worker pipeline against a bare ONNX Runtime CUDA loop, with GPU
+    /// busy sampled (without a GPU it says so and exits 0).
+    Gpu(gpu::Args),
     /// Object storage against a local S3 server: bytes fetched per byte a Parquet read needs,
     /// and PartUpload throughput over one plain put.
     Storage(storage::Args),
@@ -41,6 +51,8 @@ fn main() -> anyhow::Result<()> {
             Command::Pipeline(a) => pipeline::run(a).await,
             Command::Lease(a) => lease::run(a).await,
             Command::Storage(a) => storage::run(a).await,
+            Command::Commit(a) => commit::run(a).await,
+            Command::Gpu(a) => gpu::run(a).await,
         }
     })
 }

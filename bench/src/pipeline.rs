@@ -16,7 +16,7 @@ use arrow::datatypes::Float32Type;
 use nightshift_coordinator::store::sqlite::SqliteStore;
 use nightshift_coordinator::store::{DynStore, Store};
 use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
-use nightshift_proto::{JobSpec, JobState};
+use nightshift_proto::{Device, JobSpec, JobState};
 use nightshift_storage::Stores;
 use nightshift_worker::{Worker, WorkerConfig, onnx_runtime};
 use ort::session::Session;
@@ -73,9 +73,24 @@ pub async fn run(a: Args) -> Result<()> {
     let mut piped = Vec::new();
     for i in 0..a.repeat {
         bare.push(bare_loop(
-            runtime, &model, &features, dim, a.batch, a.threads,
+            runtime,
+            &model,
+            &features,
+            dim,
+            a.batch,
+            a.threads,
+            Device::Cpu,
         )?);
-        piped.push(pipeline(tmp.path(), &data, &model, a.batch, a.threads, i).await?);
+        let p = pipeline(
+            tmp.path(),
+            &data,
+            &model,
+            a.batch,
+            a.threads,
+            i,
+            Device::Cpu,
+        );
+        piped.push(p.await?);
         println!(
             "  run {}: bare {:>10.0} rows/s   pipeline {:>10.0} rows/s",
             i + 1,
@@ -167,7 +182,7 @@ fn generate_data(dir: &Path, rows: usize, files: usize) -> Result<()> {
     ])
 }
 
-fn python(args: &[&str]) -> Result<()> {
+pub(crate) fn python(args: &[&str]) -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let python = std::env::var_os("NIGHTSHIFT_VENV")
         .map(PathBuf::from)
@@ -190,7 +205,7 @@ fn python(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -209,7 +224,7 @@ fn generate(dir: &Path, rows: usize, hidden: Option<usize>) -> Result<(PathBuf, 
 }
 
 /// Every row's `features` as one f32 buffer.
-fn load_features(dir: &Path) -> Result<(Vec<f32>, usize)> {
+pub(crate) fn load_features(dir: &Path) -> Result<(Vec<f32>, usize)> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
@@ -235,13 +250,16 @@ fn load_features(dir: &Path) -> Result<(Vec<f32>, usize)> {
     Ok((out, dim))
 }
 
-fn bare_loop(
+/// Rows/s of a loop that builds each batch's tensor from `features` and runs the session on
+/// `device` (`cpu` or `cuda:N`).
+pub(crate) fn bare_loop(
     runtime: &onnx_runtime::OnnxRuntime,
     model: &Path,
     features: &[f32],
     dim: usize,
     batch: usize,
     threads: usize,
+    device: Device,
 ) -> Result<f64> {
     let ort_err = |e: ort::Error<ort::session::builder::SessionBuilder>| anyhow::anyhow!("{e}");
     let mut b = Session::builder(&runtime.env)?
@@ -249,6 +267,14 @@ fn bare_loop(
         .map_err(ort_err)?;
     if threads > 0 {
         b = b.with_intra_threads(threads).map_err(ort_err)?;
+    }
+    if let Device::Cuda(n) = device {
+        b = b
+            .with_execution_providers([ort::ep::CUDA::default()
+                .with_device_id(n as i32)
+                .build()
+                .error_on_failure()])
+            .map_err(ort_err)?;
     }
     let mut session = b.commit_from_file(model)?;
     let rows = features.len() / dim;
@@ -269,10 +295,17 @@ fn bare_loop(
     Ok(rows as f64 / took)
 }
 
-/// A job over `input` with the bench's model and batch size.
-fn bench_spec(name: &str, input: &str, model: &Path, out: &Path, batch: usize) -> Result<JobSpec> {
+/// A job over `input` with the bench's model, batch size and device.
+fn bench_spec(
+    name: &str,
+    input: &str,
+    model: &Path,
+    out: &Path,
+    batch: usize,
+    device: Device,
+) -> Result<JobSpec> {
     let toml = format!(
-        "name = \"{name}\"\n[input]\nuri = \"{input}\"\n[model]\nuri = \"{}\"\ndevice = \"cpu\"\n\
+        "name = \"{name}\"\n[input]\nuri = \"{input}\"\n[model]\nuri = \"{}\"\ndevice = \"{device}\"\n\
          [model.inputs]\nx = \"features\"\n[model.outputs]\nlogits = \"logits\"\n[output]\nuri = \"{}\"\n\
          passthrough = [\"id\"]\n[batch]\nsize = {batch}\n[shards]\nrows = 100000\n",
         model.display(),
@@ -284,32 +317,25 @@ fn bench_spec(name: &str, input: &str, model: &Path, out: &Path, batch: usize) -
 /// Steady-state pipeline throughput: the worker first runs a warm-up job on the same model (so
 /// its slot holds a ready session, as it does between shards of a long job), which is let
 /// commit, then the timed job, from submission until every shard is done.
-async fn pipeline(
+pub(crate) async fn pipeline(
     dir: &Path,
     data: &Path,
     model: &Path,
     batch: usize,
     threads: usize,
     run: usize,
+    device: Device,
 ) -> Result<f64> {
-    let state = dir.join(format!("state-{run}"));
-    let sqlite = Arc::new(SqliteStore::open(&state.join("db.sqlite")).await?);
-    sqlite.migrate().await?;
-    let store: DynStore = sqlite;
     let stores = Arc::new(Stores::default());
-    let mut config = CoordinatorConfig::new("127.0.0.1:0".parse()?);
-    config.submit_tokens = vec!["s".into()];
-    config.worker_tokens = vec!["w".into()];
-    config.allow = AllowList::everything();
-    let coordinator = Coordinator::new(config, store, stores.clone());
-    let service = coordinator.service().clone();
-    let listener = coordinator.bind().await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(coordinator.run(listener, stop.clone()));
+    let db = dir.join(format!("state-{run}/db.sqlite"));
+    let bench = BenchCoordinator::start(&db, stores.clone(), |_| {}).await?;
+    let (service, url) = (bench.service.clone(), bench.url.clone());
 
     let mut wc = WorkerConfig::new(&url, "w");
     wc.intra_threads = threads;
+    if let Device::Cuda(n) = device {
+        wc.gpus = vec![n];
+    }
     wc.idle_poll = Duration::from_millis(2);
     let worker = Worker::build(wc, stores)?;
     let worker_stop = CancellationToken::new();
@@ -340,6 +366,7 @@ async fn pipeline(
         model,
         &dir.join(format!("warm-{run}")),
         batch,
+        device,
     )?;
     let warm = service.submit(warm, None).await?.job;
     until_done(warm.id).await?;
@@ -362,6 +389,7 @@ async fn pipeline(
         model,
         &dir.join(format!("out-{run}")),
         batch,
+        device,
     )?;
     let started = Instant::now();
     let job = service.submit(spec, None).await?.job;
@@ -369,7 +397,49 @@ async fn pipeline(
     let took = started.elapsed().as_secs_f64();
     worker_stop.cancel();
     let _ = handle.await;
-    stop.cancel();
-    let _ = server.await;
+    bench.stop().await;
     Ok(job.rows_total as f64 / took)
+}
+
+/// A coordinator on a SQLite store at `db`, serving on a free port in this process, with
+/// submit token `s` and worker token `w`; `tune` adjusts its config.
+pub(crate) struct BenchCoordinator {
+    pub service: nightshift_coordinator::service::Service,
+    pub url: String,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl BenchCoordinator {
+    pub async fn start(
+        db: &Path,
+        stores: Arc<Stores>,
+        tune: impl FnOnce(&mut CoordinatorConfig),
+    ) -> Result<Self> {
+        let sqlite = Arc::new(SqliteStore::open(db).await?);
+        sqlite.migrate().await?;
+        let store: DynStore = sqlite;
+        let mut config = CoordinatorConfig::new("127.0.0.1:0".parse()?);
+        config.submit_tokens = vec!["s".into()];
+        config.worker_tokens = vec!["w".into()];
+        config.allow = AllowList::everything();
+        tune(&mut config);
+        let coordinator = Coordinator::new(config, store, stores);
+        let service = coordinator.service().clone();
+        let listener = coordinator.bind().await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(coordinator.run(listener, stop.clone()));
+        Ok(Self {
+            service,
+            url,
+            stop,
+            server,
+        })
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.server.await;
+    }
 }

@@ -420,7 +420,14 @@ fn a_crash_mid_commit_publishes_each_file_once_on_the_next_run() {
     let f = Fixture::new();
     let job = f.job(
         "moved",
-        &["--rows", "24000", "--files", "2", "--row-group-rows", "1000"],
+        &[
+            "--rows",
+            "24000",
+            "--files",
+            "2",
+            "--row-group-rows",
+            "1000",
+        ],
         &["--hidden", "16"],
         "[shards]\nrows = 2000\ncheckpoint_rows = 1000\n",
     );
