@@ -60,6 +60,7 @@ pub struct OrtArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    nightshift_coordinator::failpoints_from_env();
     nightshift_worker::allocator::tune();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -57,8 +57,10 @@ impl ApiError {
             ApiError::Part(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidPart),
             ApiError::Store(e) => match e {
                 StoreError::LeaseLost { .. } => (StatusCode::CONFLICT, ErrorCode::LeaseLost),
-                StoreError::JobNotRunning { .. }
-                | StoreError::CheckpointGap { .. }
+                StoreError::JobNotRunning { .. } => {
+                    (StatusCode::CONFLICT, ErrorCode::JobNotRunning)
+                }
+                StoreError::CheckpointGap { .. }
                 | StoreError::Incomplete { .. }
                 | StoreError::IdempotencyConflict { .. }
                 | StoreError::OutputTaken { .. }

@@ -32,6 +32,18 @@ use crate::ownership::{check_manifest_owner, owned_file, verify_parts};
 use crate::part_check::PartError;
 use crate::store::{DynStore, JobRecord, PartRow};
 
+/// A point where crash tests stop the process, for real (the only way to land a crash exactly
+/// between two commit steps): with the `failpoints` feature and `FAILPOINTS=NAME=return`
+/// (`failpoints_from_env`); nothing at all in other builds.
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| {
+            eprintln!("crash point {}: aborting", $name);
+            std::process::abort()
+        })
+    };
+}
+
 /// Output files written at once.
 const FILE_CONCURRENCY: usize = 4;
 
@@ -194,11 +206,11 @@ pub async fn finalize(
         uri: out.join(MANIFEST).uri(),
         message: e.to_string(),
     })?;
-    crash_point("finalize:before-manifest");
+    crash_point!("finalize-before-manifest");
     check_manifest_owner(&out.join(MANIFEST), &job.uid).await?;
     claim.renew().await?;
     put(&out.join(MANIFEST), body).await?;
-    crash_point("finalize:before-success");
+    crash_point!("finalize-before-success");
     claim.renew().await?;
     put(&out.join(SUCCESS), Vec::new()).await?;
     Ok(Committed { manifest })
@@ -226,15 +238,6 @@ fn check_coverage(job: &JobRecord, parts: &[PartRow]) -> Result<(), FinalizeErro
         });
     }
     Ok(())
-}
-
-/// Crash tests stop the process here, for real, when `NIGHTSHIFT_CRASH_AT` names this point:
-/// the only way to land a crash exactly between two commit steps.
-fn crash_point(name: &str) {
-    if std::env::var("NIGHTSHIFT_CRASH_AT").is_ok_and(|v| v == name) {
-        eprintln!("crash point {name}: aborting");
-        std::process::abort();
-    }
 }
 
 /// What `collect_garbage` removed.

@@ -22,3 +22,11 @@ pub mod store;
 pub use allow_list::AllowList;
 pub use server::{Coordinator, CoordinatorConfig};
 pub use service::Service;
+
+/// Turns on the failpoints named in `FAILPOINTS` (e.g. `finalize-before-manifest=return`), for
+/// the process's life. Only builds with the `failpoints` feature (the tests') have any; in
+/// others this does nothing.
+pub fn failpoints_from_env() {
+    #[cfg(feature = "failpoints")]
+    std::mem::forget(fail::FailScenario::setup());
+}

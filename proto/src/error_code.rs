@@ -16,6 +16,8 @@ pub enum ErrorCode {
     Conflict,
     /// The fencing token is stale: the lease is gone.
     LeaseLost,
+    /// The lease's job is no longer running (cancelled, failed or finished): stop its shards.
+    JobNotRunning,
     Unauthorized,
     Forbidden,
     BadRequest,

@@ -442,7 +442,7 @@ fn a_crash_mid_commit_publishes_each_file_once_on_the_next_run() {
         .arg(&job.spec)
         .arg("--state")
         .arg(f.path("state"))
-        .env("NIGHTSHIFT_CRASH_AT", "finalize:before-manifest");
+        .env("FAILPOINTS", "finalize-before-manifest=return");
     let o = run(cmd, Duration::from_secs(300));
     assert!(!o.status.success(), "{}", text(&o));
     // The files were moved into place (their merged sources are gone), no manifest yet.

@@ -207,7 +207,7 @@ fn a_crash_mid_commit_commits_once_on_the_next_run() {
         &spec,
         &s.s3.endpoint(),
         "state",
-        &[("NIGHTSHIFT_CRASH_AT", "finalize:before-manifest")],
+        &[("FAILPOINTS", "finalize-before-manifest=return")],
     );
     assert!(!o.status.success(), "{}", text(&o));
     let files_before: Vec<String> = s
@@ -224,7 +224,7 @@ fn a_crash_mid_commit_commits_once_on_the_next_run() {
         &spec,
         &s.s3.endpoint(),
         "state",
-        &[("NIGHTSHIFT_CRASH_AT", "finalize:before-success")],
+        &[("FAILPOINTS", "finalize-before-success=return")],
     );
     assert!(!o.status.success(), "{}", text(&o));
     let manifest_first =

@@ -246,6 +246,14 @@ async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartb
         .await
         .unwrap();
     assert_eq!(hb.leases[0].state, nightshift_proto::LeaseState::Cancelled);
+    // A write for a job that stopped is told so by its code, not by the message's wording.
+    let stopped = new
+        .checkpoint(current, write_part(&second, 10, 10), None)
+        .await;
+    assert!(
+        matches!(stopped, Err(ClientError::JobNotRunning(_))),
+        "{stopped:?}"
+    );
     assert!(
         new.lease("fast", 10).await.unwrap().leases.is_empty(),
         "a cancelled job grants nothing"

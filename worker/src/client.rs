@@ -274,9 +274,7 @@ impl CoordinatorClient {
 fn refusal(path: &str, status: u16, code: Option<ErrorCode>, message: String) -> ClientError {
     match code {
         Some(ErrorCode::LeaseLost) => ClientError::LeaseLost(message),
-        Some(ErrorCode::Conflict) if message.contains("not running") => {
-            ClientError::JobNotRunning(message)
-        }
+        Some(ErrorCode::JobNotRunning) => ClientError::JobNotRunning(message),
         code => ClientError::Refused {
             path: path.to_string(),
             status,

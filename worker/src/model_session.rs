@@ -13,7 +13,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 
 use crate::onnx_runtime::OnnxRuntime;
-use crate::tensors::{self, TensorInput};
+use crate::tensors::{self, TensorError, TensorInput};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ModelError {
@@ -48,6 +48,9 @@ pub enum RunError {
     /// The model refused the input (or failed on it).
     #[error("{0}")]
     Failed(String),
+    /// The batch could not become tensors, or the outputs Arrow arrays.
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
 }
 
 /// ONNX Runtime reports an allocation failure with the generic RUNTIME_EXCEPTION code and no
@@ -205,20 +208,18 @@ impl ModelSession {
         let views = inputs
             .iter()
             .map(|t| Ok((t.name.as_str(), t.view()?)))
-            .collect::<Result<Vec<_>, String>>()
-            .map_err(RunError::Failed)?;
+            .collect::<Result<Vec<_>, TensorError>>()?;
         let result = self.session.run(views).map_err(classify)?;
         self.stats.calls += 1;
         self.stats.largest = self.stats.largest.max(rows);
         outputs
             .iter()
             .map(|o| {
-                let value = result
-                    .get(o.onnx_name.as_str())
-                    .ok_or_else(|| format!("the model returned no output `{}`", o.onnx_name))?;
-                tensors::output_array(value, o, rows)
+                let value = result.get(o.onnx_name.as_str()).ok_or_else(|| {
+                    RunError::Failed(format!("the model returned no output `{}`", o.onnx_name))
+                })?;
+                Ok(tensors::output_array(value, o, rows)?)
             })
-            .collect::<Result<_, String>>()
-            .map_err(RunError::Failed)
+            .collect()
     }
 }

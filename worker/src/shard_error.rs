@@ -8,6 +8,7 @@ use parquet::errors::ParquetError;
 use crate::client::ClientError;
 use crate::model_session::ModelError;
 use crate::onnx_runtime::RuntimeError;
+use crate::tensors::TensorError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
@@ -27,6 +28,8 @@ pub enum ShardError {
     Runtime(#[from] RuntimeError),
     #[error("inference failed: {0}")]
     Inference(String),
+    #[error("inference failed: {0}")]
+    Tensor(#[from] TensorError),
     #[error("writing part `{uri}`: {message}")]
     Write { uri: String, message: String },
     #[error(transparent)]
@@ -45,7 +48,7 @@ impl ShardError {
             // Another worker may have the GPU or the library this one lacks.
             ShardError::Model(ModelError::CudaUnavailable { .. }) => FailureClass::Retryable,
             ShardError::Runtime(_) => FailureClass::Retryable,
-            ShardError::Inference(_) => FailureClass::Retryable,
+            ShardError::Inference(_) | ShardError::Tensor(_) => FailureClass::Retryable,
             ShardError::Write { .. } => FailureClass::Retryable,
             ShardError::Coordinator(_) => FailureClass::Retryable,
             ShardError::Internal(_) => FailureClass::Retryable,

@@ -108,6 +108,35 @@ fn list_lengths(col: &dyn Array) -> Option<LengthFn<'_>> {
     }
 }
 
+/// Why a batch's columns could not become the model's tensors, or its outputs Arrow arrays.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TensorError {
+    #[error("column `{0}` missing from batch")]
+    MissingColumn(String),
+    #[error("model {direction} `{name}`: unsupported tensor type {elem}")]
+    UnsupportedType {
+        direction: &'static str,
+        name: String,
+        elem: String,
+    },
+    #[error("model input `{input}` from column `{column}`: {reason}")]
+    Cast {
+        input: String,
+        column: String,
+        reason: String,
+    },
+    #[error("model output `{name}` has shape {got:?}, expected {expected}")]
+    Shape {
+        name: String,
+        got: Vec<i64>,
+        expected: String,
+    },
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
+    #[error("building the output column: {0}")]
+    Arrow(String),
+}
+
 /// One model input, ready to hand to ONNX Runtime without a copy: the column's values laid out
 /// row after row, already in the tensor's element type.
 pub struct TensorInput {
@@ -118,8 +147,8 @@ pub struct TensorInput {
 
 impl TensorInput {
     /// A tensor that borrows the Arrow buffer (no copy).
-    pub fn view(&self) -> Result<SessionInputValue<'_>, String> {
-        let err = |e: ort::Error| e.to_string();
+    pub fn view(&self) -> Result<SessionInputValue<'_>, TensorError> {
+        let err = |e: ort::Error| TensorError::Runtime(e.to_string());
         let shape = self.shape.clone();
         Ok(match self.values.data_type() {
             DataType::Float32 => TensorRef::from_array_view((
@@ -146,7 +175,13 @@ impl TensorInput {
             ))
             .map_err(err)?
             .into(),
-            other => return Err(format!("unsupported tensor type {other}")),
+            other => {
+                return Err(TensorError::UnsupportedType {
+                    direction: "input",
+                    name: self.name.clone(),
+                    elem: other.to_string(),
+                });
+            }
         })
     }
 }
@@ -155,15 +190,15 @@ impl TensorInput {
 pub fn input_tensors(
     batch: &RecordBatch,
     inputs: &[InputBinding],
-) -> Result<Vec<TensorInput>, String> {
+) -> Result<Vec<TensorInput>, TensorError> {
     let rows = batch.num_rows();
     inputs
         .iter()
         .map(|b| {
             let col = batch
                 .column_by_name(&b.column)
-                .ok_or_else(|| format!("column `{}` missing from batch", b.column))?;
-            let (values, width) = flat_values(col)?;
+                .ok_or_else(|| TensorError::MissingColumn(b.column.clone()))?;
+            let (values, width) = flat_values(col);
             let shape: Vec<i64> = match b.shape {
                 Shape::Flat => vec![rows as i64],
                 Shape::Wide { .. } => vec![rows as i64, width as i64],
@@ -174,18 +209,18 @@ pub fn input_tensors(
                 ElemType::I32 => DataType::Int32,
                 ElemType::I64 => DataType::Int64,
                 other => {
-                    return Err(format!(
-                        "model input `{}`: unsupported tensor type {other}",
-                        b.onnx_name
-                    ));
+                    return Err(TensorError::UnsupportedType {
+                        direction: "input",
+                        name: b.onnx_name.clone(),
+                        elem: other.to_string(),
+                    });
                 }
             };
             // Same type: no copy; a lossless widening: one conversion.
-            let values = cast(&values, &target).map_err(|e| {
-                format!(
-                    "model input `{}` from column `{}`: {e}",
-                    b.onnx_name, b.column
-                )
+            let values = cast(&values, &target).map_err(|e| TensorError::Cast {
+                input: b.onnx_name.clone(),
+                column: b.column.clone(),
+                reason: e.to_string(),
             })?;
             Ok(TensorInput {
                 name: b.onnx_name.clone(),
@@ -197,40 +232,44 @@ pub fn input_tensors(
 }
 
 /// The values of a column laid out row after row, and the number of values per row.
-fn flat_values(col: &ArrayRef) -> Result<(ArrayRef, usize), String> {
+fn flat_values(col: &ArrayRef) -> (ArrayRef, usize) {
     let rows = col.len();
     match col.data_type() {
         DataType::FixedSizeList(_, n) => {
             let l = col.as_fixed_size_list();
             let n = *n as usize;
-            Ok((l.values().slice(l.offset() * n, rows * n), n))
+            (l.values().slice(l.offset() * n, rows * n), n)
         }
         DataType::List(_) => {
             let l = col.as_list::<i32>();
             let o = l.value_offsets();
             let (s, e) = (o[0] as usize, o[rows] as usize);
-            Ok((
+            (
                 l.values().slice(s, e - s),
                 (e - s).checked_div(rows).unwrap_or(0),
-            ))
+            )
         }
         DataType::LargeList(_) => {
             let l = col.as_list::<i64>();
             let o = l.value_offsets();
             let (s, e) = (o[0] as usize, o[rows] as usize);
-            Ok((
+            (
                 l.values().slice(s, e - s),
                 (e - s).checked_div(rows).unwrap_or(0),
-            ))
+            )
         }
-        _ => Ok((col.clone(), 1)),
+        _ => (col.clone(), 1),
     }
 }
 
 /// One model output as the Arrow array of its column: `[rows]` plain, `[rows, K]` a
 /// FixedSizeList of K.
-pub fn output_array(value: &DynValue, o: &OutputBinding, rows: usize) -> Result<ArrayRef, String> {
-    let check = |dims: &[i64]| -> Result<(), String> {
+pub fn output_array(
+    value: &DynValue,
+    o: &OutputBinding,
+    rows: usize,
+) -> Result<ArrayRef, TensorError> {
+    let check = |dims: &[i64]| -> Result<(), TensorError> {
         let ok = match o.width {
             None => dims == [rows as i64] || dims == [rows as i64, 1],
             Some(k) => dims == [rows as i64, k as i64],
@@ -238,11 +277,14 @@ pub fn output_array(value: &DynValue, o: &OutputBinding, rows: usize) -> Result<
         if ok {
             Ok(())
         } else {
-            Err(format!(
-                "model output `{}` has shape {dims:?}, expected [{rows}{}]",
-                o.onnx_name,
-                o.width.map(|k| format!(", {k}")).unwrap_or_default()
-            ))
+            Err(TensorError::Shape {
+                name: o.onnx_name.clone(),
+                got: dims.to_vec(),
+                expected: format!(
+                    "[{rows}{}]",
+                    o.width.map(|k| format!(", {k}")).unwrap_or_default()
+                ),
+            })
         }
     };
     let values: ArrayRef = match o.elem {
@@ -250,7 +292,13 @@ pub fn output_array(value: &DynValue, o: &OutputBinding, rows: usize) -> Result<
         ElemType::F64 => extract::<Float64Type>(value, check)?,
         ElemType::I32 => extract::<Int32Type>(value, check)?,
         ElemType::I64 => extract::<Int64Type>(value, check)?,
-        other => return Err(format!("unsupported output type {other}")),
+        other => {
+            return Err(TensorError::UnsupportedType {
+                direction: "output",
+                name: o.onnx_name.clone(),
+                elem: other.to_string(),
+            });
+        }
     };
     Ok(match o.width {
         None => values,
@@ -258,7 +306,7 @@ pub fn output_array(value: &DynValue, o: &OutputBinding, rows: usize) -> Result<
             let field = Arc::new(Field::new("item", values.data_type().clone(), false));
             Arc::new(
                 FixedSizeListArray::try_new(field, k as i32, values, None)
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|e| TensorError::Arrow(e.to_string()))?,
             )
         }
     })
@@ -267,15 +315,15 @@ pub fn output_array(value: &DynValue, o: &OutputBinding, rows: usize) -> Result<
 /// A tensor's values, after `check` accepted its shape, as an Arrow array (one copy).
 fn extract<T>(
     value: &DynValue,
-    check: impl Fn(&[i64]) -> Result<(), String>,
-) -> Result<ArrayRef, String>
+    check: impl Fn(&[i64]) -> Result<(), TensorError>,
+) -> Result<ArrayRef, TensorError>
 where
     T: arrow::datatypes::ArrowPrimitiveType,
     T::Native: ort::value::PrimitiveTensorElementType,
 {
     let (shape, data) = value
         .try_extract_tensor::<T::Native>()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| TensorError::Runtime(e.to_string()))?;
     check(shape)?;
     Ok(Arc::new(arrow::array::PrimitiveArray::<T>::new(
         data.to_vec().into(),
@@ -332,7 +380,7 @@ mod tests {
         )
         .unwrap();
         assert!(row_problems(&good, std::slice::from_ref(&b)).is_empty());
-        let (values, width) = flat_values(good.column(0)).unwrap();
+        let (values, width) = flat_values(good.column(0));
         assert_eq!(width, 2);
         assert_eq!(
             values.as_primitive::<Float32Type>().values().to_vec(),
@@ -351,11 +399,44 @@ mod tests {
             2,
         );
         let sliced = col.slice(1, 2);
-        let (values, width) = flat_values(&sliced).unwrap();
+        let (values, width) = flat_values(&sliced);
         assert_eq!(width, 2);
         assert_eq!(
             values.as_primitive::<Float32Type>().values().to_vec(),
             vec![3.0, 4.0, 5.0, 6.0]
         );
+    }
+
+    #[test]
+    fn tensor_errors_are_typed() {
+        let ids = Int64Array::from(vec![1, 2]);
+        let schema = Schema::new(vec![Field::new("id", DataType::Int64, false)]);
+        let batch = RecordBatch::try_new(Arc::new(schema), vec![Arc::new(ids)]).unwrap();
+        let binding = |column: &str, elem| InputBinding {
+            onnx_name: "x".into(),
+            column: column.into(),
+            elem,
+            shape: Shape::Flat,
+        };
+        let missing = input_tensors(&batch, &[binding("gone", ElemType::I64)]);
+        assert!(
+            matches!(&missing, Err(TensorError::MissingColumn(c)) if c == "gone"),
+            "{:?}",
+            missing.err()
+        );
+        let unsupported = input_tensors(&batch, &[binding("id", ElemType::Bool)]);
+        assert!(
+            matches!(
+                &unsupported,
+                Err(TensorError::UnsupportedType {
+                    direction: "input",
+                    ..
+                })
+            ),
+            "{:?}",
+            unsupported.err()
+        );
+        let ok = input_tensors(&batch, &[binding("id", ElemType::I64)]).unwrap();
+        assert_eq!(ok[0].shape, vec![2]);
     }
 }

@@ -24,6 +24,22 @@ use crate::model_files::ModelFiles;
 use crate::onnx_runtime::{self, RuntimeError};
 use crate::pipeline::{InputDone, ShardOutcome, ShardSignals, run_shard};
 
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(90);
+const DEFAULT_IDLE_POLL: Duration = Duration::from_millis(500);
+/// The lease TTL assumed until the coordinator's first answer gives it.
+const ASSUMED_LEASE_TTL: Duration = Duration::from_secs(30);
+/// A TTL the coordinator gives is taken as at least this (heartbeats stay sane).
+const MIN_LEASE_TTL: Duration = Duration::from_millis(300);
+/// With no work, lease requests back off doubling up to this many idle polls apart.
+const MAX_IDLE_BACKOFF: u32 = 4;
+/// With every slot busy, the loop waits for a shard to end or read all its input (a wake-up),
+/// at most this long.
+const BUSY_WAIT: Duration = Duration::from_secs(3600);
+/// Heartbeats per lease TTL, and the longest gap between two (so a cancelled job's shards
+/// stop within a couple of batches).
+const HEARTBEATS_PER_TTL: u32 = 3;
+const MAX_HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub coordinator: String,
@@ -59,8 +75,8 @@ impl WorkerConfig {
             intra_threads: 0,
             model_cache: DEFAULT_MODEL_CACHE,
             cache_dir: std::env::temp_dir().join("nightshift-models"),
-            drain_timeout: Duration::from_secs(90),
-            idle_poll: Duration::from_millis(500),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            idle_poll: DEFAULT_IDLE_POLL,
         }
     }
 }
@@ -136,7 +152,7 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> WorkerReport {
         let ctx = self.ctx.clone();
         let held: Held = Arc::new(Mutex::new(HashMap::new()));
-        let ttl = Arc::new(Mutex::new(Duration::from_secs(30)));
+        let ttl = Arc::new(Mutex::new(ASSUMED_LEASE_TTL));
         let mut slots = match self.start_slots() {
             Ok(slots) => slots,
             Err(e) => {
@@ -165,7 +181,7 @@ impl Worker {
             if !ready.is_empty() {
                 match ctx.client.lease(&ctx.worker_id, ready.len() as u32).await {
                     Ok(resp) => {
-                        *lock(&ttl) = Duration::from_millis(resp.lease_ttl_ms.max(300));
+                        *lock(&ttl) = Duration::from_millis(resp.lease_ttl_ms).max(MIN_LEASE_TTL);
                         granted = resp.leases.len();
                         for (lease, &i) in resp.leases.into_iter().zip(&ready) {
                             let done = Arc::new(InputDone::new(input_read.clone()));
@@ -195,10 +211,10 @@ impl Worker {
                 None
             } else if running.len() < self.slots {
                 let w = idle;
-                idle = (idle * 2).min(self.idle_poll * 4);
+                idle = (idle * 2).min(self.idle_poll * MAX_IDLE_BACKOFF);
                 Some(w)
             } else {
-                Some(Duration::from_secs(3600))
+                Some(BUSY_WAIT)
             };
             if let Some(wait) = wait {
                 tokio::select! {
@@ -381,9 +397,7 @@ async fn heartbeat_loop(
     let client = ctx.client.clone().with_retry_times(2);
     let monitor = GpuMonitor::new();
     loop {
-        // A third of the TTL keeps leases alive; at most 2 s so a cancelled job's shards stop
-        // within a couple of batches.
-        let every = (*lock(&ttl) / 3).min(Duration::from_secs(2));
+        let every = (*lock(&ttl) / HEARTBEATS_PER_TTL).min(MAX_HEARTBEAT_EVERY);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}

@@ -50,7 +50,7 @@ pub struct Inferred {
 pub fn prepare(b: InputBatch, plan: &TensorPlan) -> Result<Prepared, ShardError> {
     let problems = row_problems(&b.batch, &plan.inputs);
     if problems.is_empty() {
-        let tensors = input_tensors(&b.batch, &plan.inputs).map_err(ShardError::Inference)?;
+        let tensors = input_tensors(&b.batch, &plan.inputs)?;
         return Ok(Prepared {
             start: b.start,
             input: b.batch,
@@ -75,7 +75,7 @@ pub fn prepare(b: InputBatch, plan: &TensorPlan) -> Result<Prepared, ShardError>
     let tensors = if good.is_empty() {
         Vec::new()
     } else {
-        input_tensors(&good_batch, &plan.inputs).map_err(ShardError::Inference)?
+        input_tensors(&good_batch, &plan.inputs)?
     };
     Ok(Prepared {
         start: b.start,
@@ -235,8 +235,7 @@ impl Calls<'_> {
             Some(e) => Err(e),
             None => {
                 let slice = self.batch.slice(from, rows);
-                let tensors =
-                    input_tensors(&slice, &self.plan.inputs).map_err(ShardError::Inference)?;
+                let tensors = input_tensors(&slice, &self.plan.inputs)?;
                 self.session.run(&tensors, &self.plan.outputs, rows)
             }
         };
@@ -253,8 +252,10 @@ impl Calls<'_> {
                 self.session.row_limit = Some(limit);
                 self.run(from, to, None)?;
             }
-            Err(RunError::Failed(e)) if rows == 1 => self.rejected.push((from, e)),
-            Err(RunError::Failed(_)) => {
+            Err(e @ (RunError::Failed(_) | RunError::Tensor(_))) if rows == 1 => {
+                self.rejected.push((from, e.to_string()))
+            }
+            Err(RunError::Failed(_) | RunError::Tensor(_)) => {
                 let mid = from + rows / 2;
                 self.run(from, mid, None)?;
                 self.run(mid, to, None)?;
