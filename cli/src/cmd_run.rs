@@ -78,9 +78,9 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     if !args.json {
         eprintln!("nightshift: {device_note}");
     }
-    let sqlite = Arc::new(SqliteStore::open(&args.state.join("nightshift.db")).await?);
+    let sqlite = SqliteStore::open(&args.state.join("nightshift.db")).await?;
     sqlite.migrate().await?;
-    let store: DynStore = sqlite.clone();
+    let store: DynStore = Arc::new(sqlite);
 
     let mut config = CoordinatorConfig::new("127.0.0.1:0".parse()?);
     let submit_token = uuid::Uuid::new_v4().simple().to_string();
@@ -121,7 +121,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
             if matches!(old.state, JobState::Failed | JobState::Cancelled) {
                 store.retry_job(old.id).await?;
             }
-            let expired = sqlite.recover_after_crash().await?;
+            let expired = store.recover_after_crash().await?;
             if !args.json {
                 let view = service.view(&old).await?;
                 eprintln!(

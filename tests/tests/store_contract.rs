@@ -127,6 +127,7 @@ contract!(
     loops::merges_cover_the_rows_in_order_and_settling_waits_for_them,
     loops::metrics_count,
     loops::churn_commits_every_row_once,
+    loops::recovery_after_a_crash_expires_every_claim_at_once,
 );
 
 // Readiness before any migration: the one check that needs a store `open` did not migrate.

@@ -288,12 +288,23 @@ pub trait Store: Send + Sync + 'static {
     async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics>;
     /// The database clock.
     async fn now_ms(&self) -> Result<i64>;
+
+    /// For a database no other process uses (local mode, after a crash; the run holds its lock
+    /// file): every lease and finalizer claim still marked held is from the dead run, so all
+    /// expire now instead of waiting out their TTL; the reaper returns the shards to the queue
+    /// and the finalizer takes the job again. Returns the shards freed.
+    async fn recover_after_crash(&self) -> Result<u64>;
 }
 
 pub type DynStore = Arc<dyn Store>;
 
 /// Opens the store a URL names: `sqlite://path` (or a bare path ending in `.db`) or
 /// `postgres://...`, and migrates it.
+/// `recover_after_crash`, in SQL both dialects share.
+const EXPIRE_FINALIZER_CLAIMS: &str =
+    "UPDATE jobs SET finalizer_expires_at_ms = 0 WHERE finalizer_owner IS NOT NULL";
+const EXPIRE_LEASES: &str = "UPDATE shards SET lease_expires_at_ms = 0 WHERE state = 'leased'";
+
 pub async fn open(url: &str) -> Result<DynStore> {
     let store: DynStore = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Arc::new(postgres::PgStore::connect(url).await?)

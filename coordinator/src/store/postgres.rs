@@ -328,4 +328,14 @@ impl Store for PgStore {
             .fetch_one(&self.pool)
             .await?)
     }
+
+    async fn recover_after_crash(&self) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(super::EXPIRE_FINALIZER_CLAIMS)
+            .execute(&mut *tx)
+            .await?;
+        let freed = sqlx::query(super::EXPIRE_LEASES).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(freed.rows_affected())
+    }
 }

@@ -540,3 +540,32 @@ pub async fn merges_cover_the_rows_in_order_and_settling_waits_for_them(store: D
         JobState::Finalizing
     );
 }
+
+pub async fn recovery_after_a_crash_expires_every_claim_at_once(store: DynStore) {
+    // A finalizer claim and a lease held for a long time by a run that died.
+    let done = finished_job(&store, "committing").await;
+    let claimed = store.claim_finalize("dead-run", 3_600_000).await.unwrap();
+    assert_eq!(claimed.map(|j| j.id), Some(done));
+    let id = create(&store, "running", "", 2).await;
+    let held = store.claim("dead-run", 1, timing(3_600_000)).await.unwrap();
+    assert_eq!(held.len(), 1);
+    assert_eq!(store.reap_expired(timing(3_600_000)).await.unwrap(), 0);
+    assert!(
+        store
+            .claim_finalize("next", 60_000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Recovery frees both now: the reaper returns the shard, the next finalizer takes the job.
+    assert_eq!(store.recover_after_crash().await.unwrap(), 1);
+    assert_eq!(store.reap_expired(timing(3_600_000)).await.unwrap(), 1);
+    let shards = store.shards(id).await.unwrap();
+    assert!(
+        shards.iter().all(|s| s.state == ShardState::Pending),
+        "{shards:?}"
+    );
+    let retaken = store.claim_finalize("next", 60_000).await.unwrap();
+    assert_eq!(retaken.map(|j| j.id), Some(done));
+    assert_eq!(store.recover_after_crash().await.unwrap(), 0);
+}

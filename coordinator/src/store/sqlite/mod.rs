@@ -301,24 +301,14 @@ impl Store for SqliteStore {
     async fn now_ms(&self) -> Result<i64> {
         Ok(sqlx::query_scalar(NOW).fetch_one(&self.pool).await?)
     }
-}
 
-impl SqliteStore {
-    /// Local mode, after a crash: no other process can hold this database's leases or
-    /// finalizer claims (the run holds its lock file), so every one still marked held is from
-    /// the dead run. Expire them now instead of waiting out their TTL; the reaper returns the
-    /// shards to the queue and the finalizer takes the job again. Returns the shards freed.
-    pub async fn recover_after_crash(&self) -> Result<u64> {
-        sqlx::query(
-            "UPDATE jobs SET finalizer_expires_at_ms = 0 WHERE finalizer_owner IS NOT NULL",
-        )
-        .execute(&self.pool)
-        .await?;
-        Ok(
-            sqlx::query("UPDATE shards SET lease_expires_at_ms = 0 WHERE state = 'leased'")
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
-        )
+    async fn recover_after_crash(&self) -> Result<u64> {
+        sqlx::query(super::EXPIRE_FINALIZER_CLAIMS)
+            .execute(&self.pool)
+            .await?;
+        let freed = sqlx::query(super::EXPIRE_LEASES)
+            .execute(&self.pool)
+            .await?;
+        Ok(freed.rows_affected())
     }
 }
