@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use nightshift_coordinator::store::postgres::PgStore;
-use nightshift_coordinator::store::{DynStore, LeaseTiming, NewJob, Store};
 use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
+use nightshift_metastore::postgres::PgStore;
+use nightshift_metastore::{DynMetastore, LeaseTiming, Metastore, NewJob};
 use nightshift_proto::JobSpec;
 use nightshift_proto::wire::{InputFile, JobPlan, LeaseRef, PartRecord, ShardLease, ShardPlan};
 use nightshift_storage::Stores;
@@ -275,7 +275,7 @@ fn print_cell(c: &Cell, before: &[Cell]) {
 
 /// One worker's side of the lease protocol, on either path.
 enum Lessee {
-    Store(DynStore),
+    Metastore(DynMetastore),
     Http(CoordinatorClient),
 }
 
@@ -288,14 +288,14 @@ const TIMING: LeaseTiming = LeaseTiming {
 impl Lessee {
     async fn claim(&self, worker: &str, max: u32) -> Result<Vec<ShardLease>> {
         Ok(match self {
-            Lessee::Store(s) => s.claim(worker, max, TIMING).await?,
+            Lessee::Metastore(s) => s.claim(worker, max, TIMING).await?,
             Lessee::Http(c) => c.lease(worker, max).await?.leases,
         })
     }
 
     async fn checkpoint(&self, lease: LeaseRef, part: PartRecord) -> Result<()> {
         match self {
-            Lessee::Store(s) => s.checkpoint(lease, &part).await?,
+            Lessee::Metastore(s) => s.checkpoint(lease, &part).await?,
             Lessee::Http(c) => c.checkpoint(lease, part, None).await?,
         }
         Ok(())
@@ -303,7 +303,7 @@ impl Lessee {
 
     async fn complete(&self, lease: LeaseRef) -> Result<()> {
         match self {
-            Lessee::Store(s) => s.complete(lease).await?,
+            Lessee::Metastore(s) => s.complete(lease).await?,
             Lessee::Http(c) => c.complete(lease).await?,
         }
         Ok(())
@@ -311,7 +311,7 @@ impl Lessee {
 
     async fn complete_many(&self, leases: &[LeaseRef]) -> Result<()> {
         match self {
-            Lessee::Store(s) => {
+            Lessee::Metastore(s) => {
                 for answer in s.complete_many(leases).await? {
                     answer?;
                 }
@@ -347,7 +347,7 @@ async fn measure(
     let url = pg.fresh_database().await?;
     let store = PgStore::connect(&url).await?;
     store.migrate().await?;
-    let store: DynStore = Arc::new(store);
+    let store: DynMetastore = Arc::new(store);
     let rows = u64::from(a.checkpoint);
     // Parts checkpointed over HTTP must exist where the coordinator expects them: a local
     // output that the workers below write stand-in parts into.
@@ -389,7 +389,7 @@ async fn measure(
                 Some(base) => Lessee::Http(
                     CoordinatorClient::new(base, WORKER_TOKEN).for_worker(&format!("bench-w{w}")),
                 ),
-                None => Lessee::Store(store.clone()),
+                None => Lessee::Metastore(store.clone()),
             };
             let work = Work {
                 worker: format!("bench-w{w}"),
@@ -480,7 +480,7 @@ impl Work {
                 for l in &leases {
                     let part = match lessee {
                         Lessee::Http(_) => write_part(l, 0, 1),
-                        Lessee::Store(_) => one_row_part(l.lease_ref()),
+                        Lessee::Metastore(_) => one_row_part(l.lease_ref()),
                     };
                     lessee.checkpoint(l.lease_ref(), part).await?;
                 }

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::Float32Type;
-use nightshift_coordinator::store::sqlite::SqliteStore;
-use nightshift_coordinator::store::{DynStore, Store};
 use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
+use nightshift_metastore::sqlite::SqliteStore;
+use nightshift_metastore::{DynMetastore, Metastore};
 use nightshift_proto::{Device, JobSpec, JobState};
 use nightshift_storage::Stores;
 use nightshift_worker::{Worker, WorkerConfig, onnx_runtime};
@@ -418,7 +418,7 @@ impl BenchCoordinator {
     ) -> Result<Self> {
         let sqlite = Arc::new(SqliteStore::open(db).await?);
         sqlite.migrate().await?;
-        let store: DynStore = sqlite;
+        let store: DynMetastore = sqlite;
         let mut config = CoordinatorConfig::new("127.0.0.1:0".parse()?);
         config.submit_tokens = vec!["s".into()];
         config.worker_tokens = vec!["w".into()];

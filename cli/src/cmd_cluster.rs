@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use nightshift_coordinator::store::LeaseTiming;
 use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
+use nightshift_metastore::LeaseTiming;
 use nightshift_storage::Stores;
 use nightshift_worker::spot::SpotWatcher;
 use nightshift_worker::{Worker, WorkerConfig};
@@ -137,7 +137,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<ExitCode> {
             "give at least one --submit-token and one --worker-token (or NIGHTSHIFT_SUBMIT_TOKENS / NIGHTSHIFT_WORKER_TOKENS, or --submit-token-file / --worker-token-file)"
         );
     }
-    let store = nightshift_coordinator::store::open(&args.database_url).await?;
+    let store = nightshift_metastore::open(&args.database_url).await?;
     let stores = Arc::new(Stores::new(
         nightshift_storage::s3::S3Settings::load().await,
     ));

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use nightshift_coordinator::store::sqlite::SqliteStore;
-use nightshift_coordinator::store::{DynStore, Store};
 use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
+use nightshift_metastore::sqlite::SqliteStore;
+use nightshift_metastore::{DynMetastore, Metastore};
 use nightshift_proto::wire::JobView;
 use nightshift_proto::{JobSpec, JobState};
 use nightshift_storage::Stores;
@@ -80,7 +80,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let sqlite = SqliteStore::open(&args.state.join("nightshift.db")).await?;
     sqlite.migrate().await?;
-    let store: DynStore = Arc::new(sqlite);
+    let store: DynMetastore = Arc::new(sqlite);
 
     let mut config = CoordinatorConfig::new("127.0.0.1:0".parse()?);
     let submit_token = uuid::Uuid::new_v4().simple().to_string();
@@ -303,8 +303,8 @@ fn lock_state(dir: &Path) -> Result<std::fs::File> {
 /// `--restart`: the old job's record, parts and committed output go.
 async fn discard(
     stores: &Stores,
-    store: &DynStore,
-    old: &nightshift_coordinator::store::JobRecord,
+    store: &DynMetastore,
+    old: &nightshift_metastore::JobRecord,
 ) -> Result<()> {
     let out = stores.locate(&old.output_uri)?;
     let manifest = out.join("_manifest.json");

@@ -7,7 +7,7 @@ use nightshift_proto::{ErrorBody, ErrorCode, SpecError, TextError};
 
 use crate::job_check::JobCheckError;
 use crate::part_check::PartError;
-use crate::store::StoreError;
+use nightshift_metastore::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -34,7 +34,7 @@ pub enum ApiError {
     #[error("part refused: {0}")]
     Part(#[from] PartError),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Metastore(#[from] StoreError),
 }
 
 /// The most characters of an error message a client is sent.
@@ -55,7 +55,7 @@ impl ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable)
             }
             ApiError::Part(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidPart),
-            ApiError::Store(e) => match e {
+            ApiError::Metastore(e) => match e {
                 StoreError::LeaseLost { .. } => (StatusCode::CONFLICT, ErrorCode::LeaseLost),
                 StoreError::JobNotRunning { .. } => {
                     (StatusCode::CONFLICT, ErrorCode::JobNotRunning)
@@ -81,7 +81,7 @@ impl ApiError {
     /// text (that goes to the log), cut to `MAX_MESSAGE_CHARS`.
     pub fn client_message(&self) -> String {
         let message = match self {
-            ApiError::Store(
+            ApiError::Metastore(
                 StoreError::Db(_)
                 | StoreError::Migrate(_)
                 | StoreError::Batch(_)
@@ -124,7 +124,7 @@ mod tests {
 
     #[test]
     fn database_errors_are_logged_not_told_and_long_messages_are_cut() {
-        let db = ApiError::Store(StoreError::Db(sqlx::Error::Protocol(
+        let db = ApiError::Metastore(StoreError::Db(sqlx::Error::Protocol(
             "invalid byte sequence for encoding \"UTF8\": 0x00".into(),
         )));
         assert_eq!(db.status_and_code().0, StatusCode::SERVICE_UNAVAILABLE);

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Result, StoreError};
+use nightshift_metastore::{Result, StoreError};
 
 /// A call for a lot of requests: one answer per request, in order; `Err` fails all of them.
 pub type Round<Req, Ans> = Arc<

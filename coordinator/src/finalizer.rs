@@ -30,7 +30,7 @@ use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 
 use crate::ownership::{check_manifest_owner, owned_file, verify_parts};
 use crate::part_check::PartError;
-use crate::store::{DynStore, JobRecord, PartRow};
+use nightshift_metastore::{DynMetastore, JobRecord, PartRow};
 
 /// A point where crash tests stop the process, for real (the only way to land a crash exactly
 /// between two commit steps): with the `failpoints` feature and `FAILPOINTS=NAME=return`
@@ -91,7 +91,7 @@ impl FinalizeError {
 
 /// The finalizer's claim on the job it commits: checked before each step that publishes.
 pub struct Claim<'a> {
-    pub store: &'a DynStore,
+    pub store: &'a DynMetastore,
     pub job: i64,
     pub owner: &'a str,
     pub ttl_ms: i64,

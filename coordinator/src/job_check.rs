@@ -16,7 +16,7 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 
 use crate::planner::plan_file;
-use crate::store::output_key;
+use nightshift_metastore::output_key;
 
 /// Footers read at once while planning.
 const FOOTER_CONCURRENCY: usize = 16;

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use nightshift_proto::wire::LeaseRef;
 use subtle::ConstantTimeEq;
 
-use crate::store::{DynStore, LeaseHolder, Result};
+use nightshift_metastore::{DynMetastore, LeaseHolder, Result};
 
 /// The rule: same token, same worker, same secret (compared in constant time).
 pub fn holds(holder: &LeaseHolder, worker: &str, lease: &LeaseRef) -> bool {
@@ -29,7 +29,7 @@ pub fn holds(holder: &LeaseHolder, worker: &str, lease: &LeaseRef) -> bool {
 
 /// For each lease, its grant when `worker` holds it, else `None`.
 pub async fn held_by(
-    store: &DynStore,
+    store: &DynMetastore,
     worker: &str,
     leases: &[LeaseRef],
 ) -> Result<Vec<Option<LeaseHolder>>> {
@@ -40,7 +40,7 @@ pub async fn held_by(
 /// `held_by` for leases of several workers at once (`workers[i]` presents `leases[i]`): one
 /// read for all of them.
 pub async fn held_by_each(
-    store: &DynStore,
+    store: &DynMetastore,
     workers: &[&str],
     leases: &[LeaseRef],
 ) -> Result<Vec<Option<LeaseHolder>>> {

@@ -10,14 +10,12 @@ pub mod finalizer;
 pub mod job_check;
 mod lease_check;
 pub mod loops;
-pub mod merges;
 pub mod metrics;
 mod ownership;
 pub mod part_check;
 pub mod planner;
 pub mod server;
 pub mod service;
-pub mod store;
 
 pub use allow_list::AllowList;
 pub use server::{Coordinator, CoordinatorConfig};

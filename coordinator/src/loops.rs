@@ -8,9 +8,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::finalizer::{Claim, FinalizeError, collect_garbage, finalize};
-use crate::merges::plan_groups;
 use crate::service::Service;
-use crate::store::JobOutcome;
+use nightshift_metastore::JobOutcome;
+use nightshift_metastore::merges::plan_groups;
 
 /// Expired leases go back to the queue (or dead past max attempts).
 pub async fn reaper(service: Service, every: Duration, shutdown: CancellationToken) {
@@ -101,7 +101,7 @@ pub async fn finalizer(
 
 /// Queues merge work for the committed parts of every running job (`merges.rs`), so that
 /// workers make the output files while the job runs; answers how many merges were queued.
-async fn plan_merges(service: &Service) -> Result<u64, crate::store::StoreError> {
+async fn plan_merges(service: &Service) -> Result<u64, nightshift_metastore::StoreError> {
     let mut made = 0;
     for job in service.store.running_jobs().await? {
         let candidates = service.store.merge_candidates(job.id).await?;
@@ -144,7 +144,7 @@ async fn commit(
     service: &Service,
     replica: &str,
     claim_ttl: Duration,
-    job: crate::store::JobRecord,
+    job: nightshift_metastore::JobRecord,
 ) -> bool {
     let parts = match service.store.merged_parts(job.id).await {
         Ok(p) => p,

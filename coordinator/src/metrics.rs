@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nightshift_proto::wire::{GpuSample, LoadedModel, ModelHolder};
 
-use crate::store::StoreMetrics;
+use nightshift_metastore::StoreMetrics;
 
 pub const PENDING_SHARDS: &str = "nightshift_pending_shards";
 pub const PENDING_ROWS: &str = "nightshift_pending_rows";

@@ -15,7 +15,7 @@ use object_store::ObjectStoreExt;
 
 use crate::finalizer::FinalizeError;
 use crate::part_check::verify_object;
-use crate::store::{JobRecord, PartRow};
+use nightshift_metastore::{JobRecord, PartRow};
 
 /// Parts checked at once.
 const VERIFY_CONCURRENCY: usize = 16;

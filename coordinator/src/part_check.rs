@@ -11,7 +11,7 @@ use nightshift_storage::location::plain_file_inside;
 use nightshift_storage::{Location, StorageError, Stores};
 use object_store::ObjectStoreExt;
 
-use crate::store::LeaseHolder;
+use nightshift_metastore::LeaseHolder;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PartError {

@@ -14,7 +14,7 @@ use crate::allow_list::AllowList;
 use crate::api::{ApiState, Tokens, router};
 use crate::metrics::Metrics;
 use crate::service::Service;
-use crate::store::{DynStore, LeaseTiming};
+use nightshift_metastore::{DynMetastore, LeaseTiming};
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -59,7 +59,7 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    pub fn new(config: CoordinatorConfig, store: DynStore, stores: Arc<Stores>) -> Self {
+    pub fn new(config: CoordinatorConfig, store: DynMetastore, stores: Arc<Stores>) -> Self {
         let service = Service::new(
             store,
             stores,

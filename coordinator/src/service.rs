@@ -22,8 +22,8 @@ use crate::job_check::check_and_plan;
 use crate::lease_check::{held_by, held_by_each};
 use crate::metrics::Metrics;
 use crate::part_check::{check_counts, check_objects};
-use crate::store::{
-    ClaimRequest, DynStore, JobRecord, LeaseHolder, LeaseTiming, NewJob, StoreError, Submitted,
+use nightshift_metastore::{
+    ClaimRequest, DynMetastore, JobRecord, LeaseHolder, LeaseTiming, NewJob, StoreError, Submitted,
 };
 
 /// The most shards one lease request may take.
@@ -55,7 +55,7 @@ const COMPLETE_LIMITS: Limits = Limits {
 
 #[derive(Clone)]
 pub struct Service {
-    pub store: DynStore,
+    pub store: DynMetastore,
     pub stores: Arc<Stores>,
     pub allow: AllowList,
     pub timing: LeaseTiming,
@@ -76,7 +76,7 @@ struct Coalesced {
 
 impl Service {
     pub fn new(
-        store: DynStore,
+        store: DynMetastore,
         stores: Arc<Stores>,
         allow: AllowList,
         timing: LeaseTiming,
@@ -161,7 +161,7 @@ impl Service {
                         job: self.view(&existing).await?,
                     })
                 } else {
-                    Err(ApiError::Store(StoreError::IdempotencyConflict {
+                    Err(ApiError::Metastore(StoreError::IdempotencyConflict {
                         key: k.clone(),
                         job_id: existing.id,
                     }))
@@ -327,7 +327,7 @@ impl Service {
             .await?
             .pop()
             .flatten()
-            .ok_or(ApiError::Store(StoreError::LeaseLost {
+            .ok_or(ApiError::Metastore(StoreError::LeaseLost {
                 shard_id: lease.shard_id,
                 token: lease.token,
             }))
@@ -422,9 +422,9 @@ impl Service {
 /// Completes each `(worker, lease)` that its worker holds (one read for all, one store call for
 /// those held); the others answer `lease_lost`.
 async fn complete_lot(
-    store: &DynStore,
+    store: &DynMetastore,
     requests: &[(String, LeaseRef)],
-) -> crate::store::Result<Vec<crate::store::Result<()>>> {
+) -> nightshift_metastore::Result<Vec<nightshift_metastore::Result<()>>> {
     let workers: Vec<&str> = requests.iter().map(|(w, _)| w.as_str()).collect();
     let leases: Vec<LeaseRef> = requests.iter().map(|(_, l)| *l).collect();
     let held = held_by_each(store, &workers, &leases).await?;
@@ -447,10 +447,10 @@ async fn on_held<A, F, Fut>(
     held: &[Option<LeaseHolder>],
     not_held: impl Fn(&LeaseRef) -> A,
     call: F,
-) -> crate::store::Result<Vec<A>>
+) -> nightshift_metastore::Result<Vec<A>>
 where
     F: FnOnce(Vec<LeaseRef>) -> Fut,
-    Fut: std::future::Future<Output = crate::store::Result<Vec<A>>>,
+    Fut: std::future::Future<Output = nightshift_metastore::Result<Vec<A>>>,
 {
     let mine: Vec<LeaseRef> = leases
         .iter()

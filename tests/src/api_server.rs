@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use nightshift_coordinator::store::sqlite::SqliteStore;
-use nightshift_coordinator::store::{DynStore, LeaseTiming, Store};
 use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
+use nightshift_metastore::sqlite::SqliteStore;
+use nightshift_metastore::{DynMetastore, LeaseTiming, Metastore};
 use nightshift_storage::Stores;
 use reqwest::StatusCode;
 use tokio_util::sync::CancellationToken;
@@ -33,13 +33,13 @@ pub async fn start(f: &Fixture, allow: AllowList, ttl_ms: i64) -> Api {
 }
 
 /// A coordinator on `store`, with submit token `S` and worker token `W`.
-pub async fn start_on(store: DynStore, allow: AllowList, ttl_ms: i64) -> Api {
+pub async fn start_on(store: DynMetastore, allow: AllowList, ttl_ms: i64) -> Api {
     start_with(store, allow, ttl_ms, Arc::new(Stores::default())).await
 }
 
 /// As `start_on`, reaching objects through `stores`.
 pub async fn start_with(
-    store: DynStore,
+    store: DynMetastore,
     allow: AllowList,
     ttl_ms: i64,
     stores: Arc<Stores>,

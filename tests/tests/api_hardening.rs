@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use nightshift_coordinator::AllowList;
-use nightshift_coordinator::store::Store;
-use nightshift_coordinator::store::postgres::PgStore;
+use nightshift_metastore::Metastore;
+use nightshift_metastore::postgres::PgStore;
 use nightshift_proto::wire::{LeaseSecret, ShardLease};
 use nightshift_tests::PgServer;
 use nightshift_tests::api_server::{Api, job, start, start_on};

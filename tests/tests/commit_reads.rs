@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nightshift_coordinator::AllowList;
-use nightshift_coordinator::store::Store;
-use nightshift_coordinator::store::sqlite::SqliteStore;
+use nightshift_metastore::Metastore;
+use nightshift_metastore::sqlite::SqliteStore;
 use nightshift_storage::Stores;
 use nightshift_tests::api_server::start_with;
 use nightshift_tests::fault_proxy::{FaultPlan, FaultProxy};

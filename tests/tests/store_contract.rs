@@ -1,4 +1,4 @@
-//! The store contract: one suite of cases, each an async fn over a `DynStore`, run against a
+//! The store contract: one suite of cases, each an async fn over a `DynMetastore`, run against a
 //! fresh SQLite file and a fresh PostgreSQL database (its own throwaway server per test).
 
 #[path = "store_contract/jobs.rs"]
@@ -12,9 +12,9 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use nightshift_coordinator::store::postgres::PgStore;
-use nightshift_coordinator::store::sqlite::SqliteStore;
-use nightshift_coordinator::store::{self, DynStore, LeaseTiming, NewJob, Store, Submitted};
+use nightshift_metastore::postgres::PgStore;
+use nightshift_metastore::sqlite::SqliteStore;
+use nightshift_metastore::{self, DynMetastore, LeaseTiming, Metastore, NewJob, Submitted};
 use nightshift_proto::JobSpec;
 use nightshift_proto::wire::{InputFile, JobPlan, LeaseRef, PartRecord, ShardLease, ShardPlan};
 use nightshift_tests::PgServer;
@@ -27,7 +27,7 @@ const CASE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A store and whatever keeps it alive; fields drop in order (store, then server, then files).
 struct Fixture {
-    store: DynStore,
+    store: DynMetastore,
     _pg: Option<PgServer>,
     _dir: Option<TempDir>,
 }
@@ -36,7 +36,7 @@ impl Fixture {
     async fn sqlite() -> Fixture {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("store.db");
-        let store = store::open(&format!("sqlite://{}", path.display()))
+        let store = nightshift_metastore::open(&format!("sqlite://{}", path.display()))
             .await
             .expect("open sqlite store");
         Fixture {
@@ -49,7 +49,9 @@ impl Fixture {
     async fn postgres() -> Fixture {
         let pg = PgServer::start().await.expect("start postgres");
         let url = pg.fresh_database().await.expect("fresh database");
-        let store = store::open(&url).await.expect("open postgres store");
+        let store = nightshift_metastore::open(&url)
+            .await
+            .expect("open postgres store");
         Fixture {
             store,
             _pg: Some(pg),
@@ -60,7 +62,7 @@ impl Fixture {
 
 async fn run_case<F, Fut>(fixture: Fixture, case: F)
 where
-    F: FnOnce(DynStore) -> Fut,
+    F: FnOnce(DynMetastore) -> Fut,
     Fut: Future<Output = ()>,
 {
     tokio::time::timeout(CASE_TIMEOUT, case(fixture.store.clone()))
@@ -226,7 +228,7 @@ pub fn new_job(spec: JobSpec, shards: usize, key: Option<&str>) -> NewJob {
 }
 
 /// Creates a running job of `shards` shards, with an output of its own, and returns its id.
-pub async fn create(store: &DynStore, name: &str, extra: &str, shards: usize) -> i64 {
+pub async fn create(store: &DynMetastore, name: &str, extra: &str, shards: usize) -> i64 {
     let mut spec = spec(name, extra);
     let n = NEXT_UID.fetch_add(1, Ordering::Relaxed);
     spec.output.uri = format!("s3://out/{name}-{n}/");
@@ -274,7 +276,7 @@ pub fn part(lease: LeaseRef, row_start: u64, rows: u64) -> PartRecord {
 }
 
 /// Checkpoints every row of a lease and completes it.
-pub async fn finish(store: &DynStore, lease: &ShardLease) {
+pub async fn finish(store: &DynMetastore, lease: &ShardLease) {
     let l = lease_ref(lease);
     let start = lease.checkpoint_rows;
     if start < lease.plan.rows {
@@ -288,9 +290,9 @@ pub async fn finish(store: &DynStore, lease: &ShardLease) {
 
 /// Queues the merge work of a job whose row shards are all done, as the finalizer loop would
 /// with a target no group reaches (one merge of every row), and does it like a worker.
-pub async fn merge_all(store: &DynStore, job_id: i64) {
+pub async fn merge_all(store: &DynMetastore, job_id: i64) {
     let candidates = store.merge_candidates(job_id).await.expect("candidates");
-    let groups = nightshift_coordinator::merges::plan_groups(&candidates, u64::MAX);
+    let groups = nightshift_metastore::merges::plan_groups(&candidates, u64::MAX);
     store.create_merges(job_id, &groups).await.expect("merges");
     for lease in store.claim("merger", 100, long()).await.expect("claim") {
         if lease.job_id == job_id && lease.merge.is_some() {

@@ -1,11 +1,11 @@
 //! Jobs: submission, idempotency, reads, cancel, retry, delete.
 
-use nightshift_coordinator::store::{DynStore, JobOutcome, StoreError, Submitted};
+use nightshift_metastore::{DynMetastore, JobOutcome, StoreError, Submitted};
 use nightshift_proto::{FailureClass, JobState, ShardState};
 
 use crate::{ROWS, assert_err, create, lease_ref, long, new_job, part, spec};
 
-pub async fn ready_after_migrate(store: DynStore) {
+pub async fn ready_after_migrate(store: DynMetastore) {
     assert!(store.ready().await.unwrap());
     // Migrating again is a no-op.
     store.migrate().await.unwrap();
@@ -21,7 +21,7 @@ pub async fn ready_after_migrate(store: DynStore) {
     );
 }
 
-pub async fn create_and_read_back(store: DynStore) {
+pub async fn create_and_read_back(store: DynMetastore) {
     let job = new_job(spec("reads", "priority = 3"), 3, None);
     let uid = job.uid.clone();
     let created = match store.create_job(job).await.unwrap() {
@@ -78,7 +78,7 @@ pub async fn create_and_read_back(store: DynStore) {
     assert_eq!(store.list_jobs(2).await.unwrap().len(), 2);
 }
 
-pub async fn idempotent_create(store: DynStore) {
+pub async fn idempotent_create(store: DynMetastore) {
     let first = store
         .create_job(new_job(spec("nightly", ""), 2, Some("nightly-2024-05-01")))
         .await
@@ -115,7 +115,7 @@ pub async fn idempotent_create(store: DynStore) {
     assert_eq!(store.list_jobs(10).await.unwrap().len(), 3);
 }
 
-pub async fn racing_idempotent_creates_make_one_job(store: DynStore) {
+pub async fn racing_idempotent_creates_make_one_job(store: DynMetastore) {
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let store = store.clone();
@@ -139,7 +139,7 @@ pub async fn racing_idempotent_creates_make_one_job(store: DynStore) {
     assert_eq!(store.shards(ids[0]).await.unwrap().len(), 50);
 }
 
-pub async fn cancel_and_retry(store: DynStore) {
+pub async fn cancel_and_retry(store: DynMetastore) {
     let id = create(&store, "cancel", "", 2).await;
     assert_err!(
         store.retry_job(id).await,
@@ -214,7 +214,7 @@ pub async fn cancel_and_retry(store: DynStore) {
     assert_err!(store.retry_job(id + 1000).await, StoreError::JobNotFound(_));
 }
 
-pub async fn delete_removes_everything(store: DynStore) {
+pub async fn delete_removes_everything(store: DynMetastore) {
     let id = create(&store, "doomed", "", 3).await;
     let keep = create(&store, "kept", "", 1).await;
     let lease = store.claim("w1", 1, long()).await.unwrap().remove(0);
@@ -235,7 +235,7 @@ pub async fn delete_removes_everything(store: DynStore) {
     store.delete_job(id).await.unwrap();
 }
 
-pub async fn large_job(store: DynStore) {
+pub async fn large_job(store: DynMetastore) {
     const SHARDS: usize = 100_000;
     let started = std::time::Instant::now();
     let id = create(&store, "large", "", SHARDS).await;
@@ -253,13 +253,13 @@ pub async fn large_job(store: DynStore) {
 }
 
 /// A job with `output` as its output.
-fn job_at(name: &str, output: &str) -> nightshift_coordinator::store::NewJob {
+fn job_at(name: &str, output: &str) -> nightshift_metastore::NewJob {
     let mut spec = spec(name, "");
     spec.output.uri = output.to_string();
     new_job(spec, 1, None)
 }
 
-pub async fn outputs_are_owned(store: DynStore) {
+pub async fn outputs_are_owned(store: DynMetastore) {
     let owner = store
         .create_job(job_at("owner", "s3://out/owned/"))
         .await
@@ -322,7 +322,7 @@ pub async fn outputs_are_owned(store: DynStore) {
     );
 }
 
-pub async fn retry_drops_a_stale_finalizer_claim(store: DynStore) {
+pub async fn retry_drops_a_stale_finalizer_claim(store: DynMetastore) {
     let id = create(&store, "reclaimed", "", 1).await;
     let lease = store.claim("w1", 1, long()).await.unwrap().remove(0);
     crate::finish(&store, &lease).await;

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use nightshift_coordinator::store::{ClaimRequest, DynStore, LeaseTiming, StoreError};
+use nightshift_metastore::{ClaimRequest, DynMetastore, LeaseTiming, StoreError};
 use nightshift_proto::wire::LeaseRef;
 use nightshift_proto::{FailureClass, JobState, LeaseState, ShardState};
 
@@ -16,7 +16,7 @@ fn stale(l: LeaseRef) -> LeaseRef {
     }
 }
 
-pub async fn claim_grants_each_shard_once(store: DynStore) {
+pub async fn claim_grants_each_shard_once(store: DynMetastore) {
     let id = create(&store, "claims", "", 5).await;
     let job = store.job(id).await.unwrap().unwrap();
     let shards = store.shards(id).await.unwrap();
@@ -47,7 +47,7 @@ pub async fn claim_grants_each_shard_once(store: DynStore) {
     }
 }
 
-pub async fn claim_follows_priority_and_skips_stopped_jobs(store: DynStore) {
+pub async fn claim_follows_priority_and_skips_stopped_jobs(store: DynMetastore) {
     let low = create(&store, "low", "", 2).await;
     let high = create(&store, "high", "priority = 5", 2).await;
     let gone = create(&store, "gone", "priority = 9", 2).await;
@@ -63,7 +63,7 @@ pub async fn claim_follows_priority_and_skips_stopped_jobs(store: DynStore) {
     assert_eq!(last[0].job_id, low);
 }
 
-pub async fn concurrent_claimers_never_share_a_shard(store: DynStore) {
+pub async fn concurrent_claimers_never_share_a_shard(store: DynMetastore) {
     const SHARDS: usize = 200;
     let id = create(&store, "contended", "", SHARDS).await;
     let tasks: Vec<_> = (0..16)
@@ -100,7 +100,7 @@ fn request(worker: &str, max: u32) -> ClaimRequest {
     }
 }
 
-pub async fn claim_many_serves_requests_in_order(store: DynStore) {
+pub async fn claim_many_serves_requests_in_order(store: DynMetastore) {
     let low = create(&store, "low", "", 3).await;
     let high = create(&store, "high", "priority = 5", 2).await;
     let requests = [request("w1", 1), request("w2", 3), request("w1", 2)];
@@ -143,7 +143,7 @@ pub async fn claim_many_serves_requests_in_order(store: DynStore) {
     assert!(store.claim_many(&[], long()).await.unwrap().is_empty());
 }
 
-pub async fn concurrent_claim_many_calls_never_share_a_shard(store: DynStore) {
+pub async fn concurrent_claim_many_calls_never_share_a_shard(store: DynMetastore) {
     const SHARDS: usize = 300;
     create(&store, "contended-many", "", SHARDS).await;
     let tasks: Vec<_> = (0..6)
@@ -172,7 +172,7 @@ pub async fn concurrent_claim_many_calls_never_share_a_shard(store: DynStore) {
     assert_eq!(unique.len(), SHARDS, "no shard granted twice");
 }
 
-pub async fn heartbeat_extends_and_reports(store: DynStore) {
+pub async fn heartbeat_extends_and_reports(store: DynMetastore) {
     let id = create(&store, "beats", "", 3).await;
     let leases = store.claim("w1", 2, timing(400)).await.unwrap();
     let (a, b) = (lease_ref(&leases[0]), lease_ref(&leases[1]));
@@ -223,7 +223,7 @@ pub async fn heartbeat_extends_and_reports(store: DynStore) {
     assert_eq!(answer.leases[1].state, LeaseState::Lost);
 }
 
-pub async fn checkpoint_is_contiguous_and_fenced(store: DynStore) {
+pub async fn checkpoint_is_contiguous_and_fenced(store: DynMetastore) {
     let id = create(&store, "checkpoints", "[errors]\nmax_rows = 100", 2).await;
     let leases = store.claim("w1", 2, long()).await.unwrap();
     let l = lease_ref(&leases[0]);
@@ -303,7 +303,7 @@ pub async fn checkpoint_is_contiguous_and_fenced(store: DynStore) {
     assert_eq!(store.parts(id).await.unwrap().len(), 2);
 }
 
-pub async fn complete_needs_every_row(store: DynStore) {
+pub async fn complete_needs_every_row(store: DynMetastore) {
     let id = create(&store, "completes", "", 2).await;
     let leases = store.claim("w1", 2, long()).await.unwrap();
     let l = lease_ref(&leases[0]);
@@ -339,7 +339,7 @@ pub async fn complete_needs_every_row(store: DynStore) {
     store.complete(lease_ref(&leases[1])).await.unwrap();
 }
 
-pub async fn complete_many_answers_each_lease(store: DynStore) {
+pub async fn complete_many_answers_each_lease(store: DynMetastore) {
     let id = create(&store, "batch-completes", "", 4).await;
     assert!(store.complete_many(&[]).await.unwrap().is_empty());
     let leases = store.claim("w1", 4, long()).await.unwrap();
@@ -389,7 +389,7 @@ pub async fn complete_many_answers_each_lease(store: DynStore) {
     cancelled.unwrap();
 }
 
-pub async fn retryable_failure_backs_off_then_dies(store: DynStore) {
+pub async fn retryable_failure_backs_off_then_dies(store: DynMetastore) {
     let id = create(&store, "flaky", "[retry]\nmax_attempts = 2", 1).await;
     let backoff = LeaseTiming {
         ttl_ms: 60_000,
@@ -439,7 +439,7 @@ pub async fn retryable_failure_backs_off_then_dies(store: DynStore) {
     assert!(store.claim("w1", 1, backoff).await.unwrap().is_empty());
 }
 
-pub async fn permanent_failure_is_dead_at_once(store: DynStore) {
+pub async fn permanent_failure_is_dead_at_once(store: DynMetastore) {
     let id = create(&store, "broken", "", 2).await;
     let lease = store.claim("w1", 1, long()).await.unwrap().remove(0);
     let l = lease_ref(&lease);
@@ -463,7 +463,7 @@ pub async fn permanent_failure_is_dead_at_once(store: DynStore) {
     assert_ne!(next[0].shard_id, l.shard_id);
 }
 
-pub async fn release_keeps_progress_and_attempts(store: DynStore) {
+pub async fn release_keeps_progress_and_attempts(store: DynMetastore) {
     let id = create(&store, "drained", "[retry]\nmax_attempts = 1", 1).await;
     let backoff = LeaseTiming {
         ttl_ms: 60_000,
@@ -498,7 +498,7 @@ pub async fn release_keeps_progress_and_attempts(store: DynStore) {
     assert_eq!(store.shards(id).await.unwrap()[0].state, ShardState::Dead);
 }
 
-pub async fn lease_holders_name_the_grant(store: DynStore) {
+pub async fn lease_holders_name_the_grant(store: DynMetastore) {
     let id = create(&store, "held", "", 2).await;
     let leases = store.claim("w1", 2, long()).await.unwrap();
     let ids: Vec<i64> = leases.iter().map(|l| l.shard_id).collect();

@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
-use nightshift_coordinator::store::{DynStore, JobOutcome, StoreError};
+use nightshift_metastore::{DynMetastore, JobOutcome, StoreError};
 use nightshift_proto::wire::LeaseRef;
 use nightshift_proto::{FailureClass, JobState, LeaseState, ShardState};
 
 use crate::{ROWS, assert_err, create, finish, lease_ref, long, part, timing};
 
-pub async fn expired_lease_is_reaped_and_fenced(store: DynStore) {
+pub async fn expired_lease_is_reaped_and_fenced(store: DynMetastore) {
     let id = create(&store, "expiring", "", 1).await;
     let first = store.claim("w1", 1, timing(500)).await.unwrap().remove(0);
     let old = lease_ref(&first);
@@ -53,7 +53,7 @@ pub async fn expired_lease_is_reaped_and_fenced(store: DynStore) {
     assert_eq!(store.reap_expired(timing(500)).await.unwrap(), 0);
 }
 
-pub async fn expiry_past_max_attempts_is_dead(store: DynStore) {
+pub async fn expiry_past_max_attempts_is_dead(store: DynMetastore) {
     let id = create(&store, "lost-worker", "[retry]\nmax_attempts = 1", 1).await;
     store.claim("w1", 1, timing(100)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -63,7 +63,7 @@ pub async fn expiry_past_max_attempts_is_dead(store: DynStore) {
     assert!(store.claim("w1", 1, long()).await.unwrap().is_empty());
 }
 
-pub async fn reaper_takes_every_expired_lease(store: DynStore) {
+pub async fn reaper_takes_every_expired_lease(store: DynMetastore) {
     const SHARDS: usize = 1_500;
     let id = create(&store, "mass-expiry", "", SHARDS).await;
     let leases = store.claim("w1", SHARDS as u32, timing(200)).await.unwrap();
@@ -79,7 +79,7 @@ pub async fn reaper_takes_every_expired_lease(store: DynStore) {
     assert_eq!((counts.pending, counts.leased), (SHARDS as u64, 0));
 }
 
-pub async fn settle_moves_finished_jobs_on(store: DynStore) {
+pub async fn settle_moves_finished_jobs_on(store: DynMetastore) {
     let done = create(&store, "done", "", 2).await;
     let busy = create(&store, "busy", "", 1).await;
     for lease in store.claim("w1", 2, long()).await.unwrap() {
@@ -122,7 +122,7 @@ pub async fn settle_moves_finished_jobs_on(store: DynStore) {
     );
 }
 
-pub async fn settle_fails_job_with_dead_shard(store: DynStore) {
+pub async fn settle_fails_job_with_dead_shard(store: DynMetastore) {
     let id = create(&store, "partly-bad", "", 3).await;
     let leases = store.claim("w1", 3, long()).await.unwrap();
     finish(&store, &leases[0]).await;
@@ -150,7 +150,7 @@ pub async fn settle_fails_job_with_dead_shard(store: DynStore) {
     assert!(error.contains("bad parquet footer"), "{error}");
 }
 
-pub async fn error_threshold_fails_the_job(store: DynStore) {
+pub async fn error_threshold_fails_the_job(store: DynMetastore) {
     let id = create(&store, "poisoned", "[errors]\nmax_rows = 2", 2).await;
     let leases = store.claim("w1", 2, long()).await.unwrap();
     let (a, b) = (lease_ref(&leases[0]), lease_ref(&leases[1]));
@@ -193,7 +193,7 @@ pub async fn error_threshold_fails_the_job(store: DynStore) {
     assert!(job.error.unwrap_or_default().contains("poison rows"));
 }
 
-pub async fn finalize_claim_is_exclusive(store: DynStore) {
+pub async fn finalize_claim_is_exclusive(store: DynMetastore) {
     let first = finished_job(&store, "first").await;
     let (a, b) = tokio::join!(
         store.claim_finalize("a", 60_000),
@@ -275,7 +275,7 @@ pub async fn finalize_claim_is_exclusive(store: DynStore) {
 
 /// The finalizer renews its claim while it works; giving it up (TTL 0) lets another replica
 /// take the job at once; someone who does not hold the claim cannot extend it.
-pub async fn finalize_claim_is_renewed_and_given_up(store: DynStore) {
+pub async fn finalize_claim_is_renewed_and_given_up(store: DynMetastore) {
     let id = finished_job(&store, "renewed").await;
     let job = store.claim_finalize("a", 400).await.unwrap().unwrap();
     assert_eq!(job.id, id);
@@ -310,7 +310,7 @@ pub async fn finalize_claim_is_renewed_and_given_up(store: DynStore) {
 }
 
 /// A one-shard job run to the end and settled: finalizing.
-async fn finished_job(store: &DynStore, name: &str) -> i64 {
+async fn finished_job(store: &DynMetastore, name: &str) -> i64 {
     let id = create(store, name, "", 1).await;
     let lease = store.claim("w1", 1, long()).await.unwrap().remove(0);
     finish(store, &lease).await;
@@ -319,7 +319,7 @@ async fn finished_job(store: &DynStore, name: &str) -> i64 {
     id
 }
 
-pub async fn metrics_count(store: DynStore) {
+pub async fn metrics_count(store: DynMetastore) {
     const WINDOW: i64 = 60_000;
     let m = store.metrics(WINDOW).await.unwrap();
     assert_eq!(m, Default::default());
@@ -368,7 +368,7 @@ pub async fn metrics_count(store: DynStore) {
 
 /// Workers that die, drain or finish at random while a reaper runs: in the end every shard is
 /// done and its committed parts cover its rows exactly once.
-pub async fn churn_commits_every_row_once(store: DynStore) {
+pub async fn churn_commits_every_row_once(store: DynMetastore) {
     const SHARDS: usize = 40;
     let id = create(&store, "churn", "[retry]\nmax_attempts = 50", SHARDS).await;
     let ttl = timing(150);
@@ -434,7 +434,7 @@ pub async fn churn_commits_every_row_once(store: DynStore) {
 
 /// One worker's go at a lease, chosen by the grant: die silently, drain after one part, or
 /// finish. A lease lost on the way is dropped, as a worker would.
-async fn work(store: &DynStore, lease: &nightshift_proto::wire::ShardLease) {
+async fn work(store: &DynMetastore, lease: &nightshift_proto::wire::ShardLease) {
     let l = lease_ref(lease);
     let fate = (lease.shard_id * 31 + lease.token) % 5;
     let mut at = lease.checkpoint_rows;
@@ -456,7 +456,7 @@ async fn work(store: &DynStore, lease: &nightshift_proto::wire::ShardLease) {
     let _ = store.complete(l).await;
 }
 
-pub async fn finalizer_serves_the_oldest_claim_first(store: DynStore) {
+pub async fn finalizer_serves_the_oldest_claim_first(store: DynMetastore) {
     let first = finished_job(&store, "stuck").await;
     let second = finished_job(&store, "behind").await;
     // The first job's commit fails and is put off for a while: the next claim takes the other
@@ -476,7 +476,7 @@ pub async fn finalizer_serves_the_oldest_claim_first(store: DynStore) {
     assert_eq!(again.id, second);
 }
 
-pub async fn cancel_stops_a_commit(store: DynStore) {
+pub async fn cancel_stops_a_commit(store: DynMetastore) {
     let id = finished_job(&store, "halted").await;
     store.claim_finalize("f", 60_000).await.unwrap().unwrap();
     let cancelled = store.cancel_job(id).await.unwrap();
@@ -493,7 +493,7 @@ pub async fn cancel_stops_a_commit(store: DynStore) {
     assert!(store.claim_finalize("g", 60_000).await.unwrap().is_none());
 }
 
-pub async fn merges_cover_the_rows_in_order_and_settling_waits_for_them(store: DynStore) {
+pub async fn merges_cover_the_rows_in_order_and_settling_waits_for_them(store: DynMetastore) {
     let id = create(&store, "merged", "", 4).await;
     let leases = store.claim("w1", 4, long()).await.unwrap();
     // Shards 1, 2 and 4 are done, 3 is not: only the run before it may be merged.
@@ -505,7 +505,7 @@ pub async fn merges_cover_the_rows_in_order_and_settling_waits_for_them(store: D
     assert_eq!(candidates.iter().filter(|c| c.done).count(), 3);
     assert!(candidates.iter().filter(|c| c.done).all(|c| c.bytes > 0));
     let per_shard = candidates[0].bytes;
-    let groups = nightshift_coordinator::merges::plan_groups(&candidates, per_shard * 2);
+    let groups = nightshift_metastore::merges::plan_groups(&candidates, per_shard * 2);
     assert_eq!(groups.len(), 1);
     assert_eq!(
         (groups[0].first, groups[0].last),
@@ -541,7 +541,7 @@ pub async fn merges_cover_the_rows_in_order_and_settling_waits_for_them(store: D
     );
 }
 
-pub async fn recovery_after_a_crash_expires_every_claim_at_once(store: DynStore) {
+pub async fn recovery_after_a_crash_expires_every_claim_at_once(store: DynMetastore) {
     // A finalizer claim and a lease held for a long time by a run that died.
     let done = finished_job(&store, "committing").await;
     let claimed = store.claim_finalize("dead-run", 3_600_000).await.unwrap();

@@ -12,8 +12,8 @@ use nightshift_proto::{FailureClass, JobSpec, JobState, LeaseState};
 use sqlx::{PgExecutor, Row};
 
 use super::{PgStore, job_from_row, parse_spec, parse_state};
-use crate::store::records::{DialectRow, error_threshold_exceeded, parse_secret};
-use crate::store::{ClaimRequest, LeaseHolder, LeaseTiming, Result, StoreError, new_lease_secret};
+use crate::records::{DialectRow, error_threshold_exceeded, parse_secret};
+use crate::{ClaimRequest, LeaseHolder, LeaseTiming, Result, StoreError, new_lease_secret};
 
 /// `LeaseTiming::backoff_ms` for 0..=20 attempts (it is flat past 20), as an array that SQL
 /// indexes with `[LEAST(GREATEST(attempts, 0), 20) + 1]`, so the formula stays in one place.
@@ -257,7 +257,7 @@ impl PgStore {
 
     /// One statement for all of a worker's leases. It changes only `lease_expires_at_ms`,
     /// which no index holds, so the updates stay HOT.
-    pub(super) async fn renew(
+    pub(super) async fn heartbeat(
         &self,
         worker: &str,
         leases: &[LeaseRef],
@@ -313,7 +313,7 @@ impl PgStore {
 
     /// Moves the checkpoint past `part` and records it, in one transaction. The part must
     /// start exactly at the checkpoint and stay inside the shard.
-    pub(super) async fn record_part(&self, lease: LeaseRef, part: &PartRecord) -> Result<()> {
+    pub(super) async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let job_id: Option<i64> = sqlx::query_scalar(
             "UPDATE shards s SET checkpoint_rows = s.checkpoint_rows + $3, \

@@ -2,7 +2,7 @@
 
 use nightshift_proto::wire::{JobView, LeaseSecret, PartRecord, ShardCounts};
 
-use crate::store::{LeaseHolder, StoreError};
+use crate::{LeaseHolder, StoreError};
 use nightshift_proto::{JobSpec, JobState, ShardState};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -111,20 +111,19 @@ impl PartRow {
 }
 
 /// A state column (job, shard or lease state).
-pub fn parse_state<T: std::str::FromStr<Err = String>>(s: &str) -> crate::store::Result<T> {
+pub fn parse_state<T: std::str::FromStr<Err = String>>(s: &str) -> crate::Result<T> {
     s.parse().map_err(StoreError::Corrupt)
 }
 
 /// A job's spec as the store keeps it (JSON).
-pub fn parse_spec(json: &str) -> crate::store::Result<JobSpec> {
+pub fn parse_spec(json: &str) -> crate::Result<JobSpec> {
     serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))
 }
 
 /// A lease secret as the store keeps it (32 hex digits).
-pub fn parse_secret(text: &str) -> crate::store::Result<LeaseSecret> {
-    LeaseSecret::from_hex(text).ok_or_else(|| {
-        crate::store::StoreError::Corrupt("a lease secret is not 32 hex digits".into())
-    })
+pub fn parse_secret(text: &str) -> crate::Result<LeaseSecret> {
+    LeaseSecret::from_hex(text)
+        .ok_or_else(|| crate::StoreError::Corrupt("a lease secret is not 32 hex digits".into()))
 }
 
 /// Reads `LeaseHolder`s and `OutputTaken` refusals from rows of either dialect: the columns
@@ -136,7 +135,7 @@ where
     String: sqlx::Decode<'r, Self::Database> + sqlx::Type<Self::Database>,
 {
     /// A row of the columns `JOB_COLUMNS` names.
-    fn job(&'r self) -> crate::store::Result<JobRecord> {
+    fn job(&'r self) -> crate::Result<JobRecord> {
         Ok(JobRecord {
             id: self.try_get("id")?,
             uid: self.try_get("uid")?,
@@ -159,7 +158,7 @@ where
     }
 
     /// A row of `id, done, bytes`, as the merge planner reads row shards.
-    fn merge_candidate(&'r self) -> crate::store::Result<crate::merges::MergeCandidate>
+    fn merge_candidate(&'r self) -> crate::Result<crate::merges::MergeCandidate>
     where
         bool: sqlx::Decode<'r, Self::Database> + sqlx::Type<Self::Database>,
     {
@@ -172,7 +171,7 @@ where
     }
 
     /// A row of `PART_COLUMNS`.
-    fn part(&'r self) -> crate::store::Result<PartRow> {
+    fn part(&'r self) -> crate::Result<PartRow> {
         Ok(PartRow {
             shard_id: self.try_get("shard_id")?,
             token: self.try_get("token")?,
@@ -187,7 +186,7 @@ where
     }
 
     /// A row of `id, token, worker_id, lease_secret, rows, uid, output_uri`.
-    fn holder(&'r self) -> crate::store::Result<LeaseHolder> {
+    fn holder(&'r self) -> crate::Result<LeaseHolder> {
         Ok(LeaseHolder {
             shard_id: self.try_get("id")?,
             token: self.try_get("token")?,
@@ -206,7 +205,7 @@ where
     }
 
     /// A row of `id, name, output_uri` naming the job that owns an output `uri` overlaps.
-    fn output_taken(&'r self, uri: &str) -> crate::store::Result<StoreError> {
+    fn output_taken(&'r self, uri: &str) -> crate::Result<StoreError> {
         Ok(StoreError::OutputTaken {
             uri: uri.to_string(),
             job_id: self.try_get("id")?,

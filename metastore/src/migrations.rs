@@ -10,7 +10,7 @@ macro_rules! migrations {
             $version,
             Cow::Borrowed($file),
             MigrationType::Simple,
-            sqlx::SqlSafeStr::into_sql_str(include_str!(concat!("../../../migrations/", $dir, "/", $file))),
+            sqlx::SqlSafeStr::into_sql_str(include_str!(concat!("../../migrations/", $dir, "/", $file))),
             false,
         )),+]
     };

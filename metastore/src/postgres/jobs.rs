@@ -6,10 +6,8 @@ use nightshift_proto::wire::ShardCounts;
 use sqlx::Row;
 
 use super::{PgStore, job_from_row, job_in, parse_state};
-use crate::store::records::{DialectRow, PART_COLUMNS};
-use crate::store::{
-    JobRecord, NewJob, PartRow, Result, ShardRow, StoreError, Submitted, output_key,
-};
+use crate::records::{DialectRow, PART_COLUMNS};
+use crate::{JobRecord, NewJob, PartRow, Result, ShardRow, StoreError, Submitted, output_key};
 
 /// Times `insert_job` re-reads a key another replica inserted and then deleted under it.
 const KEY_RACE_TRIES: usize = 3;

@@ -1,7 +1,9 @@
-//! The store: jobs, shards, parts and the lease protocol, behind one interface with one
-//! implementation per SQL dialect (SQLite embedded, PostgreSQL in production). Lease times come
-//! from the database clock only. Every lease write is guarded by `(shard, fencing token)`.
+//! The metastore: the single source of truth for jobs, shards, parts and the lease protocol,
+//! behind one trait (`Metastore`) with one implementation per SQL dialect (SQLite embedded,
+//! PostgreSQL in production), the migrations, and the merge rule (`merges.rs`). Lease times
+//! come from the database clock only. Every lease write is guarded by `(shard, fencing token)`.
 
+pub mod merges;
 mod migrations;
 pub mod postgres;
 mod records;
@@ -168,7 +170,7 @@ pub enum JobOutcome {
 }
 
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Metastore: Send + Sync + 'static {
     /// Brings the schema up to date.
     async fn migrate(&self) -> Result<()>;
     /// The database answers and every migration is applied.
@@ -296,7 +298,7 @@ pub trait Store: Send + Sync + 'static {
     async fn recover_after_crash(&self) -> Result<u64>;
 }
 
-pub type DynStore = Arc<dyn Store>;
+pub type DynMetastore = Arc<dyn Metastore>;
 
 /// Opens the store a URL names: `sqlite://path` (or a bare path ending in `.db`) or
 /// `postgres://...`, and migrates it.
@@ -305,8 +307,9 @@ const EXPIRE_FINALIZER_CLAIMS: &str =
     "UPDATE jobs SET finalizer_expires_at_ms = 0 WHERE finalizer_owner IS NOT NULL";
 const EXPIRE_LEASES: &str = "UPDATE shards SET lease_expires_at_ms = 0 WHERE state = 'leased'";
 
-pub async fn open(url: &str) -> Result<DynStore> {
-    let store: DynStore = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+pub async fn open(url: &str) -> Result<DynMetastore> {
+    let store: DynMetastore = if url.starts_with("postgres://") || url.starts_with("postgresql://")
+    {
         Arc::new(postgres::PgStore::connect(url).await?)
     } else {
         let path = url.strip_prefix("sqlite://").unwrap_or(url);

@@ -16,7 +16,7 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    JobOutcome, JobRecord, LeaseHolder, LeaseTiming, NewJob, PartRow, Result, ShardRow, Store,
+    JobOutcome, JobRecord, LeaseHolder, LeaseTiming, Metastore, NewJob, PartRow, Result, ShardRow,
     StoreError, StoreMetrics, Submitted, migrations,
 };
 
@@ -119,7 +119,7 @@ fn job_from_row(row: &SqliteRow) -> Result<JobRecord> {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl Metastore for SqliteStore {
     async fn migrate(&self) -> Result<()> {
         migrations::sqlite().run(&self.pool).await?;
         Ok(())

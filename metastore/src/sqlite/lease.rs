@@ -10,8 +10,8 @@ use nightshift_proto::{FailureClass, JobState, LeaseState};
 use sqlx::Row;
 
 use super::{SqliteStore, parse_state};
-use crate::store::records::DialectRow;
-use crate::store::{JobRecord, LeaseHolder, LeaseTiming, Result, StoreError, new_lease_secret};
+use crate::records::DialectRow;
+use crate::{JobRecord, LeaseHolder, LeaseTiming, Result, StoreError, new_lease_secret};
 
 /// Running jobs by priority through `jobs_running`, each one's pending shards in id order
 /// through `shards_job`: that nested loop yields the ORDER BY as is, so the LIMIT stops it
@@ -243,8 +243,7 @@ pub(super) async fn checkpoint(s: &SqliteStore, lease: LeaseRef, part: &PartReco
         .bind(job_id)
         .fetch_one(&mut *tx)
         .await?;
-        if let Some(message) = crate::store::records::error_threshold_exceeded(&job, errors as u64)
-        {
+        if let Some(message) = crate::records::error_threshold_exceeded(&job, errors as u64) {
             let now = SqliteStore::now(&mut tx).await?;
             sqlx::query(
                 "UPDATE jobs SET state = 'failed', error = ?, finished_at_ms = ? \

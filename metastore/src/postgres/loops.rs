@@ -6,8 +6,8 @@ use sqlx::Row;
 
 use super::lease::backoff_table;
 use super::{PgStore, job_from_row, job_in};
-use crate::store::records::{dead_shards_message, error_threshold_exceeded};
-use crate::store::{JobOutcome, JobRecord, LeaseTiming, Result, StoreError};
+use crate::records::{dead_shards_message, error_threshold_exceeded};
+use crate::{JobOutcome, JobRecord, LeaseTiming, Result, StoreError};
 
 /// Expired leases one reaper statement takes; the reaper goes on while batches come back full.
 const REAP_BATCH: i64 = 1000;
@@ -139,7 +139,7 @@ impl PgStore {
     }
 
     /// Only the finalizer that holds the job may end it.
-    pub(super) async fn end_job(
+    pub(super) async fn finish_job(
         &self,
         job_id: i64,
         owner: &str,

@@ -6,8 +6,8 @@ use sqlx::PgExecutor;
 
 use super::PgStore;
 use crate::merges::{MergeCandidate, MergeGroup};
-use crate::store::records::{DialectRow, PART_COLUMNS};
-use crate::store::{PartRow, Result};
+use crate::records::{DialectRow, PART_COLUMNS};
+use crate::{PartRow, Result};
 
 /// The parts of row shards `[first, last]` of a job, in row order.
 pub(super) async fn sources<'e, E: PgExecutor<'e>>(

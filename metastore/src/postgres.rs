@@ -29,8 +29,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{PgExecutor, Row};
 
 use super::{
-    ClaimRequest, JobOutcome, JobRecord, LeaseHolder, LeaseTiming, NewJob, PartRow, Result,
-    ShardRow, Store, StoreMetrics, Submitted, migrations,
+    ClaimRequest, JobOutcome, JobRecord, LeaseHolder, LeaseTiming, Metastore, NewJob, PartRow,
+    Result, ShardRow, StoreMetrics, Submitted, migrations,
 };
 
 /// Connections per coordinator replica. Every statement is short, so a few go a long way.
@@ -73,7 +73,7 @@ fn job_from_row(row: &PgRow) -> Result<JobRecord> {
 }
 
 #[async_trait]
-impl Store for PgStore {
+impl Metastore for PgStore {
     async fn migrate(&self) -> Result<()> {
         // sqlx takes an advisory lock, so replicas starting together migrate once.
         migrations::postgres().run(&self.pool).await?;
@@ -200,7 +200,7 @@ impl Store for PgStore {
         leases: &[LeaseRef],
         timing: LeaseTiming,
     ) -> Result<HeartbeatResponse> {
-        self.renew(worker, leases, timing).await
+        self.heartbeat(worker, leases, timing).await
     }
 
     async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<()> {
@@ -215,7 +215,7 @@ impl Store for PgStore {
     }
 
     async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()> {
-        self.record_part(lease, part).await
+        self.checkpoint(lease, part).await
     }
 
     async fn complete(&self, lease: LeaseRef) -> Result<()> {
@@ -294,7 +294,7 @@ impl Store for PgStore {
     }
 
     async fn finish_job(&self, job_id: i64, owner: &str, outcome: JobOutcome) -> Result<()> {
-        self.end_job(job_id, owner, outcome).await
+        self.finish_job(job_id, owner, outcome).await
     }
 
     async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics> {

@@ -5,8 +5,8 @@ use nightshift_proto::{JobState, ShardState};
 use sqlx::Row;
 
 use super::{SqliteStore, job_from_row, parse_state};
-use crate::store::records::DialectRow;
-use crate::store::{JobRecord, NewJob, Result, ShardRow, StoreError, Submitted, output_key};
+use crate::records::DialectRow;
+use crate::{JobRecord, NewJob, Result, ShardRow, StoreError, Submitted, output_key};
 
 /// The first job, other than `except`, that is not cancelled and owns an output overlapping
 /// `uri`'s (see `output_key`), as the refusal to give. SQLite has one writer, so the check and

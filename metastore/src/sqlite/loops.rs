@@ -3,8 +3,8 @@
 use sqlx::Row;
 
 use super::{SqliteStore, job_from_row};
-use crate::store::records::{DialectRow, PART_COLUMNS};
-use crate::store::{JobOutcome, JobRecord, LeaseTiming, PartRow, Result, StoreError, StoreMetrics};
+use crate::records::{DialectRow, PART_COLUMNS};
+use crate::{JobOutcome, JobRecord, LeaseTiming, PartRow, Result, StoreError, StoreMetrics};
 
 pub(super) async fn reap_expired(s: &SqliteStore, timing: LeaseTiming) -> Result<u64> {
     let mut tx = s.pool.begin().await?;
@@ -70,7 +70,7 @@ pub(super) async fn settle_jobs(s: &SqliteStore) -> Result<u64> {
                 .bind(first)
                 .fetch_one(&mut *tx)
                 .await?;
-            Some(crate::store::records::dead_shards_message(
+            Some(crate::records::dead_shards_message(
                 dead,
                 first,
                 error.as_deref(),
@@ -79,7 +79,7 @@ pub(super) async fn settle_jobs(s: &SqliteStore) -> Result<u64> {
             // Checkpoints fail a job when its poison rows pass the threshold; this catches
             // a job that comes back (retry) with them already past it.
             let errors: i64 = r.try_get("error_rows")?;
-            crate::store::records::error_threshold_exceeded(&job, errors as u64)
+            crate::records::error_threshold_exceeded(&job, errors as u64)
         };
         if failure.is_none() && r.try_get::<bool, _>("unmerged")? {
             // Its merge work is still to be queued (`loops.rs: plan_merges`).
