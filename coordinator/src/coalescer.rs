@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use nightshift_metastore::{Result, StoreError};
 
@@ -51,10 +52,15 @@ impl<Req, Ans> Clone for Coalescer<Req, Ans> {
 }
 
 impl<Req: Clone + Send + 'static, Ans: Send + 'static> Coalescer<Req, Ans> {
-    /// Starts gathering; it stops at `shutdown`.
-    pub fn start(limits: Limits, round: Round<Req, Ans>, shutdown: CancellationToken) -> Self {
+    /// Starts gathering on `tasks` (its calls too); it stops at `shutdown`.
+    pub fn start(
+        limits: Limits,
+        round: Round<Req, Ans>,
+        shutdown: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Self {
         let (queue, requests) = mpsc::unbounded_channel();
-        tokio::spawn(gather(requests, limits, round, shutdown));
+        tasks.spawn(gather(requests, limits, round, shutdown, tasks.clone()));
         Self { queue }
     }
 
@@ -72,6 +78,7 @@ async fn gather<Req: Clone + Send + 'static, Ans: Send + 'static>(
     limits: Limits,
     round: Round<Req, Ans>,
     shutdown: CancellationToken,
+    tasks: TaskTracker,
 ) {
     let in_flight = Arc::new(Semaphore::new(limits.rounds.max(1)));
     let mut held_over: Option<Waiting<Req, Ans>> = None;
@@ -110,7 +117,7 @@ async fn gather<Req: Clone + Send + 'static, Ans: Send + 'static>(
             }
         }
         let round = round.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let (reqs, replies): (Vec<Req>, Vec<_>) =
                 lot.into_iter().map(|w| (w.req, w.reply)).unzip();
             for (reply, answer) in replies.into_iter().zip(serve(&round, reqs).await) {
@@ -178,7 +185,12 @@ mod tests {
             rounds: 1,
             weight: 8,
         };
-        let c = Coalescer::start(limits, recording(lots.clone()), stop.clone());
+        let c = Coalescer::start(
+            limits,
+            recording(lots.clone()),
+            stop.clone(),
+            &TaskTracker::new(),
+        );
         let calls: Vec<_> = (0..20u32)
             .map(|i| {
                 let c = c.clone();
@@ -209,7 +221,12 @@ mod tests {
             rounds: 1,
             weight: 100,
         };
-        let c = Coalescer::start(limits, recording(lots.clone()), stop.clone());
+        let c = Coalescer::start(
+            limits,
+            recording(lots.clone()),
+            stop.clone(),
+            &TaskTracker::new(),
+        );
         let calls: Vec<_> = [1u32, 999, 2, 3, 999, 4]
             .into_iter()
             .map(|i| {
@@ -234,7 +251,7 @@ mod tests {
             rounds: 2,
             weight: 100,
         };
-        let c = Coalescer::start(limits, recording(lots), stop.clone());
+        let c = Coalescer::start(limits, recording(lots), stop.clone(), &TaskTracker::new());
         let e = c.call(999, 1).await.unwrap().unwrap_err();
         assert!(
             matches!(e, StoreError::Batch(ref m) if m.contains("thirteen")),

@@ -66,7 +66,7 @@ pub async fn finalizer(
                     // Renew the claim while committing, so a replica that dies mid-commit
                     // holds the job for one claim TTL at most.
                     let renewing = CancellationToken::new();
-                    tokio::spawn(renew_claim(
+                    let renewer = tokio::spawn(renew_claim(
                         service.clone(),
                         id,
                         replica.clone(),
@@ -77,6 +77,7 @@ pub async fn finalizer(
                         .instrument(span)
                         .await;
                     renewing.cancel();
+                    let _ = renewer.await;
                     if !committed {
                         // Keep it through a backoff: the next passes serve other jobs first,
                         // then any replica tries this one again.

@@ -58,6 +58,13 @@ pub struct Coordinator {
     service: Service,
 }
 
+/// The reaper runs this many times per lease TTL, within these bounds.
+const REAPS_PER_TTL: i64 = 4;
+const MIN_REAP_EVERY_MS: i64 = 50;
+const MAX_REAP_EVERY_MS: i64 = 5_000;
+/// After shutdown, background tasks get this long to stop.
+const STOP_DEADLINE: Duration = Duration::from_secs(10);
+
 impl Coordinator {
     pub fn new(config: CoordinatorConfig, store: DynMetastore, stores: Arc<Stores>) -> Self {
         let service = Service::new(
@@ -85,8 +92,10 @@ impl Coordinator {
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         let tracker = TaskTracker::new();
-        let reap_every =
-            Duration::from_millis((self.config.timing.ttl_ms / 4).clamp(50, 5_000) as u64);
+        let reap_every = Duration::from_millis(
+            (self.config.timing.ttl_ms / REAPS_PER_TTL).clamp(MIN_REAP_EVERY_MS, MAX_REAP_EVERY_MS)
+                as u64,
+        );
         tracker.spawn(crate::loops::reaper(
             self.service.clone(),
             reap_every,
@@ -101,7 +110,7 @@ impl Coordinator {
         ));
         tracker.close();
         let app = router(ApiState {
-            service: self.service.clone().coalescing(shutdown.clone()),
+            service: self.service.clone().coalescing(shutdown.clone(), &tracker),
             tokens: Arc::new(Tokens {
                 submit: self.config.submit_tokens.clone(),
                 worker: self.config.worker_tokens.clone(),
@@ -115,13 +124,14 @@ impl Coordinator {
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await;
         shutdown.cancel();
-        if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        if tokio::time::timeout(STOP_DEADLINE, tracker.wait())
             .await
             .is_err()
         {
             tracing::error!(
                 tasks = tracker.len(),
-                "background loops still running after 10 s; leaving them"
+                deadline_s = STOP_DEADLINE.as_secs(),
+                "background tasks still running past the stop deadline; leaving them"
             );
         }
         served

@@ -14,6 +14,7 @@ use nightshift_proto::{FailureClass, JobSpec, LeaseState, check_free_text, check
 use nightshift_storage::Stores;
 use nightshift_storage::location::{is_local_uri, resolve_links};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::allow_list::AllowList;
 use crate::api_error::ApiError;
@@ -95,7 +96,7 @@ impl Service {
 
     /// This service with concurrent claims and completions coalesced into `claim_many` and
     /// `complete_many` calls (see `coalescer`), until `shutdown`.
-    pub fn coalescing(mut self, shutdown: CancellationToken) -> Self {
+    pub fn coalescing(mut self, shutdown: CancellationToken, tasks: &TaskTracker) -> Self {
         let (store, timing) = (self.store.clone(), self.timing);
         let claims = Coalescer::start(
             CLAIM_LIMITS,
@@ -104,6 +105,7 @@ impl Service {
                 Box::pin(async move { store.claim_many(&requests, timing).await })
             }),
             shutdown.clone(),
+            tasks,
         );
         let store = self.store.clone();
         let completions = Coalescer::start(
@@ -113,6 +115,7 @@ impl Service {
                 Box::pin(async move { complete_lot(&store, &requests).await })
             }),
             shutdown,
+            tasks,
         );
         self.coalesced = Some(Coalesced {
             claims,
