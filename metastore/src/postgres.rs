@@ -146,15 +146,7 @@ impl Metastore for PgStore {
                 .bind(job_id)
                 .fetch_all(&self.pool)
                 .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(InputFile {
-                    uri: r.try_get("uri")?,
-                    size: r.try_get::<i64, _>("size")? as u64,
-                    etag: r.try_get("etag")?,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| r.input_file()).collect()
     }
 
     async fn cancel_job(&self, id: i64) -> Result<JobRecord> {

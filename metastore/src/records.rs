@@ -1,6 +1,6 @@
 //! Rows the store hands back.
 
-use nightshift_proto::wire::{JobView, LeaseSecret, PartRecord, ShardCounts};
+use nightshift_proto::wire::{InputFile, JobView, LeaseSecret, PartRecord, ShardCounts, ShardPlan};
 
 use crate::{LeaseHolder, StoreError};
 use nightshift_proto::{JobSpec, JobState, ShardState};
@@ -90,6 +90,13 @@ pub struct PartRow {
     pub error_uri: Option<String>,
     pub error_bytes: u64,
 }
+
+/// Shard counts by state, rows checkpointed and poison rows of a job's row shards.
+pub type ShardTally = (ShardCounts, u64, u64);
+
+/// The columns of `shards` that `DialectRow::shard_row` reads.
+pub const SHARD_COLUMNS: &str = "id, job_id, file_index, rows, state, token, attempts, \
+     checkpoint_rows, error_rows, error";
 
 /// The columns of `parts` that `DialectRow::part` reads, qualified by `p.`.
 pub const PART_COLUMNS: &str = "p.shard_id, p.token, p.row_start, p.rows, p.bytes, p.uri, \
@@ -202,6 +209,58 @@ where
             job_uid: self.try_get("uid")?,
             output_uri: self.try_get("output_uri")?,
         })
+    }
+
+    /// A row of `uri, size, etag` (an input file as planned).
+    fn input_file(&'r self) -> crate::Result<InputFile> {
+        Ok(InputFile {
+            uri: self.try_get("uri")?,
+            size: self.try_get::<i64, _>("size")? as u64,
+            etag: self.try_get("etag")?,
+        })
+    }
+
+    /// A shard row's plan: `file_index, row_group_start, row_group_end, file_row_start, rows`.
+    fn shard_plan(&'r self) -> crate::Result<ShardPlan> {
+        Ok(ShardPlan {
+            file_index: self.try_get::<i64, _>("file_index")? as u32,
+            row_group_start: self.try_get::<i64, _>("row_group_start")? as u32,
+            row_group_end: self.try_get::<i64, _>("row_group_end")? as u32,
+            file_row_start: self.try_get::<i64, _>("file_row_start")? as u64,
+            rows: self.try_get::<i64, _>("rows")? as u64,
+        })
+    }
+
+    /// A row of `SHARD_COLUMNS`.
+    fn shard_row(&'r self) -> crate::Result<ShardRow> {
+        Ok(ShardRow {
+            id: self.try_get("id")?,
+            job_id: self.try_get("job_id")?,
+            file_index: self.try_get::<i64, _>("file_index")? as u32,
+            rows: self.try_get::<i64, _>("rows")? as u64,
+            state: parse_state(&self.try_get::<String, _>("state")?)?,
+            token: self.try_get("token")?,
+            attempts: self.try_get::<i64, _>("attempts")? as u32,
+            checkpoint_rows: self.try_get::<i64, _>("checkpoint_rows")? as u64,
+            error_rows: self.try_get::<i64, _>("error_rows")? as u64,
+            error: self.try_get("error")?,
+        })
+    }
+
+    /// Adds a row of `state, n, done, errors` (a job's row shards grouped by state) to
+    /// `tally`: the counts by state, the rows checkpointed and the poison rows.
+    fn shard_tally(&'r self, tally: &mut ShardTally) -> crate::Result<()> {
+        let n = self.try_get::<i64, _>("n")? as u64;
+        tally.1 += self.try_get::<i64, _>("done")? as u64;
+        tally.2 += self.try_get::<i64, _>("errors")? as u64;
+        let counts = &mut tally.0;
+        match parse_state::<ShardState>(&self.try_get::<String, _>("state")?)? {
+            ShardState::Pending => counts.pending = n,
+            ShardState::Leased => counts.leased = n,
+            ShardState::Done => counts.done = n,
+            ShardState::Dead => counts.dead = n,
+        }
+        Ok(())
     }
 
     /// A row of `id, name, output_uri` naming the job that owns an output `uri` overlaps.

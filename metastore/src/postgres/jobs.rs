@@ -1,12 +1,9 @@
 //! Jobs on PostgreSQL: submission (idempotent, bulk-inserted), reads, cancel and retry.
 
 use nightshift_proto::JobState;
-use nightshift_proto::ShardState;
-use nightshift_proto::wire::ShardCounts;
-use sqlx::Row;
 
-use super::{PgStore, job_from_row, job_in, parse_state};
-use crate::records::{DialectRow, PART_COLUMNS};
+use super::{PgStore, job_from_row, job_in};
+use crate::records::{DialectRow, PART_COLUMNS, SHARD_COLUMNS, ShardTally};
 use crate::{JobRecord, NewJob, PartRow, Result, ShardRow, StoreError, Submitted, output_key};
 
 /// Times `insert_job` re-reads a key another replica inserted and then deleted under it.
@@ -226,7 +223,7 @@ impl PgStore {
         row.as_ref().map(job_from_row).transpose()
     }
 
-    pub(super) async fn counts(&self, job_id: i64) -> Result<(ShardCounts, u64, u64)> {
+    pub(super) async fn counts(&self, job_id: i64) -> Result<ShardTally> {
         let rows = sqlx::query(
             "SELECT state, COUNT(*) AS n, COALESCE(SUM(checkpoint_rows), 0)::BIGINT AS done, \
              COALESCE(SUM(error_rows), 0)::BIGINT AS errors \
@@ -235,46 +232,22 @@ impl PgStore {
         .bind(job_id)
         .fetch_all(&self.pool)
         .await?;
-        let mut counts = ShardCounts::default();
-        let (mut done, mut errors) = (0u64, 0u64);
-        for row in rows {
-            let n = row.try_get::<i64, _>("n")? as u64;
-            done += row.try_get::<i64, _>("done")? as u64;
-            errors += row.try_get::<i64, _>("errors")? as u64;
-            match parse_state::<ShardState>(row.try_get("state")?)? {
-                ShardState::Pending => counts.pending = n,
-                ShardState::Leased => counts.leased = n,
-                ShardState::Done => counts.done = n,
-                ShardState::Dead => counts.dead = n,
-            }
+        let mut tally = ShardTally::default();
+        for row in &rows {
+            row.shard_tally(&mut tally)?;
         }
-        Ok((counts, done, errors))
+        Ok(tally)
     }
 
     pub(super) async fn shard_rows(&self, job_id: i64) -> Result<Vec<ShardRow>> {
-        let rows = sqlx::query(
-            "SELECT id, job_id, file_index, rows, state, token, attempts, checkpoint_rows, \
-             error_rows, error FROM shards WHERE job_id = $1 AND kind = 'rows' ORDER BY id",
-        )
-        .bind(job_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(ShardRow {
-                    id: r.try_get("id")?,
-                    job_id: r.try_get("job_id")?,
-                    file_index: r.try_get::<i64, _>("file_index")? as u32,
-                    rows: r.try_get::<i64, _>("rows")? as u64,
-                    state: parse_state(r.try_get("state")?)?,
-                    token: r.try_get("token")?,
-                    attempts: r.try_get::<i64, _>("attempts")? as u32,
-                    checkpoint_rows: r.try_get::<i64, _>("checkpoint_rows")? as u64,
-                    error_rows: r.try_get::<i64, _>("error_rows")? as u64,
-                    error: r.try_get("error")?,
-                })
-            })
-            .collect()
+        let sql = format!(
+            "SELECT {SHARD_COLUMNS} FROM shards WHERE job_id = $1 AND kind = 'rows' ORDER BY id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(job_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| r.shard_row()).collect()
     }
 
     pub(super) async fn part_rows(&self, job_id: i64) -> Result<Vec<PartRow>> {

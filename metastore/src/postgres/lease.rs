@@ -5,9 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use nightshift_proto::wire::{
-    HeartbeatResponse, InputFile, LeaseRef, LeaseStatus, PartRecord, ShardLease, ShardPlan,
-};
+use nightshift_proto::wire::{HeartbeatResponse, LeaseRef, LeaseStatus, PartRecord, ShardLease};
 use nightshift_proto::{FailureClass, JobSpec, JobState, LeaseState};
 use sqlx::{PgExecutor, Row};
 
@@ -218,18 +216,8 @@ impl PgStore {
                 token: r.try_get("token")?,
                 secret: parse_secret(r.try_get("lease_secret")?)?,
                 attempt: r.try_get::<i64, _>("attempts")? as u32,
-                file: InputFile {
-                    uri: r.try_get("uri")?,
-                    size: r.try_get::<i64, _>("size")? as u64,
-                    etag: r.try_get("etag")?,
-                },
-                plan: ShardPlan {
-                    file_index: r.try_get::<i64, _>("file_index")? as u32,
-                    row_group_start: r.try_get::<i64, _>("row_group_start")? as u32,
-                    row_group_end: r.try_get::<i64, _>("row_group_end")? as u32,
-                    file_row_start: r.try_get::<i64, _>("file_row_start")? as u64,
-                    rows: r.try_get::<i64, _>("rows")? as u64,
-                },
+                file: r.input_file()?,
+                plan: r.shard_plan()?,
                 checkpoint_rows: r.try_get::<i64, _>("checkpoint_rows")? as u64,
                 spec,
                 merge: match merge_range(&r)? {

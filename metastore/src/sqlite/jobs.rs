@@ -1,11 +1,10 @@
 //! Jobs on SQLite: creation (idempotent per key), reads, cancel, retry, delete.
 
-use nightshift_proto::wire::{InputFile, ShardCounts};
-use nightshift_proto::{JobState, ShardState};
-use sqlx::Row;
+use nightshift_proto::JobState;
+use nightshift_proto::wire::InputFile;
 
-use super::{SqliteStore, job_from_row, parse_state};
-use crate::records::DialectRow;
+use super::{SqliteStore, job_from_row};
+use crate::records::{DialectRow, SHARD_COLUMNS, ShardTally};
 use crate::{JobRecord, NewJob, Result, ShardRow, StoreError, Submitted, output_key};
 
 /// The first job, other than `except`, that is not cancelled and owns an output overlapping
@@ -158,7 +157,7 @@ pub(super) async fn list_jobs(s: &SqliteStore, limit: u32) -> Result<Vec<JobReco
     rows.iter().map(job_from_row).collect()
 }
 
-pub(super) async fn shard_counts(s: &SqliteStore, job_id: i64) -> Result<(ShardCounts, u64, u64)> {
+pub(super) async fn shard_counts(s: &SqliteStore, job_id: i64) -> Result<ShardTally> {
     let rows = sqlx::query(
         "SELECT state, COUNT(*) AS n, COALESCE(SUM(checkpoint_rows), 0) AS done, \
          COALESCE(SUM(error_rows), 0) AS errors FROM shards WHERE job_id = ? AND kind = 'rows' \
@@ -167,46 +166,22 @@ pub(super) async fn shard_counts(s: &SqliteStore, job_id: i64) -> Result<(ShardC
     .bind(job_id)
     .fetch_all(&s.pool)
     .await?;
-    let mut counts = ShardCounts::default();
-    let (mut done, mut errors) = (0u64, 0u64);
-    for row in rows {
-        let n = row.try_get::<i64, _>("n")? as u64;
-        done += row.try_get::<i64, _>("done")? as u64;
-        errors += row.try_get::<i64, _>("errors")? as u64;
-        match parse_state::<ShardState>(&row.try_get::<String, _>("state")?)? {
-            ShardState::Pending => counts.pending = n,
-            ShardState::Leased => counts.leased = n,
-            ShardState::Done => counts.done = n,
-            ShardState::Dead => counts.dead = n,
-        }
+    let mut tally = ShardTally::default();
+    for row in &rows {
+        row.shard_tally(&mut tally)?;
     }
-    Ok((counts, done, errors))
+    Ok(tally)
 }
 
 pub(super) async fn shards(s: &SqliteStore, job_id: i64) -> Result<Vec<ShardRow>> {
-    let rows = sqlx::query(
-        "SELECT id, job_id, file_index, rows, state, token, attempts, checkpoint_rows, \
-         error_rows, error FROM shards WHERE job_id = ? AND kind = 'rows' ORDER BY id",
-    )
-    .bind(job_id)
-    .fetch_all(&s.pool)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(ShardRow {
-                id: r.try_get("id")?,
-                job_id: r.try_get("job_id")?,
-                file_index: r.try_get::<i64, _>("file_index")? as u32,
-                rows: r.try_get::<i64, _>("rows")? as u64,
-                state: parse_state(&r.try_get::<String, _>("state")?)?,
-                token: r.try_get("token")?,
-                attempts: r.try_get::<i64, _>("attempts")? as u32,
-                checkpoint_rows: r.try_get::<i64, _>("checkpoint_rows")? as u64,
-                error_rows: r.try_get::<i64, _>("error_rows")? as u64,
-                error: r.try_get("error")?,
-            })
-        })
-        .collect()
+    let sql = format!(
+        "SELECT {SHARD_COLUMNS} FROM shards WHERE job_id = ? AND kind = 'rows' ORDER BY id"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(job_id)
+        .fetch_all(&s.pool)
+        .await?;
+    rows.iter().map(|r| r.shard_row()).collect()
 }
 
 pub(super) async fn input_files(s: &SqliteStore, job_id: i64) -> Result<Vec<InputFile>> {
@@ -214,15 +189,7 @@ pub(super) async fn input_files(s: &SqliteStore, job_id: i64) -> Result<Vec<Inpu
         .bind(job_id)
         .fetch_all(&s.pool)
         .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(InputFile {
-                uri: r.try_get("uri")?,
-                size: r.try_get::<i64, _>("size")? as u64,
-                etag: r.try_get("etag")?,
-            })
-        })
-        .collect()
+    rows.iter().map(|r| r.input_file()).collect()
 }
 
 pub(super) async fn cancel_job(s: &SqliteStore, id: i64) -> Result<JobRecord> {

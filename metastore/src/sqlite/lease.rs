@@ -3,9 +3,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
-use nightshift_proto::wire::{
-    HeartbeatResponse, InputFile, LeaseRef, LeaseStatus, PartRecord, ShardLease, ShardPlan,
-};
+use nightshift_proto::wire::{HeartbeatResponse, LeaseRef, LeaseStatus, PartRecord, ShardLease};
 use nightshift_proto::{FailureClass, JobState, LeaseState};
 use sqlx::Row;
 
@@ -74,18 +72,8 @@ pub(super) async fn claim(
             token: r.try_get("token")?,
             secret,
             attempt: r.try_get::<i64, _>("attempts")? as u32,
-            file: InputFile {
-                uri: f.try_get("uri")?,
-                size: f.try_get::<i64, _>("size")? as u64,
-                etag: f.try_get("etag")?,
-            },
-            plan: ShardPlan {
-                file_index: file_index as u32,
-                row_group_start: r.try_get::<i64, _>("row_group_start")? as u32,
-                row_group_end: r.try_get::<i64, _>("row_group_end")? as u32,
-                file_row_start: r.try_get::<i64, _>("file_row_start")? as u64,
-                rows: r.try_get::<i64, _>("rows")? as u64,
-            },
+            file: f.input_file()?,
+            plan: r.shard_plan()?,
             checkpoint_rows: r.try_get::<i64, _>("checkpoint_rows")? as u64,
             spec: job.spec.clone(),
             merge: if r.try_get::<String, _>("kind")? == "merge" {
