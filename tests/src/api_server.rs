@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fixtures::{Fixture, spec_toml};
 
+/// How often `wait_succeeded` looks at a job.
+const JOB_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub struct Api {
     pub url: String,
     pub http: reqwest::Client,
@@ -103,6 +106,24 @@ impl Api {
         let resp = req.send().await.unwrap();
         let status = resp.status();
         (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Waits until job `name` has succeeded; panics if it ends otherwise or not within `limit`.
+    pub async fn wait_succeeded(&self, name: &str, limit: std::time::Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let (_, text) = self.get(Some("S"), &format!("/v1/jobs/{name}")).await;
+            let view: serde_json::Value = serde_json::from_str(&text).unwrap();
+            match view["state"].as_str() {
+                Some("succeeded") => return,
+                Some("failed" | "cancelled") => panic!("job {name} ended badly: {view}"),
+                _ => assert!(
+                    std::time::Instant::now() < deadline,
+                    "job {name} did not end: {view}"
+                ),
+            }
+            tokio::time::sleep(JOB_POLL).await;
+        }
     }
 
     pub async fn get(&self, token: Option<&str>, path: &str) -> (StatusCode, String) {

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nightshift_coordinator::AllowList;
 use nightshift_metastore::Metastore;
@@ -79,17 +79,7 @@ async fn the_commit_fetches_footers_and_no_row_data() {
         Worker::build(config, Arc::new(Stores::new(settings(&s3.endpoint())))).expect("worker");
     let stop = CancellationToken::new();
     let running = tokio::spawn(worker.run(stop.clone()));
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let (_, text) = api.get(Some("S"), "/v1/jobs/reads").await;
-        let view: serde_json::Value = serde_json::from_str(&text).unwrap();
-        match view["state"].as_str() {
-            Some("succeeded") => break,
-            Some("failed" | "cancelled") => panic!("the job ended badly: {view}"),
-            _ => assert!(Instant::now() < deadline, "the job did not end: {view}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    api.wait_succeeded("reads", Duration::from_secs(180)).await;
     stop.cancel();
     running.await.expect("worker");
 

@@ -4,7 +4,7 @@
 //! the coordinator, worker, ONNX Runtime and files are real.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nightshift_coordinator::AllowList;
 use nightshift_storage::Stores;
@@ -30,17 +30,8 @@ async fn run_job(f: &Fixture, api: &Api) -> WorkerReport {
     let worker = Worker::build(config, Arc::new(Stores::default())).expect("worker");
     let stop = CancellationToken::new();
     let running = tokio::spawn(worker.run(stop.clone()));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (_, text) = api.get(Some("S"), "/v1/jobs/api-job").await;
-        let view: serde_json::Value = serde_json::from_str(&text).unwrap();
-        match view["state"].as_str() {
-            Some("succeeded") => break,
-            Some("failed" | "cancelled") => panic!("the job ended badly: {view}"),
-            _ => assert!(Instant::now() < deadline, "the job did not end: {view}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    api.wait_succeeded("api-job", Duration::from_secs(120))
+        .await;
     stop.cancel();
     running.await.expect("worker")
 }

@@ -4,11 +4,11 @@
 //! files are real; every output is checked by the independent verifier.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nightshift_coordinator::AllowList;
 use nightshift_storage::Stores;
-use nightshift_tests::api_server::{Api, start};
+use nightshift_tests::api_server::start;
 use nightshift_tests::fixtures::{Fixture, spec_toml};
 use nightshift_tests::python::ort_library;
 use nightshift_tests::verify::verify_output;
@@ -51,7 +51,7 @@ async fn run_jobs(model_cache: usize) -> WorkerReport {
     let stop = CancellationToken::new();
     let running = tokio::spawn(worker.run(stop.clone()));
     for (name, _) in JOBS {
-        wait_succeeded(&api, name).await;
+        api.wait_succeeded(name, Duration::from_secs(120)).await;
     }
     stop.cancel();
     let report = running.await.expect("worker");
@@ -60,20 +60,6 @@ async fn run_jobs(model_cache: usize) -> WorkerReport {
         verify_output(out.to_str().unwrap(), &input, &f.path(model), 0, &[]).assert_exact(&[]);
     }
     report
-}
-
-async fn wait_succeeded(api: &Api, name: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (_, text) = api.get(Some("S"), &format!("/v1/jobs/{name}")).await;
-        let view: serde_json::Value = serde_json::from_str(&text).unwrap();
-        match view["state"].as_str() {
-            Some("succeeded") => return,
-            Some("failed" | "cancelled") => panic!("job {name} ended badly: {view}"),
-            _ => assert!(Instant::now() < deadline, "job {name} did not end: {view}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -91,10 +91,6 @@ impl Executor {
         })
     }
 
-    pub fn gpu(&self) -> Option<u32> {
-        self.gpu
-    }
-
     /// Where a session for `device` will run on this slot: what decides the batch size before
     /// the session is open. (`auto` falls back to the CPU if opening on the GPU fails.)
     pub fn expected_device(&self, device: Device) -> ChosenDevice {
