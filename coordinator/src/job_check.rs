@@ -78,12 +78,10 @@ fn check_apart(spec: &JobSpec) -> Result<(), JobCheckError> {
     Ok(())
 }
 
-/// A checked job: its plan and what the output will look like.
+/// A checked job: its plan.
 #[derive(Debug, Clone)]
 pub struct CheckedJob {
     pub plan: JobPlan,
-    pub signature: Arc<ModelSignature>,
-    pub output_schema: SchemaRef,
 }
 
 /// Checks a spec against its input, model and output, and plans its shards.
@@ -179,19 +177,17 @@ pub async fn check_and_plan(stores: &Stores, spec: &JobSpec) -> Result<CheckedJo
         });
     }
     check_output(stores, spec).await?;
-    let Some((output_schema, _)) = output_schema else {
+    if output_schema.is_none() {
         return Err(JobCheckError::EmptyInput {
             uri: spec.input.uri.clone(),
         });
-    };
+    }
     Ok(CheckedJob {
         plan: JobPlan {
             files,
             shards,
             rows_total,
         },
-        signature,
-        output_schema,
     })
 }
 

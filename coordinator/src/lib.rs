@@ -2,19 +2,19 @@
 //! serves the HTTP API for people and workers, and runs the background loops (reaper, settler,
 //! finalizer). Several replicas may run against one database.
 
-pub mod allow_list;
-pub mod api;
-pub mod api_error;
-pub mod coalescer;
+mod allow_list;
+mod api;
+mod api_error;
+mod coalescer;
 pub mod finalizer;
-pub mod job_check;
+mod job_check;
 mod lease_check;
-pub mod loops;
-pub mod metrics;
+mod loops;
+mod metrics;
 mod ownership;
-pub mod part_check;
-pub mod planner;
-pub mod server;
+mod part_check;
+mod planner;
+mod server;
 pub mod service;
 
 pub use allow_list::AllowList;

@@ -289,7 +289,11 @@ impl Metrics {
             "# HELP {API_SECONDS} API request latency by route.\n# TYPE {API_SECONDS} histogram"
         );
         for (route, h) in self.api.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            h.render(&mut out, API_SECONDS, &format!("route=\"{route}\""));
+            h.render(
+                &mut out,
+                API_SECONDS,
+                &format!("route=\"{}\"", label_value(route)),
+            );
         }
         self.render_workers(&mut out);
         out
@@ -299,7 +303,8 @@ impl Metrics {
 /// A GPU gauge: its name, its help and how to read it from a sample.
 type GpuSeries = (&'static str, &'static str, fn(&GpuSample) -> f64);
 
-/// A Prometheus label value: backslash, quote and newline escaped.
+/// A Prometheus label value: backslash, quote and newline escaped, as the text exposition
+/// format asks. Every label value rendered here passes through it.
 fn label_value(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -325,6 +330,50 @@ mod tests {
         assert!(text.contains("nightshift_lease_claim_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("nightshift_api_request_seconds_count{route=\"submit\"} 1"));
         assert!(text.contains("nightshift_rows_committed_total 100"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("plain"), "plain");
+        assert_eq!(label_value("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+        let m = Metrics::default();
+        let sample = GpuSample {
+            index: 0,
+            utilization_percent: 50,
+            memory_used_bytes: 1,
+            memory_total_bytes: 2,
+        };
+        let model = LoadedModel {
+            uri: "s3://b/\"odd\"\\name\n.onnx".into(),
+            device: "cuda:0".into(),
+        };
+        m.record_worker("w\\1\n", &[sample], &[model]);
+        m.api("/v1/\"x\"\n").observe(Duration::from_millis(1));
+        let text = m.render(&StoreMetrics::default());
+        assert!(
+            text.contains(
+                "nightshift_worker_model_loaded{worker=\"w\\\\1\\n\",\
+                 model=\"s3://b/\\\"odd\\\"\\\\name\\n.onnx\",device=\"cuda:0\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("nightshift_worker_gpu_busy_ratio{worker=\"w\\\\1\\n\",gpu=\"0\"} 0.5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nightshift_api_request_seconds_count{route=\"/v1/\\\"x\\\"\\n\"} 1"),
+            "{text}"
+        );
+        // No value breaks a line: every line is a comment or one sample.
+        for line in text.lines() {
+            assert!(
+                line.starts_with("# HELP ")
+                    || line.starts_with("# TYPE ")
+                    || line.starts_with("nightshift_"),
+                "{line:?} in {text}"
+            );
+        }
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! Plain data shared by every nightshift role: the job spec, the wire types of the HTTP API and
 //! the lease protocol, and error codes. No I/O, no runtime: everything here is serde data.
 
-pub mod error_code;
+mod error_code;
 pub mod layout;
-pub mod spec;
+mod spec;
 pub mod spec_check;
-pub mod state;
-pub mod text;
+mod state;
+mod text;
 pub mod wire;
 
 pub use error_code::{ErrorBody, ErrorCode};

@@ -221,6 +221,15 @@ impl ErrorSpec {
     }
 }
 
+/// A spec as stored: the JSON `serde_json::to_string` wrote.
+impl TryFrom<String> for JobSpec {
+    type Error = serde_json::Error;
+
+    fn try_from(json: String) -> Result<Self, Self::Error> {
+        serde_json::from_str(&json)
+    }
+}
+
 impl JobSpec {
     /// A stable hash of the spec with its defaults filled in: the same spec always hashes the
     /// same, whatever its formatting, key order or omitted defaults.

@@ -1,80 +1,77 @@
-//! Lifecycle states of jobs, shards and leases, and the class of a shard failure.
-
-use std::fmt;
-use std::str::FromStr;
+//! Lifecycle states of jobs, shards and leases, and the class of a shard failure. Each is
+//! spelled by its snake_case name everywhere: JSON, SQL, `Display` and `FromStr` alike.
 
 use serde::{Deserialize, Serialize};
+use strum::{Display, EnumString, IntoStaticStr, VariantArray};
 
-macro_rules! string_enum {
-    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+/// A state enum: strum derives its names from the variants' (snake_case, as serde's); this
+/// adds the API other crates use: `ALL`, `as_str`, a `FromStr` error naming the enum, and
+/// `TryFrom<String>` (how the metastore decodes a state column).
+macro_rules! state_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident),+ $(,)? }) => {
         $(#[$m])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Display, EnumString, IntoStaticStr, VariantArray)]
         #[serde(rename_all = "snake_case")]
+        #[strum(serialize_all = "snake_case", parse_err_ty = String, parse_err_fn = Self::unknown)]
         pub enum $name { $($(#[$vm])* $variant),+ }
 
         impl $name {
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-            pub fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $text),+ }
-            }
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [$name] = <$name as VariantArray>::VARIANTS;
+            /// The name, as stored and sent.
+            pub fn as_str(self) -> &'static str { self.into() }
+            fn unknown(s: &str) -> String { format!("unknown {} `{s}`", stringify!($name)) }
         }
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
-        }
-        impl FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
-                match s {
-                    $($text => Ok($name::$variant),)+
-                    other => Err(format!("unknown {} `{other}`", stringify!($name))),
-                }
-            }
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> { s.parse() }
         }
     };
 }
 
-string_enum!(
+state_enum!(
     /// pending -> planning -> running -> finalizing -> succeeded | failed | cancelled
     JobState {
-        Pending = "pending",
-        Planning = "planning",
-        Running = "running",
-        Finalizing = "finalizing",
-        Succeeded = "succeeded",
-        Failed = "failed",
-        Cancelled = "cancelled",
+        Pending,
+        Planning,
+        Running,
+        Finalizing,
+        Succeeded,
+        Failed,
+        Cancelled,
     }
 );
 
-string_enum!(
+state_enum!(
     /// pending -> leased -> done | dead
     ShardState {
-        Pending = "pending",
-        Leased = "leased",
-        Done = "done",
-        Dead = "dead",
+        Pending,
+        Leased,
+        Done,
+        Dead,
     }
 );
 
-string_enum!(
+state_enum!(
     /// What a heartbeat learns about one lease.
     LeaseState {
         /// Still yours; extended.
-        Held = "held",
+        Held,
         /// Expired and granted elsewhere, or finished: stop and discard uncommitted work.
-        Lost = "lost",
+        Lost,
         /// The job was cancelled: stop at the next batch.
-        Cancelled = "cancelled",
+        Cancelled,
     }
 );
 
-string_enum!(
+state_enum!(
     /// How the coordinator treats a failed shard.
     FailureClass {
         /// I/O, throttling, lease lost, worker died: back off and retry up to max_attempts.
-        Retryable = "retryable",
+        Retryable,
         /// Corrupt file, schema mismatch: dead at once, no retry.
-        Permanent = "permanent",
+        Permanent,
     }
 );
 
@@ -92,18 +89,48 @@ impl JobState {
 mod tests {
     use super::*;
 
-    #[test]
-    fn states_round_trip_as_text() {
-        for s in JobState::ALL {
-            assert_eq!(s.as_str().parse::<JobState>().unwrap(), *s);
+    /// Every name agrees in `as_str`, `Display`, `FromStr`, `TryFrom<String>` and serde.
+    fn round_trips<T>(all: &[T], as_str: fn(T) -> &'static str)
+    where
+        T: Copy + PartialEq + std::fmt::Debug + std::fmt::Display + Serialize,
+        T: std::str::FromStr<Err = String> + TryFrom<String, Error = String>,
+        T: for<'de> Deserialize<'de>,
+    {
+        for &s in all {
+            let name = as_str(s);
+            assert_eq!(s.to_string(), name);
+            assert_eq!(name.parse::<T>().unwrap(), s);
+            assert_eq!(T::try_from(name.to_string()).unwrap(), s);
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{name}\""));
             assert_eq!(
-                serde_json::to_string(s).unwrap(),
-                format!("\"{}\"", s.as_str())
+                serde_json::from_str::<T>(&format!("\"{name}\"")).unwrap(),
+                s
             );
         }
-        for s in ShardState::ALL {
-            assert_eq!(s.as_str().parse::<ShardState>().unwrap(), *s);
-        }
-        assert!("nope".parse::<JobState>().is_err());
+    }
+
+    #[test]
+    fn states_round_trip_as_text() {
+        round_trips(JobState::ALL, JobState::as_str);
+        round_trips(ShardState::ALL, ShardState::as_str);
+        round_trips(LeaseState::ALL, LeaseState::as_str);
+        round_trips(FailureClass::ALL, FailureClass::as_str);
+        assert_eq!(JobState::ALL.len(), 7);
+        assert_eq!(JobState::Finalizing.as_str(), "finalizing");
+        assert_eq!(FailureClass::Retryable.as_str(), "retryable");
+    }
+
+    #[test]
+    fn unknown_names_are_refused_by_name() {
+        assert_eq!(
+            "nope".parse::<JobState>().unwrap_err(),
+            "unknown JobState `nope`"
+        );
+        assert_eq!(
+            ShardState::try_from("Leased".to_string()).unwrap_err(),
+            "unknown ShardState `Leased`"
+        );
+        assert!("".parse::<LeaseState>().is_err());
+        assert!("retry".parse::<FailureClass>().is_err());
     }
 }

@@ -2,6 +2,8 @@
 
 use nightshift_proto::FailureClass;
 
+use crate::s3_refusal::S3Refusal;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("unsupported URI `{uri}`: {reason}")]
@@ -31,17 +33,23 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    /// Maps an object_store error on `uri` to the error a user can act on.
+    /// Maps an object_store error on `uri` to the error a user can act on, by the error's type
+    /// alone: S3's refusals are found as `S3Refusal`, which the S3 clients' connector puts
+    /// there; the rest by object_store's variants.
     pub fn from_store(uri: &str, e: object_store::Error) -> Self {
         let uri = uri.to_string();
-        match e {
-            object_store::Error::NotFound { ref source, .. } => {
-                if format!("{source:?}").contains("NoSuchBucket") {
-                    StorageError::NoSuchBucket { uri }
-                } else {
-                    StorageError::NotFound { uri }
-                }
+        match S3Refusal::find(&e) {
+            Some(S3Refusal::NoSuchBucket) => return StorageError::NoSuchBucket { uri },
+            Some(denied @ S3Refusal::Denied { .. }) => {
+                return StorageError::AccessDenied {
+                    uri,
+                    message: denied.to_string(),
+                };
             }
+            None => {}
+        }
+        match e {
+            object_store::Error::NotFound { .. } => StorageError::NotFound { uri },
             object_store::Error::AlreadyExists { .. } => StorageError::AlreadyExists { uri },
             object_store::Error::Precondition { source, .. } => StorageError::InputChanged {
                 uri,
@@ -52,19 +60,7 @@ impl StorageError {
                 uri,
                 message: source.to_string(),
             },
-            other => {
-                let text = format!("{other:?}");
-                if text.contains("NoSuchBucket") {
-                    StorageError::NoSuchBucket { uri }
-                } else if text.contains("AccessDenied") || text.contains("403 Forbidden") {
-                    StorageError::AccessDenied {
-                        uri,
-                        message: other.to_string(),
-                    }
-                } else {
-                    StorageError::Io { uri, source: other }
-                }
-            }
+            other => StorageError::Io { uri, source: other },
         }
     }
 

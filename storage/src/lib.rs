@@ -1,14 +1,15 @@
 //! One path to every object: local files and S3 (or an S3-compatible store) behind
 //! `object_store`, with the Parquet reader and part writer the planner, worker and finalizer use.
 
-pub mod error;
+mod error;
 pub mod input_listing;
 pub mod location;
-pub mod object_reader;
-pub mod open_uploads;
-pub mod part_upload;
+mod object_reader;
+mod open_uploads;
+mod part_upload;
 mod publish;
 pub mod s3;
+mod s3_refusal;
 
 pub use error::StorageError;
 pub use input_listing::{InputObject, list_inputs};

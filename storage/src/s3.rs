@@ -14,6 +14,7 @@ use object_store::{ClientOptions, CredentialProvider, RetryConfig, StaticCredent
 use tokio::sync::Mutex;
 
 use crate::open_uploads::S3Bucket;
+use crate::s3_refusal::S3RefusalConnector;
 
 /// How S3 clients are built. Read once from the environment (and AWS profile files).
 #[derive(Clone, Default)]
@@ -94,7 +95,8 @@ impl S3Settings {
             .with_client_options(client)
             .with_allow_http(self.allow_http)
             .with_bucket_name(bucket)
-            .with_retry(self.retry.clone().unwrap_or_else(default_retry));
+            .with_retry(self.retry.clone().unwrap_or_else(default_retry))
+            .with_http_connector(S3RefusalConnector);
         if let Some(region) = &self.region {
             b = b.with_region(region);
         }

@@ -10,11 +10,11 @@ pub mod gpus;
 pub mod model_files;
 pub mod model_session;
 pub mod onnx_runtime;
-pub mod pipeline;
-pub mod shard_error;
+mod pipeline;
+mod shard_error;
 pub mod spot;
-pub mod tensors;
-pub mod worker;
+mod tensors;
+mod worker;
 
 pub use context::WorkerReport;
 pub use executor::DEFAULT_MODEL_CACHE;
