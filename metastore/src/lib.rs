@@ -1,24 +1,27 @@
 //! The metastore: the single source of truth for jobs, shards, parts and the lease protocol,
-//! behind one trait (`Metastore`) with one implementation per SQL dialect (SQLite embedded,
-//! PostgreSQL in production), the migrations, and the merge rule (`merges.rs`). Lease times
-//! come from the database clock only. Every lease write is guarded by `(shard, fencing token)`.
+//! behind one trait (`Metastore`). It is written once over SQL (`sql/`), for two dialects
+//! (`sqlite.rs` embedded, `postgres.rs` in production) that add only what they do their own
+//! way; the lease rules are in `rules.rs`, the merge rule in `merges.rs`. Lease times come
+//! from the database clock only. Every lease write is guarded by `(shard, fencing token)`.
 
 pub mod merges;
 mod migrations;
 pub mod postgres;
 mod records;
+mod rules;
+mod sql;
 pub mod sqlite;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use nightshift_proto::wire::{
-    HeartbeatResponse, InputFile, JobPlan, LeaseRef, LeaseSecret, PartRecord, ShardCounts,
-    ShardLease,
+    HeartbeatResponse, InputFile, JobPlan, LeaseRef, LeaseSecret, PartRecord, ShardLease,
 };
 use nightshift_proto::{FailureClass, JobSpec, JobState};
 
-pub use records::{JobRecord, PartRow, ShardRow, StoreMetrics};
+pub use records::{JobRecord, PartRow, ShardRow, ShardTally, StoreMetrics};
+pub use sql::{Dialect, SqlStore};
 
 use crate::merges::{MergeCandidate, MergeGroup};
 
@@ -189,7 +192,7 @@ pub trait Metastore: Send + Sync + 'static {
     async fn job_by_name(&self, name: &str) -> Result<Option<JobRecord>>;
     /// Newest first.
     async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRecord>>;
-    async fn shard_counts(&self, job_id: i64) -> Result<(ShardCounts, u64, u64)>;
+    async fn shard_counts(&self, job_id: i64) -> Result<ShardTally>;
     async fn shards(&self, job_id: i64) -> Result<Vec<ShardRow>>;
     async fn input_files(&self, job_id: i64) -> Result<Vec<InputFile>>;
     /// Cancels a job that has not ended, finalizing included (its commit then stops before
@@ -209,19 +212,12 @@ pub trait Metastore: Send + Sync + 'static {
     /// Several workers' claims at once (a coordinator coalescing concurrent lease requests):
     /// one answer per request, in order, each up to its `max` shards, no shard granted twice.
     /// Earlier requests are served first. Only a failure of the store itself fails the whole
-    /// call, and then no shard is granted. This default claims for each in turn; stores may do
-    /// it in one go.
+    /// call, and then no shard is granted.
     async fn claim_many(
         &self,
         requests: &[ClaimRequest],
         timing: LeaseTiming,
-    ) -> Result<Vec<Result<Vec<ShardLease>>>> {
-        let mut answers = Vec::with_capacity(requests.len());
-        for r in requests {
-            answers.push(self.claim(&r.worker, r.max, timing).await);
-        }
-        Ok(answers)
-    }
+    ) -> Result<Vec<Result<Vec<ShardLease>>>>;
     /// The current grants of those of `shard_ids` that are leased, in any order.
     async fn lease_holders(&self, shard_ids: &[i64]) -> Result<Vec<LeaseHolder>>;
     /// Extends every lease still held; says which are lost or cancelled.
@@ -238,18 +234,8 @@ pub trait Metastore: Send + Sync + 'static {
     async fn complete(&self, lease: LeaseRef) -> Result<()>;
     /// Completes several shards at once (a worker that finished more than one since it last
     /// called): one answer per lease, in order, each what `complete` called for the leases in
-    /// turn would give. Only a failure of the store itself fails the whole call. This default
-    /// calls `complete` per lease; stores may do it in one go.
-    async fn complete_many(&self, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {
-        let mut answers = Vec::with_capacity(leases.len());
-        for &lease in leases {
-            match self.complete(lease).await {
-                Err(e) if !e.is_lease_refusal() => return Err(e),
-                answer => answers.push(answer),
-            }
-        }
-        Ok(answers)
-    }
+    /// turn would give. Only a failure of the store itself fails the whole call.
+    async fn complete_many(&self, leases: &[LeaseRef]) -> Result<Vec<Result<()>>>;
     async fn fail(
         &self,
         lease: LeaseRef,
@@ -302,11 +288,6 @@ pub type DynMetastore = Arc<dyn Metastore>;
 
 /// Opens the store a URL names: `sqlite://path` (or a bare path ending in `.db`) or
 /// `postgres://...`, and migrates it.
-/// `recover_after_crash`, in SQL both dialects share.
-const EXPIRE_FINALIZER_CLAIMS: &str =
-    "UPDATE jobs SET finalizer_expires_at_ms = 0 WHERE finalizer_owner IS NOT NULL";
-const EXPIRE_LEASES: &str = "UPDATE shards SET lease_expires_at_ms = 0 WHERE state = 'leased'";
-
 pub async fn open(url: &str) -> Result<DynMetastore> {
     let store: DynMetastore = if url.starts_with("postgres://") || url.starts_with("postgresql://")
     {

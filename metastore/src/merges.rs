@@ -11,14 +11,17 @@
 //! a job is under the target.
 
 /// A row shard as the merge planner sees it, in shard order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
 pub struct MergeCandidate {
+    #[sqlx(rename = "id")]
     pub shard_id: i64,
     /// All its rows are committed.
     pub done: bool,
     /// A merge already takes its parts.
+    #[sqlx(default)]
     pub covered: bool,
     /// Bytes of its committed parts (output and errors).
+    #[sqlx(try_from = "i64")]
     pub bytes: u64,
 }
 

@@ -1,49 +1,48 @@
-//! PostgreSQL store: the production store, shared by every coordinator replica. Each lease
-//! transition is one guarded statement; claims, the reaper and the finalizer skip rows another
-//! replica has locked, so every background loop is safe to run on several replicas at once.
-//! Times come from the database clock only (`ns_now_ms()`, defined by the first migration), and
-//! no transaction outlives the method call that opened it.
+//! PostgreSQL: the production metastore, shared by every coordinator replica. What differs
+//! from the shared SQL: submissions serialise on an advisory lock, claims and the reaper skip
+//! rows another replica holds, and claims, heartbeats, completions and plans are one
+//! set-based statement each (arrays in, one row per request out). Times come from the
+//! database clock only (`ns_now_ms()`, defined by the first migration).
 
-/// The columns `job_from_row` reads, in a form `concat!` accepts.
-macro_rules! job_cols {
-    () => {
-        "id, uid, name, idempotency_key, spec_json, spec_hash, state, priority, rows_total, \
-         output_uri, error, created_at_ms, started_at_ms, finished_at_ms, batch_rows"
-    };
-}
-
-mod jobs;
-mod lease;
-mod loops;
-mod merges;
-
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nightshift_proto::FailureClass;
 use nightshift_proto::wire::{
-    HeartbeatResponse, InputFile, LeaseRef, PartRecord, ShardCounts, ShardLease,
+    HeartbeatResponse, JobPlan, LeaseRef, LeaseStatus, ShardLease, ShardPlan,
 };
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{PgExecutor, Row};
+use nightshift_proto::{JobState, LeaseState, ShardState};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgQueryResult};
+use sqlx::{Pool, Postgres as PgDb};
 
-use super::{
-    ClaimRequest, JobOutcome, JobRecord, LeaseHolder, LeaseTiming, Metastore, NewJob, PartRow,
-    Result, ShardRow, StoreMetrics, Submitted, migrations,
+use crate::records::{Granted, HolderRow};
+use crate::sql::jobs::count;
+use crate::sql::lease::HOLDER;
+use crate::sql::{Dialect, SqlStore};
+use crate::{
+    ClaimRequest, LeaseHolder, LeaseTiming, Result, StoreError, migrations, new_lease_secret, rules,
 };
 
 /// Connections per coordinator replica. Every statement is short, so a few go a long way.
 const POOL_SIZE: u32 = 16;
 /// How long a call waits for a free connection before it fails.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The advisory lock that serialises the output check and insert of submissions and retries,
+/// so two racing submissions cannot both find an output free.
+const OUTPUT_LOCK: i64 = 0x6e73_6f75_7470_7574;
+/// A job of at least this many shards may refresh the shards table's statistics at once.
+const ANALYZE_MIN_SHARDS: usize = 1_000;
+/// ... when its shards are at least this fraction of the rows the statistics last counted
+/// (autovacuum's own default threshold for analysing a table).
+const ANALYZE_FRACTION: f64 = 0.1;
 
-/// PostgreSQL store.
-pub struct PgStore {
-    pool: PgPool,
-}
+/// The PostgreSQL dialect.
+pub struct Postgres;
 
-impl PgStore {
+pub type PgStore = SqlStore<Postgres>;
+
+impl SqlStore<Postgres> {
     /// Connects to the database a `postgres://` URL names. Does not migrate.
     pub async fn connect(url: &str) -> Result<Self> {
         let opts = PgConnectOptions::from_str(url)?.application_name("nightshift-coordinator");
@@ -52,282 +51,363 @@ impl PgStore {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(opts)
             .await?;
-        Ok(Self { pool })
+        Ok(Self::new(pool))
     }
 }
 
-/// Reads one job by id through any executor (the pool or an open transaction).
-async fn job_in<'e, E: PgExecutor<'e>>(ex: E, id: i64) -> Result<Option<JobRecord>> {
-    let row = sqlx::query(concat!("SELECT ", job_cols!(), " FROM jobs WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(ex)
-        .await?;
-    row.as_ref().map(job_from_row).transpose()
-}
-
-use super::records::{DialectRow, parse_spec, parse_state};
-use crate::merges::{MergeCandidate, MergeGroup};
-
-fn job_from_row(row: &PgRow) -> Result<JobRecord> {
-    row.job()
+/// A granted shard and the request it answers.
+#[derive(sqlx::FromRow)]
+struct Answer {
+    #[sqlx(flatten)]
+    granted: Granted,
+    request: i64,
 }
 
 #[async_trait]
-impl Metastore for PgStore {
-    async fn migrate(&self) -> Result<()> {
+impl Dialect for Postgres {
+    type DB = PgDb;
+    type Args = sqlx::postgres::PgArguments;
+    type Ex<'c> = &'c mut PgConnection;
+
+    const NOW: &'static str = "ns_now_ms()";
+    const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
+    // NO KEY UPDATE: blocks other job transitions, not workers inserting parts.
+    const LOCK_ROW: &'static str = " FOR NO KEY UPDATE";
+    const MIGRATED: &'static str = "SELECT to_regclass('_sqlx_migrations') IS NOT NULL";
+
+    fn ex(conn: &mut PgConnection) -> &mut PgConnection {
+        conn
+    }
+
+    fn affected(done: &PgQueryResult) -> u64 {
+        done.rows_affected()
+    }
+
+    fn migrator() -> sqlx::migrate::Migrator {
+        migrations::postgres()
+    }
+
+    async fn migrate(pool: &Pool<PgDb>) -> Result<()> {
         // sqlx takes an advisory lock, so replicas starting together migrate once.
-        migrations::postgres().run(&self.pool).await?;
+        migrations::postgres().run(pool).await?;
         Ok(())
     }
 
-    async fn ready(&self) -> Result<bool> {
-        // Before the first migration there is no bookkeeping table: not ready, not an error.
-        let tracked: bool =
-            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-                .fetch_one(&self.pool)
-                .await?;
-        if !tracked {
-            return Ok(false);
-        }
-        let applied: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(applied as usize >= migrations::postgres().migrations.len())
-    }
-
-    async fn create_job(&self, job: NewJob) -> Result<Submitted> {
-        self.insert_job(job).await
-    }
-
-    async fn job_by_key(&self, key: &str) -> Result<Option<JobRecord>> {
-        self.job_by_key_in(key).await
-    }
-
-    async fn job(&self, id: i64) -> Result<Option<JobRecord>> {
-        job_in(&self.pool, id).await
-    }
-
-    async fn job_by_name(&self, name: &str) -> Result<Option<JobRecord>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            job_cols!(),
-            " FROM jobs WHERE name = $1 ORDER BY id DESC LIMIT 1"
-        ))
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(job_from_row).transpose()
-    }
-
-    async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRecord>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            job_cols!(),
-            " FROM jobs ORDER BY id DESC LIMIT $1"
-        ))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(job_from_row).collect()
-    }
-
-    async fn shard_counts(&self, job_id: i64) -> Result<(ShardCounts, u64, u64)> {
-        self.counts(job_id).await
-    }
-
-    async fn shards(&self, job_id: i64) -> Result<Vec<ShardRow>> {
-        self.shard_rows(job_id).await
-    }
-
-    async fn input_files(&self, job_id: i64) -> Result<Vec<InputFile>> {
-        let rows =
-            sqlx::query("SELECT uri, size, etag FROM input_files WHERE job_id = $1 ORDER BY idx")
-                .bind(job_id)
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter().map(|r| r.input_file()).collect()
-    }
-
-    async fn cancel_job(&self, id: i64) -> Result<JobRecord> {
-        self.cancel(id).await
-    }
-
-    async fn retry_job(&self, id: i64) -> Result<JobRecord> {
-        self.retry(id).await
-    }
-
-    async fn delete_job(&self, id: i64) -> Result<()> {
-        sqlx::query("DELETE FROM jobs WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
+    async fn lock_outputs(conn: &mut PgConnection) -> Result<()> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(OUTPUT_LOCK)
+            .execute(conn)
             .await?;
         Ok(())
     }
 
-    async fn claim(&self, worker: &str, max: u32, timing: LeaseTiming) -> Result<Vec<ShardLease>> {
-        self.claim_shards(worker, max, timing).await
+    async fn insert_plan(conn: &mut PgConnection, job_id: i64, plan: &JobPlan) -> Result<()> {
+        insert_plan(conn, job_id, plan).await
+    }
+
+    async fn after_create(store: &PgStore, shards: usize) {
+        refresh_statistics(store, shards).await
     }
 
     async fn claim_many(
-        &self,
+        store: &PgStore,
         requests: &[ClaimRequest],
         timing: LeaseTiming,
-    ) -> Result<Vec<Result<Vec<ShardLease>>>> {
-        Ok(self
-            .claim_for(requests, timing)
-            .await?
-            .into_iter()
-            .map(Ok)
-            .collect())
-    }
-
-    async fn lease_holders(&self, shard_ids: &[i64]) -> Result<Vec<LeaseHolder>> {
-        self.holders(shard_ids).await
+    ) -> Result<Vec<Vec<ShardLease>>> {
+        claim_many(store, requests, timing).await
     }
 
     async fn heartbeat(
-        &self,
+        store: &PgStore,
         worker: &str,
         leases: &[LeaseRef],
         timing: LeaseTiming,
     ) -> Result<HeartbeatResponse> {
-        self.heartbeat(worker, leases, timing).await
+        heartbeat(store, worker, leases, timing).await
     }
 
-    async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<()> {
-        sqlx::query(
-            "UPDATE jobs SET batch_rows = $1 WHERE uid = $2 AND batch_rows IS DISTINCT FROM $1",
-        )
-        .bind(i64::try_from(rows).unwrap_or(i64::MAX))
-        .bind(job_uid)
-        .execute(&self.pool)
+    async fn complete_many(store: &PgStore, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {
+        complete_many(store, leases).await
+    }
+
+    async fn lease_holders(store: &PgStore, shard_ids: &[i64]) -> Result<Vec<LeaseHolder>> {
+        let rows: Vec<HolderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{HOLDER} WHERE s.id = ANY($1) AND s.state = $2"
+        )))
+        .bind(shard_ids)
+        .bind(ShardState::Leased.as_str())
+        .fetch_all(&store.pool)
         .await?;
-        Ok(())
+        rows.into_iter().map(LeaseHolder::try_from).collect()
     }
+}
 
-    async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()> {
-        self.checkpoint(lease, part).await
+/// Files and shards go in as arrays: one statement each, whatever the shard count, shard ids
+/// in plan order.
+async fn insert_plan(conn: &mut PgConnection, job_id: i64, plan: &JobPlan) -> Result<()> {
+    let files = &plan.files;
+    sqlx::query(
+        "INSERT INTO input_files (job_id, idx, uri, size, etag) \
+         SELECT $1, f.ord - 1, f.uri, f.size, f.etag \
+         FROM unnest($2::TEXT[], $3::BIGINT[], $4::TEXT[]) WITH ORDINALITY \
+              AS f(uri, size, etag, ord)",
+    )
+    .bind(job_id)
+    .bind(files.iter().map(|f| f.uri.as_str()).collect::<Vec<_>>())
+    .bind(files.iter().map(|f| count(f.size)).collect::<Vec<_>>())
+    .bind(files.iter().map(|f| f.etag.as_deref()).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    let column = |f: fn(&ShardPlan) -> i64| -> Vec<i64> { plan.shards.iter().map(f).collect() };
+    sqlx::query(
+        "INSERT INTO shards (job_id, file_index, row_group_start, row_group_end, \
+         file_row_start, rows) \
+         SELECT $1, s.file_index, s.rg_start, s.rg_end, s.row_start, s.rows \
+         FROM unnest($2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[]) \
+              WITH ORDINALITY AS s(file_index, rg_start, rg_end, row_start, rows, ord) \
+         ORDER BY s.ord",
+    )
+    .bind(job_id)
+    .bind(column(|s| i64::from(s.file_index)))
+    .bind(column(|s| i64::from(s.row_group_start)))
+    .bind(column(|s| i64::from(s.row_group_end)))
+    .bind(column(|s| count(s.file_row_start)))
+    .bind(column(|s| count(s.rows)))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A job that is a large part of the shards table changes what the planner should expect
+/// of it. Autovacuum notices within about a minute; until then claims would be planned for a
+/// table that is no longer there (a never-analysed table looks empty, and a claim planned for
+/// an empty table sorts every pending shard). So refresh the statistics now. The job is
+/// committed already: a failure here is logged, not returned.
+async fn refresh_statistics(store: &PgStore, new_shards: usize) {
+    if new_shards < ANALYZE_MIN_SHARDS {
+        return;
     }
-
-    async fn complete(&self, lease: LeaseRef) -> Result<()> {
-        self.finish_shard(lease).await
+    let analyzed = async {
+        let counted: f32 =
+            sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = 'shards'::regclass")
+                .fetch_one(&store.pool)
+                .await?;
+        // -1: never analysed.
+        if counted < 0.0 || new_shards as f64 >= ANALYZE_FRACTION * f64::from(counted) {
+            sqlx::query("ANALYZE shards").execute(&store.pool).await?;
+        }
+        Ok::<_, sqlx::Error>(())
+    };
+    if let Err(e) = analyzed.await {
+        tracing::warn!(error = %e, "refreshing the shards table's statistics failed");
     }
+}
 
-    async fn complete_many(&self, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {
-        self.finish_shards(leases).await
+/// Claims for several requests in one statement: the shards it takes are handed out in claim
+/// order, the first request's `max` first, then the next one's.
+///
+/// `slot` numbers the shards wanted, request by request (`$1` the worker and `$2` the request
+/// of each); `picked` numbers the pending shards taken, in claim order; each slot gets the
+/// shard of its number. The claim visits the running jobs (few) by priority, and takes each
+/// one's pending shards in id order from `shards_job (job_id, state, id)` until it has enough,
+/// so it reads about the shards it takes however many are pending. The job list stays a sorted
+/// subquery (PostgreSQL does not flatten one with ORDER BY), so the nested loop visits jobs in
+/// that order and stops. `state` is matched as a range, not an equality, so the planner cannot
+/// treat it as a constant and drop it from ORDER BY: only `shards_job` yields (state, id)
+/// order, so no plan can walk the primary key past finished shards when statistics are stale.
+///
+/// The limit is written into the text rather than bound: with LIMIT as a parameter the generic
+/// plan looks costlier than any custom one, so PostgreSQL would plan the statement afresh on
+/// every call (about twice the cost of running it). As a literal, rounded up to a power of two
+/// so that few texts exist, each gets its own prepared statement and, after five calls, a
+/// cached plan. Shards locked past the last slot are left as they were. Workers are noted in
+/// name order, so that two claims never wait on each other's rows in opposite orders. The
+/// slots are spelled out in Rust rather than in SQL (`generate_series` per request): then the
+/// generic plan's estimates are close to any call's.
+async fn claim_many(
+    store: &PgStore,
+    requests: &[ClaimRequest],
+    timing: LeaseTiming,
+) -> Result<Vec<Vec<ShardLease>>> {
+    let mut answers: Vec<Vec<ShardLease>> = vec![Vec::new(); requests.len()];
+    let slots: u64 = requests.iter().map(|r| u64::from(r.max)).sum();
+    if slots == 0 {
+        return Ok(answers);
     }
-
-    async fn fail(
-        &self,
-        lease: LeaseRef,
-        class: FailureClass,
-        message: &str,
-        timing: LeaseTiming,
-    ) -> Result<()> {
-        self.fail_shard(lease, class, message, timing).await
+    let limit = slots.next_power_of_two();
+    let sql = format!(
+        "WITH slot AS ( \
+           SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $5::TEXT[]) WITH ORDINALITY \
+             AS u(worker, request, secret, n) \
+         ), seen AS ( \
+           INSERT INTO workers (id, last_seen_ms) \
+           SELECT w, ns_now_ms() FROM unnest($3::TEXT[]) AS w \
+           ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms \
+         ), picked AS ( \
+           SELECT q.id, row_number() OVER () AS n FROM ( \
+             SELECT p.id FROM ( \
+               SELECT id FROM jobs WHERE state = $7 ORDER BY priority DESC, id \
+             ) j CROSS JOIN LATERAL ( \
+               SELECT s.id FROM shards s \
+               WHERE s.job_id = j.id AND s.state >= $6 AND s.state <= $6 \
+                 AND s.not_before_ms <= (SELECT ns_now_ms()) \
+               ORDER BY s.state, s.id LIMIT {limit} \
+               FOR UPDATE SKIP LOCKED \
+             ) p \
+             LIMIT {limit} \
+           ) q \
+         ), claimed AS ( \
+           UPDATE shards s SET state = $8, token = s.token + 1, \
+             attempts = s.attempts + 1, worker_id = slot.worker, \
+             lease_secret = slot.secret, lease_expires_at_ms = ns_now_ms() + $4 \
+           FROM picked JOIN slot ON slot.n = picked.n \
+           WHERE s.id = picked.id \
+           RETURNING s.*, slot.request, slot.n \
+         ) \
+         SELECT s.*, j.uid, j.spec_json, f.uri, f.size, f.etag \
+         FROM claimed s JOIN jobs j ON j.id = s.job_id \
+         JOIN input_files f ON f.job_id = s.job_id AND f.idx = s.file_index \
+         ORDER BY s.n"
+    );
+    let mut slot_workers: Vec<&str> = Vec::with_capacity(slots as usize);
+    let mut slot_requests: Vec<i64> = Vec::with_capacity(slots as usize);
+    let mut slot_secrets: Vec<String> = Vec::with_capacity(slots as usize);
+    for (i, r) in requests.iter().enumerate() {
+        let secret = new_lease_secret().to_hex();
+        for _ in 0..r.max {
+            slot_workers.push(&r.worker);
+            slot_requests.push(i as i64);
+            slot_secrets.push(secret.clone());
+        }
     }
-
-    async fn release(&self, lease: LeaseRef) -> Result<()> {
-        self.release_shard(lease).await
-    }
-
-    async fn reap_expired(&self, timing: LeaseTiming) -> Result<u64> {
-        self.reap(timing).await
-    }
-
-    async fn settle_jobs(&self) -> Result<u64> {
-        self.settle().await
-    }
-
-    async fn claim_finalize(&self, owner: &str, ttl_ms: i64) -> Result<Option<JobRecord>> {
-        self.take_finalize(owner, ttl_ms).await
-    }
-
-    async fn extend_finalize(&self, job_id: i64, owner: &str, ttl_ms: i64) -> Result<bool> {
-        let n = sqlx::query(
-            "UPDATE jobs SET finalizer_expires_at_ms = ns_now_ms() + $3 \
-             WHERE id = $1 AND finalizer_owner = $2 AND state = 'finalizing'",
-        )
-        .bind(job_id)
-        .bind(owner)
-        .bind(ttl_ms)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(n > 0)
-    }
-
-    async fn parts(&self, job_id: i64) -> Result<Vec<PartRow>> {
-        self.part_rows(job_id).await
-    }
-
-    async fn merged_parts(&self, job_id: i64) -> Result<Vec<PartRow>> {
-        self.merged(job_id).await
-    }
-
-    async fn running_jobs(&self) -> Result<Vec<JobRecord>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            job_cols!(),
-            " FROM jobs WHERE state = 'running' ORDER BY id"
-        ))
-        .fetch_all(&self.pool)
+    let mut workers: Vec<&str> = requests.iter().map(|r| r.worker.as_str()).collect();
+    workers.sort_unstable();
+    workers.dedup();
+    let mut conn = store.pool.acquire().await?;
+    let rows: Vec<Answer> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(slot_workers)
+        .bind(slot_requests)
+        .bind(workers)
+        .bind(timing.ttl_ms)
+        .bind(slot_secrets)
+        .bind(ShardState::Pending.as_str())
+        .bind(JobState::Running.as_str())
+        .bind(ShardState::Leased.as_str())
+        .fetch_all(&mut *conn)
         .await?;
-        rows.iter().map(job_from_row).collect()
+    let mut by_request: Vec<Vec<Granted>> = (0..requests.len()).map(|_| Vec::new()).collect();
+    for a in rows {
+        usize::try_from(a.request)
+            .ok()
+            .and_then(|i| by_request.get_mut(i))
+            .ok_or_else(|| StoreError::Corrupt("claim answered an unknown request".into()))?
+            .push(a.granted);
     }
+    for (answer, granted) in answers.iter_mut().zip(by_request) {
+        *answer = PgStore::leases(&mut conn, granted).await?;
+    }
+    Ok(answers)
+}
 
-    async fn merge_candidates(&self, job_id: i64) -> Result<Vec<MergeCandidate>> {
-        self.candidates(job_id).await
+/// One statement for all of a worker's leases. It changes only `lease_expires_at_ms`, which no
+/// index holds, so the updates stay HOT. A lease it did not extend costs a read, to say why.
+async fn heartbeat(
+    store: &PgStore,
+    worker: &str,
+    leases: &[LeaseRef],
+    timing: LeaseTiming,
+) -> Result<HeartbeatResponse> {
+    let (ids, tokens) = columns(leases);
+    let mut conn = store.pool.acquire().await?;
+    let extended: Vec<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(per_lease(
+        "seen AS ( \
+           INSERT INTO workers (id, last_seen_ms) VALUES ($1, ns_now_ms()) \
+           ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms \
+         ), ",
+        ("$2", "$3"),
+        "UPDATE shards s SET lease_expires_at_ms = ns_now_ms() + $4 FROM req r, jobs j \
+         WHERE s.state = $5 AND j.id = s.job_id AND j.state = $6",
+    )))
+    .bind(worker)
+    .bind(ids)
+    .bind(tokens)
+    .bind(timing.ttl_ms)
+    .bind(ShardState::Leased.as_str())
+    .bind(JobState::Running.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut answers = Vec::with_capacity(leases.len());
+    for (&l, extended) in leases.iter().zip(extended) {
+        let state = if extended {
+            LeaseState::Held
+        } else {
+            rules::unextended(PgStore::lease_row(&mut conn, l.shard_id).await?.as_ref(), l)
+        };
+        answers.push(LeaseStatus {
+            shard_id: l.shard_id,
+            token: l.token,
+            state,
+        });
     }
+    Ok(HeartbeatResponse { leases: answers })
+}
 
-    async fn create_merges(&self, job_id: i64, groups: &[MergeGroup]) -> Result<u64> {
-        self.insert_merges(job_id, groups).await
+/// `complete` for several leases in one statement; only the leases it did not finish cost a
+/// read each, to say why.
+async fn complete_many(store: &PgStore, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
     }
+    let (ids, tokens) = columns(leases);
+    let mut conn = store.pool.acquire().await?;
+    let finished: Vec<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(per_lease(
+        "",
+        ("$1", "$2"),
+        "UPDATE shards s SET state = $3, lease_expires_at_ms = NULL, worker_id = NULL \
+         FROM req r WHERE s.state = $4 AND s.checkpoint_rows = s.rows",
+    )))
+    .bind(ids)
+    .bind(tokens)
+    .bind(ShardState::Done.as_str())
+    .bind(ShardState::Leased.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut answers = Vec::with_capacity(leases.len());
+    let mut seen = HashSet::with_capacity(leases.len());
+    for (&lease, finished) in leases.iter().zip(finished) {
+        // A lease named again answers as a second `complete` would: the first one took it.
+        answers.push(match (finished, seen.insert(lease)) {
+            (true, true) => Ok(()),
+            (true, false) => Err(StoreError::LeaseLost {
+                shard_id: lease.shard_id,
+                token: lease.token,
+            }),
+            (false, _) => {
+                let row = PgStore::lease_row(&mut conn, lease.shard_id).await?;
+                rules::completion_refused(row.as_ref(), lease)
+            }
+        });
+    }
+    Ok(answers)
+}
 
-    async fn finish_job(&self, job_id: i64, owner: &str, outcome: JobOutcome) -> Result<()> {
-        self.finish_job(job_id, owner, outcome).await
-    }
+/// A guarded `update` of each lease of the arrays `(ids, tokens)`, over the shard `s` and the
+/// request `r`, after the common table expressions `before`: answers per lease, in order,
+/// whether it changed the shard under that token.
+fn per_lease(before: &str, (ids, tokens): (&str, &str), update: &str) -> String {
+    format!(
+        "WITH {before}req AS ( \
+           SELECT * FROM unnest({ids}::BIGINT[], {tokens}::BIGINT[]) WITH ORDINALITY \
+             AS r(shard_id, token, ord) \
+         ), changed AS ( \
+           {update} AND s.id = r.shard_id AND s.token = r.token RETURNING s.id, s.token \
+         ) \
+         SELECT EXISTS (SELECT 1 FROM changed c WHERE c.id = r.shard_id AND c.token = r.token) \
+         FROM req r ORDER BY r.ord"
+    )
+}
 
-    async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics> {
-        let row = sqlx::query(
-            "SELECT \
-               (SELECT COUNT(*) FROM shards s JOIN jobs j ON j.id = s.job_id \
-                  WHERE s.state = 'pending' AND j.state = 'running' AND s.kind = 'rows') \
-                  AS pending, \
-               (SELECT COALESCE(SUM(s.rows - s.checkpoint_rows), 0)::BIGINT FROM shards s \
-                  JOIN jobs j ON j.id = s.job_id \
-                  WHERE s.state = 'pending' AND j.state = 'running' AND s.kind = 'rows') \
-                  AS pending_rows, \
-               (SELECT COUNT(*) FROM shards WHERE state = 'leased') AS leased, \
-               (SELECT COUNT(*) FROM jobs WHERE state = 'running') AS running, \
-               (SELECT COUNT(*) FROM workers WHERE last_seen_ms > ns_now_ms() - $1) AS workers",
-        )
-        .bind(workers_window_ms)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(StoreMetrics {
-            pending_shards: row.try_get::<i64, _>("pending")? as u64,
-            pending_rows: row.try_get::<i64, _>("pending_rows")? as u64,
-            leased_shards: row.try_get::<i64, _>("leased")? as u64,
-            running_jobs: row.try_get::<i64, _>("running")? as u64,
-            workers_seen: row.try_get::<i64, _>("workers")? as u64,
-        })
-    }
-
-    async fn now_ms(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT ns_now_ms()")
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
-    async fn recover_after_crash(&self) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(super::EXPIRE_FINALIZER_CLAIMS)
-            .execute(&mut *tx)
-            .await?;
-        let freed = sqlx::query(super::EXPIRE_LEASES).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(freed.rows_affected())
-    }
+/// Shard ids and tokens of leases, as two arrays.
+fn columns(leases: &[LeaseRef]) -> (Vec<i64>, Vec<i64>) {
+    leases.iter().map(|l| (l.shard_id, l.token)).unzip()
 }

@@ -1,11 +1,11 @@
 //! The store contract: one suite of cases, each an async fn over a `DynMetastore`, run against a
 //! fresh SQLite file and a fresh PostgreSQL database (its own throwaway server per test).
 
-#[path = "store_contract/jobs.rs"]
+#[path = "contract/jobs.rs"]
 mod jobs;
-#[path = "store_contract/lease.rs"]
+#[path = "contract/lease.rs"]
 mod lease;
-#[path = "store_contract/loops.rs"]
+#[path = "contract/loops.rs"]
 mod loops;
 
 use std::future::Future;

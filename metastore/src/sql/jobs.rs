@@ -1,0 +1,356 @@
+//! Jobs: submission (idempotent, one owner per output), reads, cancel, retry and delete.
+
+use nightshift_proto::wire::{InputFile, JobPlan};
+use nightshift_proto::{JobState, ShardState};
+use sqlx::{ColumnIndex, Encode, Type};
+
+use super::{Conn, Dialect, RowOf, SqlStore, Value};
+use crate::records::{FileRow, ShardTally, StateTally, tally};
+use crate::rules::{self, CANCELLABLE, ShardKind};
+use crate::{JobRecord, NewJob, PartRow, Result, ShardRow, StoreError, Submitted, output_key};
+
+/// Rounds of a submission whose idempotency key another one inserted under it and removed.
+const KEY_RACE_TRIES: usize = 3;
+
+/// The job that owns an output another one overlaps.
+#[derive(sqlx::FromRow)]
+struct OwnerRow {
+    id: i64,
+    name: String,
+    output_uri: String,
+}
+
+/// What an idempotency key that already names `existing` means for a submission of `hash`.
+fn same_key(existing: JobRecord, key: &str, hash: &str) -> Result<Submitted> {
+    if existing.spec_hash == hash {
+        Ok(Submitted::Existing(existing))
+    } else {
+        Err(StoreError::IdempotencyConflict {
+            key: key.to_owned(),
+            job_id: existing.id,
+        })
+    }
+}
+
+impl<D: Dialect> SqlStore<D>
+where
+    for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
+    for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    usize: ColumnIndex<RowOf<D>>,
+    i64: Value<D::DB>,
+    String: Value<D::DB>,
+    bool: Value<D::DB>,
+{
+    /// Inserts a job with its input files and shards in one transaction, under the output
+    /// lock: a racing submission of the same key has committed or not begun, so the key and
+    /// the output are judged on what is there.
+    pub(super) async fn create_job(&self, job: NewJob) -> Result<Submitted> {
+        let hash = job.spec.hash();
+        let spec_json = serde_json::to_string(&job.spec)
+            .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
+        for _ in 0..KEY_RACE_TRIES {
+            let mut tx = self.pool.begin().await?;
+            D::lock_outputs(&mut tx).await?;
+            if let Some(key) = &job.idempotency_key
+                && let Some(existing) = Self::job_by_key_in(&mut tx, key).await?
+            {
+                return same_key(existing, key, &hash);
+            }
+            if let Some(taken) = Self::output_conflict(&mut tx, &job.spec.output.uri, 0).await? {
+                return Err(taken);
+            }
+            // Only the idempotency key can make the insert do nothing: look again.
+            let Some(id) = Self::insert_job(&mut tx, &job, &spec_json, &hash).await? else {
+                continue;
+            };
+            D::insert_plan(&mut tx, id, &job.plan).await?;
+            let record = Self::job_in(&mut tx, id).await?;
+            tx.commit().await?;
+            D::after_create(self, job.plan.shards.len()).await;
+            return Ok(Submitted::Created(
+                record.ok_or(StoreError::JobNotFound(id))?,
+            ));
+        }
+        Err(StoreError::Corrupt(format!(
+            "idempotency key {:?} kept changing hands during submission",
+            job.idempotency_key
+        )))
+    }
+
+    async fn insert_job(
+        conn: &mut Conn<D>,
+        job: &NewJob,
+        spec_json: &str,
+        hash: &str,
+    ) -> Result<Option<i64>> {
+        let sql = D::sql(
+            "INSERT INTO jobs (uid, name, idempotency_key, spec_json, spec_hash, state, \
+             priority, max_attempts, rows_total, output_uri, output_key, created_at_ms, \
+             started_at_ms) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, t.now, t.now \
+             FROM (SELECT {now} AS now) t WHERE true \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+        );
+        Ok(sqlx::query_scalar(sql)
+            .bind(job.uid.as_str())
+            .bind(job.spec.name.as_str())
+            .bind(job.idempotency_key.as_deref())
+            .bind(spec_json)
+            .bind(hash)
+            .bind(JobState::Running.as_str())
+            .bind(i64::from(job.spec.priority))
+            .bind(i64::from(job.spec.retry.max_attempts))
+            .bind(count(job.plan.rows_total))
+            .bind(job.spec.output.uri.as_str())
+            .bind(output_key(&job.spec.output.uri))
+            .fetch_optional(D::ex(conn))
+            .await?)
+    }
+
+    /// Inserts a plan's files and shards one row at a time (what SQLite does; PostgreSQL
+    /// inserts each as one array).
+    pub(crate) async fn insert_plan_rows(
+        conn: &mut Conn<D>,
+        job_id: i64,
+        plan: &JobPlan,
+    ) -> Result<()> {
+        for (idx, f) in plan.files.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO input_files (job_id, idx, uri, size, etag) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(job_id)
+            .bind(idx as i64)
+            .bind(f.uri.as_str())
+            .bind(count(f.size))
+            .bind(f.etag.as_deref())
+            .execute(D::ex(conn))
+            .await?;
+        }
+        for s in &plan.shards {
+            sqlx::query(
+                "INSERT INTO shards (job_id, file_index, row_group_start, row_group_end, \
+                 file_row_start, rows) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(job_id)
+            .bind(i64::from(s.file_index))
+            .bind(i64::from(s.row_group_start))
+            .bind(i64::from(s.row_group_end))
+            .bind(count(s.file_row_start))
+            .bind(count(s.rows))
+            .execute(D::ex(conn))
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The first job, other than `except`, that is not cancelled and owns an output
+    /// overlapping `uri`'s (see `output_key`), as the refusal to give. Call under the output
+    /// lock.
+    async fn output_conflict(
+        conn: &mut Conn<D>,
+        uri: &str,
+        except: i64,
+    ) -> Result<Option<StoreError>> {
+        let owner: Option<OwnerRow> = sqlx::query_as(
+            "SELECT id, name, output_uri FROM jobs WHERE state <> $3 AND id <> $2 \
+               AND (substr($1, 1, length(output_key)) = output_key \
+                    OR substr(output_key, 1, length($1)) = $1) \
+             ORDER BY id LIMIT 1",
+        )
+        .bind(output_key(uri))
+        .bind(except)
+        .bind(JobState::Cancelled.as_str())
+        .fetch_optional(D::ex(conn))
+        .await?;
+        Ok(owner.map(|o| StoreError::OutputTaken {
+            uri: uri.to_string(),
+            job_id: o.id,
+            job: o.name,
+            owner_uri: o.output_uri,
+        }))
+    }
+
+    pub(super) async fn job_in(conn: &mut Conn<D>, id: i64) -> Result<Option<JobRecord>> {
+        let sql = D::sql("SELECT {job} FROM jobs WHERE id = $1");
+        Ok(sqlx::query_as(sql)
+            .bind(id)
+            .fetch_optional(D::ex(conn))
+            .await?)
+    }
+
+    pub(super) async fn job_by_key_in(conn: &mut Conn<D>, key: &str) -> Result<Option<JobRecord>> {
+        let sql = D::sql("SELECT {job} FROM jobs WHERE idempotency_key = $1");
+        Ok(sqlx::query_as(sql)
+            .bind(key)
+            .fetch_optional(D::ex(conn))
+            .await?)
+    }
+
+    pub(super) async fn job_by_name(&self, name: &str) -> Result<Option<JobRecord>> {
+        let sql = D::sql("SELECT {job} FROM jobs WHERE name = $1 ORDER BY id DESC LIMIT 1");
+        Ok(sqlx::query_as(sql)
+            .bind(name)
+            .fetch_optional(D::ex(&mut *self.conn().await?))
+            .await?)
+    }
+
+    /// Jobs newest first.
+    pub(super) async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRecord>> {
+        let sql = D::sql("SELECT {job} FROM jobs ORDER BY id DESC LIMIT $1");
+        Ok(sqlx::query_as(sql)
+            .bind(i64::from(limit))
+            .fetch_all(D::ex(&mut *self.conn().await?))
+            .await?)
+    }
+
+    /// Running jobs, oldest first.
+    pub(super) async fn running_jobs(&self) -> Result<Vec<JobRecord>> {
+        let sql = D::sql("SELECT {job} FROM jobs WHERE state = $1 ORDER BY id");
+        Ok(sqlx::query_as(sql)
+            .bind(JobState::Running.as_str())
+            .fetch_all(D::ex(&mut *self.conn().await?))
+            .await?)
+    }
+
+    pub(super) async fn shard_counts(&self, job_id: i64) -> Result<ShardTally> {
+        let rows: Vec<StateTally> = sqlx::query_as(
+            "SELECT state, COUNT(*) AS n, CAST(COALESCE(SUM(checkpoint_rows), 0) AS BIGINT) AS done, \
+             CAST(COALESCE(SUM(error_rows), 0) AS BIGINT) AS errors \
+             FROM shards WHERE job_id = $1 AND kind = $2 GROUP BY state",
+        )
+        .bind(job_id)
+        .bind(ShardKind::Rows.as_str())
+        .fetch_all(D::ex(&mut *self.conn().await?))
+        .await?;
+        Ok(tally(rows))
+    }
+
+    pub(super) async fn shards(&self, job_id: i64) -> Result<Vec<ShardRow>> {
+        let sql = D::sql("SELECT {shard} FROM shards WHERE job_id = $1 AND kind = $2 ORDER BY id");
+        Ok(sqlx::query_as(sql)
+            .bind(job_id)
+            .bind(ShardKind::Rows.as_str())
+            .fetch_all(D::ex(&mut *self.conn().await?))
+            .await?)
+    }
+
+    pub(super) async fn input_files(&self, job_id: i64) -> Result<Vec<InputFile>> {
+        let rows: Vec<FileRow> = sqlx::query_as(
+            "SELECT uri, size, etag FROM input_files WHERE job_id = $1 ORDER BY idx",
+        )
+        .bind(job_id)
+        .fetch_all(D::ex(&mut *self.conn().await?))
+        .await?;
+        Ok(rows.into_iter().map(InputFile::from).collect())
+    }
+
+    pub(super) async fn parts(&self, job_id: i64) -> Result<Vec<PartRow>> {
+        let sql = D::sql(
+            "SELECT {part} FROM parts p WHERE p.job_id = $1 ORDER BY p.shard_id, p.row_start",
+        );
+        Ok(sqlx::query_as(sql)
+            .bind(job_id)
+            .fetch_all(D::ex(&mut *self.conn().await?))
+            .await?)
+    }
+
+    /// One guarded statement; a job already cancelled answers as it is.
+    pub(super) async fn cancel_job(&self, id: i64) -> Result<JobRecord> {
+        let mut conn = self.conn().await?;
+        let sql = D::sql(
+            "UPDATE jobs SET state = $2, finished_at_ms = {now}, finalizer_owner = NULL, \
+             finalizer_expires_at_ms = NULL \
+             WHERE id = $1 AND state IN ($3, $4, $5, $6) RETURNING {job}",
+        );
+        let mut query = sqlx::query_as(sql)
+            .bind(id)
+            .bind(JobState::Cancelled.as_str());
+        for state in CANCELLABLE {
+            query = query.bind(state.as_str());
+        }
+        if let Some(job) = query.fetch_optional(D::ex(&mut conn)).await? {
+            return Ok(job);
+        }
+        let job = Self::job_in(&mut conn, id)
+            .await?
+            .ok_or(StoreError::JobNotFound(id))?;
+        match job.state {
+            JobState::Cancelled => Ok(job),
+            state => Err(StoreError::BadTransition {
+                job_id: id,
+                state,
+                action: "cancel",
+            }),
+        }
+    }
+
+    /// Dead shards go back to pending with fresh attempts; checkpoints stay; a finalizer's
+    /// claim is dropped.
+    pub(super) async fn retry_job(&self, id: i64) -> Result<JobRecord> {
+        let mut tx = self.pool.begin().await?;
+        let sql = D::sql("SELECT {job} FROM jobs WHERE id = $1{lock_row}");
+        let job: JobRecord = sqlx::query_as(sql)
+            .bind(id)
+            .fetch_optional(D::ex(&mut tx))
+            .await?
+            .ok_or(StoreError::JobNotFound(id))?;
+        if !rules::can_retry(job.state) {
+            return Err(StoreError::BadTransition {
+                job_id: id,
+                state: job.state,
+                action: "retry",
+            });
+        }
+        if job.state == JobState::Cancelled {
+            D::lock_outputs(&mut tx).await?;
+            if let Some(taken) = Self::output_conflict(&mut tx, &job.output_uri, id).await? {
+                return Err(taken);
+            }
+        }
+        sqlx::query(
+            "UPDATE shards SET state = $2, attempts = 0, not_before_ms = 0, error = NULL, \
+             error_class = NULL WHERE job_id = $1 AND state = $3",
+        )
+        .bind(id)
+        .bind(ShardState::Pending.as_str())
+        .bind(ShardState::Dead.as_str())
+        .execute(D::ex(&mut tx))
+        .await?;
+        let sql = D::sql(
+            "UPDATE jobs SET state = $2, error = NULL, finished_at_ms = NULL, \
+             finalizer_owner = NULL, finalizer_expires_at_ms = NULL WHERE id = $1 RETURNING {job}",
+        );
+        let job = sqlx::query_as(sql)
+            .bind(id)
+            .bind(JobState::Running.as_str())
+            .fetch_one(D::ex(&mut tx))
+            .await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    pub(super) async fn delete_job(&self, id: i64) -> Result<()> {
+        sqlx::query("DELETE FROM jobs WHERE id = $1")
+            .bind(id)
+            .execute(D::ex(&mut *self.conn().await?))
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET batch_rows = $1 WHERE uid = $2 AND batch_rows IS DISTINCT FROM $1",
+        )
+        .bind(count(rows))
+        .bind(job_uid)
+        .execute(D::ex(&mut *self.conn().await?))
+        .await?;
+        Ok(())
+    }
+}
+
+/// A count as BIGINT; past `i64::MAX` it saturates (and then fails the checks) rather than
+/// wrapping negative.
+pub(crate) fn count(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}

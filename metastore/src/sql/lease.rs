@@ -1,0 +1,388 @@
+//! The lease protocol. Every write is one statement guarded by `(shard, token, leased)`; when
+//! it touches nothing, the shard is read back and `rules` says why. The `*_each` operations
+//! take requests one at a time (what SQLite runs; PostgreSQL runs them set-based).
+
+use std::collections::HashMap;
+
+use nightshift_proto::wire::{HeartbeatResponse, LeaseRef, LeaseStatus, PartRecord, ShardLease};
+use nightshift_proto::{FailureClass, JobSpec, JobState, LeaseState, ShardState};
+use sqlx::{ColumnIndex, Encode, Type};
+
+use super::jobs::count;
+use super::{Conn, Dialect, RowOf, SqlStore, Value};
+use crate::records::{Granted, HolderRow, LeaseRow, PartRow, parse_spec};
+use crate::rules::{self, ShardKind};
+use crate::{ClaimRequest, LeaseHolder, LeaseTiming, Result, StoreError, new_lease_secret};
+
+/// The columns of a held shard the lease check reads, over shard `s` and job `j`.
+pub(crate) const HOLDER: &str = "SELECT s.id, s.token, s.worker_id, s.lease_secret, s.rows, \
+     j.uid, j.output_uri FROM shards s JOIN jobs j ON j.id = s.job_id";
+
+impl<D: Dialect> SqlStore<D>
+where
+    for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
+    for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    usize: ColumnIndex<RowOf<D>>,
+    i64: Value<D::DB>,
+    String: Value<D::DB>,
+    bool: Value<D::DB>,
+{
+    /// The shard as a refused write finds it.
+    pub(crate) async fn lease_row(conn: &mut Conn<D>, shard_id: i64) -> Result<Option<LeaseRow>> {
+        Ok(sqlx::query_as(
+            "SELECT s.state, s.token, s.checkpoint_rows, s.rows, s.job_id, j.state AS job_state \
+             FROM shards s JOIN jobs j ON j.id = s.job_id WHERE s.id = $1",
+        )
+        .bind(shard_id)
+        .fetch_optional(D::ex(conn))
+        .await?)
+    }
+
+    /// Notes that a worker was seen now.
+    async fn note_worker(conn: &mut Conn<D>, worker: &str) -> Result<()> {
+        sqlx::query(D::sql(
+            "INSERT INTO workers (id, last_seen_ms) VALUES ($1, {now}) \
+             ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
+        ))
+        .bind(worker)
+        .execute(D::ex(conn))
+        .await?;
+        Ok(())
+    }
+
+    /// The leases to hand out for shards just granted: each job's spec parsed once, and the
+    /// parts each merge shard rewrites.
+    pub(crate) async fn leases(
+        conn: &mut Conn<D>,
+        granted: Vec<Granted>,
+    ) -> Result<Vec<ShardLease>> {
+        let mut specs: HashMap<i64, JobSpec> = HashMap::new();
+        let mut leases = Vec::with_capacity(granted.len());
+        for g in granted {
+            let spec = match specs.get(&g.job_id) {
+                Some(spec) => spec.clone(),
+                None => specs
+                    .entry(g.job_id)
+                    .or_insert(parse_spec(&g.spec_json)?)
+                    .clone(),
+            };
+            let merge = match g.merge_range()? {
+                Some((first, last)) => {
+                    Some(Self::merge_sources(conn, g.job_id, first, last).await?)
+                }
+                None => None,
+            };
+            leases.push(g.lease(spec, merge)?);
+        }
+        Ok(leases)
+    }
+
+    /// The parts of row shards `[first, last]` of a job, in row order.
+    async fn merge_sources(
+        conn: &mut Conn<D>,
+        job_id: i64,
+        first: i64,
+        last: i64,
+    ) -> Result<Vec<PartRecord>> {
+        let sql = D::sql(
+            "SELECT {part} FROM parts p JOIN shards s ON s.id = p.shard_id \
+             WHERE s.job_id = $1 AND s.kind = $2 AND s.id BETWEEN $3 AND $4 \
+             ORDER BY s.id, p.row_start",
+        );
+        let parts: Vec<PartRow> = sqlx::query_as(sql)
+            .bind(job_id)
+            .bind(ShardKind::Rows.as_str())
+            .bind(first)
+            .bind(last)
+            .fetch_all(D::ex(conn))
+            .await?;
+        Ok(parts.iter().map(PartRow::record).collect())
+    }
+
+    /// Claims for each request in turn, in one transaction: running jobs by priority, each
+    /// one's pending shards in id order.
+    pub(crate) async fn claim_each(
+        &self,
+        requests: &[ClaimRequest],
+        timing: LeaseTiming,
+    ) -> Result<Vec<Vec<ShardLease>>> {
+        let mut tx = self.pool.begin().await?;
+        let mut answers = Vec::with_capacity(requests.len());
+        for r in requests {
+            Self::note_worker(&mut tx, &r.worker).await?;
+            let ids: Vec<i64> = sqlx::query_scalar(D::sql(
+                "UPDATE shards SET state = $1, token = token + 1, attempts = attempts + 1, \
+                 worker_id = $2, lease_secret = $3, lease_expires_at_ms = {now} + $4 \
+                 WHERE id IN (SELECT s.id FROM jobs j JOIN shards s ON s.job_id = j.id \
+                   WHERE s.state = $5 AND j.state = $6 AND s.not_before_ms <= {now} \
+                   ORDER BY j.priority DESC, j.id, s.id LIMIT $7) \
+                 RETURNING id",
+            ))
+            .bind(ShardState::Leased.as_str())
+            .bind(r.worker.as_str())
+            .bind(new_lease_secret().to_hex())
+            .bind(timing.ttl_ms)
+            .bind(ShardState::Pending.as_str())
+            .bind(JobState::Running.as_str())
+            .bind(i64::from(r.max))
+            .fetch_all(D::ex(&mut tx))
+            .await?;
+            let mut granted = Vec::with_capacity(ids.len());
+            for id in ids {
+                granted.push(
+                    sqlx::query_as(D::sql(
+                        "SELECT {granted} FROM shards s JOIN jobs j ON j.id = s.job_id \
+                         JOIN input_files f ON f.job_id = s.job_id AND f.idx = s.file_index \
+                         WHERE s.id = $1",
+                    ))
+                    .bind(id)
+                    .fetch_one(D::ex(&mut tx))
+                    .await?,
+                );
+            }
+            let mut leases = Self::leases(&mut tx, granted).await?;
+            leases.sort_by_key(|l| l.shard_id);
+            answers.push(leases);
+        }
+        tx.commit().await?;
+        Ok(answers)
+    }
+
+    pub(crate) async fn lease_holders_each(&self, shard_ids: &[i64]) -> Result<Vec<LeaseHolder>> {
+        let mut conn = self.conn().await?;
+        let mut holders = Vec::with_capacity(shard_ids.len());
+        for &id in shard_ids {
+            let row: Option<HolderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{HOLDER} WHERE s.id = $1 AND s.state = $2"
+            )))
+            .bind(id)
+            .bind(ShardState::Leased.as_str())
+            .fetch_optional(D::ex(&mut conn))
+            .await?;
+            if let Some(row) = row {
+                holders.push(row.try_into()?);
+            }
+        }
+        Ok(holders)
+    }
+
+    /// Extends each lease still held, one at a time.
+    pub(crate) async fn heartbeat_each(
+        &self,
+        worker: &str,
+        leases: &[LeaseRef],
+        timing: LeaseTiming,
+    ) -> Result<HeartbeatResponse> {
+        let mut tx = self.pool.begin().await?;
+        Self::note_worker(&mut tx, worker).await?;
+        let mut answers = Vec::with_capacity(leases.len());
+        for &l in leases {
+            let extended = sqlx::query(D::sql(
+                "UPDATE shards SET lease_expires_at_ms = {now} + $3 \
+                 WHERE id = $1 AND token = $2 AND state = $4 \
+                   AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = shards.job_id AND j.state = $5)",
+            ))
+            .bind(l.shard_id)
+            .bind(l.token)
+            .bind(timing.ttl_ms)
+            .bind(ShardState::Leased.as_str())
+            .bind(JobState::Running.as_str())
+            .execute(D::ex(&mut tx))
+            .await?;
+            let state = if D::affected(&extended) > 0 {
+                LeaseState::Held
+            } else {
+                rules::unextended(Self::lease_row(&mut tx, l.shard_id).await?.as_ref(), l)
+            };
+            answers.push(LeaseStatus {
+                shard_id: l.shard_id,
+                token: l.token,
+                state,
+            });
+        }
+        tx.commit().await?;
+        Ok(HeartbeatResponse { leases: answers })
+    }
+
+    /// Moves the checkpoint past `part` and records it, in one transaction. The part must
+    /// start exactly at the checkpoint and stay inside the shard.
+    pub(super) async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let job_id: Option<i64> = sqlx::query_scalar(
+            "UPDATE shards SET checkpoint_rows = checkpoint_rows + $3, \
+               error_rows = error_rows + $4 \
+             WHERE id = $1 AND token = $2 AND state = $7 \
+               AND checkpoint_rows = $5 AND $3 > 0 AND $6 <= rows \
+               AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = shards.job_id AND j.state = $8) \
+             RETURNING job_id",
+        )
+        .bind(lease.shard_id)
+        .bind(lease.token)
+        .bind(count(part.rows))
+        .bind(count(part.error_rows))
+        .bind(count(part.row_start))
+        .bind(count(part.row_start.saturating_add(part.rows)))
+        .bind(ShardState::Leased.as_str())
+        .bind(JobState::Running.as_str())
+        .fetch_optional(D::ex(&mut tx))
+        .await?;
+        let Some(job_id) = job_id else {
+            let row = Self::lease_row(&mut tx, lease.shard_id).await?;
+            return Err(rules::checkpoint_refused(row.as_ref(), lease, part));
+        };
+        sqlx::query(
+            "INSERT INTO parts (job_id, shard_id, token, row_start, rows, bytes, uri, \
+             error_rows, error_uri, error_bytes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(job_id)
+        .bind(lease.shard_id)
+        .bind(lease.token)
+        .bind(count(part.row_start))
+        .bind(count(part.rows))
+        .bind(count(part.bytes))
+        .bind(part.uri.as_str())
+        .bind(count(part.error_rows))
+        .bind(part.error_uri.as_deref())
+        .bind(count(part.error_bytes))
+        .execute(D::ex(&mut tx))
+        .await?;
+        if part.error_rows > 0 {
+            Self::check_error_rows(&mut tx, job_id).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Fails a running job whose poison rows passed its threshold. The job row is locked
+    /// first, so two checkpoints with poison rows count one after the other and cannot both
+    /// miss the threshold.
+    async fn check_error_rows(conn: &mut Conn<D>, job_id: i64) -> Result<()> {
+        let job = sqlx::query_as(D::sql("SELECT {job} FROM jobs WHERE id = $1{lock_row}"))
+            .bind(job_id)
+            .fetch_optional(D::ex(conn))
+            .await?
+            .ok_or(StoreError::JobNotFound(job_id))?;
+        let errors: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(error_rows), 0) AS BIGINT) FROM shards \
+             WHERE job_id = $1 AND kind = $2",
+        )
+        .bind(job_id)
+        .bind(ShardKind::Rows.as_str())
+        .fetch_one(D::ex(conn))
+        .await?;
+        if let Some(message) = rules::error_threshold_exceeded(&job, errors.max(0) as u64) {
+            Self::fail_running_job(conn, job_id, &message).await?;
+        }
+        Ok(())
+    }
+
+    /// A running job fails with `message`; answers whether it was running.
+    pub(super) async fn fail_running_job(
+        conn: &mut Conn<D>,
+        job_id: i64,
+        message: &str,
+    ) -> Result<u64> {
+        let done = sqlx::query(D::sql(
+            "UPDATE jobs SET state = $1, error = $2, finished_at_ms = {now} \
+             WHERE id = $3 AND state = $4",
+        ))
+        .bind(JobState::Failed.as_str())
+        .bind(message)
+        .bind(job_id)
+        .bind(JobState::Running.as_str())
+        .execute(D::ex(conn))
+        .await?;
+        Ok(D::affected(&done))
+    }
+
+    /// A shard is done once every row is checkpointed.
+    pub(super) async fn complete(&self, lease: LeaseRef) -> Result<()> {
+        let mut conn = self.conn().await?;
+        let done = sqlx::query(
+            "UPDATE shards SET state = $3, lease_expires_at_ms = NULL, worker_id = NULL \
+             WHERE id = $1 AND token = $2 AND state = $4 AND checkpoint_rows = rows",
+        )
+        .bind(lease.shard_id)
+        .bind(lease.token)
+        .bind(ShardState::Done.as_str())
+        .bind(ShardState::Leased.as_str())
+        .execute(D::ex(&mut conn))
+        .await?;
+        if D::affected(&done) > 0 {
+            return Ok(());
+        }
+        rules::completion_refused(
+            Self::lease_row(&mut conn, lease.shard_id).await?.as_ref(),
+            lease,
+        )
+    }
+
+    /// Completes each lease in turn; only a failure of the store fails the whole call.
+    pub(crate) async fn complete_each(&self, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {
+        let mut answers = Vec::with_capacity(leases.len());
+        for &lease in leases {
+            match self.complete(lease).await {
+                Err(e) if !e.is_lease_refusal() => return Err(e),
+                answer => answers.push(answer),
+            }
+        }
+        Ok(answers)
+    }
+
+    /// Retryable failures go back to pending after a backoff, until the job's max attempts;
+    /// permanent ones are dead at once.
+    pub(super) async fn fail(
+        &self,
+        lease: LeaseRef,
+        class: FailureClass,
+        message: &str,
+        timing: LeaseTiming,
+    ) -> Result<()> {
+        let sql = format!(
+            "UPDATE shards AS s SET {} FROM jobs AS j \
+             WHERE s.id = $6 AND s.token = $7 AND s.state = $8 AND j.id = s.job_id",
+            rules::end_grant_sql(timing)
+        );
+        let failed = sqlx::query(D::sql(&sql))
+            .bind(class == FailureClass::Permanent)
+            .bind(ShardState::Dead.as_str())
+            .bind(ShardState::Pending.as_str())
+            .bind(message)
+            .bind(class.as_str())
+            .bind(lease.shard_id)
+            .bind(lease.token)
+            .bind(ShardState::Leased.as_str())
+            .execute(D::ex(&mut *self.conn().await?))
+            .await?;
+        lost_unless(D::affected(&failed), lease)
+    }
+
+    /// Gives the shard back with its checkpoint; the grant does not count as an attempt.
+    pub(super) async fn release(&self, lease: LeaseRef) -> Result<()> {
+        let released = sqlx::query(
+            "UPDATE shards SET state = $3, \
+               attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
+               worker_id = NULL, lease_expires_at_ms = NULL, not_before_ms = 0 \
+             WHERE id = $1 AND token = $2 AND state = $4",
+        )
+        .bind(lease.shard_id)
+        .bind(lease.token)
+        .bind(ShardState::Pending.as_str())
+        .bind(ShardState::Leased.as_str())
+        .execute(D::ex(&mut *self.conn().await?))
+        .await?;
+        lost_unless(D::affected(&released), lease)
+    }
+}
+
+/// A guarded write that changed nothing lost its lease.
+fn lost_unless(changed: u64, lease: LeaseRef) -> Result<()> {
+    if changed > 0 {
+        Ok(())
+    } else {
+        Err(StoreError::LeaseLost {
+            shard_id: lease.shard_id,
+            token: lease.token,
+        })
+    }
+}
