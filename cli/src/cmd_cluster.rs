@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
+use nightshift_coordinator::{AllowList, CallbackConfig, Coordinator, CoordinatorConfig};
 use nightshift_metastore::LeaseTiming;
 use nightshift_storage::Stores;
 use nightshift_worker::spot::SpotWatcher;
@@ -59,6 +59,16 @@ pub struct CoordinatorArgs {
     /// The longest retry delay.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub retry_backoff_max: Duration,
+    /// Where a job's final status is POSTed when the job names no `[notify] url`.
+    #[arg(long, env = "NIGHTSHIFT_NOTIFY_URL")]
+    pub notify_url: Option<String>,
+    /// File holding the secret callbacks are signed with (HMAC-SHA256 of the body, in the
+    /// `x-nightshift-signature` header). Without it, jobs that want a callback are refused.
+    #[arg(long, env = "NIGHTSHIFT_NOTIFY_SECRET_FILE")]
+    pub notify_secret_file: Option<PathBuf>,
+    /// A callback not acknowledged within this long after its job ended is given up.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub notify_deadline: Duration,
     /// Print logs as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -130,6 +140,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 pub async fn coordinator(args: CoordinatorArgs) -> Result<ExitCode> {
     crate::logging::init("info", args.log_json);
+    let callbacks = callbacks(&args)?;
     let submit = token_files::all(args.submit_tokens, &args.submit_token_files)?;
     let worker = token_files::all(args.worker_tokens, &args.worker_token_files)?;
     if submit.is_empty() || worker.is_empty() {
@@ -145,6 +156,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<ExitCode> {
     config.submit_tokens = submit;
     config.worker_tokens = worker;
     config.allow = AllowList::new(args.allow_uri);
+    config.callbacks = callbacks;
     config.timing = LeaseTiming {
         ttl_ms: args.lease_ttl.as_millis() as i64,
         backoff_base_ms: args.retry_backoff.as_millis() as i64,
@@ -156,6 +168,25 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<ExitCode> {
     let _signals = crate::signals::cancel_on_signal(shutdown.clone());
     coordinator.run(listener, shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Completion callbacks as the flags set them: the default URL checked like a spec's, the
+/// secret read from its file.
+fn callbacks(args: &CoordinatorArgs) -> Result<CallbackConfig> {
+    if let Some(url) = &args.notify_url {
+        nightshift_proto::spec_check::check_callback_url(url)
+            .map_err(|e| anyhow::anyhow!("--notify-url: {e}"))?;
+    }
+    let secret = match &args.notify_secret_file {
+        Some(path) => Some(token_files::read(path)?.swap_remove(0).into_bytes().into()),
+        None => None,
+    };
+    Ok(CallbackConfig {
+        default_url: args.notify_url.clone(),
+        secret,
+        deadline: args.notify_deadline,
+        ..CallbackConfig::default()
+    })
 }
 
 pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {

@@ -1,6 +1,6 @@
 //! The coordinator: the only client of the database. It validates and plans submitted jobs,
 //! serves the HTTP API for people and workers, and runs the background loops (reaper, settler,
-//! finalizer). Several replicas may run against one database.
+//! finalizer, completion callbacks). Several replicas may run against one database.
 
 mod allow_list;
 mod api;
@@ -11,6 +11,7 @@ mod job_check;
 mod lease_check;
 mod loops;
 mod metrics;
+mod notifier;
 mod ownership;
 mod part_check;
 mod planner;
@@ -18,6 +19,7 @@ mod server;
 pub mod service;
 
 pub use allow_list::AllowList;
+pub use notifier::{CallbackConfig, JOB_HEADER, SIGNATURE_HEADER, signature};
 pub use server::{Coordinator, CoordinatorConfig};
 pub use service::Service;
 

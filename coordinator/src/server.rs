@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::allow_list::AllowList;
 use crate::api::{ApiState, Tokens, router};
 use crate::metrics::Metrics;
+use crate::notifier::CallbackConfig;
 use crate::service::Service;
 use nightshift_metastore::{DynMetastore, LeaseTiming};
 
@@ -29,6 +30,8 @@ pub struct CoordinatorConfig {
     pub finalize_claim: Duration,
     /// Names this replica in finalizer claims.
     pub replica_id: String,
+    /// Completion callbacks: the default URL, the signing secret, backoff and deadline.
+    pub callbacks: CallbackConfig,
 }
 
 impl CoordinatorConfig {
@@ -49,6 +52,7 @@ impl CoordinatorConfig {
                 "coordinator-{}",
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ),
+            callbacks: CallbackConfig::default(),
         }
     }
 }
@@ -73,7 +77,8 @@ impl Coordinator {
             config.allow.clone(),
             config.timing,
             Arc::new(Metrics::default()),
-        );
+        )
+        .with_callbacks(&config.callbacks);
         Self { config, service }
     }
 
@@ -106,6 +111,11 @@ impl Coordinator {
             self.config.replica_id.clone(),
             self.config.finalize_every,
             self.config.finalize_claim,
+            shutdown.clone(),
+        ));
+        tracker.spawn(crate::notifier::notifier(
+            self.service.clone(),
+            self.config.callbacks.clone(),
             shutdown.clone(),
         ));
         tracker.close();

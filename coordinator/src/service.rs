@@ -22,6 +22,7 @@ use crate::coalescer::{Coalescer, Limits};
 use crate::job_check::check_and_plan;
 use crate::lease_check::{held_by, held_by_each};
 use crate::metrics::Metrics;
+use crate::notifier::CallbackConfig;
 use crate::part_check::{check_counts, check_objects};
 use nightshift_metastore::{
     ClaimRequest, DynMetastore, JobRecord, LeaseHolder, LeaseTiming, NewJob, StoreError, Submitted,
@@ -66,6 +67,10 @@ pub struct Service {
     /// Woken when a shard completes, so the finalizer loop queues merge work and settles
     /// jobs at once rather than at its next tick.
     pub shard_done: Arc<tokio::sync::Notify>,
+    /// The callback URL of jobs that name none.
+    default_callback: Option<String>,
+    /// Whether this coordinator can sign callbacks (it has a secret).
+    signs_callbacks: bool,
 }
 
 #[derive(Clone)]
@@ -91,7 +96,37 @@ impl Service {
             metrics,
             coalesced: None,
             shard_done: Arc::new(tokio::sync::Notify::new()),
+            default_callback: None,
+            signs_callbacks: false,
         }
+    }
+
+    /// This service with jobs' completion callbacks as `config` sets them.
+    pub fn with_callbacks(mut self, config: &CallbackConfig) -> Self {
+        self.default_callback = config.default_url.clone();
+        self.signs_callbacks = config.secret.is_some();
+        self
+    }
+
+    /// A job without a callback of its own takes the default; one that has a callback needs
+    /// a coordinator that can sign it.
+    fn callback(&self, spec: &mut JobSpec) -> Result<(), ApiError> {
+        if spec.notify.is_none() {
+            spec.notify = self
+                .default_callback
+                .clone()
+                .map(|url| nightshift_proto::NotifySpec { url });
+        }
+        if spec.notify.is_some() && !self.signs_callbacks {
+            return Err(ApiError::Spec(nightshift_proto::SpecError {
+                key: Some("notify.url".into()),
+                line: None,
+                message: "this coordinator cannot sign callbacks: they are posted by \
+                          `nightshift coordinator` given a secret (--notify-secret-file)"
+                    .into(),
+            }));
+        }
+        Ok(())
     }
 
     /// This service with concurrent claims and completions coalesced into `claim_many` and
@@ -132,6 +167,7 @@ impl Service {
         key: Option<String>,
     ) -> Result<SubmitResponse, ApiError> {
         spec.check().map_err(ApiError::Spec)?;
+        self.callback(&mut spec)?;
         for (field, uri) in [
             ("input.uri", &mut spec.input.uri),
             ("model.uri", &mut spec.model.uri),
@@ -215,6 +251,9 @@ impl Service {
         let mut view = job.view(counts, done, errors, now);
         if !job.state.is_terminal() {
             view.model_held_by = self.metrics.model_holders(&job.spec.model.uri);
+        }
+        if job.spec.notify.is_some() {
+            view.notify = self.store.notification(job.id).await?;
         }
         Ok(view)
     }

@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use nightshift_proto::wire::{
-    HeartbeatResponse, InputFile, JobPlan, LeaseRef, LeaseSecret, PartRecord, ShardLease,
+    HeartbeatResponse, InputFile, JobPlan, LeaseRef, LeaseSecret, NotifyView, PartRecord,
+    ShardLease,
 };
 use nightshift_proto::{FailureClass, JobSpec, JobState};
 
@@ -165,6 +166,30 @@ pub struct ClaimRequest {
     pub max: u32,
 }
 
+/// A job's completion callback, taken for one try.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct DueNotification {
+    pub job_id: i64,
+    pub url: String,
+    /// 1 for the first try; a retried job counts from 1 again.
+    #[sqlx(try_from = "i64")]
+    pub attempt: u32,
+}
+
+/// What one try of a callback came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotifyOutcome {
+    /// The receiver acknowledged it (a 2xx answer).
+    Delivered { status: u16 },
+    /// No acknowledgement: an answer of another status, or none (`error`). Tried again in
+    /// `retry_in_ms`, or, when `None`, given up (its deadline passed).
+    Failed {
+        status: Option<u16>,
+        error: Option<String>,
+        retry_in_ms: Option<i64>,
+    },
+}
+
 /// How a finished job ends.
 #[derive(Debug, Clone)]
 pub enum JobOutcome {
@@ -199,7 +224,8 @@ pub trait Metastore: Send + Sync + 'static {
     /// `_SUCCESS`); a cancelled job answers as it is.
     async fn cancel_job(&self, id: i64) -> Result<JobRecord>;
     /// A failed or cancelled job runs again: dead shards go back to pending with fresh
-    /// attempts; committed checkpoints stay; a finalizer's claim is dropped. A cancelled job
+    /// attempts; committed checkpoints stay; a finalizer's claim is dropped; its callback goes
+    /// again when it ends again. A cancelled job
     /// whose output another job has taken meanwhile is refused (`OutputTaken`).
     async fn retry_job(&self, id: i64) -> Result<JobRecord>;
     /// Removes a job and everything it owns.
@@ -272,6 +298,22 @@ pub trait Metastore: Send + Sync + 'static {
     async fn create_merges(&self, job_id: i64, groups: &[MergeGroup]) -> Result<u64>;
     /// Ends a finalizing job (only its finalizer's claim may).
     async fn finish_job(&self, job_id: i64, owner: &str, outcome: JobOutcome) -> Result<()>;
+
+    // Completion callbacks (a job's `[notify] url`), made with the job.
+
+    /// Takes up to `limit` callbacks of ended jobs that are due, each for one try that holds it
+    /// for `hold_ms` (no other replica takes it meanwhile).
+    async fn claim_notifications(&self, limit: u32, hold_ms: i64) -> Result<Vec<DueNotification>>;
+    /// Records a try's answer and settles the callback by it (delivered, pending again after a
+    /// delay, or abandoned), unless the job was retried since: answers whether it settled.
+    async fn record_notification(
+        &self,
+        job_id: i64,
+        attempt: u32,
+        outcome: &NotifyOutcome,
+    ) -> Result<bool>;
+    /// The job's callback and its last attempt, if it has one.
+    async fn notification(&self, job_id: i64) -> Result<Option<NotifyView>>;
 
     async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics>;
     /// The database clock.

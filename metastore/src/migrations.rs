@@ -23,6 +23,7 @@ pub fn sqlite() -> Migrator {
             2 => "0002_claim_order.sql",
             3 => "0003_ownership.sql",
             4 => "0004_merges.sql",
+            5 => "0005_notify.sql",
         )),
         ..Migrator::DEFAULT
     }
@@ -35,6 +36,7 @@ pub fn postgres() -> Migrator {
             2 => "0002_claim_order.sql",
             3 => "0003_ownership.sql",
             4 => "0004_merges.sql",
+            5 => "0005_notify.sql",
         )),
         ..Migrator::DEFAULT
     }

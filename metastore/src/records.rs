@@ -86,6 +86,7 @@ impl JobRecord {
             created_at_ms: self.created_at_ms,
             finished_at_ms: self.finished_at_ms,
             model_held_by: Vec::new(),
+            notify: None,
             batch_rows: self.batch_rows.and_then(|n| u64::try_from(n).ok()),
         }
     }

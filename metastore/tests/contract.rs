@@ -130,6 +130,7 @@ contract!(
     loops::metrics_count,
     loops::churn_commits_every_row_once,
     loops::recovery_after_a_crash_expires_every_claim_at_once,
+    loops::callbacks_go_once_a_job_ends_and_again_after_a_retry,
 );
 
 // Readiness before any migration: the one check that needs a store `open` did not migrate.

@@ -11,9 +11,9 @@ pub mod wire;
 
 pub use error_code::{ErrorBody, ErrorCode};
 pub use spec::{
-    BatchSize, BatchSpec, Device, ErrorSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, RetrySpec,
-    ShardSpec,
+    BatchSize, BatchSpec, Device, ErrorSpec, InputSpec, JobSpec, ModelSpec, NotifySpec, OutputSpec,
+    RetrySpec, ShardSpec,
 };
 pub use spec_check::SpecError;
-pub use state::{FailureClass, JobState, LeaseState, ShardState};
+pub use state::{FailureClass, JobState, LeaseState, NotifyState, ShardState};
 pub use text::{TextError, check_free_text, check_text, excerpt};

@@ -27,6 +27,17 @@ pub struct JobSpec {
     /// Higher runs first.
     #[serde(default)]
     pub priority: i32,
+    /// Where the job's final status is posted when it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<NotifySpec>,
+}
+
+/// `[notify]`: a completion callback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySpec {
+    /// `https://...`, or `http://` to this machine (see `spec_check::check_callback_url`).
+    pub url: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

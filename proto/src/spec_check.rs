@@ -98,6 +98,20 @@ impl JobSpec {
         })
     }
 
+    /// `[notify] url` is a callback URL (`check_callback_url`).
+    fn check_notify(&self) -> Result<(), SpecError> {
+        let Some(notify) = &self.notify else {
+            return Ok(());
+        };
+        check_callback_url(&notify.url)
+            .map(|_| ())
+            .map_err(|message| SpecError {
+                key: Some("notify.url".into()),
+                line: None,
+                message,
+            })
+    }
+
     /// The rules a parsed spec must follow beyond its types.
     pub fn check(&self) -> Result<(), SpecError> {
         let err = |key: &str, message: String| {
@@ -108,6 +122,7 @@ impl JobSpec {
             })
         };
         self.check_text()?;
+        self.check_notify()?;
         if self.name.is_empty() || self.name.len() > MAX_NAME_LEN {
             return err(
                 "name",
@@ -246,6 +261,38 @@ impl JobSpec {
     }
 }
 
+/// Longest callback URL accepted.
+pub const MAX_CALLBACK_URL_LEN: usize = 2048;
+
+/// A completion callback URL: `https://` anywhere, or `http://` to a loopback address (a
+/// receiver on the coordinator's own machine); no credentials in it, at most
+/// `MAX_CALLBACK_URL_LEN` characters. The error says which rule it breaks.
+pub fn check_callback_url(text: &str) -> Result<url::Url, String> {
+    if text.len() > MAX_CALLBACK_URL_LEN {
+        return Err(format!("must be at most {MAX_CALLBACK_URL_LEN} characters"));
+    }
+    let url =
+        url::Url::parse(text).map_err(|e| format!("`{}` is not a URL: {e}", excerpt(text)))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not hold credentials; the coordinator signs each POST instead".into());
+    }
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" if url.host().is_some() => Ok(url),
+        "http" if loopback => Ok(url),
+        "http" => Err(format!(
+            "`{}` must use https (plain http only to this machine: localhost, 127.0.0.1, ::1)",
+            excerpt(text)
+        )),
+        _ => Err(format!("`{}` must be an https:// URL", excerpt(text))),
+    }
+}
+
 /// Turns a TOML deserialization error into a SpecError with the line and, where the message
 /// names a field, the dotted key.
 fn toml_error(src: &str, e: &toml::de::Error) -> SpecError {
@@ -335,6 +382,34 @@ size = 1024
 [shards]
 rows = 200000
 "#;
+
+    #[test]
+    fn a_callback_is_https_or_http_to_this_machine() {
+        let with = |url: &str| JobSpec::from_toml(&format!("{GOOD}\n[notify]\nurl = \"{url}\"\n"));
+        for good in [
+            "https://hooks.example.com/nightshift",
+            "http://127.0.0.1:8080/hook",
+            "http://localhost/hook",
+            "http://[::1]:9/x",
+        ] {
+            let spec = with(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(spec.notify.map(|n| n.url).as_deref(), Some(good));
+        }
+        for (bad, says) in [
+            ("http://hooks.example.com/x", "must use https"),
+            ("ftp://127.0.0.1/x", "https:// URL"),
+            ("https://user:pw@example.com/", "credentials"),
+            ("hooks.example.com", "not a URL"),
+        ] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("notify.url"), "{bad}: {e}");
+            assert!(e.message.contains(says), "{bad}: {e}");
+            assert!(e.line.is_some(), "{bad}: {e}");
+        }
+        let unknown = JobSpec::from_toml(&format!("{GOOD}\n[notify]\nuri = \"x\"\n")).unwrap_err();
+        assert!(unknown.to_string().contains("uri"), "{unknown}");
+        assert!(JobSpec::from_toml(GOOD).unwrap().notify.is_none());
+    }
 
     #[test]
     fn control_characters_anywhere_are_refused_naming_the_key() {

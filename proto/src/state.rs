@@ -66,6 +66,16 @@ state_enum!(
 );
 
 state_enum!(
+    /// A job's completion callback: pending until acknowledged (delivered) or its deadline
+    /// passes (abandoned); a retried job's callback is pending again.
+    NotifyState {
+        Pending,
+        Delivered,
+        Abandoned,
+    }
+);
+
+state_enum!(
     /// How the coordinator treats a failed shard.
     FailureClass {
         /// I/O, throttling, lease lost, worker died: back off and retry up to max_attempts.

@@ -84,6 +84,24 @@ pub struct JobView {
     /// Workers that hold the job's model loaded, as they last reported to this coordinator.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub model_held_by: Vec<ModelHolder>,
+    /// The job's completion callback, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<NotifyView>,
+}
+
+/// Where a job's completion callback stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyView {
+    pub url: String,
+    pub state: crate::NotifyState,
+    /// POSTs made so far, each recorded with its answer.
+    pub attempts: u32,
+    /// The HTTP status of the last answer, if one came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<u16>,
+    /// Why the last attempt failed, if it did without an answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// A worker holding a model session, and where it runs.

@@ -47,6 +47,11 @@ pub async fn start_with(
     ttl_ms: i64,
     stores: Arc<Stores>,
 ) -> Api {
+    serve(config(allow, ttl_ms), store, stores).await
+}
+
+/// The config `start` serves with: submit token `S`, worker token `W`, short backoffs.
+pub fn config(allow: AllowList, ttl_ms: i64) -> CoordinatorConfig {
     let mut config = CoordinatorConfig::new("127.0.0.1:0".parse().unwrap());
     config.submit_tokens = vec!["S".into()];
     config.worker_tokens = vec!["W".into()];
@@ -56,6 +61,11 @@ pub async fn start_with(
         backoff_base_ms: 10,
         backoff_max_ms: 100,
     };
+    config
+}
+
+/// A coordinator with `config` (its listen address aside) on `store`.
+pub async fn serve(config: CoordinatorConfig, store: DynMetastore, stores: Arc<Stores>) -> Api {
     let c = Coordinator::new(config, store, stores);
     let listener = c.bind().await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

@@ -64,6 +64,7 @@ where
                 continue;
             };
             D::insert_plan(&mut tx, id, &job.plan).await?;
+            Self::insert_notification(&mut tx, id, &job.spec).await?;
             let record = Self::job_in(&mut tx, id).await?;
             tx.commit().await?;
             D::after_create(self, job.plan.shards.len()).await;
@@ -316,6 +317,7 @@ where
         .bind(ShardState::Dead.as_str())
         .execute(D::ex(&mut tx))
         .await?;
+        Self::reset_notification(&mut tx, id).await?;
         let sql = D::sql(
             "UPDATE jobs SET state = $2, error = NULL, finished_at_ms = NULL, \
              finalizer_owner = NULL, finalizer_expires_at_ms = NULL WHERE id = $1 RETURNING {job}",

@@ -7,6 +7,7 @@
 pub(crate) mod jobs;
 pub(crate) mod lease;
 mod loops;
+mod notify;
 
 use std::borrow::Cow;
 
@@ -16,13 +17,13 @@ use sqlx::pool::PoolConnection;
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Type};
 
 use nightshift_proto::FailureClass;
-use nightshift_proto::wire::{InputFile, JobPlan, PartRecord};
+use nightshift_proto::wire::{InputFile, JobPlan, NotifyView, PartRecord};
 
 use crate::merges::{MergeCandidate, MergeGroup};
 use crate::records::ShardTally;
 use crate::{
-    ClaimRequest, JobOutcome, JobRecord, LeaseHolder, LeaseTiming, Metastore, NewJob, PartRow,
-    Result, ShardRow, StoreMetrics, Submitted,
+    ClaimRequest, DueNotification, JobOutcome, JobRecord, LeaseHolder, LeaseTiming, Metastore,
+    NewJob, NotifyOutcome, PartRow, Result, ShardRow, StoreMetrics, Submitted,
 };
 
 /// A value both dialects bind and read.
@@ -291,6 +292,23 @@ where
 
     async fn finish_job(&self, job_id: i64, owner: &str, outcome: JobOutcome) -> Result<()> {
         self.finish_job(job_id, owner, outcome).await
+    }
+
+    async fn claim_notifications(&self, limit: u32, hold_ms: i64) -> Result<Vec<DueNotification>> {
+        self.claim_notifications(limit, hold_ms).await
+    }
+
+    async fn record_notification(
+        &self,
+        job_id: i64,
+        attempt: u32,
+        outcome: &NotifyOutcome,
+    ) -> Result<bool> {
+        self.record_notification(job_id, attempt, outcome).await
+    }
+
+    async fn notification(&self, job_id: i64) -> Result<Option<NotifyView>> {
+        self.notification(job_id).await
     }
 
     async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics> {

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use nightshift_metastore::{DynMetastore, JobOutcome, StoreError};
+use nightshift_metastore::{DynMetastore, JobOutcome, NotifyOutcome, StoreError};
 use nightshift_proto::wire::LeaseRef;
-use nightshift_proto::{FailureClass, JobState, LeaseState, ShardState};
+use nightshift_proto::{FailureClass, JobState, LeaseState, NotifyState, ShardState};
 
 use crate::{ROWS, assert_err, create, finish, lease_ref, long, part, timing};
 
@@ -568,4 +568,86 @@ pub async fn recovery_after_a_crash_expires_every_claim_at_once(store: DynMetast
     let retaken = store.claim_finalize("next", 60_000).await.unwrap();
     assert_eq!(retaken.map(|j| j.id), Some(done));
     assert_eq!(store.recover_after_crash().await.unwrap(), 0);
+}
+
+pub async fn callbacks_go_once_a_job_ends_and_again_after_a_retry(store: DynMetastore) {
+    let hook = "[notify]\nurl = \"https://hooks.example.com/n\"";
+    let id = create(&store, "called", hook, 1).await;
+    let _silent = create(&store, "silent", "", 1).await;
+    let fail = |retry_in_ms| NotifyOutcome::Failed {
+        status: Some(500),
+        error: None,
+        retry_in_ms,
+    };
+    // Nothing goes while the job runs.
+    assert!(
+        store
+            .claim_notifications(10, 60_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let view = store
+        .notification(id)
+        .await
+        .unwrap()
+        .expect("made with the job");
+    assert_eq!((view.state, view.attempts), (NotifyState::Pending, 0));
+    store.cancel_job(id).await.unwrap();
+    let due = store.claim_notifications(10, 60_000).await.unwrap();
+    assert_eq!(
+        due.len(),
+        1,
+        "one callback, of the job that names one: {due:?}"
+    );
+    assert_eq!((due[0].job_id, due[0].attempt), (id, 1));
+    assert_eq!(due[0].url, "https://hooks.example.com/n");
+    // A try holds it: no second taker until it is settled.
+    assert!(
+        store
+            .claim_notifications(10, 60_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .record_notification(id, 1, &fail(Some(0)))
+            .await
+            .unwrap()
+    );
+    let again = store.claim_notifications(10, 60_000).await.unwrap();
+    assert_eq!(again[0].attempt, 2);
+    let delivered = NotifyOutcome::Delivered { status: 204 };
+    assert!(store.record_notification(id, 2, &delivered).await.unwrap());
+    let view = store.notification(id).await.unwrap().unwrap();
+    assert_eq!(
+        (view.state, view.attempts, view.last_status),
+        (NotifyState::Delivered, 2, Some(204))
+    );
+    assert!(store.claim_notifications(10, 0).await.unwrap().is_empty());
+    // A retried job calls again when it ends again; an answer to an older try settles nothing.
+    store.retry_job(id).await.unwrap();
+    assert!(
+        store
+            .claim_notifications(10, 60_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store.cancel_job(id).await.unwrap();
+    let due = store.claim_notifications(10, 60_000).await.unwrap();
+    assert_eq!(due[0].attempt, 1);
+    assert!(!store.record_notification(id, 2, &delivered).await.unwrap());
+    let no_answer = NotifyOutcome::Failed {
+        status: None,
+        error: Some("connection refused".into()),
+        retry_in_ms: None,
+    };
+    assert!(store.record_notification(id, 1, &no_answer).await.unwrap());
+    let view = store.notification(id).await.unwrap().unwrap();
+    assert_eq!(view.state, NotifyState::Abandoned);
+    assert_eq!(view.last_error.as_deref(), Some("connection refused"));
+    assert_eq!(view.last_status, None);
+    assert!(store.claim_notifications(10, 0).await.unwrap().is_empty());
 }
