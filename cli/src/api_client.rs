@@ -1,4 +1,5 @@
-//! The people-and-services side of the HTTP API: submit, list, get, cancel.
+//! The people-and-services side of the HTTP API: jobs (submit, list, get, cancel) and
+//! schedules.
 
 use anyhow::{Result, anyhow};
 use nightshift_proto::ErrorBody;
@@ -60,7 +61,13 @@ impl ApiClient {
         let status = resp.status();
         let text = resp.text().await?;
         if status.is_success() {
-            return Ok((status, serde_json::from_str(&text)?));
+            // A 204 has no body.
+            let json = if text.is_empty() {
+                "null"
+            } else {
+                text.as_str()
+            };
+            return Ok((status, serde_json::from_str(json)?));
         }
         match serde_json::from_str::<ErrorBody>(&text) {
             Ok(body) => Err(anyhow!("{} ({})", body.message, status)),
@@ -92,6 +99,33 @@ impl ApiClient {
             .send(self.http.get(format!("{}/v1/jobs/{job}", self.base)))
             .await?
             .1)
+    }
+
+    /// `GET` of an API path (`/v1/...`).
+    pub async fn get_path<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        Ok(self
+            .send(self.http.get(format!("{}{path}", self.base)))
+            .await?
+            .1)
+    }
+
+    /// `POST` of an API path, with a JSON body or none.
+    pub async fn post_path<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<&impl serde::Serialize>,
+    ) -> Result<T> {
+        let mut req = self.http.post(format!("{}{path}", self.base));
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        Ok(self.send(req).await?.1)
+    }
+
+    /// `DELETE` of an API path, which answers no body.
+    pub async fn delete_path(&self, path: &str) -> Result<()> {
+        let req = self.http.delete(format!("{}{path}", self.base));
+        self.send::<serde::de::IgnoredAny>(req).await.map(|_| ())
     }
 
     pub async fn cancel(&self, job: &str) -> Result<JobView> {

@@ -6,6 +6,7 @@ mod cmd_cluster;
 mod cmd_gpus;
 mod cmd_jobs;
 mod cmd_run;
+mod cmd_schedule;
 mod logging;
 mod progress;
 mod signals;
@@ -46,6 +47,9 @@ enum Command {
     Watch(cmd_jobs::JobArgs),
     /// Cancel a job.
     Cancel(cmd_jobs::JobArgs),
+    /// Run a job spec on a cron schedule: create, list, show, pause, resume, delete.
+    #[command(subcommand)]
+    Schedule(cmd_schedule::ScheduleCommand),
     /// List the GPUs of this machine, as a worker finds them (none without a CUDA driver).
     Gpus(cmd_gpus::GpusArgs),
 }
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
             Command::Status(a) => cmd_jobs::status(a).await,
             Command::Watch(a) => cmd_jobs::watch(a).await,
             Command::Cancel(a) => cmd_jobs::cancel(a).await,
+            Command::Schedule(c) => cmd_schedule::run(c).await,
             Command::Gpus(a) => cmd_gpus::gpus(a),
         }
     });

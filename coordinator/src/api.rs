@@ -35,7 +35,7 @@ pub struct Tokens {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Role {
+pub(crate) enum Role {
     Submit,
     Worker,
 }
@@ -62,6 +62,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/worker/complete-many", post(complete_many))
         .route("/v1/worker/fail", post(fail))
         .route("/v1/worker/release", post(release))
+        .merge(crate::schedule_api::routes())
         .fallback(not_found)
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
@@ -140,7 +141,7 @@ async fn observe(State(state): State<ApiState>, req: Request, next: Next) -> Res
     resp
 }
 
-fn authorize(state: &ApiState, headers: &HeaderMap, need: Role) -> Result<(), ApiError> {
+pub(crate) fn authorize(state: &ApiState, headers: &HeaderMap, need: Role) -> Result<(), ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -64,7 +64,8 @@ impl ApiError {
                 | StoreError::Incomplete { .. }
                 | StoreError::IdempotencyConflict { .. }
                 | StoreError::OutputTaken { .. }
-                | StoreError::BadTransition { .. } => (StatusCode::CONFLICT, ErrorCode::Conflict),
+                | StoreError::BadTransition { .. }
+                | StoreError::ScheduleExists(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
                 StoreError::JobNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
                 // The database is away: clients retry.
                 StoreError::Db(_) | StoreError::Migrate(_) | StoreError::Batch(_) => {

@@ -1,6 +1,6 @@
 //! The coordinator: the only client of the database. It validates and plans submitted jobs,
 //! serves the HTTP API for people and workers, and runs the background loops (reaper, settler,
-//! finalizer, completion callbacks). Several replicas may run against one database.
+//! finalizer, completion callbacks, schedules). Several replicas may run against one database.
 
 mod allow_list;
 mod api;
@@ -15,6 +15,8 @@ mod notifier;
 mod ownership;
 mod part_check;
 mod planner;
+mod schedule;
+mod schedule_api;
 mod server;
 pub mod service;
 

@@ -113,6 +113,10 @@ impl Coordinator {
             self.config.finalize_claim,
             shutdown.clone(),
         ));
+        tracker.spawn(crate::schedule::scheduler(
+            self.service.clone(),
+            shutdown.clone(),
+        ));
         tracker.spawn(crate::notifier::notifier(
             self.service.clone(),
             self.config.callbacks.clone(),

@@ -21,7 +21,9 @@ use nightshift_proto::wire::{
 };
 use nightshift_proto::{FailureClass, JobSpec, JobState};
 
-pub use records::{JobRecord, PartRow, ShardRow, ShardTally, StoreMetrics};
+pub use records::{
+    FireRecord, JobRecord, PartRow, ScheduleRecord, ShardRow, ShardTally, StoreMetrics,
+};
 pub use sql::{Dialect, SqlStore};
 
 use crate::merges::{MergeCandidate, MergeGroup};
@@ -62,6 +64,8 @@ pub enum StoreError {
         state: JobState,
         action: &'static str,
     },
+    #[error("a schedule named `{0}` exists already")]
+    ScheduleExists(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     #[error("migrations: {0}")]
@@ -164,6 +168,17 @@ impl LeaseTiming {
 pub struct ClaimRequest {
     pub worker: String,
     pub max: u32,
+}
+
+/// A schedule to insert, checked by the coordinator.
+#[derive(Debug, Clone)]
+pub struct NewSchedule {
+    pub name: String,
+    pub cron: String,
+    pub timezone: String,
+    pub catch_up: nightshift_proto::CatchUp,
+    pub spec: String,
+    pub next_fire_at_ms: i64,
 }
 
 /// A job's completion callback, taken for one try.
@@ -314,6 +329,37 @@ pub trait Metastore: Send + Sync + 'static {
     ) -> Result<bool>;
     /// The job's callback and its last attempt, if it has one.
     async fn notification(&self, job_id: i64) -> Result<Option<NotifyView>>;
+
+    // Schedules.
+
+    /// A new schedule; a name already taken is refused (`ScheduleExists`).
+    async fn create_schedule(&self, schedule: NewSchedule) -> Result<ScheduleRecord>;
+    /// Every schedule, by name.
+    async fn schedules(&self) -> Result<Vec<ScheduleRecord>>;
+    async fn schedule(&self, name: &str) -> Result<Option<ScheduleRecord>>;
+    /// Pauses a schedule (`next_fire_at_ms` None), or resumes it from `next_fire_at_ms`.
+    async fn set_schedule_paused(
+        &self,
+        name: &str,
+        paused: bool,
+        next_fire_at_ms: Option<i64>,
+    ) -> Result<Option<ScheduleRecord>>;
+    /// Removes a schedule and its fire records (not its jobs); false when there was none.
+    async fn delete_schedule(&self, name: &str) -> Result<bool>;
+    /// Schedules not paused whose next fire time has come (database clock), oldest first.
+    async fn due_schedules(&self) -> Result<Vec<ScheduleRecord>>;
+    /// Moves a schedule's next fire time on from `from_ms` (as read) to `to_ms`; false when
+    /// another pass moved it first.
+    async fn advance_schedule(&self, id: i64, from_ms: i64, to_ms: i64) -> Result<bool>;
+    /// Records what a fire time made (its job, or why none); the first record stands.
+    async fn record_fire(
+        &self,
+        schedule_id: i64,
+        fire_at_ms: i64,
+        made: std::result::Result<i64, &str>,
+    ) -> Result<()>;
+    /// The latest `limit` fire times of a schedule, newest first.
+    async fn fires(&self, schedule_id: i64, limit: u32) -> Result<Vec<FireRecord>>;
 
     async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics>;
     /// The database clock.

@@ -24,6 +24,7 @@ pub fn sqlite() -> Migrator {
             3 => "0003_ownership.sql",
             4 => "0004_merges.sql",
             5 => "0005_notify.sql",
+            6 => "0006_schedules.sql",
         )),
         ..Migrator::DEFAULT
     }
@@ -37,6 +38,7 @@ pub fn postgres() -> Migrator {
             3 => "0003_ownership.sql",
             4 => "0004_merges.sql",
             5 => "0005_notify.sql",
+            6 => "0006_schedules.sql",
         )),
         ..Migrator::DEFAULT
     }

@@ -5,7 +5,7 @@
 use nightshift_proto::wire::{
     InputFile, JobView, LeaseSecret, PartRecord, ShardCounts, ShardLease, ShardPlan,
 };
-use nightshift_proto::{JobSpec, JobState, ShardState};
+use nightshift_proto::{CatchUp, JobSpec, JobState, ShardState};
 
 use crate::{LeaseHolder, StoreError};
 
@@ -327,6 +327,31 @@ pub(crate) fn parse_spec(json: &str) -> crate::Result<JobSpec> {
 fn parse_secret(text: &str) -> crate::Result<LeaseSecret> {
     LeaseSecret::from_hex(text)
         .ok_or_else(|| StoreError::Corrupt("a lease secret is not 32 hex digits".into()))
+}
+
+/// A schedule as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ScheduleRecord {
+    pub id: i64,
+    pub name: String,
+    pub cron: String,
+    pub timezone: String,
+    #[sqlx(try_from = "String")]
+    pub catch_up: CatchUp,
+    /// The job spec template (TOML).
+    pub spec: String,
+    pub paused: bool,
+    /// The next fire time not yet handled (`i64::MAX` while paused).
+    pub next_fire_at_ms: Option<i64>,
+    pub created_at_ms: i64,
+}
+
+/// What one fire time of a schedule made.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct FireRecord {
+    pub fire_at_ms: i64,
+    pub job_id: Option<i64>,
+    pub error: Option<String>,
 }
 
 /// Gauges for `/metrics`.

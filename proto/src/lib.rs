@@ -15,5 +15,5 @@ pub use spec::{
     RetrySpec, ShardSpec,
 };
 pub use spec_check::SpecError;
-pub use state::{FailureClass, JobState, LeaseState, NotifyState, ShardState};
+pub use state::{CatchUp, FailureClass, JobState, LeaseState, NotifyState, ShardState};
 pub use text::{TextError, check_free_text, check_text, excerpt};

@@ -76,6 +76,20 @@ state_enum!(
 );
 
 state_enum!(
+    /// What a schedule does with the fire times that passed while no coordinator ran.
+    #[derive(Default)]
+    CatchUp {
+        /// Runs none that is more than a minute late.
+        Skip,
+        /// Runs the newest of them (the default).
+        #[default]
+        Latest,
+        /// Runs every one of them, oldest first.
+        All,
+    }
+);
+
+state_enum!(
     /// How the coordinator treats a failed shard.
     FailureClass {
         /// I/O, throttling, lease lost, worker died: back off and retry up to max_attempts.

@@ -383,3 +383,54 @@ pub struct ManifestField {
     pub data_type: String,
     pub nullable: bool,
 }
+
+/// `POST /v1/schedules`: run a job from `spec` at each fire time of `cron`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRequest {
+    /// Letters, digits, '-' and '_'; unique among schedules.
+    pub name: String,
+    /// Five fields (minute hour day month weekday), or six with seconds first.
+    pub cron: String,
+    /// An IANA time zone (`Europe/Berlin`); UTC when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    #[serde(default)]
+    pub catch_up: crate::CatchUp,
+    /// The job spec as TOML, with `{{ date }}`-style variables filled in at each fire time.
+    pub spec: String,
+}
+
+/// A schedule as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleView {
+    pub name: String,
+    pub cron: String,
+    pub timezone: String,
+    pub catch_up: crate::CatchUp,
+    pub paused: bool,
+    /// When it fires next (not while paused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_fire_at_ms: Option<i64>,
+    pub created_at_ms: i64,
+    pub spec: String,
+    /// The latest fire times, newest first.
+    #[serde(default)]
+    pub fires: Vec<FireView>,
+}
+
+/// One fire time of a schedule: the job it made, or why it made none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FireView {
+    pub fire_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /v1/schedules`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleList {
+    pub schedules: Vec<ScheduleView>,
+}

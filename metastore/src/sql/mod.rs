@@ -8,6 +8,7 @@ pub(crate) mod jobs;
 pub(crate) mod lease;
 mod loops;
 mod notify;
+mod schedules;
 
 use std::borrow::Cow;
 
@@ -20,10 +21,10 @@ use nightshift_proto::FailureClass;
 use nightshift_proto::wire::{InputFile, JobPlan, NotifyView, PartRecord};
 
 use crate::merges::{MergeCandidate, MergeGroup};
-use crate::records::ShardTally;
+use crate::records::{FireRecord, ScheduleRecord, ShardTally};
 use crate::{
     ClaimRequest, DueNotification, JobOutcome, JobRecord, LeaseHolder, LeaseTiming, Metastore,
-    NewJob, NotifyOutcome, PartRow, Result, ShardRow, StoreMetrics, Submitted,
+    NewJob, NewSchedule, NotifyOutcome, PartRow, Result, ShardRow, StoreMetrics, Submitted,
 };
 
 /// A value both dialects bind and read.
@@ -309,6 +310,53 @@ where
 
     async fn notification(&self, job_id: i64) -> Result<Option<NotifyView>> {
         self.notification(job_id).await
+    }
+
+    async fn create_schedule(&self, schedule: NewSchedule) -> Result<ScheduleRecord> {
+        self.create_schedule(schedule).await
+    }
+
+    async fn schedules(&self) -> Result<Vec<ScheduleRecord>> {
+        self.schedules().await
+    }
+
+    async fn schedule(&self, name: &str) -> Result<Option<ScheduleRecord>> {
+        self.schedule(name).await
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        name: &str,
+        paused: bool,
+        next_fire_at_ms: Option<i64>,
+    ) -> Result<Option<ScheduleRecord>> {
+        self.set_schedule_paused(name, paused, next_fire_at_ms)
+            .await
+    }
+
+    async fn delete_schedule(&self, name: &str) -> Result<bool> {
+        self.delete_schedule(name).await
+    }
+
+    async fn due_schedules(&self) -> Result<Vec<ScheduleRecord>> {
+        self.due_schedules().await
+    }
+
+    async fn advance_schedule(&self, id: i64, from_ms: i64, to_ms: i64) -> Result<bool> {
+        self.advance_schedule(id, from_ms, to_ms).await
+    }
+
+    async fn record_fire(
+        &self,
+        schedule_id: i64,
+        fire_at_ms: i64,
+        made: std::result::Result<i64, &str>,
+    ) -> Result<()> {
+        self.record_fire(schedule_id, fire_at_ms, made).await
+    }
+
+    async fn fires(&self, schedule_id: i64, limit: u32) -> Result<Vec<FireRecord>> {
+        self.fires(schedule_id, limit).await
     }
 
     async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics> {

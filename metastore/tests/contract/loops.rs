@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use nightshift_metastore::{DynMetastore, JobOutcome, NotifyOutcome, StoreError};
+use nightshift_metastore::{DynMetastore, JobOutcome, NewSchedule, NotifyOutcome, StoreError};
 use nightshift_proto::wire::LeaseRef;
-use nightshift_proto::{FailureClass, JobState, LeaseState, NotifyState, ShardState};
+use nightshift_proto::{CatchUp, FailureClass, JobState, LeaseState, NotifyState, ShardState};
 
 use crate::{ROWS, assert_err, create, finish, lease_ref, long, part, timing};
 
@@ -650,4 +650,111 @@ pub async fn callbacks_go_once_a_job_ends_and_again_after_a_retry(store: DynMeta
     assert_eq!(view.last_error.as_deref(), Some("connection refused"));
     assert_eq!(view.last_status, None);
     assert!(store.claim_notifications(10, 0).await.unwrap().is_empty());
+}
+
+pub async fn schedules_fire_once_per_time_and_move_on_from_what_was_read(store: DynMetastore) {
+    let now = store.now_ms().await.unwrap();
+    let schedule = |name: &str, next: i64| NewSchedule {
+        name: name.into(),
+        cron: "0 2 * * *".into(),
+        timezone: "Europe/Berlin".into(),
+        catch_up: CatchUp::All,
+        spec: "name = \"x\"".into(),
+        next_fire_at_ms: next,
+    };
+    let due = store
+        .create_schedule(schedule("nightly", now - 1_000))
+        .await
+        .unwrap();
+    store
+        .create_schedule(schedule("later", now + 3_600_000))
+        .await
+        .unwrap();
+    assert_err!(
+        store.create_schedule(schedule("nightly", now)).await,
+        StoreError::ScheduleExists(_)
+    );
+    let names: Vec<String> = store
+        .schedules()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["later", "nightly"]);
+    let found = store.due_schedules().await.unwrap();
+    assert_eq!(
+        found,
+        std::slice::from_ref(&due),
+        "only the schedule whose time has come"
+    );
+    assert_eq!(found[0].catch_up, CatchUp::All);
+    // Two passes handle the same fire time: the first moves it on, the second finds it moved.
+    let fire = now - 1_000;
+    let job = create(&store, "fired", "", 1).await;
+    store.record_fire(due.id, fire, Ok(job)).await.unwrap();
+    store
+        .record_fire(due.id, fire, Err("late duplicate"))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .advance_schedule(due.id, fire, now + 60_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .advance_schedule(due.id, fire, now + 120_000)
+            .await
+            .unwrap()
+    );
+    assert!(store.due_schedules().await.unwrap().is_empty());
+    store
+        .record_fire(due.id, now + 60_000, Err("no input for that date"))
+        .await
+        .unwrap();
+    let fires = store.fires(due.id, 10).await.unwrap();
+    assert_eq!(fires.len(), 2);
+    assert_eq!(
+        (fires[0].job_id, fires[0].error.as_deref()),
+        (None, Some("no input for that date"))
+    );
+    assert_eq!(
+        (fires[1].job_id, fires[1].error.as_deref()),
+        (Some(job), None),
+        "the first record stands"
+    );
+    // Paused: never due; resumed from a given time.
+    let paused = store
+        .set_schedule_paused("nightly", true, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(paused.paused);
+    assert!(store.due_schedules().await.unwrap().is_empty());
+    let resumed = store
+        .set_schedule_paused("nightly", false, Some(now - 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (resumed.paused, resumed.next_fire_at_ms),
+        (false, Some(now - 1))
+    );
+    assert_eq!(store.due_schedules().await.unwrap().len(), 1);
+    assert!(
+        store
+            .set_schedule_paused("absent", true, None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(store.delete_schedule("nightly").await.unwrap());
+    assert!(!store.delete_schedule("nightly").await.unwrap());
+    assert!(
+        store.fires(due.id, 10).await.unwrap().is_empty(),
+        "its fire records go with it"
+    );
+    assert!(store.job(job).await.unwrap().is_some(), "its jobs stay");
 }
