@@ -428,6 +428,48 @@ mod tests {
         );
     }
 
+    fn request(spec_output: &str) -> ScheduleRequest {
+        ScheduleRequest {
+            name: "nightly".into(),
+            cron: "0 2 * * *".into(),
+            timezone: Some("Europe/Berlin".into()),
+            catch_up: CatchUp::Latest,
+            spec: format!(
+                "name = \"scores\"\n[input]\nuri = \"s3://lake/in/{{{{ date }}}}/*.parquet\"\n\
+                 [model]\nuri = \"s3://m/m.onnx\"\n[model.inputs]\nx = \"f\"\n\
+                 [model.outputs]\ny = \"y\"\n[output]\nuri = \"{spec_output}\"\n"
+            ),
+        }
+    }
+
+    #[test]
+    fn a_schedule_is_checked_at_its_next_two_fire_times() {
+        let now = ms(chrono_tz::UTC, 2026, 11, 28, 12, 0);
+        let made = check(request("s3://lake/out/{{ date }}/"), now).unwrap();
+        assert_eq!(
+            made.next_fire_at_ms,
+            ms(chrono_tz::Europe::Berlin, 2026, 11, 29, 2, 0)
+        );
+        assert_eq!(made.timezone, "Europe/Berlin");
+        let key = |r: ScheduleRequest| match check(r, now) {
+            Err(ApiError::Spec(e)) => (e.key.unwrap_or_default(), e.message),
+            other => panic!("{:?}", other.map(|s| s.name)),
+        };
+        let (k, m) = key(request("s3://lake/out/fixed/"));
+        assert_eq!(k, "output.uri", "{m}");
+        let (k, m) = key(request("s3://lake/out/{{ day }}/"));
+        assert!(
+            k == "spec" && m.contains("unknown variable `day`"),
+            "{k}: {m}"
+        );
+        let mut bad_name = request("s3://lake/out/{{ date }}/");
+        bad_name.name = "night ly".into();
+        assert_eq!(key(bad_name).0, "name");
+        let mut bad_spec = request("s3://lake/out/{{ date }}/");
+        bad_spec.spec = bad_spec.spec.replace("[model.outputs]\ny = \"y\"\n", "");
+        assert_eq!(key(bad_spec).0, "model.outputs");
+    }
+
     #[test]
     fn catch_up_runs_none_the_newest_or_all_missed_fire_times() {
         let now = 10 * ON_TIME_MS;
