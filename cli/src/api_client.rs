@@ -3,7 +3,7 @@
 
 use anyhow::{Result, anyhow};
 use nightshift_proto::ErrorBody;
-use nightshift_proto::wire::{JobList, JobView, SubmitResponse};
+use nightshift_proto::wire::{JobList, JobQuery, JobView, SubmitResponse};
 use reqwest::StatusCode;
 
 /// Where the coordinator is and how to authenticate, from flags or the environment.
@@ -87,11 +87,9 @@ impl ApiClient {
         Ok(self.send(req).await?.1)
     }
 
-    pub async fn list(&self) -> Result<JobList> {
-        Ok(self
-            .send(self.http.get(format!("{}/v1/jobs", self.base)))
-            .await?
-            .1)
+    pub async fn list(&self, query: &JobQuery) -> Result<JobList> {
+        let req = self.http.get(format!("{}/v1/jobs", self.base)).query(query);
+        Ok(self.send(req).await?.1)
     }
 
     pub async fn get(&self, job: &str) -> Result<JobView> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use nightshift_proto::JobState;
-use nightshift_proto::wire::JobView;
+use nightshift_proto::wire::{JobQuery, JobView};
 
 use crate::api_client::{ApiArgs, ApiClient};
 use crate::progress::Progress;
@@ -31,6 +31,21 @@ pub struct SubmitArgs {
 pub struct JobsArgs {
     #[command(flatten)]
     pub api: ApiArgs,
+    /// Only jobs in this state (pending, running, finalizing, succeeded, failed, cancelled).
+    #[arg(long)]
+    pub state: Option<JobState>,
+    /// Only jobs whose name starts with this.
+    #[arg(long)]
+    pub name_prefix: Option<String>,
+    /// Only jobs this schedule made.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Jobs per page (at most 1000).
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Only jobs older than this job id (what a full page prints to continue with).
+    #[arg(long)]
+    pub before: Option<i64>,
     #[arg(long)]
     pub json: bool,
 }
@@ -74,7 +89,14 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
 }
 
 pub async fn jobs(args: JobsArgs) -> Result<ExitCode> {
-    let list = ApiClient::new(&args.api)?.list().await?;
+    let query = JobQuery {
+        limit: Some(args.limit),
+        state: args.state,
+        name_prefix: args.name_prefix,
+        schedule: args.schedule,
+        before: args.before,
+    };
+    let list = ApiClient::new(&args.api)?.list(&query).await?;
     if args.json {
         println!("{}", serde_json::to_string(&list)?);
         return Ok(ExitCode::SUCCESS);
@@ -96,6 +118,9 @@ pub async fn jobs(args: JobsArgs) -> Result<ExitCode> {
             j.shards.done,
             j.shards.dead
         );
+    }
+    if let Some(before) = list.next_before {
+        eprintln!("more: --before {before}");
     }
     Ok(ExitCode::SUCCESS)
 }

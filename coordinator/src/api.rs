@@ -14,10 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use nightshift_proto::wire::{
     Ack, CheckpointRequest, CompleteManyRequest, CompleteManyResponse, CompleteRequest,
-    FailRequest, HeartbeatRequest, JobList, LeaseRequest, ReleaseRequest,
+    FailRequest, HeartbeatRequest, JobList, JobQuery, LeaseRequest, ReleaseRequest,
 };
 use nightshift_proto::{ErrorBody, ErrorCode, JobSpec};
-use serde::Deserialize;
 
 use subtle::ConstantTimeEq;
 
@@ -239,20 +238,13 @@ async fn submit(
     Ok((status, Json(resp)).into_response())
 }
 
-#[derive(Deserialize)]
-struct ListQuery {
-    limit: Option<u32>,
-}
-
 async fn list(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    Query(q): Query<JobQuery>,
 ) -> Result<Json<JobList>, ApiError> {
     authorize(&state, &headers, Role::Submit)?;
-    Ok(Json(JobList {
-        jobs: state.service.list(q.limit.unwrap_or(50)).await?,
-    }))
+    Ok(Json(state.service.list(q).await?))
 }
 
 async fn job(

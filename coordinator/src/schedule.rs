@@ -301,7 +301,7 @@ async fn fire_once(
             .render(&s.spec, &s.name, fire_ms)
             .map_err(|e| invalid("spec", e))?;
         let spec = JobSpec::from_toml(&text).map_err(ApiError::Spec)?;
-        let key = format!("schedule:{}:{fire_ms}", s.name);
+        let key = nightshift_metastore::schedule_key(&s.name, fire_ms);
         Ok::<_, ApiError>(service.submit(spec, Some(key)).await?.job.id)
     }
     .await;

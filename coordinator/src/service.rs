@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use nightshift_proto::spec_check::MAX_BATCH_SIZE;
+use nightshift_proto::spec_check::{MAX_BATCH_SIZE, MAX_NAME_LEN};
 use nightshift_proto::wire::{
-    GpuSample, HeartbeatResponse, JobView, LeaseRef, LeaseResponse, LeaseStatus, LoadedModel,
-    PartRecord, ShardLease, SubmitResponse,
+    GpuSample, HeartbeatResponse, JobList, JobQuery, JobView, LeaseRef, LeaseResponse, LeaseStatus,
+    LoadedModel, PartRecord, ShardLease, SubmitResponse,
 };
 use nightshift_proto::{FailureClass, JobSpec, LeaseState, check_free_text, check_text};
 use nightshift_storage::Stores;
@@ -25,9 +25,13 @@ use crate::metrics::Metrics;
 use crate::notifier::CallbackConfig;
 use crate::part_check::{check_counts, check_objects};
 use nightshift_metastore::{
-    ClaimRequest, DynMetastore, JobRecord, LeaseHolder, LeaseTiming, NewJob, StoreError, Submitted,
+    ClaimRequest, DynMetastore, JobFilter, JobRecord, LeaseHolder, LeaseTiming, NewJob, StoreError,
+    Submitted,
 };
 
+/// Jobs per page of `GET /v1/jobs` when the query names none, and at most.
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 1000;
 /// The most shards one lease request may take.
 pub const MAX_LEASE_BATCH: u32 = 256;
 /// The most leases one heartbeat may name.
@@ -278,13 +282,39 @@ impl Service {
         self.view(&job).await
     }
 
-    pub async fn list(&self, limit: u32) -> Result<Vec<JobView>, ApiError> {
-        let jobs = self.store.list_jobs(limit.clamp(1, 1000)).await?;
+    /// A page of jobs, newest first, as `query` filters them.
+    pub async fn list(&self, query: JobQuery) -> Result<JobList, ApiError> {
+        let limit = query.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+        for (field, text) in [
+            ("name_prefix", &query.name_prefix),
+            ("schedule", &query.schedule),
+        ] {
+            if let Some(text) = text {
+                if text.chars().count() > MAX_NAME_LEN {
+                    return Err(ApiError::BadRequest(format!(
+                        "{field} must be at most {MAX_NAME_LEN} characters"
+                    )));
+                }
+                check_text(field, text)?;
+            }
+        }
+        let filter = JobFilter {
+            limit,
+            before_id: query.before,
+            state: query.state,
+            name_prefix: query.name_prefix,
+            schedule: query.schedule,
+        };
+        let jobs = self.store.list_jobs(&filter).await?;
         let mut views = Vec::with_capacity(jobs.len());
         for j in &jobs {
             views.push(self.view(j).await?);
         }
-        Ok(views)
+        let full = views.len() == limit as usize;
+        Ok(JobList {
+            next_before: views.last().filter(|_| full).map(|v| v.id),
+            jobs: views,
+        })
     }
 
     pub async fn cancel(&self, id_or_name: &str) -> Result<JobView, ApiError> {

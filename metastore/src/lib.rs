@@ -170,6 +170,37 @@ pub struct ClaimRequest {
     pub max: u32,
 }
 
+/// Which jobs `list_jobs` answers: at most `limit`, newest first, older than `before_id`,
+/// in `state`, named with `name_prefix`, made by the schedule `schedule`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    pub limit: u32,
+    pub before_id: Option<i64>,
+    pub state: Option<JobState>,
+    pub name_prefix: Option<String>,
+    pub schedule: Option<String>,
+}
+
+impl JobFilter {
+    /// The newest `limit` jobs.
+    pub fn newest(limit: u32) -> Self {
+        Self {
+            limit,
+            ..Self::default()
+        }
+    }
+}
+
+/// The idempotency key of the job a schedule makes at a fire time.
+pub fn schedule_key(schedule: &str, fire_ms: i64) -> String {
+    format!("{}{fire_ms}", schedule_key_prefix(schedule))
+}
+
+/// What the idempotency keys of a schedule's jobs start with.
+pub fn schedule_key_prefix(schedule: &str) -> String {
+    format!("schedule:{schedule}:")
+}
+
 /// A schedule to insert, checked by the coordinator.
 #[derive(Debug, Clone)]
 pub struct NewSchedule {
@@ -230,8 +261,8 @@ pub trait Metastore: Send + Sync + 'static {
     async fn job(&self, id: i64) -> Result<Option<JobRecord>>;
     /// The newest job of that name.
     async fn job_by_name(&self, name: &str) -> Result<Option<JobRecord>>;
-    /// Newest first.
-    async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRecord>>;
+    /// Jobs that pass `filter`, newest first.
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>>;
     async fn shard_counts(&self, job_id: i64) -> Result<ShardTally>;
     async fn shards(&self, job_id: i64) -> Result<Vec<ShardRow>>;
     async fn input_files(&self, job_id: i64) -> Result<Vec<InputFile>>;

@@ -103,6 +103,7 @@ contract!(
     jobs::large_job,
     jobs::outputs_are_owned,
     jobs::retry_drops_a_stale_finalizer_claim,
+    jobs::jobs_are_listed_a_page_at_a_time_and_filtered,
     lease::claim_grants_each_shard_once,
     lease::claim_follows_priority_and_skips_stopped_jobs,
     lease::concurrent_claimers_never_share_a_shard,

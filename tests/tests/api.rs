@@ -362,3 +362,49 @@ async fn status_and_metrics_show_which_worker_holds_the_jobs_model() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_are_listed_by_page_and_filter_and_bad_filters_are_refused() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let spec = job(&f);
+    for (i, name) in ["alpha-1", "alpha-2", "beta-1"].iter().enumerate() {
+        let toml = spec
+            .replace("api-job", name)
+            .replace("/out\"", &format!("/out{i}\""));
+        let (s, body) = api.submit(Some("S"), None, &toml).await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+    }
+    let list = |query: &str| {
+        let api = &api;
+        let query = query.to_string();
+        async move {
+            let (s, text) = api.get(Some("S"), &format!("/v1/jobs?{query}")).await;
+            (s, serde_json::from_str::<serde_json::Value>(&text).unwrap())
+        }
+    };
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, page) = list("limit=2").await;
+    assert_eq!(names(&page), ["beta-1", "alpha-2"]);
+    let before = page["next_before"]
+        .as_i64()
+        .expect("a full page names the next");
+    let (_, rest) = list(&format!("limit=2&before={before}")).await;
+    assert_eq!(names(&rest), ["alpha-1"]);
+    assert!(rest.get("next_before").is_none(), "{rest}");
+    let (_, alpha) = list("name_prefix=alpha-&state=running").await;
+    assert_eq!(names(&alpha), ["alpha-2", "alpha-1"]);
+    let (_, none) = list("state=succeeded").await;
+    assert!(names(&none).is_empty());
+    for bad in ["state=sleeping", "limit=many", "colour=red"] {
+        let (s, body) = list(bad).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+}

@@ -7,7 +7,9 @@ use sqlx::{ColumnIndex, Encode, Type};
 use super::{Conn, Dialect, RowOf, SqlStore, Value};
 use crate::records::{FileRow, ShardTally, StateTally, tally};
 use crate::rules::{self, CANCELLABLE, ShardKind};
-use crate::{JobRecord, NewJob, PartRow, Result, ShardRow, StoreError, Submitted, output_key};
+use crate::{
+    JobFilter, JobRecord, NewJob, PartRow, Result, ShardRow, StoreError, Submitted, output_key,
+};
 
 /// Rounds of a submission whose idempotency key another one inserted under it and removed.
 const KEY_RACE_TRIES: usize = 3;
@@ -195,11 +197,22 @@ where
             .await?)
     }
 
-    /// Jobs newest first.
-    pub(super) async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRecord>> {
-        let sql = D::sql("SELECT {job} FROM jobs ORDER BY id DESC LIMIT $1");
+    /// Jobs that pass `filter`, newest first. Prefixes are compared as text, not as patterns.
+    pub(super) async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>> {
+        let sql = D::sql(
+            "SELECT {job} FROM jobs WHERE id < $2 \
+               AND ($3 IS NULL OR state = $3) \
+               AND ($4 IS NULL OR substr(name, 1, length($4)) = $4) \
+               AND ($5 IS NULL OR substr(idempotency_key, 1, length($5)) = $5) \
+             ORDER BY id DESC LIMIT $1",
+        );
+        let schedule = filter.schedule.as_deref().map(crate::schedule_key_prefix);
         Ok(sqlx::query_as(sql)
-            .bind(i64::from(limit))
+            .bind(i64::from(filter.limit))
+            .bind(filter.before_id.unwrap_or(i64::MAX))
+            .bind(filter.state.map(JobState::as_str))
+            .bind(filter.name_prefix.as_deref())
+            .bind(schedule.as_deref())
             .fetch_all(D::ex(&mut *self.conn().await?))
             .await?)
     }

@@ -23,8 +23,9 @@ use nightshift_proto::wire::{InputFile, JobPlan, NotifyView, PartRecord};
 use crate::merges::{MergeCandidate, MergeGroup};
 use crate::records::{FireRecord, ScheduleRecord, ShardTally};
 use crate::{
-    ClaimRequest, DueNotification, JobOutcome, JobRecord, LeaseHolder, LeaseTiming, Metastore,
-    NewJob, NewSchedule, NotifyOutcome, PartRow, Result, ShardRow, StoreMetrics, Submitted,
+    ClaimRequest, DueNotification, JobFilter, JobOutcome, JobRecord, LeaseHolder, LeaseTiming,
+    Metastore, NewJob, NewSchedule, NotifyOutcome, PartRow, Result, ShardRow, StoreMetrics,
+    Submitted,
 };
 
 /// A value both dialects bind and read.
@@ -166,8 +167,8 @@ where
         self.job_by_name(name).await
     }
 
-    async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRecord>> {
-        self.list_jobs(limit).await
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>> {
+        self.list_jobs(filter).await
     }
 
     async fn shard_counts(&self, job_id: i64) -> Result<ShardTally> {

@@ -1,6 +1,6 @@
 //! Jobs: submission, idempotency, reads, cancel, retry, delete.
 
-use nightshift_metastore::{DynMetastore, JobOutcome, StoreError, Submitted};
+use nightshift_metastore::{DynMetastore, JobFilter, JobOutcome, StoreError, Submitted};
 use nightshift_proto::{FailureClass, JobState, ShardState};
 
 use crate::{ROWS, assert_err, create, lease_ref, long, new_job, part, spec};
@@ -68,14 +68,17 @@ pub async fn create_and_read_back(store: DynMetastore) {
     );
     assert_eq!(store.job_by_name("nope").await.unwrap(), None);
     let ids: Vec<i64> = store
-        .list_jobs(10)
+        .list_jobs(&JobFilter::newest(10))
         .await
         .unwrap()
         .iter()
         .map(|j| j.id)
         .collect();
     assert_eq!(ids, vec![other, second, created.id]);
-    assert_eq!(store.list_jobs(2).await.unwrap().len(), 2);
+    assert_eq!(
+        store.list_jobs(&JobFilter::newest(2)).await.unwrap().len(),
+        2
+    );
 }
 
 pub async fn idempotent_create(store: DynMetastore) {
@@ -107,12 +110,18 @@ pub async fn idempotent_create(store: DynMetastore) {
             .await,
         StoreError::IdempotencyConflict { job_id, .. } if job_id == job.id
     );
-    assert_eq!(store.list_jobs(10).await.unwrap().len(), 1);
+    assert_eq!(
+        store.list_jobs(&JobFilter::newest(10)).await.unwrap().len(),
+        1
+    );
     assert_eq!(store.shards(job.id).await.unwrap().len(), 2);
     // Jobs without a key never collide.
     create(&store, "nightly", "", 1).await;
     create(&store, "nightly", "", 1).await;
-    assert_eq!(store.list_jobs(10).await.unwrap().len(), 3);
+    assert_eq!(
+        store.list_jobs(&JobFilter::newest(10)).await.unwrap().len(),
+        3
+    );
 }
 
 pub async fn racing_idempotent_creates_make_one_job(store: DynMetastore) {
@@ -135,7 +144,10 @@ pub async fn racing_idempotent_creates_make_one_job(store: DynMetastore) {
     }
     assert_eq!(created, 1, "exactly one submission creates the job");
     assert!(ids.iter().all(|id| *id == ids[0]));
-    assert_eq!(store.list_jobs(10).await.unwrap().len(), 1);
+    assert_eq!(
+        store.list_jobs(&JobFilter::newest(10)).await.unwrap().len(),
+        1
+    );
     assert_eq!(store.shards(ids[0]).await.unwrap().len(), 50);
 }
 
@@ -339,4 +351,74 @@ pub async fn retry_drops_a_stale_finalizer_claim(store: DynMetastore) {
     store.settle_jobs().await.unwrap();
     let taken = store.claim_finalize("next", 60_000).await.unwrap();
     assert_eq!(taken.map(|j| j.id), Some(id));
+}
+
+pub async fn jobs_are_listed_a_page_at_a_time_and_filtered(store: DynMetastore) {
+    let key = |name: &str, fire: i64| Some(nightshift_metastore::schedule_key(name, fire));
+    let mut ids = Vec::new();
+    for (name, k) in [
+        ("nightly", key("nightly", 1_000)),
+        ("nightly", key("nightly", 2_000)),
+        ("nightly-big", key("nightly-big", 1_000)),
+        ("adhoc", None),
+        ("nightly", None),
+    ] {
+        let job = store
+            .create_job(new_job(
+                spec(&format!("{name}{}", ids.len()), ""),
+                1,
+                k.as_deref(),
+            ))
+            .await
+            .unwrap();
+        ids.push(job.job().id);
+    }
+    store.cancel_job(ids[3]).await.unwrap();
+    let list = |f: JobFilter| {
+        let store = store.clone();
+        async move {
+            let jobs = store.list_jobs(&f).await.unwrap();
+            jobs.iter().map(|j| j.id).collect::<Vec<i64>>()
+        }
+    };
+    let all = list(JobFilter::newest(10)).await;
+    assert_eq!(all, ids.iter().rev().copied().collect::<Vec<_>>());
+    // Pages: newest first, each from where the last ended.
+    let first = list(JobFilter::newest(2)).await;
+    let next = list(JobFilter {
+        before_id: first.last().copied(),
+        ..JobFilter::newest(2)
+    })
+    .await;
+    assert_eq!([first, next].concat(), all[..4]);
+    let by = |f: JobFilter| list(JobFilter { limit: 10, ..f });
+    let schedule = by(JobFilter {
+        schedule: Some("nightly".into()),
+        ..JobFilter::default()
+    })
+    .await;
+    assert_eq!(
+        schedule,
+        [ids[1], ids[0]],
+        "not nightly-big's, not unkeyed ones"
+    );
+    let prefix = by(JobFilter {
+        name_prefix: Some("nightly-".into()),
+        ..JobFilter::default()
+    })
+    .await;
+    assert_eq!(prefix, [ids[2]]);
+    // A prefix is text: `_` and `%` match only themselves.
+    let pattern = by(JobFilter {
+        name_prefix: Some("nightl_".into()),
+        ..JobFilter::default()
+    })
+    .await;
+    assert!(pattern.is_empty());
+    let cancelled = by(JobFilter {
+        state: Some(JobState::Cancelled),
+        ..JobFilter::default()
+    })
+    .await;
+    assert_eq!(cancelled, [ids[3]]);
 }
