@@ -358,6 +358,7 @@ async fn measure(
             spec: spec(&out.path().display().to_string())?,
             idempotency_key: None,
             plan: plan(a.shards, rows),
+            queued: false,
         })
         .await?
         .job()

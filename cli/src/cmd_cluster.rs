@@ -59,6 +59,10 @@ pub struct CoordinatorArgs {
     /// The longest retry delay.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub retry_backoff_max: Duration,
+    /// Jobs that may run at once; more wait as `queued` and start in priority, then
+    /// submission order.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_running_jobs: Option<u32>,
     /// Where a job's final status is POSTed when the job names no `[notify] url`.
     #[arg(long, env = "NIGHTSHIFT_NOTIFY_URL")]
     pub notify_url: Option<String>,
@@ -157,6 +161,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<ExitCode> {
     config.worker_tokens = worker;
     config.allow = AllowList::new(args.allow_uri);
     config.callbacks = callbacks;
+    config.max_running_jobs = args.max_running_jobs;
     config.timing = LeaseTiming {
         ttl_ms: args.lease_ttl.as_millis() as i64,
         backoff_base_ms: args.retry_backoff.as_millis() as i64,

@@ -51,6 +51,7 @@ pub async fn finalizer(
         if let Err(e) = service.store.settle_jobs().await {
             tracing::warn!(error = %e, "settling jobs failed");
         }
+        start_queued(&service).await;
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -213,4 +214,16 @@ async fn commit(
         }
     }
     true
+}
+
+/// With `--max-running-jobs`, queued jobs start as running ones end (or are cancelled).
+async fn start_queued(service: &Service) {
+    let Some(max) = service.max_running_jobs else {
+        return;
+    };
+    match service.store.start_queued(max).await {
+        Ok(started) if started.is_empty() => {}
+        Ok(started) => tracing::info!(jobs = ?started, "queued jobs started"),
+        Err(e) => tracing::warn!(error = %e, "starting queued jobs failed"),
+    }
 }

@@ -32,6 +32,9 @@ pub struct CoordinatorConfig {
     pub replica_id: String,
     /// Completion callbacks: the default URL, the signing secret, backoff and deadline.
     pub callbacks: CallbackConfig,
+    /// Jobs that may run at once; more wait as `queued` and start in priority, then
+    /// submission order. `None`: no limit.
+    pub max_running_jobs: Option<u32>,
 }
 
 impl CoordinatorConfig {
@@ -53,6 +56,7 @@ impl CoordinatorConfig {
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ),
             callbacks: CallbackConfig::default(),
+            max_running_jobs: None,
         }
     }
 }
@@ -71,7 +75,7 @@ const STOP_DEADLINE: Duration = Duration::from_secs(10);
 
 impl Coordinator {
     pub fn new(config: CoordinatorConfig, store: DynMetastore, stores: Arc<Stores>) -> Self {
-        let service = Service::new(
+        let mut service = Service::new(
             store,
             stores,
             config.allow.clone(),
@@ -79,6 +83,7 @@ impl Coordinator {
             Arc::new(Metrics::default()),
         )
         .with_callbacks(&config.callbacks);
+        service.max_running_jobs = config.max_running_jobs;
         Self { config, service }
     }
 

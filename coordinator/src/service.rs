@@ -75,6 +75,8 @@ pub struct Service {
     default_callback: Option<String>,
     /// Whether this coordinator can sign callbacks (it has a secret).
     signs_callbacks: bool,
+    /// Jobs that may run at once; more wait as `queued` (`None`: no limit).
+    pub max_running_jobs: Option<u32>,
 }
 
 #[derive(Clone)]
@@ -102,6 +104,7 @@ impl Service {
             shard_done: Arc::new(tokio::sync::Notify::new()),
             default_callback: None,
             signs_callbacks: false,
+            max_running_jobs: None,
         }
     }
 
@@ -227,9 +230,14 @@ impl Service {
                 spec,
                 idempotency_key: key,
                 plan: checked.plan,
+                queued: self.max_running_jobs.is_some(),
             })
             .await?;
         let created = matches!(submitted, Submitted::Created(_));
+        if created && self.max_running_jobs.is_some() {
+            // The finalizer loop starts queued jobs: now, not at its next tick.
+            self.shard_done.notify_one();
+        }
         let job = self.view(submitted.job()).await?;
         if created {
             tracing::info!(job = job.id, name = %job.name, rows = job.rows_total, shards = job.shards.total(), "job submitted");

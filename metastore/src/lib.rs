@@ -126,6 +126,8 @@ pub struct NewJob {
     pub spec: JobSpec,
     pub idempotency_key: Option<String>,
     pub plan: JobPlan,
+    /// Enters as `queued` (started later by `start_queued`) rather than `running`.
+    pub queued: bool,
 }
 
 /// What `create_job` did.
@@ -274,6 +276,9 @@ pub trait Metastore: Send + Sync + 'static {
     /// again when it ends again. A cancelled job
     /// whose output another job has taken meanwhile is refused (`OutputTaken`).
     async fn retry_job(&self, id: i64) -> Result<JobRecord>;
+    /// Starts queued jobs, by priority then submission order, until `max_running` jobs run;
+    /// answers the ids started. Replicas doing it at once never pass the limit.
+    async fn start_queued(&self, max_running: u32) -> Result<Vec<i64>>;
     /// Removes a job and everything it owns.
     async fn delete_job(&self, id: i64) -> Result<()>;
 

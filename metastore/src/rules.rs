@@ -25,9 +25,10 @@ impl ShardKind {
 }
 
 /// Jobs in these states may be cancelled (a cancelled one answers as it is).
-pub(crate) const CANCELLABLE: [JobState; 4] = [
+pub(crate) const CANCELLABLE: [JobState; 5] = [
     JobState::Pending,
     JobState::Planning,
+    JobState::Queued,
     JobState::Running,
     JobState::Finalizing,
 ];

@@ -104,6 +104,7 @@ contract!(
     jobs::outputs_are_owned,
     jobs::retry_drops_a_stale_finalizer_claim,
     jobs::jobs_are_listed_a_page_at_a_time_and_filtered,
+    jobs::queued_jobs_start_by_priority_then_submission_up_to_the_limit,
     lease::claim_grants_each_shard_once,
     lease::claim_follows_priority_and_skips_stopped_jobs,
     lease::concurrent_claimers_never_share_a_shard,
@@ -227,6 +228,7 @@ pub fn new_job(spec: JobSpec, shards: usize, key: Option<&str>) -> NewJob {
         spec,
         idempotency_key: key.map(str::to_owned),
         plan: plan(shards),
+        queued: false,
     }
 }
 

@@ -31,10 +31,12 @@ macro_rules! state_enum {
 }
 
 state_enum!(
-    /// pending -> planning -> running -> finalizing -> succeeded | failed | cancelled
+    /// pending -> planning -> [queued ->] running -> finalizing -> succeeded | failed |
+    /// cancelled. A job is queued while the coordinator runs its `--max-running-jobs`.
     JobState {
         Pending,
         Planning,
+        Queued,
         Running,
         Finalizing,
         Succeeded,

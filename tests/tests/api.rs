@@ -408,3 +408,67 @@ async fn jobs_are_listed_by_page_and_filter_and_bad_filters_are_refused() {
         assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_max_running_jobs_a_job_waits_queued_and_starts_when_one_ends() {
+    let f = Fixture::new();
+    let sqlite = nightshift_metastore::sqlite::SqliteStore::open(&f.path("state/db.sqlite"))
+        .await
+        .unwrap();
+    nightshift_metastore::Metastore::migrate(&sqlite)
+        .await
+        .unwrap();
+    let mut config = nightshift_tests::api_server::config(AllowList::everything(), 30_000);
+    config.max_running_jobs = Some(1);
+    let api = nightshift_tests::api_server::serve(
+        config,
+        std::sync::Arc::new(sqlite),
+        std::sync::Arc::new(nightshift_storage::Stores::default()),
+    )
+    .await;
+    let spec = job(&f);
+    for (i, name) in ["first", "second"].iter().enumerate() {
+        let toml = spec
+            .replace("api-job", name)
+            .replace("/out\"", &format!("/out{i}\""));
+        let (s, body) = api.submit(Some("S"), None, &toml).await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+    }
+    let state = |name: &'static str| {
+        let api = &api;
+        async move {
+            let (_, text) = api.get(Some("S"), &format!("/v1/jobs/{name}")).await;
+            let view: serde_json::Value = serde_json::from_str(&text).unwrap();
+            view["state"].as_str().unwrap().to_string()
+        }
+    };
+    let wait_for = |name: &'static str, want: &'static str| {
+        let state = &state;
+        async move {
+            for _ in 0..100 {
+                if state(name).await == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("{name} never became {want}: {}", state(name).await);
+        }
+    };
+    wait_for("first", "running").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(state("second").await, "queued", "one job runs at a time");
+    let (_, text) = api.get(Some("S"), "/v1/jobs?state=queued").await;
+    assert!(
+        text.contains("\"second\"") && !text.contains("\"first\""),
+        "{text}"
+    );
+    let cancel = api
+        .http
+        .post(format!("{}/v1/jobs/first/cancel", api.url))
+        .bearer_auth("S")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), StatusCode::OK);
+    wait_for("second", "running").await;
+}

@@ -90,7 +90,8 @@ where
             "INSERT INTO jobs (uid, name, idempotency_key, spec_json, spec_hash, state, \
              priority, max_attempts, rows_total, output_uri, output_key, created_at_ms, \
              started_at_ms) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, t.now, t.now \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, t.now, \
+               CASE WHEN $12 THEN NULL ELSE t.now END \
              FROM (SELECT {now} AS now) t WHERE true \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
         );
@@ -100,12 +101,20 @@ where
             .bind(job.idempotency_key.as_deref())
             .bind(spec_json)
             .bind(hash)
-            .bind(JobState::Running.as_str())
+            .bind(
+                if job.queued {
+                    JobState::Queued
+                } else {
+                    JobState::Running
+                }
+                .as_str(),
+            )
             .bind(i64::from(job.spec.priority))
             .bind(i64::from(job.spec.retry.max_attempts))
             .bind(count(job.plan.rows_total))
             .bind(job.spec.output.uri.as_str())
             .bind(output_key(&job.spec.output.uri))
+            .bind(job.queued)
             .fetch_optional(D::ex(conn))
             .await?)
     }
@@ -274,7 +283,7 @@ where
         let sql = D::sql(
             "UPDATE jobs SET state = $2, finished_at_ms = {now}, finalizer_owner = NULL, \
              finalizer_expires_at_ms = NULL \
-             WHERE id = $1 AND state IN ($3, $4, $5, $6) RETURNING {job}",
+             WHERE id = $1 AND state IN ($3, $4, $5, $6, $7) RETURNING {job}",
         );
         let mut query = sqlx::query_as(sql)
             .bind(id)
@@ -296,6 +305,28 @@ where
                 action: "cancel",
             }),
         }
+    }
+
+    /// Starts queued jobs, by priority then submission, until `max_running` run; answers
+    /// their ids in id order. Under the output lock, so replicas doing it at once cannot pass the limit.
+    pub(super) async fn start_queued(&self, max_running: u32) -> Result<Vec<i64>> {
+        let mut tx = self.pool.begin().await?;
+        D::lock_outputs(&mut tx).await?;
+        let mut started: Vec<i64> = sqlx::query_scalar(D::sql(
+            "UPDATE jobs SET state = $2, started_at_ms = {now} \
+             WHERE id IN (SELECT id FROM jobs WHERE state = $3 ORDER BY priority DESC, id \
+               LIMIT (SELECT CASE WHEN COUNT(*) < $1 THEN $1 - COUNT(*) ELSE 0 END \
+                      FROM jobs WHERE state = $2)) \
+             RETURNING id",
+        ))
+        .bind(i64::from(max_running))
+        .bind(JobState::Running.as_str())
+        .bind(JobState::Queued.as_str())
+        .fetch_all(D::ex(&mut tx))
+        .await?;
+        tx.commit().await?;
+        started.sort_unstable();
+        Ok(started)
     }
 
     /// Dead shards go back to pending with fresh attempts; checkpoints stay; a finalizer's

@@ -191,6 +191,10 @@ where
         self.retry_job(id).await
     }
 
+    async fn start_queued(&self, max_running: u32) -> Result<Vec<i64>> {
+        self.start_queued(max_running).await
+    }
+
     async fn delete_job(&self, id: i64) -> Result<()> {
         self.delete_job(id).await
     }

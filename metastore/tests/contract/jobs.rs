@@ -422,3 +422,32 @@ pub async fn jobs_are_listed_a_page_at_a_time_and_filtered(store: DynMetastore) 
     .await;
     assert_eq!(cancelled, [ids[3]]);
 }
+
+pub async fn queued_jobs_start_by_priority_then_submission_up_to_the_limit(store: DynMetastore) {
+    let queued = |name: &str, priority: i32| {
+        let mut job = new_job(spec(name, &format!("priority = {priority}")), 1, None);
+        job.queued = true;
+        job
+    };
+    let mut ids = Vec::new();
+    for (name, priority) in [("low", 0), ("high", 5), ("low-later", 0), ("high-later", 5)] {
+        let job = store.create_job(queued(name, priority)).await.unwrap();
+        let job = job.job();
+        assert_eq!((job.state, job.started_at_ms), (JobState::Queued, None));
+        ids.push(job.id);
+    }
+    assert!(
+        store.claim("w", 10, long()).await.unwrap().is_empty(),
+        "a queued job grants nothing"
+    );
+    assert_eq!(store.start_queued(2).await.unwrap(), [ids[1], ids[3]]);
+    assert!(store.start_queued(2).await.unwrap().is_empty(), "two run");
+    let started = store.job(ids[1]).await.unwrap().unwrap();
+    assert_eq!(started.state, JobState::Running);
+    assert!(started.started_at_ms.is_some());
+    // One ends: the oldest of the next priority starts; a queued job may be cancelled.
+    store.cancel_job(ids[1]).await.unwrap();
+    store.cancel_job(ids[2]).await.unwrap();
+    assert_eq!(store.start_queued(2).await.unwrap(), [ids[0]]);
+    assert_eq!(store.claim("w", 10, long()).await.unwrap().len(), 2);
+}
