@@ -208,7 +208,8 @@ async fn refresh_statistics(store: &PgStore, new_shards: usize) {
 ///
 /// `slot` numbers the shards wanted, request by request (`$1` the worker and `$2` the request
 /// of each); `picked` numbers the pending shards taken, in claim order; each slot gets the
-/// shard of its number. The claim visits the running jobs (few) by priority, and takes each
+/// shard of its number. The claim visits the running jobs (few) in the order claims serve them
+/// (`rules::serve_order`: priority, then the fewest leased shards), and takes each
 /// one's pending shards in id order from `shards_job (job_id, state, id)` until it has enough,
 /// so it reads about the shards it takes however many are pending. The job list stays a sorted
 /// subquery (PostgreSQL does not flatten one with ORDER BY), so the nested loop visits jobs in
@@ -235,6 +236,7 @@ async fn claim_many(
         return Ok(answers);
     }
     let limit = slots.next_power_of_two();
+    let order = rules::serve_order("$8");
     let sql = format!(
         "WITH slot AS ( \
            SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $5::TEXT[]) WITH ORDINALITY \
@@ -246,7 +248,7 @@ async fn claim_many(
          ), picked AS ( \
            SELECT q.id, row_number() OVER () AS n FROM ( \
              SELECT p.id FROM ( \
-               SELECT id FROM jobs WHERE state = $7 ORDER BY priority DESC, id \
+               SELECT id FROM jobs WHERE state = $7 ORDER BY {order} \
              ) j CROSS JOIN LATERAL ( \
                SELECT s.id FROM shards s \
                WHERE s.job_id = j.id AND s.state >= $6 AND s.state <= $6 \

@@ -96,6 +96,16 @@ pub(crate) fn checkpoint_refused(
     })
 }
 
+/// The order claims serve running jobs in, over `jobs` rows: higher priority first; among
+/// equal priority, the job holding the fewest leased shards (`leased` binds that state), so a
+/// job submitted behind a large one is served at the next claim; then the oldest.
+pub(crate) fn serve_order(leased: &str) -> String {
+    format!(
+        "priority DESC, \
+         (SELECT COUNT(*) FROM shards l WHERE l.job_id = jobs.id AND l.state = {leased}), id"
+    )
+}
+
 /// `LeaseTiming::backoff_ms` of the shard `s` as SQL: the delay for each attempt count (it is
 /// flat past 20), so that the formula stays in `LeaseTiming`.
 pub(crate) fn backoff_sql(timing: LeaseTiming) -> String {

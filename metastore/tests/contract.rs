@@ -118,6 +118,7 @@ contract!(
     lease::permanent_failure_is_dead_at_once,
     lease::release_keeps_progress_and_attempts,
     lease::lease_holders_name_the_grant,
+    lease::a_job_behind_a_large_one_of_equal_priority_is_served_at_the_next_claim,
     loops::expired_lease_is_reaped_and_fenced,
     loops::expiry_past_max_attempts_is_dead,
     loops::reaper_takes_every_expired_lease,

@@ -99,8 +99,8 @@ where
         Ok(parts.iter().map(PartRow::record).collect())
     }
 
-    /// Claims for each request in turn, in one transaction: running jobs by priority, each
-    /// one's pending shards in id order.
+    /// Claims for each request in turn, in one transaction: running jobs in the order claims
+    /// serve them (`rules::serve_order`), each one's pending shards in id order.
     pub(crate) async fn claim_each(
         &self,
         requests: &[ClaimRequest],
@@ -110,23 +110,39 @@ where
         let mut answers = Vec::with_capacity(requests.len());
         for r in requests {
             Self::note_worker(&mut tx, &r.worker).await?;
-            let ids: Vec<i64> = sqlx::query_scalar(D::sql(
-                "UPDATE shards SET state = $1, token = token + 1, attempts = attempts + 1, \
-                 worker_id = $2, lease_secret = $3, lease_expires_at_ms = {now} + $4 \
-                 WHERE id IN (SELECT s.id FROM jobs j JOIN shards s ON s.job_id = j.id \
-                   WHERE s.state = $5 AND j.state = $6 AND s.not_before_ms <= {now} \
-                   ORDER BY j.priority DESC, j.id, s.id LIMIT $7) \
-                 RETURNING id",
-            ))
-            .bind(ShardState::Leased.as_str())
-            .bind(r.worker.as_str())
-            .bind(new_lease_secret().to_hex())
-            .bind(timing.ttl_ms)
-            .bind(ShardState::Pending.as_str())
+            let jobs: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT id FROM jobs WHERE state = $1 ORDER BY {}",
+                rules::serve_order("$2")
+            )))
             .bind(JobState::Running.as_str())
-            .bind(i64::from(r.max))
+            .bind(ShardState::Leased.as_str())
             .fetch_all(D::ex(&mut tx))
             .await?;
+            let secret = new_lease_secret().to_hex();
+            let mut ids: Vec<i64> = Vec::with_capacity(r.max as usize);
+            for job in jobs {
+                let left = i64::from(r.max) - ids.len() as i64;
+                if left <= 0 {
+                    break;
+                }
+                let got: Vec<i64> = sqlx::query_scalar(D::sql(
+                    "UPDATE shards SET state = $1, token = token + 1, attempts = attempts + 1, \
+                     worker_id = $2, lease_secret = $3, lease_expires_at_ms = {now} + $4 \
+                     WHERE id IN (SELECT id FROM shards WHERE job_id = $5 AND state = $6 \
+                       AND not_before_ms <= {now} ORDER BY id LIMIT $7) \
+                     RETURNING id",
+                ))
+                .bind(ShardState::Leased.as_str())
+                .bind(r.worker.as_str())
+                .bind(secret.as_str())
+                .bind(timing.ttl_ms)
+                .bind(job)
+                .bind(ShardState::Pending.as_str())
+                .bind(left)
+                .fetch_all(D::ex(&mut tx))
+                .await?;
+                ids.extend(got);
+            }
             let mut granted = Vec::with_capacity(ids.len());
             for id in ids {
                 granted.push(

@@ -532,3 +532,22 @@ pub async fn lease_holders_name_the_grant(store: DynMetastore) {
     assert_eq!((h.worker.as_str(), h.secret), ("w2", Some(again.secret)));
     assert_eq!(again.job_id, id);
 }
+
+pub async fn a_job_behind_a_large_one_of_equal_priority_is_served_at_the_next_claim(
+    store: DynMetastore,
+) {
+    let large = create(&store, "large", "", 40).await;
+    let first = store.claim("w1", 4, long()).await.unwrap();
+    assert!(first.iter().all(|l| l.job_id == large));
+    let small = create(&store, "small", "", 3).await;
+    // The small job holds no lease, the large one four: the small one goes first.
+    let next = store.claim("w2", 4, long()).await.unwrap();
+    let jobs: Vec<i64> = next.iter().map(|l| l.job_id).collect();
+    assert_eq!(jobs.iter().filter(|&&j| j == small).count(), 3, "{jobs:?}");
+    assert_eq!(jobs.len(), 4, "the rest from the large job: {jobs:?}");
+    // A higher priority still comes first, however many leases it holds.
+    let urgent = create(&store, "urgent", "priority = 9", 2).await;
+    store.claim("w3", 1, long()).await.unwrap();
+    let after = store.claim("w4", 1, long()).await.unwrap();
+    assert_eq!(after[0].job_id, urgent);
+}
