@@ -278,7 +278,14 @@ async fn fire_due(service: &Service) -> Result<(), ApiError> {
         let Some(next) = s.next_fire_at_ms else {
             continue;
         };
-        let table = Timetable::parse(&s.cron, &s.timezone)?;
+        // Checked at create; should one no longer parse, it is left for the others' sake.
+        let table = match Timetable::parse(&s.cron, &s.timezone) {
+            Ok(table) => table,
+            Err(e) => {
+                tracing::error!(schedule = %s.name, error = %e, "schedule cannot fire");
+                continue;
+            }
+        };
         let due = table.between(next, now, MAX_FIRES_PER_PASS);
         for fire in to_run(s.catch_up, due, now) {
             fire_once(service, &s, &table, fire).await?;

@@ -68,8 +68,8 @@ pub struct Service {
     pub metrics: Arc<Metrics>,
     /// Set by `coalescing`: concurrent claims and completions share store calls.
     coalesced: Option<Coalesced>,
-    /// Woken when a shard completes, so the finalizer loop queues merge work and settles
-    /// jobs at once rather than at its next tick.
+    /// Woken when a shard completes or a job is queued, so the finalizer loop queues merge
+    /// work, settles jobs and starts queued ones at once rather than at its next tick.
     pub shard_done: Arc<tokio::sync::Notify>,
     /// The callback URL of jobs that name none.
     default_callback: Option<String>,

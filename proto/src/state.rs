@@ -141,7 +141,11 @@ mod tests {
         round_trips(ShardState::ALL, ShardState::as_str);
         round_trips(LeaseState::ALL, LeaseState::as_str);
         round_trips(FailureClass::ALL, FailureClass::as_str);
-        assert_eq!(JobState::ALL.len(), 7);
+        round_trips(NotifyState::ALL, NotifyState::as_str);
+        round_trips(CatchUp::ALL, CatchUp::as_str);
+        assert_eq!(JobState::ALL.len(), 8);
+        assert_eq!(JobState::Queued.as_str(), "queued");
+        assert_eq!(CatchUp::default(), CatchUp::Latest);
         assert_eq!(JobState::Finalizing.as_str(), "finalizing");
         assert_eq!(FailureClass::Retryable.as_str(), "retryable");
     }
