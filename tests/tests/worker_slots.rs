@@ -16,8 +16,14 @@ use nightshift_worker::context::WorkerReport;
 use nightshift_worker::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
-/// Jobs in submission order, as (name, model file): two models, the first one back last.
-const JOBS: [(&str, &str); 3] = [("a", "m1.onnx"), ("b", "m2.onnx"), ("c", "m1.onnx")];
+/// Jobs in submission order, as (name, model file, priority): two models, the first one back
+/// last. Priorities fall in that order, so the slot runs the jobs one after another (among
+/// equal priorities, claims would interleave them).
+const JOBS: [(&str, &str, i32); 3] = [
+    ("a", "m1.onnx", 3),
+    ("b", "m2.onnx", 2),
+    ("c", "m1.onnx", 1),
+];
 
 /// Submits the three jobs over the same input, runs them to the end with one in-process
 /// worker of one slot keeping `model_cache` sessions, and checks every output.
@@ -31,14 +37,15 @@ async fn run_jobs(model_cache: usize) -> WorkerReport {
     f.model("m2.onnx", &["--hidden", "8"]);
     let input = format!("{}/*.parquet", data.display());
     let api = start(&f, AllowList::everything(), 1_500).await;
-    for (name, model) in JOBS {
+    for (name, model, priority) in JOBS {
         let toml = spec_toml(
             name,
             &input,
             &f.path(model),
             &f.path(&format!("out-{name}")),
             "[shards]\nrows = 500\n[batch]\nsize = 100\n",
-        );
+        )
+        .replacen('\n', &format!("\npriority = {priority}\n"), 1);
         let (s, body) = api.submit(Some("S"), None, &toml).await;
         assert_eq!(s, reqwest::StatusCode::CREATED, "{body}");
     }
@@ -50,12 +57,12 @@ async fn run_jobs(model_cache: usize) -> WorkerReport {
     let worker = Worker::build(config, Arc::new(Stores::default())).expect("worker");
     let stop = CancellationToken::new();
     let running = tokio::spawn(worker.run(stop.clone()));
-    for (name, _) in JOBS {
+    for (name, _, _) in JOBS {
         api.wait_succeeded(name, Duration::from_secs(120)).await;
     }
     stop.cancel();
     let report = running.await.expect("worker");
-    for (name, model) in JOBS {
+    for (name, model, _) in JOBS {
         let out = f.path(&format!("out-{name}"));
         verify_output(out.to_str().unwrap(), &input, &f.path(model), 0, &[]).assert_exact(&[]);
     }
