@@ -12,15 +12,14 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use nightshift_proto::wire::{
-    Ack, CheckpointRequest, CompleteManyRequest, CompleteManyResponse, CompleteRequest,
-    FailRequest, HeartbeatRequest, JobList, JobQuery, LeaseRequest, ReleaseRequest,
-};
+use nightshift_proto::wire::{JobList, JobQuery, JobView, SubmitResponse};
 use nightshift_proto::{ErrorBody, ErrorCode, JobSpec};
 
 use subtle::ConstantTimeEq;
 
 use crate::api_error::ApiError;
+use crate::dashboard::authorize_read;
+use crate::openapi::{JobPath, SubmitErrors};
 use crate::service::Service;
 
 /// How long `/readyz` waits for the database before it answers 503.
@@ -54,13 +53,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs/{job}", get(job))
         .route("/v1/jobs/{job}/cancel", post(cancel))
         .route("/v1/jobs/{job}/retry", post(retry))
-        .route("/v1/worker/lease", post(lease))
-        .route("/v1/worker/heartbeat", post(heartbeat))
-        .route("/v1/worker/checkpoint", post(checkpoint))
-        .route("/v1/worker/complete", post(complete))
-        .route("/v1/worker/complete-many", post(complete_many))
-        .route("/v1/worker/fail", post(fail))
-        .route("/v1/worker/release", post(release))
+        .route("/v1/openapi.json", get(crate::openapi::document))
+        .merge(crate::worker_api::routes())
+        .merge(crate::dashboard::routes())
         .merge(crate::schedule_api::routes())
         .fallback(not_found)
         .layer(middleware::from_fn(json_errors))
@@ -146,6 +141,11 @@ pub(crate) fn authorize(state: &ApiState, headers: &HeaderMap, need: Role) -> Re
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token)
         .ok_or(ApiError::Unauthorized)?;
+    authorize_token(state, token, need)
+}
+
+/// Whether `token` has the role `need`.
+pub(crate) fn authorize_token(state: &ApiState, token: &str, need: Role) -> Result<(), ApiError> {
     let has = |list: &[String]| {
         list.iter()
             .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
@@ -177,11 +177,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.ct_eq(b).into()
 }
 
-async fn healthz() -> &'static str {
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, body = String, content_type = "text/plain")))]
+pub(crate) async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn readyz(State(state): State<ApiState>) -> Response {
+/// Readiness: the metastore answers and its migrations are applied.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, body = String, content_type = "text/plain"),
+    (status = 503, body = ErrorBody, description = "The database is unreachable or not migrated")))]
+pub(crate) async fn readyz(State(state): State<ApiState>) -> Response {
     let unavailable =
         |why: &str| (StatusCode::SERVICE_UNAVAILABLE, why.to_string()).into_response();
     match tokio::time::timeout(READY_TIMEOUT, state.service.store.ready()).await {
@@ -195,7 +202,14 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
+/// Prometheus metrics (either token).
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, body = String, content_type = "text/plain; version=0.0.4"), SubmitErrors),
+    security(("submit_token" = []), ("worker_token" = [])))]
+pub(crate) async fn metrics(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     authorize(&state, &headers, Role::Submit)
         .or_else(|_| authorize(&state, &headers, Role::Worker))?;
     let store = state.service.store.metrics(60_000).await?;
@@ -203,7 +217,16 @@ async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Result<Re
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
-async fn submit(
+/// Submits a job: a spec as JSON, or as TOML (`Content-Type: application/toml`). With an
+/// `Idempotency-Key`, the same key and spec answer the job it made (200), another spec 409.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
+    request_body(content((JobSpec = "application/json"), (String = "application/toml"))),
+    params(("idempotency-key" = Option<String>, Header, description = "Makes a retried submit safe")),
+    responses((status = 201, body = SubmitResponse, description = "Created"),
+        (status = 200, body = SubmitResponse, description = "The job this key already made"),
+        SubmitErrors),
+    security(("submit_token" = [])))]
+pub(crate) async fn submit(
     State(state): State<ApiState>,
     headers: HeaderMap,
     body: Bytes,
@@ -238,25 +261,36 @@ async fn submit(
     Ok((status, Json(resp)).into_response())
 }
 
-async fn list(
+/// Jobs, newest first, a page at a time, filtered.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(JobQuery),
+    responses((status = 200, body = JobList), SubmitErrors),
+    security(("submit_token" = []), ("dashboard_cookie" = [])))]
+pub(crate) async fn list(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Query(q): Query<JobQuery>,
 ) -> Result<Json<JobList>, ApiError> {
-    authorize(&state, &headers, Role::Submit)?;
+    authorize_read(&state, &headers)?;
     Ok(Json(state.service.list(q).await?))
 }
 
-async fn job(
+/// One job by id or name.
+#[utoipa::path(get, path = "/v1/jobs/{job}", tag = "jobs", params(JobPath),
+    responses((status = 200, body = JobView), SubmitErrors),
+    security(("submit_token" = []), ("dashboard_cookie" = [])))]
+pub(crate) async fn job(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(job): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers, Role::Submit)?;
+    authorize_read(&state, &headers)?;
     Ok(Json(state.service.get(&job).await?).into_response())
 }
 
-async fn cancel(
+/// Cancels a job; its leases learn it at their next heartbeat.
+#[utoipa::path(post, path = "/v1/jobs/{job}/cancel", tag = "jobs", params(JobPath),
+    responses((status = 200, body = JobView), SubmitErrors), security(("submit_token" = [])))]
+pub(crate) async fn cancel(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(job): Path<String>,
@@ -265,109 +299,14 @@ async fn cancel(
     Ok(Json(state.service.cancel(&job).await?).into_response())
 }
 
-async fn retry(
+/// Runs a failed or cancelled job's dead and unfinished shards again.
+#[utoipa::path(post, path = "/v1/jobs/{job}/retry", tag = "jobs", params(JobPath),
+    responses((status = 200, body = JobView), SubmitErrors), security(("submit_token" = [])))]
+pub(crate) async fn retry(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(job): Path<String>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers, Role::Submit)?;
     Ok(Json(state.service.retry(&job).await?).into_response())
-}
-
-/// Parses a worker request body, answering 400 (not 422) to anything malformed.
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("bad request body: {e}")))
-}
-
-async fn lease(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    authorize(&state, &headers, Role::Worker)?;
-    let req: LeaseRequest = parse(&body)?;
-    Ok(Json(state.service.lease(&req.worker_id, req.max).await?).into_response())
-}
-
-async fn heartbeat(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    authorize(&state, &headers, Role::Worker)?;
-    let req: HeartbeatRequest = parse(&body)?;
-    let answer = state
-        .service
-        .heartbeat(&req.worker_id, &req.leases, &req.gpus, &req.models)
-        .await?;
-    Ok(Json(answer).into_response())
-}
-
-async fn checkpoint(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Ack>, ApiError> {
-    authorize(&state, &headers, Role::Worker)?;
-    let req: CheckpointRequest = parse(&body)?;
-    state
-        .service
-        .checkpoint(&req.worker_id, req.lease, &req.part, req.batch_rows)
-        .await?;
-    Ok(Json(Ack { ok: true }))
-}
-
-async fn complete(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Ack>, ApiError> {
-    authorize(&state, &headers, Role::Worker)?;
-    let req: CompleteRequest = parse(&body)?;
-    state.service.complete(&req.worker_id, req.lease).await?;
-    Ok(Json(Ack { ok: true }))
-}
-
-async fn complete_many(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<CompleteManyResponse>, ApiError> {
-    authorize(&state, &headers, Role::Worker)?;
-    let req: CompleteManyRequest = parse(&body)?;
-    let answers = state
-        .service
-        .complete_many(&req.worker_id, &req.leases)
-        .await?;
-    Ok(Json(CompleteManyResponse {
-        results: answers
-            .into_iter()
-            .map(|answer| answer.err().map(|e| e.body()))
-            .collect(),
-    }))
-}
-
-async fn fail(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Ack>, ApiError> {
-    authorize(&state, &headers, Role::Worker)?;
-    let req: FailRequest = parse(&body)?;
-    state
-        .service
-        .fail(&req.worker_id, req.lease, req.class, &req.message)
-        .await?;
-    Ok(Json(Ack { ok: true }))
-}
-
-async fn release(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Ack>, ApiError> {
-    authorize(&state, &headers, Role::Worker)?;
-    let req: ReleaseRequest = parse(&body)?;
-    state.service.release(&req.worker_id, req.lease).await?;
-    Ok(Json(Ack { ok: true }))
 }

@@ -6,12 +6,15 @@ mod allow_list;
 mod api;
 mod api_error;
 mod coalescer;
+mod dashboard;
 pub mod finalizer;
+mod insight;
 mod job_check;
 mod lease_check;
 mod loops;
 mod metrics;
 mod notifier;
+mod openapi;
 mod ownership;
 mod part_check;
 mod planner;
@@ -19,9 +22,11 @@ mod schedule;
 mod schedule_api;
 mod server;
 pub mod service;
+mod worker_api;
 
 pub use allow_list::AllowList;
 pub use notifier::{CallbackConfig, JOB_HEADER, SIGNATURE_HEADER, signature};
+pub use openapi::spec as openapi_spec;
 pub use server::{Coordinator, CoordinatorConfig};
 pub use service::Service;
 

@@ -28,11 +28,20 @@ pub const MODEL_LOADED: &str = "nightshift_worker_model_loaded";
 /// What a worker reported last is forgotten after this: the worker went quiet.
 const WORKER_REPORT_MAX_AGE: Duration = Duration::from_secs(60);
 
-/// What a worker reported with its last heartbeat: its GPUs and the models it holds loaded.
+/// What a worker reported with its last heartbeat: its GPUs, the models it holds loaded and
+/// its slots.
 #[derive(Debug, Default)]
 struct WorkerState {
     gpus: Vec<GpuSample>,
     models: Vec<LoadedModel>,
+    slots: Option<u32>,
+}
+
+/// What the dashboard shows of a worker's last report.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerReport {
+    pub gpus: Vec<GpuSample>,
+    pub slots: Option<u32>,
 }
 
 const BUCKETS: [f64; 14] = [
@@ -131,13 +140,34 @@ impl Metrics {
 
     /// A worker's latest GPU samples and loaded models (kept until it sends others or goes
     /// quiet).
-    pub fn record_worker(&self, worker: &str, gpus: &[GpuSample], models: &[LoadedModel]) {
+    pub fn record_worker(
+        &self,
+        worker: &str,
+        gpus: &[GpuSample],
+        models: &[LoadedModel],
+        slots: Option<u32>,
+    ) {
         let mut workers = self.fresh_workers();
         let state = WorkerState {
             gpus: gpus.to_vec(),
             models: models.to_vec(),
+            slots,
         };
         workers.insert(worker.to_string(), (Instant::now(), state));
+    }
+
+    /// The last report of each worker that reported lately.
+    pub fn worker_reports(&self) -> BTreeMap<String, WorkerReport> {
+        self.fresh_workers()
+            .iter()
+            .map(|(worker, (_, state))| {
+                let report = WorkerReport {
+                    gpus: state.gpus.clone(),
+                    slots: state.slots,
+                };
+                (worker.clone(), report)
+            })
+            .collect()
     }
 
     /// Workers that reported lately, with what they reported.
@@ -347,7 +377,7 @@ mod tests {
             uri: "s3://b/\"odd\"\\name\n.onnx".into(),
             device: "cuda:0".into(),
         };
-        m.record_worker("w\\1\n", &[sample], &[model]);
+        m.record_worker("w\\1\n", &[sample], &[model], None);
         m.api("/v1/\"x\"\n").observe(Duration::from_millis(1));
         let text = m.render(&StoreMetrics::default());
         assert!(
@@ -385,7 +415,7 @@ mod tests {
             memory_used_bytes: 10,
             memory_total_bytes: 80,
         };
-        m.record_worker("w\"1", &[g(0, 97), g(1, 50)], &[]);
+        m.record_worker("w\"1", &[g(0, 97), g(1, 50)], &[], Some(2));
         let text = m.render(&StoreMetrics::default());
         assert!(
             text.contains("nightshift_worker_gpu_busy_ratio{worker=\"w\\\"1\",gpu=\"0\"} 0.97"),
@@ -398,7 +428,7 @@ mod tests {
             )
         );
         // The next samples replace the last ones.
-        m.record_worker("w\"1", &[g(0, 10)], &[]);
+        m.record_worker("w\"1", &[g(0, 10)], &[], None);
         let text = m.render(&StoreMetrics::default());
         assert!(!text.contains("gpu=\"1\""), "{text}");
     }

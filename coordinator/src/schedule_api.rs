@@ -7,10 +7,12 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use nightshift_proto::wire::{ScheduleList, ScheduleRequest};
+use nightshift_proto::wire::{ScheduleList, ScheduleRequest, ScheduleView};
 
 use crate::api::{ApiState, Role, authorize};
 use crate::api_error::ApiError;
+use crate::dashboard::authorize_read;
+use crate::openapi::{SchedulePath, SubmitErrors};
 
 pub fn routes() -> Router<ApiState> {
     Router::new()
@@ -20,7 +22,10 @@ pub fn routes() -> Router<ApiState> {
         .route("/v1/schedules/{name}/resume", post(resume))
 }
 
-async fn create(
+/// Creates a schedule; its cron, time zone and spec variables are checked first.
+#[utoipa::path(post, path = "/v1/schedules", tag = "schedules", request_body = ScheduleRequest,
+    responses((status = 201, body = ScheduleView), SubmitErrors), security(("submit_token" = [])))]
+pub(crate) async fn create(
     State(state): State<ApiState>,
     headers: HeaderMap,
     body: Bytes,
@@ -32,22 +37,36 @@ async fn create(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
-async fn list(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    authorize(&state, &headers, Role::Submit)?;
+/// Every schedule, with its next fire time and latest fires.
+#[utoipa::path(get, path = "/v1/schedules", tag = "schedules",
+    responses((status = 200, body = ScheduleList), SubmitErrors),
+    security(("submit_token" = []), ("dashboard_cookie" = [])))]
+pub(crate) async fn list(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize_read(&state, &headers)?;
     let schedules = state.service.schedules().await?;
     Ok(Json(ScheduleList { schedules }).into_response())
 }
 
-async fn show(
+/// One schedule.
+#[utoipa::path(get, path = "/v1/schedules/{name}", tag = "schedules", params(SchedulePath),
+    responses((status = 200, body = ScheduleView), SubmitErrors),
+    security(("submit_token" = []), ("dashboard_cookie" = [])))]
+pub(crate) async fn show(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers, Role::Submit)?;
+    authorize_read(&state, &headers)?;
     Ok(Json(state.service.schedule(&name).await?).into_response())
 }
 
-async fn pause(
+/// Stops a schedule firing until it is resumed.
+#[utoipa::path(post, path = "/v1/schedules/{name}/pause", tag = "schedules", params(SchedulePath),
+    responses((status = 200, body = ScheduleView), SubmitErrors), security(("submit_token" = [])))]
+pub(crate) async fn pause(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(name): Path<String>,
@@ -56,7 +75,10 @@ async fn pause(
     Ok(Json(state.service.pause_schedule(&name, true).await?).into_response())
 }
 
-async fn resume(
+/// Lets a paused schedule fire again, from its next fire time after now.
+#[utoipa::path(post, path = "/v1/schedules/{name}/resume", tag = "schedules", params(SchedulePath),
+    responses((status = 200, body = ScheduleView), SubmitErrors), security(("submit_token" = [])))]
+pub(crate) async fn resume(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(name): Path<String>,
@@ -65,7 +87,10 @@ async fn resume(
     Ok(Json(state.service.pause_schedule(&name, false).await?).into_response())
 }
 
-async fn delete(
+/// Deletes a schedule (the jobs it made stay).
+#[utoipa::path(delete, path = "/v1/schedules/{name}", tag = "schedules", params(SchedulePath),
+    responses((status = 204, description = "Deleted"), SubmitErrors), security(("submit_token" = [])))]
+pub(crate) async fn delete(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(name): Path<String>,

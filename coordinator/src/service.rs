@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use nightshift_proto::spec_check::{MAX_BATCH_SIZE, MAX_NAME_LEN};
 use nightshift_proto::wire::{
-    GpuSample, HeartbeatResponse, JobList, JobQuery, JobView, LeaseRef, LeaseResponse, LeaseStatus,
-    LoadedModel, PartRecord, ShardLease, SubmitResponse,
+    GpuSample, HeartbeatRequest, HeartbeatResponse, JobList, JobQuery, JobView, LeaseRef,
+    LeaseResponse, LeaseStatus, LoadedModel, PartRecord, ShardLease, SubmitResponse,
 };
 use nightshift_proto::{FailureClass, JobSpec, LeaseState, check_free_text, check_text};
 use nightshift_storage::Stores;
@@ -36,6 +36,8 @@ const MAX_PAGE: u32 = 1000;
 pub const MAX_LEASE_BATCH: u32 = 256;
 /// The most leases one heartbeat may name.
 const MAX_HEARTBEAT_LEASES: usize = 4096;
+/// The most slots one worker may report.
+const MAX_SLOTS_PER_WORKER: u32 = 1024;
 /// The most GPUs one worker may report.
 const MAX_GPUS_PER_WORKER: usize = 64;
 /// Loaded models one heartbeat may name (slots x model cache, with room to spare).
@@ -371,18 +373,15 @@ impl Service {
 
     /// Extends the leases `worker` holds; any other lease it names answers `lost`. The GPU
     /// samples it sends go to `/metrics`.
-    pub async fn heartbeat(
-        &self,
-        worker: &str,
-        leases: &[LeaseRef],
-        gpus: &[GpuSample],
-        models: &[LoadedModel],
-    ) -> Result<HeartbeatResponse, ApiError> {
+    pub async fn heartbeat(&self, req: &HeartbeatRequest) -> Result<HeartbeatResponse, ApiError> {
+        let (worker, leases) = (req.worker_id.as_str(), req.leases.as_slice());
         check_worker_id(worker)?;
         check_lease_count(leases.len(), MAX_HEARTBEAT_LEASES)?;
-        check_gpu_samples(gpus)?;
-        check_loaded_models(models)?;
-        self.metrics.record_worker(worker, gpus, models);
+        check_gpu_samples(&req.gpus)?;
+        check_loaded_models(&req.models)?;
+        check_slots(req.slots)?;
+        self.metrics
+            .record_worker(worker, &req.gpus, &req.models, req.slots);
         let held = held_by(&self.store, worker, leases).await?;
         let lost = |l: &LeaseRef| LeaseStatus {
             shard_id: l.shard_id,
@@ -597,6 +596,16 @@ fn check_gpu_samples(gpus: &[GpuSample]) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// Slots a worker reports: at least one, and a bounded number.
+fn check_slots(slots: Option<u32>) -> Result<(), ApiError> {
+    match slots {
+        Some(n) if n == 0 || n > MAX_SLOTS_PER_WORKER => Err(ApiError::BadRequest(format!(
+            "slots: {n} is not between 1 and {MAX_SLOTS_PER_WORKER}"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Loaded models a worker reports: a bounded number of plain URIs, each on `cpu` or `cuda:N`.

@@ -22,7 +22,8 @@ use nightshift_proto::wire::{
 use nightshift_proto::{FailureClass, JobSpec, JobState};
 
 pub use records::{
-    FireRecord, JobRecord, PartRow, ScheduleRecord, ShardRow, ShardTally, StoreMetrics,
+    FireRecord, JobRecord, LeasedShard, PartRow, RowsAt, ScheduleRecord, ShardRow, ShardTally,
+    StoreMetrics, WorkerSeen,
 };
 pub use sql::{Dialect, SqlStore};
 
@@ -398,6 +399,13 @@ pub trait Metastore: Send + Sync + 'static {
     async fn fires(&self, schedule_id: i64, limit: u32) -> Result<Vec<FireRecord>>;
 
     async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics>;
+    /// Rows a job committed per `bucket_ms` of the database clock, oldest first.
+    async fn rows_over_time(&self, job_id: i64, bucket_ms: i64) -> Result<Vec<RowsAt>>;
+    /// Workers that claimed within `window_ms`, or hold a lease now, with the rows their
+    /// shards committed within it.
+    async fn workers_seen(&self, window_ms: i64) -> Result<Vec<WorkerSeen>>;
+    /// Every shard leased now, by worker.
+    async fn leased_shards(&self) -> Result<Vec<LeasedShard>>;
     /// The database clock.
     async fn now_ms(&self) -> Result<i64>;
 

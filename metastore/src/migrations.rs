@@ -25,6 +25,7 @@ pub fn sqlite() -> Migrator {
             4 => "0004_merges.sql",
             5 => "0005_notify.sql",
             6 => "0006_schedules.sql",
+            7 => "0007_parts_time.sql",
         )),
         ..Migrator::DEFAULT
     }
@@ -39,6 +40,7 @@ pub fn postgres() -> Migrator {
             4 => "0004_merges.sql",
             5 => "0005_notify.sql",
             6 => "0006_schedules.sql",
+            7 => "0007_parts_time.sql",
         )),
         ..Migrator::DEFAULT
     }

@@ -16,7 +16,7 @@ pub(crate) const JOB_COLUMNS: &str = "id, uid, name, idempotency_key, spec_json,
 
 /// The columns of `shards` that `ShardRow` reads.
 pub(crate) const SHARD_COLUMNS: &str = "id, job_id, file_index, rows, state, token, attempts, \
-     checkpoint_rows, error_rows, error";
+     checkpoint_rows, error_rows, error, worker_id";
 
 /// The columns of `parts` that `PartRow` reads, qualified by `p.`.
 pub(crate) const PART_COLUMNS: &str = "p.shard_id, p.token, p.row_start, p.rows, p.bytes, \
@@ -110,6 +110,39 @@ pub struct ShardRow {
     #[sqlx(try_from = "i64")]
     pub error_rows: u64,
     pub error: Option<String>,
+    /// Who holds or last held its lease.
+    pub worker_id: Option<String>,
+}
+
+/// Rows a job committed in one time bucket.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct RowsAt {
+    /// The bucket's start, milliseconds since the epoch.
+    pub at_ms: i64,
+    #[sqlx(try_from = "i64")]
+    pub rows: u64,
+}
+
+/// A worker the metastore saw lately: by its last claim, or by a lease it holds.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct WorkerSeen {
+    pub id: String,
+    pub last_seen_ms: i64,
+    /// Rows committed within the window by shards it holds or last held.
+    #[sqlx(try_from = "i64")]
+    pub rows_recent: u64,
+}
+
+/// A shard leased now, and to whom.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct LeasedShard {
+    pub worker_id: String,
+    pub job_id: i64,
+    pub shard_id: i64,
+    #[sqlx(try_from = "i64")]
+    pub rows: u64,
+    #[sqlx(try_from = "i64")]
+    pub checkpoint_rows: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

@@ -135,6 +135,7 @@ contract!(
     loops::recovery_after_a_crash_expires_every_claim_at_once,
     loops::callbacks_go_once_a_job_ends_and_again_after_a_retry,
     loops::schedules_fire_once_per_time_and_move_on_from_what_was_read,
+    loops::the_dashboard_sees_rows_over_time_and_who_holds_what,
 );
 
 // Readiness before any migration: the one check that needs a store `open` did not migrate.

@@ -3,6 +3,7 @@
 
 mod error_code;
 pub mod layout;
+mod schemas;
 mod spec;
 pub mod spec_check;
 mod state;

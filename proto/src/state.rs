@@ -10,7 +10,7 @@ use strum::{Display, EnumString, IntoStaticStr, VariantArray};
 macro_rules! state_enum {
     ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident),+ $(,)? }) => {
         $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
         #[derive(Display, EnumString, IntoStaticStr, VariantArray)]
         #[serde(rename_all = "snake_case")]
         #[strum(serialize_all = "snake_case", parse_err_ty = String, parse_err_fn = Self::unknown)]

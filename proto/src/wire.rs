@@ -8,7 +8,7 @@ use crate::state::{FailureClass, JobState, LeaseState};
 
 /// One input object as it was when the job was planned. Shards that read it refuse to run
 /// against any other version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InputFile {
     pub uri: String,
     pub size: u64,
@@ -18,7 +18,7 @@ pub struct InputFile {
 }
 
 /// A shard as planned: a contiguous, row-group-aligned range of one input file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ShardPlan {
     /// Index into the job's input files.
     pub file_index: u32,
@@ -31,7 +31,7 @@ pub struct ShardPlan {
 }
 
 /// The result of planning a job: its snapshot of the input and its shards.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobPlan {
     pub files: Vec<InputFile>,
     pub shards: Vec<ShardPlan>,
@@ -39,7 +39,7 @@ pub struct JobPlan {
 }
 
 /// Shards of a job by state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ShardCounts {
     pub pending: u64,
     pub leased: u64,
@@ -54,7 +54,7 @@ impl ShardCounts {
 }
 
 /// What the API tells about a job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobView {
     pub id: i64,
     pub name: String,
@@ -90,7 +90,7 @@ pub struct JobView {
 }
 
 /// Where a job's completion callback stands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NotifyView {
     pub url: String,
     pub state: crate::NotifyState,
@@ -105,7 +105,7 @@ pub struct NotifyView {
 }
 
 /// A worker holding a model session, and where it runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelHolder {
     pub worker: String,
     /// `cpu` or `cuda:N`.
@@ -113,13 +113,13 @@ pub struct ModelHolder {
 }
 
 /// `POST /v1/jobs` answer: the job and whether this call created it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SubmitResponse {
     pub created: bool,
     pub job: JobView,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobList {
     pub jobs: Vec<JobView>,
     /// When the page is full: pass it as `before` for the next (older) page.
@@ -128,8 +128,9 @@ pub struct JobList {
 }
 
 /// `GET /v1/jobs` query: newest first, filtered, a page at a time.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct JobQuery {
     /// Jobs per page (1 to 1000; 50 when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -148,14 +149,14 @@ pub struct JobQuery {
 }
 
 /// `POST /v1/leases`: up to `max` shards for this worker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseRequest {
     pub worker_id: String,
     pub max: u32,
 }
 
 /// A granted shard: everything a worker needs to run it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ShardLease {
     pub job_id: i64,
     /// Random id of the job, unique across databases: the key prefix of its parts.
@@ -237,7 +238,7 @@ impl<'de> Deserialize<'de> for LeaseSecret {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseResponse {
     pub leases: Vec<ShardLease>,
     /// Heartbeat well inside this.
@@ -246,7 +247,7 @@ pub struct LeaseResponse {
 
 /// Identifies one lease in writes and heartbeats: the shard, the grant's fencing token and
 /// the grant's secret.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseRef {
     pub shard_id: i64,
     pub token: i64,
@@ -254,7 +255,7 @@ pub struct LeaseRef {
 }
 
 /// `POST /v1/heartbeats`: extends every lease still held.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HeartbeatRequest {
     pub worker_id: String,
     pub leases: Vec<LeaseRef>,
@@ -264,10 +265,15 @@ pub struct HeartbeatRequest {
     /// The model sessions the worker holds loaded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<LoadedModel>,
+    /// Shards the worker runs at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
 }
 
 /// A model session a worker holds loaded.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 pub struct LoadedModel {
     /// The model's URI, as the job's spec names it.
     pub uri: String,
@@ -276,7 +282,7 @@ pub struct LoadedModel {
 }
 
 /// One GPU of a worker at one moment, as NVML reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GpuSample {
     /// The CUDA device number on the worker's machine.
     pub index: u32,
@@ -286,20 +292,20 @@ pub struct GpuSample {
     pub memory_total_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseStatus {
     pub shard_id: i64,
     pub token: i64,
     pub state: LeaseState,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HeartbeatResponse {
     pub leases: Vec<LeaseStatus>,
 }
 
 /// One durably written output object of a shard.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PartRecord {
     /// Full URI of the part object.
     pub uri: String,
@@ -319,7 +325,7 @@ pub struct PartRecord {
 
 /// `POST /v1/checkpoints`: records a part and moves the shard's checkpoint past it. The part
 /// must start exactly at the current checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CheckpointRequest {
     /// The worker that holds the lease(s); any other is refused.
     pub worker_id: String,
@@ -330,7 +336,7 @@ pub struct CheckpointRequest {
     pub batch_rows: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CompleteRequest {
     /// The worker that holds the lease(s); any other is refused.
     pub worker_id: String,
@@ -338,7 +344,7 @@ pub struct CompleteRequest {
 }
 
 /// `POST /v1/worker/complete-many`: several completions in one request (at most 256).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CompleteManyRequest {
     /// The worker that holds the lease(s); any other is refused.
     pub worker_id: String,
@@ -347,12 +353,12 @@ pub struct CompleteManyRequest {
 
 /// One answer per lease, in order: `null` when it completed, else what `complete` would have
 /// answered (with status 409).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CompleteManyResponse {
     pub results: Vec<Option<crate::error_code::ErrorBody>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FailRequest {
     /// The worker that holds the lease(s); any other is refused.
     pub worker_id: String,
@@ -361,7 +367,7 @@ pub struct FailRequest {
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReleaseRequest {
     /// The worker that holds the lease(s); any other is refused.
     pub worker_id: String,
@@ -369,13 +375,13 @@ pub struct ReleaseRequest {
 }
 
 /// The answer to every lease write that was accepted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Ack {
     pub ok: bool,
 }
 
 /// One output file of a committed job, as listed in `_manifest.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ManifestFile {
     /// Path relative to the output directory.
     pub path: String,
@@ -384,7 +390,7 @@ pub struct ManifestFile {
 }
 
 /// `_manifest.json`: the only files a reader should trust.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Manifest {
     pub job: String,
     pub job_uid: String,
@@ -400,7 +406,7 @@ pub struct Manifest {
     pub input_snapshot: Vec<InputFile>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ManifestField {
     pub name: String,
     pub data_type: String,
@@ -408,7 +414,7 @@ pub struct ManifestField {
 }
 
 /// `POST /v1/schedules`: run a job from `spec` at each fire time of `cron`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleRequest {
     /// Letters, digits, '-' and '_'; unique among schedules.
@@ -425,7 +431,7 @@ pub struct ScheduleRequest {
 }
 
 /// A schedule as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScheduleView {
     pub name: String,
     pub cron: String,
@@ -443,7 +449,7 @@ pub struct ScheduleView {
 }
 
 /// One fire time of a schedule: the job it made, or why it made none.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FireView {
     pub fire_at_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -453,7 +459,78 @@ pub struct FireView {
 }
 
 /// `GET /v1/schedules`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScheduleList {
     pub schedules: Vec<ScheduleView>,
+}
+
+/// `GET /v1/jobs/{job}/shards`: a job's shards in row order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ShardList {
+    pub shards: Vec<ShardView>,
+}
+
+/// One shard of a job as the dashboard shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ShardView {
+    pub id: i64,
+    /// The shard's first row within the whole job: shards tile `[0, rows_total)`.
+    pub row_start: u64,
+    pub rows: u64,
+    pub state: crate::ShardState,
+    /// Grants so far.
+    pub attempts: u32,
+    /// Rows with committed output.
+    pub rows_done: u64,
+    /// Poison rows isolated.
+    pub error_rows: u64,
+    /// Who holds (or last held) its lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /v1/jobs/{job}/throughput`: rows committed per time bucket, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Throughput {
+    pub bucket_ms: u64,
+    pub points: Vec<ThroughputPoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ThroughputPoint {
+    /// The bucket's start.
+    pub at_ms: i64,
+    pub rows: u64,
+}
+
+/// `GET /v1/workers`: workers that claimed lately or hold a lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WorkerList {
+    pub workers: Vec<WorkerView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WorkerView {
+    pub id: String,
+    /// Its last claim.
+    pub last_seen_ms: i64,
+    /// Shards it runs at once, as its last heartbeat to this coordinator said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+    /// Rows committed per second over the last minute by the shards it holds.
+    pub rows_per_s: f64,
+    pub leases: Vec<WorkerLease>,
+    /// Its GPUs, as its last heartbeat to this coordinator reported them.
+    pub gpus: Vec<GpuSample>,
+}
+
+/// A shard a worker holds now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WorkerLease {
+    pub job_id: i64,
+    pub shard_id: i64,
+    pub rows: u64,
+    pub rows_done: u64,
 }

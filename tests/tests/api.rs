@@ -226,7 +226,7 @@ async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartb
             .await
     ));
     let hb = old
-        .heartbeat("slow", vec![stale], Vec::new(), Vec::new())
+        .heartbeat("slow", vec![stale], Vec::new(), Vec::new(), None)
         .await
         .unwrap();
     assert_eq!(hb.leases[0].state, nightshift_proto::LeaseState::Lost);
@@ -242,7 +242,7 @@ async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartb
         .unwrap();
     assert_eq!(cancel.status(), StatusCode::OK);
     let hb = new
-        .heartbeat("fast", vec![current], Vec::new(), Vec::new())
+        .heartbeat("fast", vec![current], Vec::new(), Vec::new(), None)
         .await
         .unwrap();
     assert_eq!(hb.leases[0].state, nightshift_proto::LeaseState::Cancelled);
@@ -325,7 +325,7 @@ async fn status_and_metrics_show_which_worker_holds_the_jobs_model() {
         loaded(&model_uri, "cuda:1"),
         loaded("s3://other/model.onnx", "cpu"),
     ];
-    w1.heartbeat("w1", vec![lease.lease_ref()], Vec::new(), models)
+    w1.heartbeat("w1", vec![lease.lease_ref()], Vec::new(), models, None)
         .await
         .unwrap();
     let (_, text) = api.get(Some("S"), "/v1/jobs/api-job").await;
@@ -348,7 +348,7 @@ async fn status_and_metrics_show_which_worker_holds_the_jobs_model() {
         (loaded("m\u{1b}[2J.onnx", "cpu"), "models.uri"),
     ] {
         let err = w1
-            .heartbeat("w1", vec![lease.lease_ref()], Vec::new(), vec![bad])
+            .heartbeat("w1", vec![lease.lease_ref()], Vec::new(), vec![bad], None)
             .await
             .unwrap_err();
         match err {
@@ -471,4 +471,130 @@ async fn past_max_running_jobs_a_job_waits_queued_and_starts_when_one_ends() {
         .unwrap();
     assert_eq!(cancel.status(), StatusCode::OK);
     wait_for("second", "running").await;
+}
+
+/// The dashboard's login: only a submit token makes a cookie, and the cookie opens only the
+/// read-only routes of the submit role (a page elsewhere cannot cancel a job through it).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_cookie_opens_reads_only() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let (s, _) = api.submit(Some("S"), None, &job(&f)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = |token: &'static str| {
+        no_redirects
+            .post(format!("{}/ui/login", api.url))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("token={token}"))
+            .send()
+    };
+    for wrong in ["nope", "W"] {
+        let resp = login(wrong).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+        assert_eq!(resp.headers()["location"], "/?login=refused");
+        assert!(resp.headers().get("set-cookie").is_none(), "{wrong}");
+    }
+    let resp = login("S").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(resp.headers()["location"], "/");
+    let set = resp.headers()["set-cookie"].to_str().unwrap().to_string();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    let cookie = set.split(';').next().unwrap().to_string();
+    let with_cookie = |method: reqwest::Method, path: &str| {
+        api.http
+            .request(method, format!("{}{path}", api.url))
+            .header("cookie", &cookie)
+            .send()
+    };
+    for path in [
+        "/v1/jobs",
+        "/v1/jobs/1",
+        "/v1/jobs/1/shards",
+        "/v1/jobs/1/throughput",
+        "/v1/workers",
+        "/v1/schedules",
+    ] {
+        let status = with_cookie(reqwest::Method::GET, path)
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, StatusCode::OK, "{path}");
+    }
+    for path in ["/v1/jobs/1/cancel", "/v1/jobs/1/retry", "/v1/jobs"] {
+        let status = with_cookie(reqwest::Method::POST, path)
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    assert_eq!(
+        with_cookie(reqwest::Method::GET, "/metrics")
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    // A forged cookie (a worker token's, or garbage) opens nothing.
+    for forged in [
+        format!("nightshift_session={}", hex::encode("W")),
+        "nightshift_session=zz".into(),
+    ] {
+        let resp = api
+            .http
+            .get(format!("{}/v1/jobs", api.url))
+            .header("cookie", forged.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(resp.status(), StatusCode::OK, "{forged}");
+    }
+    // The page itself loads without a token, and allows only its own script.
+    let page = api.http.get(format!("{}/", api.url)).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert!(page.text().await.unwrap().contains("/assets/app.js"));
+    let logout = no_redirects
+        .post(format!("{}/ui/logout", api.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        logout.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_heartbeat_with_no_slots_or_too_many_is_refused() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    for slots in [0, 1_000_000] {
+        let body = serde_json::json!({"worker_id": "w", "leases": [], "slots": slots});
+        let resp = api
+            .http
+            .post(format!("{}/v1/worker/heartbeat", api.url))
+            .bearer_auth("W")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert!(
+            body["message"].as_str().unwrap().contains("slots"),
+            "{body}"
+        );
+    }
 }

@@ -158,6 +158,7 @@ impl CoordinatorClient {
         leases: Vec<LeaseRef>,
         gpus: Vec<GpuSample>,
         models: Vec<LoadedModel>,
+        slots: Option<u32>,
     ) -> Result<HeartbeatResponse, ClientError> {
         self.post(
             "/v1/worker/heartbeat",
@@ -166,6 +167,7 @@ impl CoordinatorClient {
                 leases,
                 gpus,
                 models,
+                slots,
             },
         )
         .await

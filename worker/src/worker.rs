@@ -396,6 +396,8 @@ async fn heartbeat_loop(
 ) {
     let client = ctx.client.clone().with_retry_times(2);
     let monitor = GpuMonitor::new();
+    // One executor per slot.
+    let slots = u32::try_from(executors.len()).ok();
     loop {
         let every = (*lock(&ttl) / HEARTBEATS_PER_TTL).min(MAX_HEARTBEAT_EVERY);
         tokio::select! {
@@ -410,7 +412,7 @@ async fn heartbeat_loop(
         let models: BTreeSet<LoadedModel> = executors.iter().flat_map(|e| e.loaded()).collect();
         let models = models.into_iter().collect();
         match client
-            .heartbeat(&ctx.worker_id, leases, samples, models)
+            .heartbeat(&ctx.worker_id, leases, samples, models, slots)
             .await
         {
             Ok(resp) => {

@@ -246,10 +246,11 @@ where
             let row = Self::lease_row(&mut tx, lease.shard_id).await?;
             return Err(rules::checkpoint_refused(row.as_ref(), lease, part));
         };
-        sqlx::query(
+        sqlx::query(D::sql(
             "INSERT INTO parts (job_id, shard_id, token, row_start, rows, bytes, uri, \
-             error_rows, error_uri, error_bytes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
+                 error_rows, error_uri, error_bytes, created_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, {now})",
+        ))
         .bind(job_id)
         .bind(lease.shard_id)
         .bind(lease.token)

@@ -9,6 +9,7 @@ pub(crate) mod lease;
 mod loops;
 mod notify;
 mod schedules;
+mod views;
 
 use std::borrow::Cow;
 
@@ -21,7 +22,7 @@ use nightshift_proto::FailureClass;
 use nightshift_proto::wire::{InputFile, JobPlan, NotifyView, PartRecord};
 
 use crate::merges::{MergeCandidate, MergeGroup};
-use crate::records::{FireRecord, ScheduleRecord, ShardTally};
+use crate::records::{FireRecord, LeasedShard, RowsAt, ScheduleRecord, ShardTally, WorkerSeen};
 use crate::{
     ClaimRequest, DueNotification, JobFilter, JobOutcome, JobRecord, LeaseHolder, LeaseTiming,
     Metastore, NewJob, NewSchedule, NotifyOutcome, PartRow, Result, ShardRow, StoreMetrics,
@@ -366,6 +367,18 @@ where
 
     async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics> {
         self.metrics(workers_window_ms).await
+    }
+
+    async fn rows_over_time(&self, job_id: i64, bucket_ms: i64) -> Result<Vec<RowsAt>> {
+        self.rows_over_time(job_id, bucket_ms).await
+    }
+
+    async fn workers_seen(&self, window_ms: i64) -> Result<Vec<WorkerSeen>> {
+        self.workers_seen(window_ms).await
+    }
+
+    async fn leased_shards(&self) -> Result<Vec<LeasedShard>> {
+        self.leased_shards().await
     }
 
     async fn now_ms(&self) -> Result<i64> {

@@ -758,3 +758,59 @@ pub async fn schedules_fire_once_per_time_and_move_on_from_what_was_read(store: 
     );
     assert!(store.job(job).await.unwrap().is_some(), "its jobs stay");
 }
+
+pub async fn the_dashboard_sees_rows_over_time_and_who_holds_what(store: DynMetastore) {
+    const WINDOW: i64 = 60_000;
+    let a = create(&store, "watched", "", 3).await;
+    assert!(store.workers_seen(WINDOW).await.unwrap().is_empty());
+    assert!(store.rows_over_time(a, 1_000).await.unwrap().is_empty());
+    let leases = store.claim("w1", 2, long()).await.unwrap();
+    let other = store.claim("w2", 1, long()).await.unwrap();
+    let (l0, l1) = (lease_ref(&leases[0]), lease_ref(&leases[1]));
+    store.checkpoint(l0, &part(l0, 0, 4)).await.unwrap();
+    store.checkpoint(l0, &part(l0, 4, 3)).await.unwrap();
+    store.checkpoint(l1, &part(l1, 0, 2)).await.unwrap();
+    // One bucket as long as the test holds every part; the rows add up to what was committed.
+    let buckets = store.rows_over_time(a, 3_600_000).await.unwrap();
+    let total: u64 = buckets.iter().map(|b| b.rows).sum();
+    assert_eq!(total, 9, "{buckets:?}");
+    assert!(
+        buckets.iter().all(|b| b.at_ms % 3_600_000 == 0),
+        "{buckets:?}"
+    );
+    let now = store.now_ms().await.unwrap();
+    assert!(
+        buckets
+            .iter()
+            .all(|b| b.at_ms <= now && now - b.at_ms < 2 * 3_600_000)
+    );
+    // Both workers are seen; w1's shards committed 9 rows within the window, w2's none.
+    let seen = store.workers_seen(WINDOW).await.unwrap();
+    let rows: Vec<(&str, u64)> = seen
+        .iter()
+        .map(|w| (w.id.as_str(), w.rows_recent))
+        .collect();
+    assert_eq!(rows, [("w1", 9), ("w2", 0)]);
+    let held = store.leased_shards().await.unwrap();
+    let held: Vec<(&str, i64, u64)> = held
+        .iter()
+        .map(|s| (s.worker_id.as_str(), s.shard_id, s.checkpoint_rows))
+        .collect();
+    let want = [
+        ("w1", l0.shard_id, 7),
+        ("w1", l1.shard_id, 2),
+        ("w2", other[0].shard_id, 0),
+    ];
+    assert_eq!(held, want);
+    // Another job's parts are not this one's.
+    let b = create(&store, "other", "", 1).await;
+    assert!(store.rows_over_time(b, 1_000).await.unwrap().is_empty());
+    // A finished shard is no longer held.
+    store.checkpoint(l0, &part(l0, 7, ROWS - 7)).await.unwrap();
+    store.complete(l0).await.unwrap();
+    let held = store.leased_shards().await.unwrap();
+    assert!(held.iter().all(|s| s.shard_id != l0.shard_id), "{held:?}");
+    let shards = store.shards(a).await.unwrap();
+    let done = shards.iter().find(|s| s.id == l0.shard_id).unwrap();
+    assert_eq!(done.state, ShardState::Done);
+}

@@ -1,0 +1,59 @@
+//! What the dashboard reads beyond jobs: a job's rows over time, and the workers with the
+//! shards they hold.
+
+use nightshift_proto::ShardState;
+use sqlx::{ColumnIndex, Encode, Type};
+
+use super::{Dialect, RowOf, SqlStore, Value};
+use crate::Result;
+use crate::records::{LeasedShard, RowsAt, WorkerSeen};
+
+impl<D: Dialect> SqlStore<D>
+where
+    for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
+    for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    usize: ColumnIndex<RowOf<D>>,
+    i64: Value<D::DB>,
+    String: Value<D::DB>,
+    bool: Value<D::DB>,
+{
+    pub(super) async fn rows_over_time(&self, job_id: i64, bucket_ms: i64) -> Result<Vec<RowsAt>> {
+        Ok(sqlx::query_as(
+            "SELECT (created_at_ms / $2) * $2 AS at_ms, CAST(SUM(rows) AS BIGINT) AS rows \
+             FROM parts WHERE job_id = $1 AND created_at_ms > 0 GROUP BY 1 ORDER BY 1",
+        )
+        .bind(job_id)
+        .bind(bucket_ms.max(1))
+        .fetch_all(D::ex(&mut *self.conn().await?))
+        .await?)
+    }
+
+    pub(super) async fn workers_seen(&self, window_ms: i64) -> Result<Vec<WorkerSeen>> {
+        let sql = D::sql(
+            "SELECT w.id, w.last_seen_ms, CAST(COALESCE(r.rows, 0) AS BIGINT) AS rows_recent \
+             FROM workers w LEFT JOIN ( \
+                 SELECT s.worker_id, SUM(p.rows) AS rows FROM parts p \
+                 JOIN shards s ON s.id = p.shard_id \
+                 WHERE p.created_at_ms > {now} - $1 GROUP BY s.worker_id \
+             ) r ON r.worker_id = w.id \
+             WHERE w.last_seen_ms > {now} - $1 \
+                OR w.id IN (SELECT worker_id FROM shards WHERE state = $2) \
+             ORDER BY w.id",
+        );
+        Ok(sqlx::query_as(sql)
+            .bind(window_ms)
+            .bind(ShardState::Leased.as_str())
+            .fetch_all(D::ex(&mut *self.conn().await?))
+            .await?)
+    }
+
+    pub(super) async fn leased_shards(&self) -> Result<Vec<LeasedShard>> {
+        Ok(sqlx::query_as(
+            "SELECT worker_id, job_id, id AS shard_id, rows, checkpoint_rows FROM shards \
+             WHERE state = $1 AND worker_id IS NOT NULL ORDER BY worker_id, id",
+        )
+        .bind(ShardState::Leased.as_str())
+        .fetch_all(D::ex(&mut *self.conn().await?))
+        .await?)
+    }
+}
