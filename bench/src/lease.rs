@@ -524,6 +524,7 @@ fn one_row_part(lease: LeaseRef) -> PartRecord {
         error_rows: 0,
         error_uri: None,
         error_bytes: 0,
+        tokens: None,
     }
 }
 

@@ -5,10 +5,12 @@
 //!   cargo run --release -p nightshift-bench -- lease        # lease layer: claims+completes/s
 //!   cargo run --release -p nightshift-bench -- commit       # commit time, 1 vs 8 GiB of output
 //!   cargo run --release -p nightshift-bench -- gpu          # pipeline vs bare ORT-CUDA loop
+//!   cargo run --release -p nightshift-bench -- padding      # text jobs' padding vs fixed batches
 
 mod commit;
 mod gpu;
 mod lease;
+mod padding;
 mod pipeline;
 mod storage;
 
@@ -38,6 +40,9 @@ enum Command {
     /// Object storage against a local S3 server: bytes fetched per byte a Parquet read needs,
     /// and PartUpload throughput over one plain put.
     Storage(storage::Args),
+    /// Text jobs: real tokens / padded tokens when rows are grouped by length, against
+    /// fixed-size row batches in input order.
+    Padding(padding::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +58,7 @@ fn main() -> anyhow::Result<()> {
             Command::Storage(a) => storage::run(a).await,
             Command::Commit(a) => commit::run(a).await,
             Command::Gpu(a) => gpu::run(a).await,
+            Command::Padding(a) => padding::run(a).await,
         }
     })
 }

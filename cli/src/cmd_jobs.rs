@@ -205,6 +205,9 @@ fn print_view(v: &JobView) {
     if let Some(rows) = v.batch_rows {
         println!("  batch     {rows} rows per model call");
     }
+    if let Some(text) = &v.text {
+        println!("  text      {text}");
+    }
     println!("  output    {}", v.output_uri);
     if let Some(e) = &v.error {
         println!("  error     {e}");

@@ -239,10 +239,15 @@ fn print_summary(view: &JobView, seconds: f64, rows_this_run: u64) -> Result<()>
 
 fn report(view: &JobView, seconds: f64) {
     match view.state {
-        JobState::Succeeded => eprintln!(
-            "nightshift: job `{}` succeeded: {} rows ({} poison rows) in {:.1} s -> {}",
-            view.name, view.rows_total, view.error_rows, seconds, view.output_uri
-        ),
+        JobState::Succeeded => {
+            eprintln!(
+                "nightshift: job `{}` succeeded: {} rows ({} poison rows) in {:.1} s -> {}",
+                view.name, view.rows_total, view.error_rows, seconds, view.output_uri
+            );
+            if let Some(text) = &view.text {
+                eprintln!("nightshift: text: {text}");
+            }
+        }
         state => eprintln!(
             "nightshift: job `{}` {state}: {}",
             view.name,

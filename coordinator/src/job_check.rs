@@ -37,6 +37,10 @@ pub enum JobCheckError {
     NotOnnx(String),
     #[error("{0}")]
     Mapping(String),
+    #[error("text.tokenizer: {0}")]
+    TokenizerUnreadable(StorageError),
+    #[error("text.tokenizer `{uri}` is not a tokenizer.json: {reason}")]
+    NotTokenizer { uri: String, reason: String },
     #[error(
         "input files disagree on column `{column}`: `{first}` has {first_type}, `{other}` has {other_type}"
     )]
@@ -84,6 +88,24 @@ pub struct CheckedJob {
     pub plan: JobPlan,
 }
 
+/// A `[text]` job's tokenizer loads.
+async fn check_tokenizer(stores: &Stores, spec: &JobSpec) -> Result<(), JobCheckError> {
+    let Some(text) = &spec.text else {
+        return Ok(());
+    };
+    let loc = stores
+        .locate(&text.tokenizer)
+        .map_err(JobCheckError::TokenizerUnreadable)?;
+    let bytes = read_all(&loc)
+        .await
+        .map_err(JobCheckError::TokenizerUnreadable)?;
+    tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| JobCheckError::NotTokenizer {
+        uri: text.tokenizer.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(())
+}
+
 /// Checks a spec against its input, model and output, and plans its shards.
 pub async fn check_and_plan(stores: &Stores, spec: &JobSpec) -> Result<CheckedJob, JobCheckError> {
     let model_loc = stores
@@ -95,6 +117,7 @@ pub async fn check_and_plan(stores: &Stores, spec: &JobSpec) -> Result<CheckedJo
             .map_err(|e| JobCheckError::NotOnnx(e.to_string()))?,
     );
     drop(model_bytes);
+    check_tokenizer(stores, spec).await?;
 
     check_apart(spec)?;
     let objects = list_inputs(stores, &spec.input.uri)

@@ -6,6 +6,7 @@
 //! anywhere else, another shard's part, or a count that does not add up.
 
 use nightshift_proto::layout::{part_name, parts_dir};
+use nightshift_proto::spec_check::MAX_TEXT_TOKENS;
 use nightshift_proto::wire::{LeaseRef, PartRecord};
 use nightshift_storage::location::plain_file_inside;
 use nightshift_storage::{Location, StorageError, Stores};
@@ -27,6 +28,17 @@ pub enum PartError {
     },
     #[error("a part with {error_rows} error rows must name an error part, and only then")]
     ErrorPartMismatch { error_rows: u64 },
+    #[error(
+        "a part's tokens do not add up: {real} real, {padded} padded (at most {most}), \
+         {truncated_rows} texts truncated of {rows} rows"
+    )]
+    BadTokens {
+        real: u64,
+        padded: u64,
+        most: u64,
+        truncated_rows: u64,
+        rows: u64,
+    },
     #[error(
         "{field} `{got}` is not `{expected}`: a lease writes only under its job's own _parts/ \
          prefix, under the name its shard, token and first row give"
@@ -85,6 +97,25 @@ pub fn check_counts(part: &PartRecord, shard_rows: u64) -> Result<(), PartError>
     {
         return Err(PartError::ErrorPartMismatch {
             error_rows: part.error_rows,
+        });
+    }
+    check_tokens(part)
+}
+
+/// A text part's tokens: real ones within the padded ones, padded ones within its rows at the
+/// longest a text may be, truncated texts within its rows.
+fn check_tokens(part: &PartRecord) -> Result<(), PartError> {
+    let Some(t) = part.tokens else {
+        return Ok(());
+    };
+    let most = part.rows.saturating_mul(u64::from(MAX_TEXT_TOKENS));
+    if t.real > t.padded || t.padded > most || t.truncated_rows > part.rows {
+        return Err(PartError::BadTokens {
+            real: t.real,
+            padded: t.padded,
+            most,
+            truncated_rows: t.truncated_rows,
+            rows: part.rows,
         });
     }
     Ok(())
@@ -176,6 +207,7 @@ mod tests {
             error_rows,
             error_uri: (error_rows > 0).then(|| "e".to_string()),
             error_bytes: 0,
+            tokens: None,
         }
     }
 

@@ -8,7 +8,8 @@ use std::time::Instant;
 use nightshift_proto::spec_check::{MAX_BATCH_SIZE, MAX_NAME_LEN};
 use nightshift_proto::wire::{
     GpuSample, HeartbeatRequest, HeartbeatResponse, JobList, JobQuery, JobView, LeaseRef,
-    LeaseResponse, LeaseStatus, LoadedModel, PartRecord, ShardLease, SubmitResponse,
+    LeaseResponse, LeaseStatus, LoadedModel, PartRecord, ShardLease, SubmitResponse, TextView,
+    TokenCounts,
 };
 use nightshift_proto::{FailureClass, JobSpec, LeaseState, check_free_text, check_text};
 use nightshift_storage::Stores;
@@ -177,11 +178,15 @@ impl Service {
     ) -> Result<SubmitResponse, ApiError> {
         spec.check().map_err(ApiError::Spec)?;
         self.callback(&mut spec)?;
-        for (field, uri) in [
+        let mut uris = vec![
             ("input.uri", &mut spec.input.uri),
             ("model.uri", &mut spec.model.uri),
             ("output.uri", &mut spec.output.uri),
-        ] {
+        ];
+        if let Some(text) = spec.text.as_mut() {
+            uris.push(("text.tokenizer", &mut text.tokenizer));
+        }
+        for (field, uri) in uris {
             if is_local_uri(uri) {
                 if !uri.trim_start_matches("file://").starts_with('/') {
                     return Err(ApiError::UriNotAllowed {
@@ -268,6 +273,17 @@ impl Service {
         }
         if job.spec.notify.is_some() {
             view.notify = self.store.notification(job.id).await?;
+        }
+        if job.spec.text.is_some() {
+            let sums = self.store.token_sums(job.id).await?;
+            view.text = Some(TextView {
+                padding_efficiency: sums.real as f64 / sums.padded.max(1) as f64,
+                tokens: TokenCounts {
+                    real: sums.real,
+                    padded: sums.padded,
+                    truncated_rows: sums.truncated_rows,
+                },
+            });
         }
         Ok(view)
     }

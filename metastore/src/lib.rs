@@ -23,7 +23,7 @@ use nightshift_proto::{FailureClass, JobSpec, JobState};
 
 pub use records::{
     FireRecord, JobRecord, LeasedShard, PartRow, RowsAt, ScheduleRecord, ShardRow, ShardTally,
-    StoreMetrics, WorkerSeen,
+    StoreMetrics, TokenSums, WorkerSeen,
 };
 pub use sql::{Dialect, SqlStore};
 
@@ -406,6 +406,8 @@ pub trait Metastore: Send + Sync + 'static {
     async fn workers_seen(&self, window_ms: i64) -> Result<Vec<WorkerSeen>>;
     /// Every shard leased now, by worker.
     async fn leased_shards(&self) -> Result<Vec<LeasedShard>>;
+    /// A text job's tokens over its committed parts.
+    async fn token_sums(&self, job_id: i64) -> Result<TokenSums>;
     /// The database clock.
     async fn now_ms(&self) -> Result<i64>;
 

@@ -26,6 +26,7 @@ pub fn sqlite() -> Migrator {
             5 => "0005_notify.sql",
             6 => "0006_schedules.sql",
             7 => "0007_parts_time.sql",
+            8 => "0008_part_tokens.sql",
         )),
         ..Migrator::DEFAULT
     }
@@ -41,6 +42,7 @@ pub fn postgres() -> Migrator {
             5 => "0005_notify.sql",
             6 => "0006_schedules.sql",
             7 => "0007_parts_time.sql",
+            8 => "0008_part_tokens.sql",
         )),
         ..Migrator::DEFAULT
     }

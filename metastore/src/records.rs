@@ -3,7 +3,7 @@
 //! a negative one is an error, not a wrapped number.
 
 use nightshift_proto::wire::{
-    InputFile, JobView, LeaseSecret, PartRecord, ShardCounts, ShardLease, ShardPlan,
+    InputFile, JobView, LeaseSecret, PartRecord, ShardCounts, ShardLease, ShardPlan, TokenCounts,
 };
 use nightshift_proto::{CatchUp, JobSpec, JobState, ShardState};
 
@@ -20,7 +20,8 @@ pub(crate) const SHARD_COLUMNS: &str = "id, job_id, file_index, rows, state, tok
 
 /// The columns of `parts` that `PartRow` reads, qualified by `p.`.
 pub(crate) const PART_COLUMNS: &str = "p.shard_id, p.token, p.row_start, p.rows, p.bytes, \
-     p.uri, p.error_rows, p.error_uri, p.error_bytes";
+     p.uri, p.error_rows, p.error_uri, p.error_bytes, p.real_tokens, p.padded_tokens, \
+     p.truncated_rows";
 
 /// The columns `Granted` reads, over a claimed shard `s`, its job `j` and its file `f`.
 pub(crate) const GRANTED_COLUMNS: &str = "s.id, s.job_id, s.file_index, s.row_group_start, \
@@ -87,6 +88,7 @@ impl JobRecord {
             finished_at_ms: self.finished_at_ms,
             model_held_by: Vec::new(),
             notify: None,
+            text: None,
             batch_rows: self.batch_rows.and_then(|n| u64::try_from(n).ok()),
         }
     }
@@ -161,6 +163,23 @@ pub struct PartRow {
     pub error_uri: Option<String>,
     #[sqlx(try_from = "i64")]
     pub error_bytes: u64,
+    #[sqlx(try_from = "i64")]
+    pub real_tokens: u64,
+    #[sqlx(try_from = "i64")]
+    pub padded_tokens: u64,
+    #[sqlx(try_from = "i64")]
+    pub truncated_rows: u64,
+}
+
+/// A text job's tokens over its parts.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TokenSums {
+    #[sqlx(try_from = "i64")]
+    pub real: u64,
+    #[sqlx(try_from = "i64")]
+    pub padded: u64,
+    #[sqlx(try_from = "i64")]
+    pub truncated_rows: u64,
 }
 
 impl PartRow {
@@ -174,6 +193,11 @@ impl PartRow {
             error_rows: self.error_rows,
             error_uri: self.error_uri.clone(),
             error_bytes: self.error_bytes,
+            tokens: (self.padded_tokens > 0).then_some(TokenCounts {
+                real: self.real_tokens,
+                padded: self.padded_tokens,
+                truncated_rows: self.truncated_rows,
+            }),
         }
     }
 }

@@ -230,6 +230,7 @@ mod tests {
             error_rows: 0,
             error_uri: None,
             error_bytes: 0,
+            tokens: None,
         };
         assert!(matches!(
             checkpoint_refused(Some(&held), LEASE, &part),

@@ -279,6 +279,7 @@ pub fn part(lease: LeaseRef, row_start: u64, rows: u64) -> PartRecord {
         error_rows: 0,
         error_uri: None,
         error_bytes: 0,
+        tokens: None,
     }
 }
 

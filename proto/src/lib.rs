@@ -12,8 +12,9 @@ pub mod wire;
 
 pub use error_code::{ErrorBody, ErrorCode};
 pub use spec::{
-    BatchSize, BatchSpec, Device, ErrorSpec, InputSpec, JobSpec, ModelSpec, NotifySpec, OutputSpec,
-    RetrySpec, ShardSpec,
+    AUTO_GPU_ROWS, BatchSize, BatchSpec, DEFAULT_BATCH_ROWS, Device, ErrorSpec, FloatType,
+    InputSpec, JobSpec, ModelSpec, NotifySpec, OutputColumn, OutputSpec, OutputTarget, Pool,
+    RetrySpec, ShardSpec, TextField, TextSpec,
 };
 pub use spec_check::SpecError;
 pub use state::{CatchUp, FailureClass, JobState, LeaseState, NotifyState, ShardState};

@@ -30,6 +30,157 @@ pub struct JobSpec {
     /// Where the job's final status is posted when it ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<NotifySpec>,
+    /// A string column the worker tokenizes into the model's token inputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextSpec>,
+}
+
+/// `[text]`: a string column tokenized in the worker with a Hugging Face `tokenizer.json`.
+/// Model inputs name its token tensors as `<column>.input_ids`, `<column>.attention_mask` and
+/// `<column>.token_type_ids`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TextSpec {
+    /// A Utf8 or LargeUtf8 input column.
+    pub column: String,
+    /// A `tokenizer.json`, local or `s3://`.
+    pub tokenizer: String,
+    /// Longer texts are truncated to this many tokens (counted in the job's status).
+    #[serde(default = "default_max_length")]
+    pub max_length: u32,
+}
+
+/// A token tensor of a `[text]` column, as `[model.inputs]` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TextField {
+    InputIds,
+    AttentionMask,
+    TokenTypeIds,
+}
+
+impl TextField {
+    pub const ALL: [TextField; 3] = [Self::InputIds, Self::AttentionMask, Self::TokenTypeIds];
+
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::InputIds => "input_ids",
+            Self::AttentionMask => "attention_mask",
+            Self::TokenTypeIds => "token_type_ids",
+        }
+    }
+}
+
+impl TextSpec {
+    /// The token tensor `mapped` names (`body.input_ids`), if it names one of this column's.
+    pub fn field(&self, mapped: &str) -> Option<TextField> {
+        let suffix = mapped
+            .strip_prefix(self.column.as_str())?
+            .strip_prefix('.')?;
+        TextField::ALL.into_iter().find(|f| f.suffix() == suffix)
+    }
+
+    /// The column name a token tensor is carried in between the worker's stages.
+    pub fn carrier(&self, field: TextField) -> String {
+        format!("{}.{}", self.column, field.suffix())
+    }
+}
+
+/// `[model.outputs]` values: a column name, or a table that also pools, normalises and stores
+/// the output as another float type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum OutputTarget {
+    Column(String),
+    Shaped(OutputColumn),
+}
+
+/// `name = { column = "embedding", pool = "mean", normalize = true, dtype = "float16" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OutputColumn {
+    pub column: String,
+    /// `[batch, seq, hidden]` outputs become one vector per row, over the row's real tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<Pool>,
+    /// L2-normalise each row's vector.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub normalize: bool,
+    /// The stored float type (the model's own when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<FloatType>,
+}
+
+/// How a `[batch, seq, hidden]` output becomes `[batch, hidden]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Pool {
+    /// The mean over the row's real tokens (the attention mask).
+    Mean,
+    /// The first token's vector.
+    Cls,
+    /// The largest value over the row's real tokens.
+    Max,
+}
+
+/// A stored float type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FloatType {
+    Float32,
+    Float16,
+}
+
+impl OutputTarget {
+    pub fn column(&self) -> &str {
+        match self {
+            Self::Column(c) => c,
+            Self::Shaped(s) => &s.column,
+        }
+    }
+
+    pub fn pool(&self) -> Option<Pool> {
+        match self {
+            Self::Column(_) => None,
+            Self::Shaped(s) => s.pool,
+        }
+    }
+
+    pub fn normalize(&self) -> bool {
+        matches!(self, Self::Shaped(s) if s.normalize)
+    }
+
+    pub fn dtype(&self) -> Option<FloatType> {
+        match self {
+            Self::Column(_) => None,
+            Self::Shaped(s) => s.dtype,
+        }
+    }
+}
+
+/// A string, or a table read as `OutputColumn` (whose errors name the bad key).
+impl<'de> Deserialize<'de> for OutputTarget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OutputTarget;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a column name, or a table with `column` (and `pool`, `normalize`, `dtype`)",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OutputTarget, E> {
+                Ok(OutputTarget::Column(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<OutputTarget, A::Error> {
+                let de = serde::de::value::MapAccessDeserializer::new(map);
+                OutputColumn::deserialize(de).map(OutputTarget::Shaped)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// `[notify]`: a completion callback.
@@ -55,8 +206,8 @@ pub struct ModelSpec {
     pub device: Device,
     /// ONNX input name -> input column.
     pub inputs: BTreeMap<String, String>,
-    /// ONNX output name -> output column.
-    pub outputs: BTreeMap<String, String>,
+    /// ONNX output name -> output column (or a table: column, pool, normalize, dtype).
+    pub outputs: BTreeMap<String, OutputTarget>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -78,6 +229,9 @@ pub struct BatchSpec {
     /// Rows per model call, or `"auto"`.
     #[serde(default)]
     pub size: BatchSize,
+    /// Text jobs: padded tokens per model call at most (rows x the call's longest row).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
 }
 
 /// `batch.size`: a number of rows, or `"auto"`: as large as the device holds. A worker starts
@@ -199,6 +353,9 @@ fn default_checkpoint_rows() -> u64 {
 fn default_max_attempts() -> u32 {
     5
 }
+fn default_max_length() -> u32 {
+    512
+}
 
 impl Default for ShardSpec {
     fn default() -> Self {
@@ -249,17 +406,19 @@ impl JobSpec {
         hex::encode(Sha256::digest(&canonical))
     }
 
-    /// Every input column the job reads: model inputs, then passthrough, without repeats.
+    /// Every input column the job reads: model inputs (a `[text]` column for its token
+    /// tensors), then passthrough, without repeats.
     pub fn input_columns(&self) -> Vec<String> {
+        let text = |c: &String| match &self.text {
+            Some(t) if t.field(c).is_some() => t.column.clone(),
+            _ => c.clone(),
+        };
         let mut cols: Vec<String> = Vec::new();
-        for c in self
-            .model
-            .inputs
-            .values()
-            .chain(self.output.passthrough.iter())
+        for c in
+            (self.model.inputs.values().map(text)).chain(self.output.passthrough.iter().cloned())
         {
-            if !cols.contains(c) {
-                cols.push(c.clone());
+            if !cols.contains(&c) {
+                cols.push(c);
             }
         }
         cols

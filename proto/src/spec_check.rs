@@ -55,6 +55,10 @@ pub const MAX_BATCH_SIZE: u64 = 1 << 20;
 pub const MAX_SHARD_ROWS: u64 = 1 << 31;
 pub const MAX_ATTEMPTS: u32 = 100;
 pub const MAX_TARGET_FILE_MB: u64 = 65_536;
+/// The longest `text.max_length`.
+pub const MAX_TEXT_TOKENS: u32 = 1 << 16;
+/// The largest `batch.max_tokens`.
+pub const MAX_BATCH_TOKENS: u64 = 1 << 26;
 
 impl JobSpec {
     /// Parses a TOML spec and checks its rules.
@@ -112,6 +116,75 @@ impl JobSpec {
             })
     }
 
+    /// `[text]` and what depends on it: its keys, the token tensors `[model.inputs]` names, the
+    /// pooled outputs and `batch.max_tokens`.
+    fn check_text_job(&self) -> Result<(), SpecError> {
+        let err = |key: &str, message: String| {
+            Err(SpecError {
+                key: Some(key.to_string()),
+                line: None,
+                message,
+            })
+        };
+        if let Some(n) = self.batch.max_tokens
+            && !(1..=MAX_BATCH_TOKENS).contains(&n)
+        {
+            return err(
+                "batch.max_tokens",
+                format!("must be between 1 and {MAX_BATCH_TOKENS}, got {n}"),
+            );
+        }
+        let Some(text) = &self.text else {
+            if self.batch.max_tokens.is_some() {
+                return err("batch.max_tokens", "applies to [text] jobs only".into());
+            }
+            if let Some((name, _)) = self.model.outputs.iter().find(|(_, o)| o.pool().is_some()) {
+                return err(
+                    &format!("model.outputs.{name}.pool"),
+                    "pooling needs a [text] column: it pools over each row's tokens".into(),
+                );
+            }
+            return Ok(());
+        };
+        if text.column.is_empty() {
+            return err("text.column", "must not be empty".into());
+        }
+        if text.tokenizer.trim().is_empty() {
+            return err("text.tokenizer", "must not be empty".into());
+        }
+        if !(1..=MAX_TEXT_TOKENS).contains(&text.max_length) {
+            return err(
+                "text.max_length",
+                format!(
+                    "must be between 1 and {MAX_TEXT_TOKENS}, got {}",
+                    text.max_length
+                ),
+            );
+        }
+        let prefix = format!("{}.", text.column);
+        for (name, col) in &self.model.inputs {
+            if col.starts_with(&prefix) && text.field(col).is_none() {
+                return err(
+                    &format!("model.inputs.{name}"),
+                    format!(
+                        "`{col}` names no token tensor: use `{0}.input_ids`, `{0}.attention_mask` or `{0}.token_type_ids`",
+                        text.column
+                    ),
+                );
+            }
+        }
+        if !self.model.inputs.values().any(|c| text.field(c).is_some()) {
+            return err(
+                "model.inputs",
+                format!(
+                    "map a model input to `{}.input_ids`: [text] is tokenized for the model",
+                    text.column
+                ),
+            );
+        }
+        Ok(())
+    }
+
     /// The rules a parsed spec must follow beyond its types.
     pub fn check(&self) -> Result<(), SpecError> {
         let err = |key: &str, message: String| {
@@ -166,21 +239,24 @@ impl JobSpec {
                 "map at least one ONNX output to an output column".into(),
             );
         }
-        for (table, map) in [
-            ("model.inputs", &self.model.inputs),
-            ("model.outputs", &self.model.outputs),
-        ] {
-            for (name, col) in map {
-                if col.is_empty() {
-                    return err(
-                        &format!("{table}.{name}"),
-                        "column name must not be empty".into(),
-                    );
-                }
+        let inputs = self
+            .model
+            .inputs
+            .iter()
+            .map(|(n, c)| ("model.inputs", n, c.as_str()));
+        let outputs = (self.model.outputs.iter()).map(|(n, c)| ("model.outputs", n, c.column()));
+        for (table, name, col) in inputs.chain(outputs) {
+            if col.is_empty() {
+                return err(
+                    &format!("{table}.{name}"),
+                    "column name must not be empty".into(),
+                );
             }
         }
-        let mut out_cols: Vec<&String> = Vec::new();
-        for (name, col) in &self.model.outputs {
+        self.check_text_job()?;
+        let mut out_cols: Vec<&str> = Vec::new();
+        for (name, target) in &self.model.outputs {
+            let col = target.column();
             if out_cols.contains(&col) {
                 return err(
                     &format!("model.outputs.{name}"),
@@ -191,13 +267,14 @@ impl JobSpec {
         }
         let mut seen: Vec<&String> = Vec::new();
         for col in &self.output.passthrough {
+            let col_str = col.as_str();
             if seen.contains(&col) {
                 return err(
                     "output.passthrough",
                     format!("column `{col}` is listed twice"),
                 );
             }
-            if out_cols.contains(&col) {
+            if out_cols.contains(&col_str) {
                 return err(
                     "output.passthrough",
                     format!("column `{col}` is also a model output column"),
@@ -429,6 +506,117 @@ rows = 200000
         let long = GOOD.replace("demo-scores\"", &format!("{}\"", "n".repeat(10_000)));
         let e = JobSpec::from_toml(&long).unwrap_err();
         assert!(e.to_string().len() < 300, "{e}");
+    }
+
+    const TEXT: &str = r#"name = "embed"
+
+[input]
+uri = "data/texts/*.parquet"
+
+[text]
+column = "body"
+tokenizer = "models/e5/tokenizer.json"
+
+[model]
+uri = "models/e5/model.onnx"
+
+[model.inputs]
+input_ids = "body.input_ids"
+attention_mask = "body.attention_mask"
+
+[model.outputs]
+last_hidden_state = { column = "embedding", pool = "mean", normalize = true, dtype = "float16" }
+
+[output]
+uri = "out/embeddings/"
+passthrough = ["id"]
+"#;
+
+    #[test]
+    fn a_text_spec_reads_its_tokens_pooling_and_column() {
+        let spec = JobSpec::from_toml(TEXT).unwrap();
+        let text = spec.text.clone().unwrap();
+        assert_eq!(text.max_length, 512);
+        assert_eq!(
+            text.field("body.attention_mask"),
+            Some(crate::TextField::AttentionMask)
+        );
+        assert_eq!(text.field("bodyx.input_ids"), None);
+        assert_eq!(spec.input_columns(), vec!["body", "id"]);
+        let out = &spec.model.outputs["last_hidden_state"];
+        assert_eq!(out.column(), "embedding");
+        assert_eq!(out.pool(), Some(crate::Pool::Mean));
+        assert!(out.normalize());
+        assert_eq!(out.dtype(), Some(crate::FloatType::Float16));
+        // The plain form keeps its meaning, and its JSON (and so the spec hash) is unchanged.
+        let plain = JobSpec::from_toml(GOOD).unwrap();
+        assert_eq!(
+            plain.model.outputs["logits"],
+            crate::OutputTarget::Column("logits".into())
+        );
+        let json = serde_json::to_value(&plain).unwrap();
+        assert_eq!(json["model"]["outputs"]["logits"], "logits");
+        assert_eq!(
+            JobSpec::from_json(&serde_json::to_vec(&spec).unwrap()).unwrap(),
+            spec
+        );
+    }
+
+    #[test]
+    fn bad_text_specs_are_refused_naming_the_key() {
+        let cases = [
+            (
+                TEXT.replace("column = \"body\"", "column = \"\""),
+                "text.column",
+            ),
+            (
+                TEXT.replace(
+                    "tokenizer = \"models/e5/tokenizer.json\"",
+                    "tokenizer = \" \"",
+                ),
+                "text.tokenizer",
+            ),
+            (
+                TEXT.replace("[text]\n", "[text]\nmax_length = 0\n"),
+                "text.max_length",
+            ),
+            (
+                TEXT.replace("\"body.attention_mask\"", "\"body.mask\""),
+                "model.inputs.attention_mask",
+            ),
+            (
+                TEXT.replace(
+                    "input_ids = \"body.input_ids\"\nattention_mask = \"body.attention_mask\"",
+                    "x = \"other\"",
+                ),
+                "model.inputs",
+            ),
+            (
+                format!("{TEXT}\n[batch]\nmax_tokens = 0\n"),
+                "batch.max_tokens",
+            ),
+            (
+                GOOD.replace("[batch]\n", "[batch]\nmax_tokens = 4096\n"),
+                "batch.max_tokens",
+            ),
+            (
+                GOOD.replace(
+                    "logits = \"logits\"",
+                    "logits = { column = \"l\", pool = \"mean\" }",
+                ),
+                "model.outputs.logits.pool",
+            ),
+        ];
+        for (toml, key) in cases {
+            let e = JobSpec::from_toml(&toml).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        }
+        // Unknown pooling and unknown keys in an output table name what is wrong.
+        let e = JobSpec::from_toml(&TEXT.replace("\"mean\"", "\"median\"")).unwrap_err();
+        assert!(e.message.contains("median"), "{e}");
+        let e =
+            JobSpec::from_toml(&TEXT.replace("normalize = true", "normalise = true")).unwrap_err();
+        assert!(e.message.contains("normalise"), "{e}");
     }
 
     #[test]

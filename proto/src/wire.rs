@@ -87,6 +87,9 @@ pub struct JobView {
     /// The job's completion callback, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<NotifyView>,
+    /// A text job's tokens: padding efficiency and texts truncated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextView>,
 }
 
 /// Where a job's completion callback stands.
@@ -321,6 +324,40 @@ pub struct PartRecord {
     pub error_uri: Option<String>,
     #[serde(default)]
     pub error_bytes: u64,
+    /// A text job's tokens over the part's rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokenCounts>,
+}
+
+/// Tokens of a text job's rows: real ones, padded ones (what the model ran over) and texts
+/// cut at `max_length`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TokenCounts {
+    pub real: u64,
+    pub padded: u64,
+    pub truncated_rows: u64,
+}
+
+/// A text job's tokens so far, in its status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TextView {
+    #[serde(flatten)]
+    pub tokens: TokenCounts,
+    /// Real tokens / padded tokens.
+    pub padding_efficiency: f64,
+}
+
+impl std::fmt::Display for TextView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "padding efficiency {:.3} ({} real of {} padded tokens), {} texts truncated",
+            self.padding_efficiency,
+            self.tokens.real,
+            self.tokens.padded,
+            self.tokens.truncated_rows
+        )
+    }
 }
 
 /// `POST /v1/checkpoints`: records a part and moves the shard's checkpoint past it. The part

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use nightshift_proto::JobSpec;
+use nightshift_proto::{FloatType, JobSpec, OutputTarget, Pool, TextField, TextSpec};
 
 use crate::onnx_model::{Dim, ElemType, ModelSignature, TensorSig};
 
@@ -23,6 +23,9 @@ pub enum Shape {
     Flat,
     /// `[batch, width]`; width None means "whatever the column's rows hold" (checked per batch).
     Wide { width: Option<usize> },
+    /// `[batch, seq]` of a `[text]` column's tokens: rows of any length, padded with zeros to
+    /// the longest row of each model call.
+    Tokens(TextField),
 }
 
 /// One model input and the column that feeds it.
@@ -39,14 +42,23 @@ pub struct InputBinding {
 pub struct OutputBinding {
     pub onnx_name: String,
     pub column: String,
+    /// The model's element type.
     pub elem: ElemType,
-    /// None for `[batch]`, Some(K) for `[batch, K]`.
+    /// None for `[batch]`, Some(K) for `[batch, K]` (and `[batch, seq, K]` pooled).
     pub width: Option<usize>,
+    /// How a `[batch, seq, K]` output becomes one vector per row.
+    pub pool: Option<Pool>,
+    /// L2-normalise each row's vector.
+    pub normalize: bool,
+    /// The element type the column stores (the model's unless the spec names another).
+    pub stored: ElemType,
 }
 
 /// Everything the worker needs to turn record batches into tensors and back.
 #[derive(Debug, Clone)]
 pub struct TensorPlan {
+    /// The `[text]` column the worker tokenizes, if the job has one.
+    pub text: Option<TextSpec>,
     pub inputs: Vec<InputBinding>,
     pub outputs: Vec<OutputBinding>,
     /// Passthrough columns (nullable) then output columns.
@@ -76,6 +88,11 @@ pub fn plan_tensors(
                 known(&model.inputs)
             ));
         };
+        if let Some((text, field)) = (spec.text.as_ref()).and_then(|t| Some((t, t.field(column)?)))
+        {
+            inputs.push(bind_tokens(sig, text, field, input, input_name)?);
+            continue;
+        }
         let Ok(field) = input.field_with_name(column) else {
             return err(format!(
                 "input column `{column}` (for model input `{onnx_name}`) is not in `{input_name}`; its columns are {}",
@@ -95,14 +112,14 @@ pub fn plan_tensors(
         }
     }
     let mut outputs = Vec::new();
-    for (onnx_name, column) in &spec.model.outputs {
+    for (onnx_name, target) in &spec.model.outputs {
         let Some(sig) = model.output(onnx_name) else {
             return err(format!(
                 "[model.outputs] maps `{onnx_name}`, but the model has no output of that name; its outputs are {}",
                 known(&model.outputs)
             ));
         };
-        outputs.push(bind_output(sig, column)?);
+        outputs.push(bind_output(sig, target)?);
     }
     let mut fields: Vec<Field> = Vec::new();
     for col in &spec.output.passthrough {
@@ -118,6 +135,7 @@ pub fn plan_tensors(
         fields.push(Field::new(&o.column, output_type(o), false));
     }
     Ok(TensorPlan {
+        text: spec.text.clone(),
         inputs,
         outputs,
         output_schema: Arc::new(Schema::new(fields)),
@@ -135,7 +153,7 @@ fn column_list(schema: &Schema) -> String {
 
 /// The Arrow type of an output column.
 pub fn output_type(o: &OutputBinding) -> DataType {
-    let item = elem_to_arrow(o.elem).unwrap_or(DataType::Float32);
+    let item = elem_to_arrow(o.stored).unwrap_or(DataType::Float32);
     match o.width {
         None => item,
         Some(k) => DataType::FixedSizeList(Arc::new(Field::new("item", item, false)), k as i32),
@@ -145,6 +163,7 @@ pub fn output_type(o: &OutputBinding) -> DataType {
 /// The Arrow type holding a tensor element type, for the types tensors may have.
 pub fn elem_to_arrow(e: ElemType) -> Option<DataType> {
     Some(match e {
+        ElemType::F16 => DataType::Float16,
         ElemType::F32 => DataType::Float32,
         ElemType::F64 => DataType::Float64,
         ElemType::I32 => DataType::Int32,
@@ -157,10 +176,11 @@ pub fn elem_to_arrow(e: ElemType) -> Option<DataType> {
 pub fn widens(from: &DataType, to: ElemType) -> bool {
     use DataType::*;
     match to {
-        ElemType::F32 => matches!(from, Float32 | Int8 | Int16 | UInt8 | UInt16),
+        ElemType::F16 => matches!(from, Float16),
+        ElemType::F32 => matches!(from, Float16 | Float32 | Int8 | Int16 | UInt8 | UInt16),
         ElemType::F64 => matches!(
             from,
-            Float32 | Float64 | Int8 | Int16 | Int32 | UInt8 | UInt16 | UInt32
+            Float16 | Float32 | Float64 | Int8 | Int16 | Int32 | UInt8 | UInt16 | UInt32
         ),
         ElemType::I32 => matches!(from, Int8 | Int16 | Int32 | UInt8 | UInt16),
         ElemType::I64 => matches!(from, Int8 | Int16 | Int32 | Int64 | UInt8 | UInt16 | UInt32),
@@ -180,7 +200,7 @@ fn bind_input(sig: &TensorSig, field: &Field) -> Result<InputBinding, MappingErr
     };
     if elem_to_arrow(sig.elem).is_none() {
         return refuse(format!(
-            "model input type {} is not supported (float32, float64, int32, int64 are)",
+            "model input type {} is not supported (float16, float32, float64, int32, int64 are)",
             sig.elem
         ));
     }
@@ -239,7 +259,8 @@ fn bind_input(sig: &TensorSig, field: &Field) -> Result<InputBinding, MappingErr
     })
 }
 
-fn bind_output(sig: &TensorSig, column: &str) -> Result<OutputBinding, MappingError> {
+fn bind_output(sig: &TensorSig, target: &OutputTarget) -> Result<OutputBinding, MappingError> {
+    let column = target.column();
     let refuse = |why: String| {
         Err(MappingError(format!(
             "model output `{}` ({} {}) cannot become column `{column}`: {why}",
@@ -250,31 +271,99 @@ fn bind_output(sig: &TensorSig, column: &str) -> Result<OutputBinding, MappingEr
     };
     if elem_to_arrow(sig.elem).is_none() {
         return refuse(format!(
-            "output type {} is not supported (float32, float64, int32, int64 are)",
+            "output type {} is not supported (float16, float32, float64, int32, int64 are)",
             sig.elem
         ));
     }
-    let width = match sig.dims.as_deref() {
-        Some([_]) => None,
-        Some([_, Dim::Fixed(k)]) => Some(*k as usize),
-        Some([_, Dim::Dynamic]) => {
+    let is_float = matches!(sig.elem, ElemType::F16 | ElemType::F32 | ElemType::F64);
+    if (target.normalize() || target.dtype().is_some()) && !is_float {
+        return refuse("`normalize` and `dtype` apply to float outputs only".into());
+    }
+    let width = match (sig.dims.as_deref(), target.pool()) {
+        (Some([_]), None) => None,
+        (Some([_, Dim::Fixed(k)]), None) | (Some([_, _, Dim::Fixed(k)]), Some(_)) => {
+            Some(*k as usize)
+        }
+        (Some([_, Dim::Dynamic]), None) | (Some([_, _, Dim::Dynamic]), Some(_)) => {
             return refuse(
-                "its second dimension is not fixed, so the column width is unknown".into(),
+                "its last dimension is not fixed, so the column width is unknown".into(),
             );
         }
-        Some(d) => {
+        (Some([_, _, _]), None) => {
+            return refuse(
+                "a [batch, seq, hidden] output needs `pool` (mean, cls or max) to become one vector per row".into(),
+            );
+        }
+        (Some(_), Some(_)) => {
+            return refuse("`pool` applies to [batch, seq, hidden] outputs only".into());
+        }
+        (Some(d), None) => {
             return refuse(format!(
-                "rank {} outputs are not supported (1 or 2 are)",
+                "rank {} outputs are not supported (1 or 2 are, or 3 with `pool`)",
                 d.len()
             ));
         }
-        None => return refuse("the model declares no shape for it".into()),
+        (None, _) => return refuse("the model declares no shape for it".into()),
+    };
+    if target.normalize() && width.is_none() {
+        return refuse("`normalize` applies to vector outputs only".into());
+    }
+    let stored = match target.dtype() {
+        None => sig.elem,
+        Some(FloatType::Float32) => ElemType::F32,
+        Some(FloatType::Float16) => ElemType::F16,
     };
     Ok(OutputBinding {
         onnx_name: sig.name.clone(),
         column: column.to_string(),
         elem: sig.elem,
         width,
+        pool: target.pool(),
+        normalize: target.normalize(),
+        stored,
+    })
+}
+
+/// A token tensor of the `[text]` column: the column must hold strings, the model input must
+/// be `[batch, seq]` of int64 or int32.
+fn bind_tokens(
+    sig: &TensorSig,
+    text: &TextSpec,
+    field: TextField,
+    input: &Schema,
+    input_name: &str,
+) -> Result<InputBinding, MappingError> {
+    let col = &text.column;
+    let Ok(f) = input.field_with_name(col) else {
+        return Err(MappingError(format!(
+            "[text] column `{col}` is not in `{input_name}`; its columns are {}",
+            column_list(input)
+        )));
+    };
+    if !matches!(
+        f.data_type(),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    ) {
+        return Err(MappingError(format!(
+            "[text] column `{col}` holds {}, not strings (Utf8 or LargeUtf8)",
+            f.data_type()
+        )));
+    }
+    let rank = sig.dims.as_ref().map_or(2, Vec::len);
+    if !matches!(sig.elem, ElemType::I64 | ElemType::I32) || rank != 2 {
+        return Err(MappingError(format!(
+            "model input `{}` ({} {}) cannot take `{col}.{}`: token inputs are [batch, seq] of int64 or int32",
+            sig.name,
+            sig.elem,
+            sig.shape_text(),
+            field.suffix()
+        )));
+    }
+    Ok(InputBinding {
+        onnx_name: sig.name.clone(),
+        column: text.carrier(field),
+        elem: sig.elem,
+        shape: Shape::Tokens(field),
     })
 }
 
@@ -323,6 +412,94 @@ mod tests {
 
     fn sig(inp: &[(&str, i32, &[i64])], out: &[(&str, i32, &[i64])]) -> ModelSignature {
         ModelSignature::from_onnx_bytes("m", &model_bytes(inp, out)).unwrap()
+    }
+
+    /// A text spec: `[text] column = "text"`, token inputs, and `outputs` as TOML lines.
+    fn text_spec(inputs: &str, outputs: &str) -> JobSpec {
+        let toml = format!(
+            "name = \"t\"\n[input]\nuri = \"i\"\n[text]\ncolumn = \"text\"\ntokenizer = \"t.json\"\n\
+             [model]\nuri = \"m\"\n[model.inputs]\n{inputs}\n[model.outputs]\n{outputs}\n\
+             [output]\nuri = \"o\"\npassthrough = [\"id\"]\n"
+        );
+        JobSpec::from_toml(&toml).unwrap()
+    }
+
+    #[test]
+    fn text_columns_feed_token_inputs_and_pooled_outputs_become_vectors() {
+        let m = sig(
+            &[("ids", 7, &[-1, -1]), ("mask", 7, &[-1, -1])],
+            &[("h", 10, &[-1, -1, 4])],
+        );
+        let s = text_spec(
+            "ids = \"text.input_ids\"\nmask = \"text.attention_mask\"",
+            "h = { column = \"e\", pool = \"mean\", normalize = true, dtype = \"float32\" }",
+        );
+        let plan = plan_tensors(&s, &m, &schema(), "f").unwrap();
+        assert_eq!(plan.inputs[0].shape, Shape::Tokens(TextField::InputIds));
+        assert_eq!(plan.inputs[0].column, "text.input_ids");
+        assert_eq!(plan.outputs[0].width, Some(4));
+        assert_eq!(
+            (plan.outputs[0].elem, plan.outputs[0].stored),
+            (ElemType::F16, ElemType::F32)
+        );
+        assert_eq!(
+            plan.output_schema.field(1).data_type(),
+            &DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), 4)
+        );
+    }
+
+    #[test]
+    fn text_refusals_name_the_column_the_input_or_the_output() {
+        let m = |input: (&str, i32, &[i64]), output: &[i64]| sig(&[input], &[("h", 1, output)]);
+        let ids = "ids = \"text.input_ids\"";
+        let pooled = "h = { column = \"e\", pool = \"cls\" }";
+        let cases: [(ModelSignature, JobSpec, &str); 5] = [
+            // A float input cannot take token ids.
+            (
+                m(("ids", 1, &[-1, -1]), &[-1, -1, 4]),
+                text_spec(ids, pooled),
+                "token inputs are [batch, seq]",
+            ),
+            // A rank-3 output needs pooling.
+            (
+                m(("ids", 7, &[-1, -1]), &[-1, -1, 4]),
+                text_spec(ids, "h = \"e\""),
+                "needs `pool`",
+            ),
+            // Pooling needs a rank-3 output.
+            (
+                m(("ids", 7, &[-1, -1]), &[-1, 4]),
+                text_spec(ids, pooled),
+                "[batch, seq, hidden] outputs only",
+            ),
+            // The hidden size must be fixed.
+            (
+                m(("ids", 7, &[-1, -1]), &[-1, -1, -1]),
+                text_spec(ids, pooled),
+                "not fixed",
+            ),
+            // int outputs cannot be normalised.
+            (
+                sig(&[("ids", 7, &[-1, -1])], &[("h", 7, &[-1, 4])]),
+                text_spec(ids, "h = { column = \"e\", normalize = true }"),
+                "float outputs only",
+            ),
+        ];
+        for (model, spec, says) in cases {
+            let e = plan_tensors(&spec, &model, &schema(), "f").unwrap_err();
+            assert!(e.0.contains(says), "{e}");
+        }
+        // The text column must be there and hold strings.
+        let model = m(("ids", 7, &[-1, -1]), &[-1, -1, 4]);
+        let missing = Schema::new(vec![Field::new("id", DataType::Int64, false)]);
+        let e = plan_tensors(&text_spec(ids, pooled), &model, &missing, "f").unwrap_err();
+        assert!(e.0.contains("[text] column `text` is not in `f`"), "{e}");
+        let numbers = Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("text", DataType::Int64, true),
+        ]);
+        let e = plan_tensors(&text_spec(ids, pooled), &model, &numbers, "f").unwrap_err();
+        assert!(e.0.contains("not strings"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,6 @@ pub mod column_mapping;
 pub mod onnx_model;
 
 pub use column_mapping::{
-    InputBinding, MappingError, OutputBinding, Shape, TensorPlan, plan_tensors,
+    InputBinding, MappingError, OutputBinding, Shape, TensorPlan, elem_to_arrow, plan_tensors,
 };
 pub use onnx_model::{Dim, ElemType, ModelSignature, SignatureError, TensorSig};

@@ -29,5 +29,6 @@ pub fn write_part(lease: &ShardLease, row_start: u64, rows: u64) -> PartRecord {
         error_rows: 0,
         error_uri: None,
         error_bytes: 0,
+        tokens: None,
     }
 }

@@ -14,6 +14,7 @@ mod pipeline;
 mod shard_error;
 pub mod spot;
 mod tensors;
+pub mod text;
 mod worker;
 
 pub use context::WorkerReport;

@@ -201,6 +201,7 @@ impl ModelSession {
         inputs: &[TensorInput],
         outputs: &[OutputBinding],
         rows: usize,
+        lengths: Option<&[usize]>,
     ) -> Result<Vec<ArrayRef>, RunError> {
         if let Some(e) = injected_oom(rows) {
             return Err(e);
@@ -218,7 +219,7 @@ impl ModelSession {
                 let value = result.get(o.onnx_name.as_str()).ok_or_else(|| {
                     RunError::Failed(format!("the model returned no output `{}`", o.onnx_name))
                 })?;
-                Ok(tensors::output_array(value, o, rows)?)
+                Ok(tensors::output_array(value, o, rows, lengths)?)
             })
             .collect()
     }

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field};
-use arrow::datatypes::{Float32Type, Float64Type, Int32Type, Int64Type};
+use arrow::datatypes::{Float16Type, Float32Type, Float64Type, Int32Type, Int64Type};
 use arrow_array::RecordBatch;
+use nightshift_proto::Pool;
 use nightshift_signature::{ElemType, InputBinding, OutputBinding, Shape};
 use ort::session::SessionInputValue;
 use ort::value::{DynValue, TensorRef};
@@ -31,6 +32,10 @@ pub fn row_problems(batch: &RecordBatch, inputs: &[InputBinding]) -> Vec<RowProb
         let want = match b.shape {
             Shape::Flat => None,
             Shape::Wide { width } => width,
+            Shape::Tokens(_) => {
+                null_text_rows(col.as_ref(), &b.column, &mut bad);
+                continue;
+            }
         };
         let lengths = list_lengths(col.as_ref());
         // A ragged list column with no declared width takes its width from the first good row.
@@ -66,6 +71,16 @@ pub fn row_problems(batch: &RecordBatch, inputs: &[InputBinding]) -> Vec<RowProb
         .enumerate()
         .filter_map(|(row, m)| m.map(|message| RowProblem { row, message }))
         .collect()
+}
+
+/// Rows whose text is null (their token lists are): poison rows, named by the text column.
+fn null_text_rows(col: &dyn Array, carrier: &str, bad: &mut [Option<String>]) {
+    let text = carrier.rsplit_once('.').map_or(carrier, |(c, _)| c);
+    for (row, slot) in bad.iter_mut().enumerate() {
+        if slot.is_none() && col.is_null(row) {
+            *slot = Some(format!("[text] column `{text}` is null"));
+        }
+    }
 }
 
 type LengthFn<'a> = Box<dyn Fn(usize) -> (usize, bool) + 'a>;
@@ -151,6 +166,12 @@ impl TensorInput {
         let err = |e: ort::Error| TensorError::Runtime(e.to_string());
         let shape = self.shape.clone();
         Ok(match self.values.data_type() {
+            DataType::Float16 => TensorRef::from_array_view((
+                shape,
+                &self.values.as_primitive::<Float16Type>().values()[..],
+            ))
+            .map_err(err)?
+            .into(),
             DataType::Float32 => TensorRef::from_array_view((
                 shape,
                 &self.values.as_primitive::<Float32Type>().values()[..],
@@ -198,12 +219,16 @@ pub fn input_tensors(
             let col = batch
                 .column_by_name(&b.column)
                 .ok_or_else(|| TensorError::MissingColumn(b.column.clone()))?;
-            let (values, width) = flat_values(col);
+            let (values, width) = match b.shape {
+                Shape::Tokens(_) => padded_values(col),
+                _ => flat_values(col),
+            };
             let shape: Vec<i64> = match b.shape {
                 Shape::Flat => vec![rows as i64],
-                Shape::Wide { .. } => vec![rows as i64, width as i64],
+                Shape::Wide { .. } | Shape::Tokens(_) => vec![rows as i64, width as i64],
             };
             let target = match b.elem {
+                ElemType::F16 => DataType::Float16,
                 ElemType::F32 => DataType::Float32,
                 ElemType::F64 => DataType::Float64,
                 ElemType::I32 => DataType::Int32,
@@ -229,6 +254,26 @@ pub fn input_tensors(
             })
         })
         .collect()
+}
+
+/// Token lists (`List<Int64>`) padded with zeros to the longest row, laid out row after row,
+/// and that length.
+fn padded_values(col: &ArrayRef) -> (ArrayRef, usize) {
+    let lists = col.as_list::<i32>();
+    let longest = (0..lists.len())
+        .map(|r| lists.value_length(r) as usize)
+        .max()
+        .unwrap_or(0);
+    let mut out = vec![0i64; lists.len() * longest];
+    for (r, row) in out.chunks_mut(longest.max(1)).enumerate().take(lists.len()) {
+        if lists.is_null(r) {
+            continue;
+        }
+        let values = lists.value(r);
+        let values = values.as_primitive::<Int64Type>().values();
+        row[..values.len()].copy_from_slice(values);
+    }
+    (Arc::new(arrow::array::Int64Array::from(out)), longest)
 }
 
 /// The values of a column laid out row after row, and the number of values per row.
@@ -262,44 +307,28 @@ fn flat_values(col: &ArrayRef) -> (ArrayRef, usize) {
     }
 }
 
-/// One model output as the Arrow array of its column: `[rows]` plain, `[rows, K]` a
-/// FixedSizeList of K.
+/// One model output as the Arrow array of its column: `[rows]` plain, `[rows, K]` (or
+/// `[rows, seq, K]` pooled over each row's `lengths` real tokens) a FixedSizeList of K,
+/// L2-normalised and stored as the binding says.
 pub fn output_array(
     value: &DynValue,
     o: &OutputBinding,
     rows: usize,
+    lengths: Option<&[usize]>,
 ) -> Result<ArrayRef, TensorError> {
-    let check = |dims: &[i64]| -> Result<(), TensorError> {
-        let ok = match o.width {
-            None => dims == [rows as i64] || dims == [rows as i64, 1],
-            Some(k) => dims == [rows as i64, k as i64],
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(TensorError::Shape {
-                name: o.onnx_name.clone(),
-                got: dims.to_vec(),
-                expected: format!(
-                    "[{rows}{}]",
-                    o.width.map(|k| format!(", {k}")).unwrap_or_default()
-                ),
-            })
-        }
+    let mut values = match o.pool {
+        Some(pool) => pooled(value, o, rows, pool, lengths)?,
+        None => plain(value, o, rows)?,
     };
-    let values: ArrayRef = match o.elem {
-        ElemType::F32 => extract::<Float32Type>(value, check)?,
-        ElemType::F64 => extract::<Float64Type>(value, check)?,
-        ElemType::I32 => extract::<Int32Type>(value, check)?,
-        ElemType::I64 => extract::<Int64Type>(value, check)?,
-        other => {
-            return Err(TensorError::UnsupportedType {
-                direction: "output",
-                name: o.onnx_name.clone(),
-                elem: other.to_string(),
-            });
-        }
-    };
+    if o.normalize
+        && let Some(k) = o.width
+    {
+        values = normalized(&values, k)?;
+    }
+    let stored = arrow_type(o.stored, &o.onnx_name)?;
+    if values.data_type() != &stored {
+        values = cast(&values, &stored).map_err(|e| TensorError::Arrow(e.to_string()))?;
+    }
     Ok(match o.width {
         None => values,
         Some(k) => {
@@ -310,6 +339,128 @@ pub fn output_array(
             )
         }
     })
+}
+
+/// The Arrow type of a tensor element type.
+fn arrow_type(elem: ElemType, name: &str) -> Result<DataType, TensorError> {
+    nightshift_signature::elem_to_arrow(elem).ok_or_else(|| TensorError::UnsupportedType {
+        direction: "output",
+        name: name.to_string(),
+        elem: elem.to_string(),
+    })
+}
+
+/// A `[rows]` or `[rows, K]` output's values, row after row.
+fn plain(value: &DynValue, o: &OutputBinding, rows: usize) -> Result<ArrayRef, TensorError> {
+    let check = |dims: &[i64]| -> Result<(), TensorError> {
+        let ok = match o.width {
+            None => dims == [rows as i64] || dims == [rows as i64, 1],
+            Some(k) => dims == [rows as i64, k as i64],
+        };
+        ok.then_some(()).ok_or_else(|| TensorError::Shape {
+            name: o.onnx_name.clone(),
+            got: dims.to_vec(),
+            expected: format!(
+                "[{rows}{}]",
+                o.width.map(|k| format!(", {k}")).unwrap_or_default()
+            ),
+        })
+    };
+    match o.elem {
+        ElemType::F16 => extract::<Float16Type>(value, check),
+        ElemType::F32 => extract::<Float32Type>(value, check),
+        ElemType::F64 => extract::<Float64Type>(value, check),
+        ElemType::I32 => extract::<Int32Type>(value, check),
+        ElemType::I64 => extract::<Int64Type>(value, check),
+        other => Err(TensorError::UnsupportedType {
+            direction: "output",
+            name: o.onnx_name.clone(),
+            elem: other.to_string(),
+        }),
+    }
+}
+
+/// A `[rows, seq, K]` output pooled to `[rows, K]` (float32) over each row's real tokens.
+fn pooled(
+    value: &DynValue,
+    o: &OutputBinding,
+    rows: usize,
+    pool: Pool,
+    lengths: Option<&[usize]>,
+) -> Result<ArrayRef, TensorError> {
+    let k = o.width.unwrap_or(0);
+    let runtime = |e: ort::Error| TensorError::Runtime(e.to_string());
+    let (shape, data): (Vec<i64>, Vec<f32>) = match o.elem {
+        ElemType::F32 => {
+            let (shape, data) = value.try_extract_tensor::<f32>().map_err(runtime)?;
+            (shape.to_vec(), data.to_vec())
+        }
+        ElemType::F16 => {
+            let (shape, data) = value.try_extract_tensor::<half::f16>().map_err(runtime)?;
+            (shape.to_vec(), data.iter().map(|v| v.to_f32()).collect())
+        }
+        other => {
+            return Err(TensorError::UnsupportedType {
+                direction: "output",
+                name: o.onnx_name.clone(),
+                elem: other.to_string(),
+            });
+        }
+    };
+    let seq = match shape.as_slice() {
+        [r, s, w] if *r == rows as i64 && *w == k as i64 && *s > 0 => *s as usize,
+        _ => {
+            return Err(TensorError::Shape {
+                name: o.onnx_name.clone(),
+                got: shape,
+                expected: format!("[{rows}, seq, {k}]"),
+            });
+        }
+    };
+    let mut out = vec![0f32; rows * k];
+    for (r, row_out) in out.chunks_mut(k.max(1)).enumerate().take(rows) {
+        let real = lengths
+            .and_then(|l| l.get(r).copied())
+            .unwrap_or(seq)
+            .clamp(1, seq);
+        let row = &data[r * seq * k..(r + 1) * seq * k];
+        pool_row(pool, &row[..real * k], k, row_out);
+    }
+    Ok(Arc::new(arrow::array::Float32Array::from(out)))
+}
+
+/// Pools `tokens` (real tokens x `k`, row after row) into `out`.
+fn pool_row(pool: Pool, tokens: &[f32], k: usize, out: &mut [f32]) {
+    let mut vectors = tokens.chunks(k);
+    match pool {
+        Pool::Cls => out.copy_from_slice(vectors.next().unwrap_or(&[])),
+        Pool::Mean => {
+            let n = (tokens.len() / k.max(1)).max(1) as f32;
+            for v in vectors {
+                out.iter_mut().zip(v).for_each(|(o, x)| *o += x);
+            }
+            out.iter_mut().for_each(|o| *o /= n);
+        }
+        Pool::Max => {
+            out.fill(f32::NEG_INFINITY);
+            for v in vectors {
+                out.iter_mut().zip(v).for_each(|(o, x)| *o = o.max(*x));
+            }
+        }
+    }
+}
+
+/// Each row of `k` values scaled to unit L2 norm (a zero row stays zero), as float32.
+fn normalized(values: &ArrayRef, k: usize) -> Result<ArrayRef, TensorError> {
+    let values = cast(values, &DataType::Float32).map_err(|e| TensorError::Arrow(e.to_string()))?;
+    let mut out = values.as_primitive::<Float32Type>().values().to_vec();
+    for row in out.chunks_mut(k.max(1)) {
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            row.iter_mut().for_each(|x| *x /= norm);
+        }
+    }
+    Ok(Arc::new(arrow::array::Float32Array::from(out)))
 }
 
 /// A tensor's values, after `check` accepted its shape, as an Arrow array (one copy).
@@ -404,6 +555,27 @@ mod tests {
         assert_eq!(
             values.as_primitive::<Float32Type>().values().to_vec(),
             vec![3.0, 4.0, 5.0, 6.0]
+        );
+    }
+
+    #[test]
+    fn pooling_reads_only_real_tokens() {
+        // Two real tokens of width 2; padding is not passed in.
+        let tokens = [1.0, -2.0, 3.0, 4.0];
+        let mut out = [0.0; 2];
+        pool_row(Pool::Mean, &tokens, 2, &mut out);
+        assert_eq!(out, [2.0, 1.0]);
+        let mut out = [0.0; 2];
+        pool_row(Pool::Max, &tokens, 2, &mut out);
+        assert_eq!(out, [3.0, 4.0]);
+        let mut out = [0.0; 2];
+        pool_row(Pool::Cls, &tokens, 2, &mut out);
+        assert_eq!(out, [1.0, -2.0]);
+        let v: ArrayRef = Arc::new(arrow::array::Float32Array::from(vec![3.0, 4.0, 0.0, 0.0]));
+        let n = normalized(&v, 2).unwrap();
+        assert_eq!(
+            n.as_primitive::<Float32Type>().values(),
+            &[0.6, 0.8, 0.0, 0.0]
         );
     }
 

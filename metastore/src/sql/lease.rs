@@ -246,10 +246,11 @@ where
             let row = Self::lease_row(&mut tx, lease.shard_id).await?;
             return Err(rules::checkpoint_refused(row.as_ref(), lease, part));
         };
+        let tokens = part.tokens.unwrap_or_default();
         sqlx::query(D::sql(
             "INSERT INTO parts (job_id, shard_id, token, row_start, rows, bytes, uri, \
-                 error_rows, error_uri, error_bytes, created_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, {now})",
+             error_rows, error_uri, error_bytes, real_tokens, padded_tokens, truncated_rows, \
+             created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, {now})",
         ))
         .bind(job_id)
         .bind(lease.shard_id)
@@ -261,6 +262,9 @@ where
         .bind(count(part.error_rows))
         .bind(part.error_uri.as_deref())
         .bind(count(part.error_bytes))
+        .bind(count(tokens.real))
+        .bind(count(tokens.padded))
+        .bind(count(tokens.truncated_rows))
         .execute(D::ex(&mut tx))
         .await?;
         if part.error_rows > 0 {

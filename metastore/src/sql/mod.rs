@@ -22,7 +22,9 @@ use nightshift_proto::FailureClass;
 use nightshift_proto::wire::{InputFile, JobPlan, NotifyView, PartRecord};
 
 use crate::merges::{MergeCandidate, MergeGroup};
-use crate::records::{FireRecord, LeasedShard, RowsAt, ScheduleRecord, ShardTally, WorkerSeen};
+use crate::records::{
+    FireRecord, LeasedShard, RowsAt, ScheduleRecord, ShardTally, TokenSums, WorkerSeen,
+};
 use crate::{
     ClaimRequest, DueNotification, JobFilter, JobOutcome, JobRecord, LeaseHolder, LeaseTiming,
     Metastore, NewJob, NewSchedule, NotifyOutcome, PartRow, Result, ShardRow, StoreMetrics,
@@ -379,6 +381,10 @@ where
 
     async fn leased_shards(&self) -> Result<Vec<LeasedShard>> {
         self.leased_shards().await
+    }
+
+    async fn token_sums(&self, job_id: i64) -> Result<TokenSums> {
+        self.token_sums(job_id).await
     }
 
     async fn now_ms(&self) -> Result<i64> {

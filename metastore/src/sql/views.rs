@@ -6,7 +6,7 @@ use sqlx::{ColumnIndex, Encode, Type};
 
 use super::{Dialect, RowOf, SqlStore, Value};
 use crate::Result;
-use crate::records::{LeasedShard, RowsAt, WorkerSeen};
+use crate::records::{LeasedShard, RowsAt, TokenSums, WorkerSeen};
 
 impl<D: Dialect> SqlStore<D>
 where
@@ -54,6 +54,18 @@ where
         )
         .bind(ShardState::Leased.as_str())
         .fetch_all(D::ex(&mut *self.conn().await?))
+        .await?)
+    }
+
+    pub(super) async fn token_sums(&self, job_id: i64) -> Result<TokenSums> {
+        Ok(sqlx::query_as(
+            "SELECT CAST(COALESCE(SUM(real_tokens), 0) AS BIGINT) AS real, \
+             CAST(COALESCE(SUM(padded_tokens), 0) AS BIGINT) AS padded, \
+             CAST(COALESCE(SUM(truncated_rows), 0) AS BIGINT) AS truncated_rows \
+             FROM parts WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .fetch_one(D::ex(&mut *self.conn().await?))
         .await?)
     }
 }

@@ -3,16 +3,20 @@
 //! model rejects is split in halves until the rows it rejects are found; those become poison
 //! rows and the rest goes on.
 
+use std::sync::Arc;
+
 use arrow::array::{ArrayRef, UInt32Array};
-use arrow::compute::{concat, take_record_batch};
+use arrow::compute::{concat, take, take_record_batch};
 use arrow_array::RecordBatch;
 use nightshift_signature::TensorPlan;
+use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
 use crate::model_session::{ModelSession, RunError};
 use crate::pipeline::reader::InputBatch;
 use crate::shard_error::ShardError;
 use crate::tensors::{TensorInput, input_tensors, row_problems};
+use crate::text::{self, TokenStats, token_lengths, tokenize};
 
 /// Why a row went to `_errors/`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,14 +28,24 @@ pub struct RowError {
     pub message: String,
 }
 
-/// A batch ready for the model.
+/// A batch ready for the model: its rows that can feed it, as model calls with their tensors.
 pub struct Prepared {
     pub start: u64,
+    /// The batch as read, with a text job's token columns appended.
     pub input: RecordBatch,
-    /// Rows that can feed the model (None: all of them).
-    pub good: Option<Vec<u32>>,
-    pub tensors: Vec<TensorInput>,
+    /// Columns of the batch as read (the token columns come after them).
+    pub columns: usize,
+    pub calls: Vec<Call>,
     pub errors: Vec<RowError>,
+    pub tokens: TokenStats,
+}
+
+/// Rows of a batch run by one model call (in the call's order), and their tensors.
+pub struct Call {
+    pub rows: Vec<u32>,
+    pub tensors: Vec<TensorInput>,
+    /// Each row's real tokens (text jobs): what pooling averages over.
+    pub lengths: Option<Vec<usize>>,
 }
 
 /// A batch after the model.
@@ -44,44 +58,64 @@ pub struct Inferred {
     pub errors: Vec<RowError>,
     /// The session's row limit after this batch (`None`: no limit met).
     pub row_limit: Option<usize>,
+    pub tokens: TokenStats,
 }
 
-/// Finds rows that cannot become tensors and builds the tensors from the rest.
-pub fn prepare(b: InputBatch, plan: &TensorPlan) -> Result<Prepared, ShardError> {
-    let problems = row_problems(&b.batch, &plan.inputs);
-    if problems.is_empty() {
-        let tensors = input_tensors(&b.batch, &plan.inputs)?;
-        return Ok(Prepared {
-            start: b.start,
-            input: b.batch,
-            good: None,
-            tensors,
-            errors: Vec::new(),
-        });
-    }
+/// How a text job cuts its read windows into model calls.
+#[derive(Clone)]
+pub struct TextCalls {
+    pub tokenizer: Arc<Tokenizer>,
+    pub max_rows: usize,
+    pub max_tokens: u64,
+}
+
+/// Finds rows that cannot become tensors and builds the tensors of the rest: one call in row
+/// order, or (text jobs) calls of rows of similar token length.
+pub fn prepare(
+    b: InputBatch,
+    plan: &TensorPlan,
+    text: Option<&TextCalls>,
+) -> Result<Prepared, ShardError> {
+    let columns = b.batch.num_columns();
+    let (input, mut tokens) = match (text, &plan.text) {
+        (Some(t), Some(spec)) => tokenize(&b.batch, spec, &t.tokenizer)?,
+        _ => (b.batch, TokenStats::default()),
+    };
+    let problems = row_problems(&input, &plan.inputs);
     let mut bad = problems.iter().map(|p| p.row).peekable();
-    let good: Vec<u32> = (0..b.batch.num_rows())
+    let good: Vec<u32> = (0..input.num_rows())
         .filter(|r| {
-            if bad.peek() == Some(r) {
+            let is_bad = bad.peek() == Some(r);
+            if is_bad {
                 bad.next();
-                false
-            } else {
-                true
             }
+            !is_bad
         })
         .map(|r| r as u32)
         .collect();
-    let good_batch = take_rows(&b.batch, &good)?;
-    let tensors = if good.is_empty() {
-        Vec::new()
-    } else {
-        input_tensors(&good_batch, &plan.inputs)?
+    let groups = match (text, &plan.text) {
+        (Some(t), Some(spec)) => {
+            let lengths = token_lengths(&input, spec);
+            let groups = text::calls(&good, &lengths, t.max_rows, t.max_tokens);
+            tokens.padded_tokens = groups
+                .iter()
+                .map(|g| text::padded_tokens(g, &lengths))
+                .sum();
+            groups
+        }
+        _ if good.is_empty() => Vec::new(),
+        _ => vec![good],
     };
+    let whole = problems.is_empty() && text.is_none();
+    let calls = groups
+        .into_iter()
+        .map(|rows| call(&input, plan, rows, whole))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Prepared {
         start: b.start,
-        input: b.batch,
-        good: Some(good),
-        tensors,
+        input,
+        columns,
+        calls,
         errors: problems
             .into_iter()
             .map(|p| RowError {
@@ -90,6 +124,28 @@ pub fn prepare(b: InputBatch, plan: &TensorPlan) -> Result<Prepared, ShardError>
                 message: p.message,
             })
             .collect(),
+        tokens,
+    })
+}
+
+/// A call over `rows` of `input` (`whole`: they are all its rows, in order).
+fn call(
+    input: &RecordBatch,
+    plan: &TensorPlan,
+    rows: Vec<u32>,
+    whole: bool,
+) -> Result<Call, ShardError> {
+    let taken;
+    let batch = if whole {
+        input
+    } else {
+        taken = take_rows(input, &rows)?;
+        &taken
+    };
+    Ok(Call {
+        tensors: input_tensors(batch, &plan.inputs)?,
+        lengths: plan.text.as_ref().map(|t| token_lengths(batch, t)),
+        rows,
     })
 }
 
@@ -115,38 +171,88 @@ pub fn infer_loop(
     }
 }
 
+/// What one call gave: the rows with outputs (batch rows), their outputs, the rows rejected.
+struct Ran {
+    kept: Vec<u32>,
+    outputs: Vec<ArrayRef>,
+    rejected: Vec<RowError>,
+}
+
 fn infer(
     session: &mut ModelSession,
     plan: &TensorPlan,
     p: Prepared,
 ) -> Result<Inferred, ShardError> {
-    let good_rows: Vec<u32> = match &p.good {
-        Some(g) => g.clone(),
-        None => (0..p.input.num_rows() as u32).collect(),
-    };
-    if good_rows.is_empty() {
-        return Ok(Inferred {
-            start: p.start,
-            input: p.input,
-            kept: Some(Vec::new()),
-            outputs: empty_outputs(plan),
-            errors: p.errors,
-            row_limit: session.row_limit,
-        });
+    let rows = p.input.num_rows();
+    let mut errors = p.errors;
+    let mut ran = Vec::with_capacity(p.calls.len());
+    for call in p.calls {
+        let r = run_call(session, plan, &p.input, call)?;
+        errors.extend(r.rejected.iter().cloned());
+        ran.push(r);
     }
-    let fits = session
-        .row_limit
-        .is_none_or(|limit| good_rows.len() <= limit);
+    errors.sort_by_key(|e| e.row);
+    let (kept, outputs) = in_row_order(plan, ran)?;
+    let input = p
+        .input
+        .project(&(0..p.columns).collect::<Vec<_>>())
+        .map_err(|e| ShardError::Internal(e.to_string()))?;
+    Ok(Inferred {
+        start: p.start,
+        input,
+        kept: (kept.len() != rows).then_some(kept),
+        outputs,
+        errors,
+        row_limit: session.row_limit,
+        tokens: p.tokens,
+    })
+}
+
+/// The calls' outputs as one set in row order.
+fn in_row_order(plan: &TensorPlan, ran: Vec<Ran>) -> Result<(Vec<u32>, Vec<ArrayRef>), ShardError> {
+    let kept: Vec<u32> = ran.iter().flat_map(|r| r.kept.iter().copied()).collect();
+    let outputs = (0..plan.outputs.len())
+        .map(|k| {
+            let parts: Vec<&dyn arrow::array::Array> =
+                ran.iter().map(|r| r.outputs[k].as_ref()).collect();
+            match parts.len() {
+                0 => Ok(empty_outputs(plan)[k].clone()),
+                1 => Ok(ran[0].outputs[k].clone()),
+                _ => concat(&parts).map_err(|e| ShardError::Internal(e.to_string())),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if kept.is_sorted() {
+        return Ok((kept, outputs));
+    }
+    let mut order: Vec<u32> = (0..kept.len() as u32).collect();
+    order.sort_by_key(|&i| kept[i as usize]);
+    let order = UInt32Array::from(order);
+    let outputs = outputs
+        .iter()
+        .map(|o| take(o.as_ref(), &order, None).map_err(|e| ShardError::Internal(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut kept = kept;
+    kept.sort_unstable();
+    Ok((kept, outputs))
+}
+
+/// Runs one call; a call the model rejects or the device cannot hold is run in pieces.
+fn run_call(
+    session: &mut ModelSession,
+    plan: &TensorPlan,
+    input: &RecordBatch,
+    call: Call,
+) -> Result<Ran, ShardError> {
+    let n = call.rows.len();
+    let fits = session.row_limit.is_none_or(|limit| n <= limit);
     let whole = if fits {
-        match session.run(&p.tensors, &plan.outputs, good_rows.len()) {
+        match session.run(&call.tensors, &plan.outputs, n, call.lengths.as_deref()) {
             Ok(outputs) => {
-                return Ok(Inferred {
-                    start: p.start,
-                    input: p.input,
-                    kept: p.good,
+                return Ok(Ran {
+                    kept: call.rows,
                     outputs,
-                    errors: p.errors,
-                    row_limit: session.row_limit,
+                    rejected: Vec::new(),
                 });
             }
             Err(e) => Some(e),
@@ -156,36 +262,24 @@ fn infer(
     };
     // Run it in pieces: smaller calls where the device ran out of memory, and halves down to
     // single rows to find the rows the model rejects.
-    let good_batch = take_rows(&p.input, &good_rows)?;
+    let batch = take_rows(input, &call.rows)?;
     let mut calls = Calls {
         session,
         plan,
-        batch: &good_batch,
+        batch: &batch,
         ok: Vec::new(),
         rejected: Vec::new(),
     };
-    calls.run(0, good_rows.len(), whole)?;
-    let Calls {
-        ok,
-        rejected,
-        session,
-        ..
-    } = calls;
-    if ok.is_empty() && good_rows.len() > 1 {
+    calls.run(0, n, whole)?;
+    let Calls { ok, rejected, .. } = calls;
+    if ok.is_empty() && n > 1 {
         // Every row fails alone too: the model or the device is broken, not the data.
         let reason = rejected.first().map(|(_, m)| m.clone()).unwrap_or_default();
         return Err(ShardError::Inference(reason));
     }
-    let mut errors = p.errors;
-    errors.extend(rejected.into_iter().map(|(i, message)| RowError {
-        row: good_rows[i] as usize,
-        class: "model",
-        message,
-    }));
-    errors.sort_by_key(|e| e.row);
-    let kept: Vec<u32> = ok
+    let kept = ok
         .iter()
-        .flat_map(|(from, to, _)| good_rows[*from..*to].iter().copied())
+        .flat_map(|(from, to, _)| call.rows[*from..*to].iter().copied())
         .collect();
     let outputs = (0..plan.outputs.len())
         .map(|k| {
@@ -198,13 +292,18 @@ fn infer(
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Inferred {
-        start: p.start,
-        input: p.input,
-        kept: Some(kept),
+    let rejected = rejected
+        .into_iter()
+        .map(|(i, message)| RowError {
+            row: call.rows[i] as usize,
+            class: "model",
+            message,
+        })
+        .collect();
+    Ok(Ran {
+        kept,
         outputs,
-        errors,
-        row_limit: session.row_limit,
+        rejected,
     })
 }
 
@@ -236,7 +335,9 @@ impl Calls<'_> {
             None => {
                 let slice = self.batch.slice(from, rows);
                 let tensors = input_tensors(&slice, &self.plan.inputs)?;
-                self.session.run(&tensors, &self.plan.outputs, rows)
+                let lengths = self.plan.text.as_ref().map(|t| token_lengths(&slice, t));
+                self.session
+                    .run(&tensors, &self.plan.outputs, rows, lengths.as_deref())
             }
         };
         match outcome {

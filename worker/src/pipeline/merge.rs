@@ -86,6 +86,7 @@ pub async fn run_merge(
         error_rows: sources.iter().map(|p| p.error_rows).sum(),
         error_uri,
         error_bytes,
+        tokens: None,
     };
     ctx.client.checkpoint(lease_ref, part, None).await?;
     ctx.client.complete(lease_ref).await?;

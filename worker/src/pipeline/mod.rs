@@ -20,7 +20,8 @@ use crate::context::WorkerContext;
 use crate::executor::{Executor, Stream};
 use crate::model_session::ChosenDevice;
 use crate::shard_error::ShardError;
-use infer::prepare;
+use crate::text;
+use infer::{TextCalls, prepare};
 use parts::PartSink;
 use reader::{ShardInput, read_batches};
 
@@ -148,13 +149,21 @@ async fn run(
     );
     let batch_size = spec.batch.size.start_rows(on_gpu) as usize;
     tracing::info!(shard = lease.shard_id, batch_rows = batch_size, size = %spec.batch.size, "batch size");
+    let text = text_calls(ctx, spec, batch_size).await?;
+    // A text job reads windows of several calls, whose rows it groups by length.
+    let read_rows = batch_size
+        * if text.is_some() {
+            text::WINDOW_CALLS
+        } else {
+            1
+        };
     let reader_done = input_done.clone();
     let reader = tokio::spawn(async move {
         let read = read_batches(
             input,
             &reader_lease,
             &columns,
-            batch_size,
+            read_rows,
             skip,
             read_tx,
             drain,
@@ -170,7 +179,10 @@ async fn run(
         let mut prepared = futures::stream::poll_fn(move |cx| read_rx.poll_recv(cx))
             .map(|item| {
                 let plan = prep_plan.clone();
-                tokio::task::spawn_blocking(move || item.and_then(|b| prepare(b, &plan)))
+                let text = text.clone();
+                tokio::task::spawn_blocking(move || {
+                    item.and_then(|b| prepare(b, &plan, text.as_ref()))
+                })
             })
             .buffered(prepare_threads);
         while let Some(out) = prepared.next().await {
@@ -255,4 +267,27 @@ async fn run(
     Err(ShardError::Internal(format!(
         "input ended at row {committed} of {total}"
     )))
+}
+
+/// A text job's tokenizer (truncating at `max_length`) and how it cuts model calls.
+async fn text_calls(
+    ctx: &WorkerContext,
+    spec: &nightshift_proto::JobSpec,
+    batch_size: usize,
+) -> Result<Option<TextCalls>, ShardError> {
+    let Some(t) = &spec.text else {
+        return Ok(None);
+    };
+    let tokenizer = ctx.models.tokenizer(&ctx.stores, &t.tokenizer).await?;
+    let tokenizer = text::truncating(&tokenizer, t.max_length).map_err(|reason| {
+        ShardError::Model(crate::model_session::ModelError::Load {
+            uri: t.tokenizer.clone(),
+            reason,
+        })
+    })?;
+    Ok(Some(TextCalls {
+        tokenizer: Arc::new(tokenizer),
+        max_rows: batch_size,
+        max_tokens: spec.batch.max_tokens.unwrap_or(text::DEFAULT_MAX_TOKENS),
+    }))
 }

@@ -10,7 +10,7 @@ use arrow::compute::take;
 use arrow_array::RecordBatch;
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use nightshift_proto::layout::{JOB_UID_KEY, part_name};
-use nightshift_proto::wire::{PartRecord, ShardLease};
+use nightshift_proto::wire::{PartRecord, ShardLease, TokenCounts};
 use nightshift_signature::TensorPlan;
 use nightshift_storage::{Location, PartUpload};
 use parquet::arrow::AsyncArrowWriter;
@@ -20,6 +20,7 @@ use parquet::file::properties::WriterProperties;
 
 use crate::pipeline::infer::Inferred;
 use crate::shard_error::ShardError;
+use crate::text::TokenStats;
 
 /// Columns every error row carries after its passthrough columns.
 pub const ERROR_ROW: &str = "_row";
@@ -109,6 +110,8 @@ struct OpenPart {
     row_start: u64,
     rows: u64,
     error_rows: u64,
+    /// A text job's tokens over the part's rows.
+    tokens: TokenStats,
     out: OpenFile,
     errors: Option<OpenFile>,
 }
@@ -161,6 +164,7 @@ impl PartSink {
                 row_start: inf.start,
                 rows: 0,
                 error_rows: 0,
+                tokens: TokenStats::default(),
                 out: OpenFile::create(
                     self.prefix.join(&name),
                     self.plan.output_schema.clone(),
@@ -192,6 +196,7 @@ impl PartSink {
             part.error_rows += eb.num_rows() as u64;
         }
         part.rows += inf.input.num_rows() as u64;
+        part.tokens.add(inf.tokens);
         if part.rows >= self.checkpoint_rows {
             return self.finish().await;
         }
@@ -219,6 +224,11 @@ impl PartSink {
             error_rows: part.error_rows,
             error_uri,
             error_bytes,
+            tokens: self.plan.text.is_some().then_some(TokenCounts {
+                real: part.tokens.real_tokens,
+                padded: part.tokens.padded_tokens,
+                truncated_rows: part.tokens.truncated_rows,
+            }),
         }))
     }
 

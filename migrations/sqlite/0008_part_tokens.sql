@@ -1,0 +1,5 @@
+-- A text job's tokens per part: real ones, padded ones and texts cut at max_length, summed
+-- into the job's padding efficiency.
+ALTER TABLE parts ADD COLUMN real_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE parts ADD COLUMN padded_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE parts ADD COLUMN truncated_rows INTEGER NOT NULL DEFAULT 0;
