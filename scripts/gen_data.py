@@ -25,7 +25,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--codecs", default="snappy", help="comma-separated, one per file in turn")
     p.add_argument("--list-type", choices=["fixed", "list", "large"], default="fixed")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--dtype", choices=["float16", "float32", "float64"], default="float32")
     p.add_argument("--nullable", action="store_true", help="declare columns nullable (no nulls)")
     p.add_argument("--null-ids", default="", help="ids whose features are null")
     p.add_argument("--short-ids", default="", help="ids whose feature list is one value short")
@@ -42,8 +42,8 @@ def main() -> None:
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     rng = np.random.default_rng(a.seed)
-    np_t = np.float32 if a.dtype == "float32" else np.float64
-    pa_t = pa.float32() if a.dtype == "float32" else pa.float64()
+    np_t = {"float16": np.float16, "float32": np.float32, "float64": np.float64}[a.dtype]
+    pa_t = {"float16": pa.float16(), "float32": pa.float32(), "float64": pa.float64()}[a.dtype]
     ids_of = lambda s: {int(x) for x in s.split(",") if x}
     nulls, shorts, bigs = ids_of(a.null_ids), ids_of(a.short_ids), ids_of(a.big_ids)
     codecs = a.codecs.split(",")

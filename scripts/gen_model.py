@@ -22,7 +22,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--input-name", default="x")
     p.add_argument("--output-name", default="logits")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--dtype", choices=["float16", "float32", "float64"], default="float32")
     p.add_argument("--flat-input", action="store_true", help="x is [batch] (one value per row), not [batch, DIM]")
     p.add_argument(
         "--reject-above",
@@ -33,8 +33,8 @@ def main() -> None:
     )
     a = p.parse_args()
     rng = np.random.default_rng(a.seed)
-    np_t = np.float32 if a.dtype == "float32" else np.float64
-    onnx_t = TensorProto.FLOAT if a.dtype == "float32" else TensorProto.DOUBLE
+    np_t = {"float16": np.float16, "float32": np.float32, "float64": np.float64}[a.dtype]
+    onnx_t = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE}[a.dtype]
     nodes, inits = [], []
     prev, width = a.input_name, a.dim
     if a.flat_input:

@@ -115,7 +115,7 @@ def main():
 
     session = ort.InferenceSession(a.model, providers=["CPUExecutionProvider"])
     elem = session.get_inputs()[0].type
-    dtype = np.float64 if "double" in elem else np.float32
+    dtype = np.float64 if "double" in elem else np.float16 if "float16" in elem else np.float32
     rows = list(range(len(out_ids)))
     if a.sample and a.sample < len(rows):
         rows = random.Random(5).sample(rows, a.sample)

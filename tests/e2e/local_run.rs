@@ -484,3 +484,20 @@ fn a_crash_mid_commit_publishes_each_file_once_on_the_next_run() {
     assert!(!job.out.join("_parts").exists(), "{:?}", listing(&job.out));
     verify_output(job.out.to_str().unwrap(), &job.input, &job.model, 0, &[]).assert_exact(&[]);
 }
+
+#[test]
+fn float16_features_feed_a_float16_model_end_to_end() {
+    let f = Fixture::new();
+    let job = f.job(
+        "half",
+        &[
+            "--rows", "4000", "--files", "1", "--dim", "8", "--dtype", "float16",
+        ],
+        &["--dtype", "float16", "--dim", "8", "--hidden", "64"],
+        "",
+    );
+    let o = run_job(&f, &job.spec, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Arrow Float16 in, the model's float16 out, each row equal to the model run on it alone.
+    verify_output(job.out.to_str().unwrap(), &job.input, &job.model, 0, &[]).assert_exact(&[]);
+}
