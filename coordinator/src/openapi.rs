@@ -30,7 +30,7 @@ pub const COOKIE_SCHEME: &str = "dashboard_cookie";
         api::healthz, api::readyz, api::metrics, api::submit, api::list, api::job, api::cancel,
         api::retry, document,
         worker_api::lease, worker_api::heartbeat, worker_api::checkpoint, worker_api::complete,
-        worker_api::complete_many, worker_api::fail, worker_api::release,
+        worker_api::complete_many, worker_api::fail, worker_api::release, worker_api::spec,
         schedule_api::create, schedule_api::list, schedule_api::show, schedule_api::pause,
         schedule_api::resume, schedule_api::delete,
         dashboard::page, dashboard::asset, dashboard::login, dashboard::logout,

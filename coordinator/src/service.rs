@@ -37,6 +37,8 @@ const MAX_PAGE: u32 = 1000;
 pub const MAX_LEASE_BATCH: u32 = 256;
 /// The most leases one heartbeat may name.
 const MAX_HEARTBEAT_LEASES: usize = 4096;
+/// Hex digits of a spec hash (SHA-256).
+const SPEC_HASH_CHARS: usize = 64;
 /// The most slots one worker may report.
 const MAX_SLOTS_PER_WORKER: u32 = 1024;
 /// The most GPUs one worker may report.
@@ -382,9 +384,24 @@ impl Service {
         };
         self.metrics.lease_claims.observe(started.elapsed());
         Ok(LeaseResponse {
-            leases,
+            leases: leases.into_iter().map(|l| l.grant).collect(),
             lease_ttl_ms: self.timing.ttl_ms as u64,
         })
+    }
+
+    /// The spec of a job that has not ended, by its hash (as lease answers name it).
+    pub async fn spec(&self, hash: &str) -> Result<JobSpec, ApiError> {
+        let is_hash = hash.len() == SPEC_HASH_CHARS && hash.bytes().all(|b| b.is_ascii_hexdigit());
+        if !is_hash {
+            return Err(ApiError::BadRequest(format!(
+                "a spec hash is {SPEC_HASH_CHARS} hex digits, not `{}`",
+                nightshift_proto::excerpt(hash)
+            )));
+        }
+        self.store
+            .spec_by_hash(hash)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no job that has not ended has spec {hash}")))
     }
 
     /// Extends the leases `worker` holds; any other lease it names answers `lost`. The GPU

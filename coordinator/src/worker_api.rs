@@ -4,10 +4,11 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::Path;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use nightshift_proto::wire::{
     Ack, CheckpointRequest, CompleteManyRequest, CompleteManyResponse, CompleteRequest,
     FailRequest, HeartbeatRequest, HeartbeatResponse, LeaseRequest, LeaseResponse, ReleaseRequest,
@@ -26,6 +27,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/v1/worker/complete-many", post(complete_many))
         .route("/v1/worker/fail", post(fail))
         .route("/v1/worker/release", post(release))
+        .route("/v1/worker/specs/{hash}", get(spec))
 }
 
 /// Parses a worker request body, answering 400 (not 422) to anything malformed.
@@ -141,4 +143,19 @@ pub(crate) async fn release(
     let req: ReleaseRequest = parse(&body)?;
     state.service.release(&req.worker_id, req.lease).await?;
     Ok(Json(Ack { ok: true }))
+}
+
+/// The spec of a job that has not ended, by the hash lease answers name it by.
+#[utoipa::path(get, path = "/v1/worker/specs/{hash}", tag = "worker",
+    params(("hash" = String, Path, description = "`spec_hash` of a lease grant: 64 hex digits")),
+    responses((status = 200, body = nightshift_proto::JobSpec), WorkerErrors,
+        (status = 404, body = nightshift_proto::ErrorBody, description = "No job that has not ended has this spec")),
+    security(("worker_token" = [])))]
+pub(crate) async fn spec(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(hash): Path<String>,
+) -> Result<Json<nightshift_proto::JobSpec>, ApiError> {
+    authorize(&state, &headers, Role::Worker)?;
+    Ok(Json(state.service.spec(&hash).await?))
 }

@@ -408,6 +408,9 @@ pub trait Metastore: Send + Sync + 'static {
     async fn leased_shards(&self) -> Result<Vec<LeasedShard>>;
     /// A text job's tokens over its committed parts.
     async fn token_sums(&self, job_id: i64) -> Result<TokenSums>;
+    /// The spec of the newest job with `hash` that has not ended (lease answers name specs
+    /// by hash).
+    async fn spec_by_hash(&self, hash: &str) -> Result<Option<JobSpec>>;
     /// The database clock.
     async fn now_ms(&self) -> Result<i64>;
 

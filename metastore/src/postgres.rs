@@ -266,7 +266,7 @@ async fn claim_many(
            WHERE s.id = picked.id \
            RETURNING s.*, slot.request, slot.n \
          ) \
-         SELECT s.*, j.uid, j.spec_json, f.uri, f.size, f.etag \
+         SELECT s.*, j.uid, j.spec_json, j.spec_hash, f.uri, f.size, f.etag \
          FROM claimed s JOIN jobs j ON j.id = s.job_id \
          JOIN input_files f ON f.job_id = s.job_id AND f.idx = s.file_index \
          ORDER BY s.n"

@@ -3,7 +3,8 @@
 //! a negative one is an error, not a wrapped number.
 
 use nightshift_proto::wire::{
-    InputFile, JobView, LeaseSecret, PartRecord, ShardCounts, ShardLease, ShardPlan, TokenCounts,
+    InputFile, JobView, LeaseGrant, LeaseSecret, PartRecord, ShardCounts, ShardLease, ShardPlan,
+    TokenCounts,
 };
 use nightshift_proto::{CatchUp, JobSpec, JobState, ShardState};
 
@@ -26,8 +27,8 @@ pub(crate) const PART_COLUMNS: &str = "p.shard_id, p.token, p.row_start, p.rows,
 /// The columns `Granted` reads, over a claimed shard `s`, its job `j` and its file `f`.
 pub(crate) const GRANTED_COLUMNS: &str = "s.id, s.job_id, s.file_index, s.row_group_start, \
      s.row_group_end, s.file_row_start, s.rows, s.token, s.attempts, s.checkpoint_rows, \
-     s.lease_secret, s.kind, s.merge_first, s.merge_last, j.uid, j.spec_json, f.uri, f.size, \
-     f.etag";
+     s.lease_secret, s.kind, s.merge_first, s.merge_last, j.uid, j.spec_json, j.spec_hash, \
+     f.uri, f.size, f.etag";
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct JobRecord {
@@ -316,6 +317,7 @@ pub(crate) struct Granted {
     pub merge_last: Option<i64>,
     pub uid: String,
     pub spec_json: String,
+    pub spec_hash: String,
     #[sqlx(flatten)]
     pub file: FileRow,
 }
@@ -339,7 +341,7 @@ impl Granted {
     /// The lease to hand out, given the job's spec and, for merge work, the parts it merges.
     pub fn lease(self, spec: JobSpec, merge: Option<Vec<PartRecord>>) -> crate::Result<ShardLease> {
         let p = self.plan;
-        Ok(ShardLease {
+        let grant = LeaseGrant {
             job_id: self.job_id,
             job_uid: self.uid,
             shard_id: self.id,
@@ -355,9 +357,10 @@ impl Granted {
                 rows: p.rows,
             },
             checkpoint_rows: self.checkpoint_rows,
-            spec,
+            spec_hash: self.spec_hash,
             merge,
-        })
+        };
+        Ok(ShardLease { grant, spec })
     }
 
     /// The row shards it merges, if it is merge work.

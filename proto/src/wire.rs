@@ -158,9 +158,11 @@ pub struct LeaseRequest {
     pub max: u32,
 }
 
-/// A granted shard: everything a worker needs to run it.
+/// A granted shard as the lease answer carries it: everything a worker needs to run it but
+/// the job's spec, which it names by hash. A worker fetches each spec once
+/// (`GET /v1/worker/specs/{hash}`) and keeps it, so a claim of many shards repeats no spec.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ShardLease {
+pub struct LeaseGrant {
     pub job_id: i64,
     /// Random id of the job, unique across databases: the key prefix of its parts.
     pub job_uid: String,
@@ -176,14 +178,15 @@ pub struct ShardLease {
     pub plan: ShardPlan,
     /// Rows of this shard already committed: resume after them.
     pub checkpoint_rows: u64,
-    pub spec: JobSpec,
+    /// The job's spec hash (`JobSpec::hash`).
+    pub spec_hash: String,
     /// Merge work instead of rows: rewrite these committed parts (in row order) into one output
     /// file and checkpoint it as this shard's one part.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<Vec<PartRecord>>,
 }
 
-impl ShardLease {
+impl LeaseGrant {
     /// What every write for this lease carries.
     pub fn lease_ref(&self) -> LeaseRef {
         LeaseRef {
@@ -191,6 +194,20 @@ impl ShardLease {
             token: self.token,
             secret: self.secret,
         }
+    }
+}
+
+/// A granted shard with its job's spec: what a worker runs. Its grant's fields read through.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardLease {
+    pub grant: LeaseGrant,
+    pub spec: JobSpec,
+}
+
+impl std::ops::Deref for ShardLease {
+    type Target = LeaseGrant;
+    fn deref(&self) -> &LeaseGrant {
+        &self.grant
     }
 }
 
@@ -243,7 +260,7 @@ impl<'de> Deserialize<'de> for LeaseSecret {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseResponse {
-    pub leases: Vec<ShardLease>,
+    pub leases: Vec<LeaseGrant>,
     /// Heartbeat well inside this.
     pub lease_ttl_ms: u64,
 }

@@ -56,7 +56,7 @@ impl Hostile {
             )
             .await;
         assert_eq!(s, 200, "{body}");
-        serde_json::from_value(body["leases"].clone()).unwrap()
+        nightshift_tests::parts::with_specs(&self.http, &self.base, HOSTILE_TOKEN, &body).await
     }
 
     async fn checkpoint(&self, worker: &str, lease: &ShardLease, part: Value) -> (u16, Value) {

@@ -4,8 +4,9 @@
 
 use std::path::PathBuf;
 
+use nightshift_proto::JobSpec;
 use nightshift_proto::layout::{part_name, parts_dir};
-use nightshift_proto::wire::{PartRecord, ShardLease};
+use nightshift_proto::wire::{LeaseGrant, PartRecord, ShardLease};
 
 /// The local path of the part (or error part) `lease` writes from `row_start`.
 pub fn part_path(lease: &ShardLease, row_start: u64, errors: bool) -> PathBuf {
@@ -31,4 +32,40 @@ pub fn write_part(lease: &ShardLease, row_start: u64, rows: u64) -> PartRecord {
         error_bytes: 0,
         tokens: None,
     }
+}
+
+/// The leases of a raw `POST /v1/worker/lease` answer, each with its job's spec fetched as a
+/// worker fetches it (`GET /v1/worker/specs/{hash}` with `token`).
+pub async fn with_specs(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    answer: &serde_json::Value,
+) -> Vec<ShardLease> {
+    let grants: Vec<LeaseGrant> =
+        serde_json::from_value(answer["leases"].clone()).expect("lease grants");
+    let mut leases = Vec::with_capacity(grants.len());
+    for grant in grants {
+        let url = format!("{base}/v1/worker/specs/{}", grant.spec_hash);
+        let resp = http
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("coordinator answers");
+        assert!(
+            resp.status().is_success(),
+            "spec {}: {}",
+            grant.spec_hash,
+            resp.status()
+        );
+        let spec: JobSpec = resp.json().await.expect("a spec");
+        assert_eq!(
+            spec.hash(),
+            grant.spec_hash,
+            "the spec is not the one the lease names"
+        );
+        leases.push(ShardLease { grant, spec });
+    }
+    leases
 }

@@ -598,3 +598,60 @@ async fn a_heartbeat_with_no_slots_or_too_many_is_refused() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn specs_are_served_to_workers_by_hash_and_only_for_jobs_that_run() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let (s, submitted) = api.submit(Some("S"), None, &job(&f)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let hash = submitted["job"]["spec_hash"].as_str().unwrap().to_string();
+    let get = |path: String, token: &'static str| {
+        api.http
+            .get(format!("{}{path}", api.url))
+            .bearer_auth(token)
+            .send()
+    };
+    let resp = get(format!("/v1/worker/specs/{hash}"), "W").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let spec: nightshift_proto::JobSpec = resp.json().await.unwrap();
+    assert_eq!(spec.hash(), hash);
+    let cases = [
+        (
+            format!("/v1/worker/specs/{hash}"),
+            "S",
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "/v1/worker/specs/not-a-hash".to_string(),
+            "W",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            format!("/v1/worker/specs/{}", "0".repeat(64)),
+            "W",
+            StatusCode::NOT_FOUND,
+        ),
+    ];
+    for (path, token, want) in cases {
+        assert_eq!(
+            get(path.clone(), token).await.unwrap().status(),
+            want,
+            "{path}"
+        );
+    }
+    // A cancelled job's spec is no longer served.
+    let cancelled = api
+        .http
+        .post(format!(
+            "{}/v1/jobs/{}/cancel",
+            api.url, submitted["job"]["id"]
+        ))
+        .bearer_auth("S")
+        .send()
+        .await
+        .unwrap();
+    assert!(cancelled.status().is_success());
+    let resp = get(format!("/v1/worker/specs/{hash}"), "W").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}

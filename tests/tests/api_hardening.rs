@@ -46,7 +46,7 @@ async fn lease(api: &Api, worker: &str, n: u32) -> Vec<ShardLease> {
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    serde_json::from_value(body["leases"].clone()).unwrap()
+    nightshift_tests::parts::with_specs(&api.http, &api.url, "W", &body).await
 }
 
 /// A file of the fixture's generated input.

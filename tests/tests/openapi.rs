@@ -3,10 +3,10 @@
 //! errors) match the schemas the document gives them.
 
 use nightshift_coordinator::AllowList;
-use nightshift_proto::wire::{CheckpointRequest, ShardLease};
+use nightshift_proto::wire::CheckpointRequest;
 use nightshift_tests::api_server::{Api, job, start};
 use nightshift_tests::fixtures::Fixture;
-use nightshift_tests::parts::write_part;
+use nightshift_tests::parts::{with_specs, write_part};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -74,6 +74,7 @@ async fn every_documented_operation_is_routed() {
         let concrete = path
             .replace("{job}", "1")
             .replace("{name}", "nightly")
+            .replace("{hash}", &"0".repeat(64))
             .replace("{file}", "app.js");
         for method in item.as_object().unwrap().keys() {
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
@@ -120,7 +121,21 @@ async fn real_answers_match_their_schemas() {
     .await;
     assert_eq!(status, 200, "{leased}");
     doc.check("post", "/v1/worker/lease", 200, &leased);
-    let lease: ShardLease = serde_json::from_value(leased["leases"][0].clone()).unwrap();
+    // Leases name their job's spec by hash; a worker fetches it once.
+    assert!(leased["leases"][0].get("spec").is_none(), "{leased}");
+    let lease = with_specs(&api.http, &api.url, "W", &leased)
+        .await
+        .remove(0);
+    let (status, spec) = call(
+        &api,
+        Method::GET,
+        &format!("/v1/worker/specs/{}", lease.spec_hash),
+        "W",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{spec}");
+    doc.check("get", "/v1/worker/specs/{hash}", 200, &spec);
     let beat = json!({"worker_id": "w1", "leases": [lease.lease_ref()], "slots": 2});
     let (status, answer) = call(&api, Method::POST, "/v1/worker/heartbeat", "W", Some(beat)).await;
     assert_eq!(status, 200, "{answer}");

@@ -2,15 +2,17 @@
 //! Transient failures (coordinator unreachable, restarting, 5xx) are retried with backoff, so a
 //! coordinator restart mid-job costs a pause, not the job.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use nightshift_proto::wire::{
     Ack, CheckpointRequest, CompleteManyRequest, CompleteManyResponse, CompleteRequest,
     FailRequest, GpuSample, HeartbeatRequest, HeartbeatResponse, LeaseRef, LeaseRequest,
-    LeaseResponse, LoadedModel, PartRecord, ReleaseRequest,
+    LeaseResponse, LoadedModel, PartRecord, ReleaseRequest, ShardLease,
 };
-use nightshift_proto::{ErrorBody, ErrorCode, FailureClass};
+use nightshift_proto::{ErrorBody, ErrorCode, FailureClass, JobSpec};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -22,6 +24,8 @@ pub enum ClientError {
     LeaseLost(String),
     #[error("job not running: {0}")]
     JobNotRunning(String),
+    #[error("the coordinator sent a spec whose hash is not {0}")]
+    SpecMismatch(String),
     #[error("coordinator refused {path} ({status}): {message}")]
     Refused {
         path: String,
@@ -50,6 +54,21 @@ pub struct CoordinatorClient {
     /// The worker whose leases this client writes (`for_worker`).
     worker_id: String,
     retry: ExponentialBuilder,
+    /// Job specs by hash, as leases name them.
+    specs: Arc<Mutex<HashMap<String, JobSpec>>>,
+}
+
+/// Specs a client keeps (it forgets them all when full).
+const MAX_CACHED_SPECS: usize = 256;
+
+/// Granted shards with their specs, and how long a lease lives without a heartbeat.
+pub struct Leases {
+    pub leases: Vec<ShardLease>,
+    pub lease_ttl_ms: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl CoordinatorClient {
@@ -70,6 +89,7 @@ impl CoordinatorClient {
                 .with_max_delay(Duration::from_secs(3))
                 .with_max_times(25)
                 .with_jitter(),
+            specs: Default::default(),
         }
     }
 
@@ -89,17 +109,15 @@ impl CoordinatorClient {
         &self.base
     }
 
-    async fn post_once<B: Serialize, R: DeserializeOwned>(
+    /// One request, built by `build` from the client and the URL, and its JSON answer.
+    async fn send_once<R: DeserializeOwned>(
         &self,
         path: &str,
-        body: &B,
+        build: impl FnOnce(&reqwest::Client, &str) -> reqwest::RequestBuilder,
     ) -> Result<R, ClientError> {
         let url = format!("{}{}", self.base, path);
-        let resp = self
-            .http
-            .post(&url)
+        let resp = build(&self.http, &url)
             .bearer_auth(&self.token)
-            .json(body)
             .send()
             .await
             .map_err(|e| ClientError::Unreachable {
@@ -132,7 +150,7 @@ impl CoordinatorClient {
         path: &str,
         body: &B,
     ) -> Result<R, ClientError> {
-        (|| self.post_once(path, body))
+        (|| self.send_once(path, |http, url| http.post(url).json(body)))
             .retry(self.retry)
             .when(ClientError::transient)
             .notify(|e, wait| {
@@ -141,15 +159,51 @@ impl CoordinatorClient {
             .await
     }
 
-    pub async fn lease(&self, worker_id: &str, max: u32) -> Result<LeaseResponse, ClientError> {
-        self.post(
-            "/v1/worker/lease",
-            &LeaseRequest {
-                worker_id: worker_id.to_string(),
-                max,
-            },
-        )
-        .await
+    async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
+        (|| self.send_once(path, |http, url| http.get(url)))
+            .retry(self.retry)
+            .when(ClientError::transient)
+            .await
+    }
+
+    /// Up to `max` shards, each with its job's spec (fetched once per spec and kept).
+    pub async fn lease(&self, worker_id: &str, max: u32) -> Result<Leases, ClientError> {
+        let answer: LeaseResponse = self
+            .post(
+                "/v1/worker/lease",
+                &LeaseRequest {
+                    worker_id: worker_id.to_string(),
+                    max,
+                },
+            )
+            .await?;
+        let mut leases = Vec::with_capacity(answer.leases.len());
+        for grant in answer.leases {
+            let spec = self.spec(&grant.spec_hash).await?;
+            leases.push(ShardLease { grant, spec });
+        }
+        Ok(Leases {
+            leases,
+            lease_ttl_ms: answer.lease_ttl_ms,
+        })
+    }
+
+    /// The spec of hash `hash`, from the cache or the coordinator; one whose hash is not
+    /// `hash` is refused.
+    async fn spec(&self, hash: &str) -> Result<JobSpec, ClientError> {
+        if let Some(spec) = lock(&self.specs).get(hash) {
+            return Ok(spec.clone());
+        }
+        let spec: JobSpec = self.get(&format!("/v1/worker/specs/{hash}")).await?;
+        if spec.hash() != hash {
+            return Err(ClientError::SpecMismatch(hash.to_string()));
+        }
+        let mut specs = lock(&self.specs);
+        if specs.len() >= MAX_CACHED_SPECS {
+            specs.clear();
+        }
+        specs.insert(hash.to_string(), spec.clone());
+        Ok(spec)
     }
 
     pub async fn heartbeat(

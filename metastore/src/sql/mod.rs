@@ -387,6 +387,10 @@ where
         self.token_sums(job_id).await
     }
 
+    async fn spec_by_hash(&self, hash: &str) -> Result<Option<nightshift_proto::JobSpec>> {
+        self.spec_by_hash(hash).await
+    }
+
     async fn now_ms(&self) -> Result<i64> {
         Ok(sqlx::query_scalar(D::sql("SELECT {now}"))
             .fetch_one(D::ex(&mut *self.conn().await?))

@@ -1,7 +1,7 @@
 //! What the dashboard reads beyond jobs: a job's rows over time, and the workers with the
 //! shards they hold.
 
-use nightshift_proto::ShardState;
+use nightshift_proto::{JobSpec, JobState, ShardState};
 use sqlx::{ColumnIndex, Encode, Type};
 
 use super::{Dialect, RowOf, SqlStore, Value};
@@ -67,5 +67,20 @@ where
         .bind(job_id)
         .fetch_one(D::ex(&mut *self.conn().await?))
         .await?)
+    }
+
+    pub(super) async fn spec_by_hash(&self, hash: &str) -> Result<Option<JobSpec>> {
+        let ended = [JobState::Succeeded, JobState::Failed, JobState::Cancelled];
+        let json: Option<String> = sqlx::query_scalar(
+            "SELECT spec_json FROM jobs WHERE spec_hash = $1 AND state NOT IN ($2, $3, $4) \
+             ORDER BY id DESC LIMIT 1",
+        )
+        .bind(hash)
+        .bind(ended[0].as_str())
+        .bind(ended[1].as_str())
+        .bind(ended[2].as_str())
+        .fetch_optional(D::ex(&mut *self.conn().await?))
+        .await?;
+        json.map(|j| crate::records::parse_spec(&j)).transpose()
     }
 }
