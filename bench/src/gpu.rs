@@ -18,7 +18,7 @@ use nightshift_worker::gpus::{GpuMonitor, discover};
 use nightshift_worker::model_session::cuda_provider_available;
 use nightshift_worker::onnx_runtime;
 
-use crate::pipeline::{bare_loop, load_features, pipeline, python};
+use crate::pipeline::{bare_loop, bench_spec, load_features, pipeline, python};
 
 /// How often GPU busy is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(200);
@@ -90,7 +90,10 @@ pub async fn run(a: Args) -> Result<()> {
     .await;
     let bare = bare?;
     let (piped, piped_busy) = sampled(gpu.index, async {
-        pipeline(tmp.path(), &data, &model, a.batch, 0, 0, Device::Auto).await
+        let spec = |name: &str, input: &str, out: &std::path::Path| {
+            bench_spec(name, input, &model, out, a.batch, Device::Auto)
+        };
+        pipeline(tmp.path(), &data, &spec, 0, 0, Device::Auto).await
     })
     .await;
     let piped = piped?;
@@ -102,7 +105,7 @@ pub async fn run(a: Args) -> Result<()> {
 }
 
 /// Runs `work` while a thread samples GPU `index`; answers its result and the mean busy %.
-async fn sampled<T>(index: u32, work: impl Future<Output = T>) -> (T, f64) {
+pub(crate) async fn sampled<T>(index: u32, work: impl Future<Output = T>) -> (T, f64) {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let sampler = std::thread::spawn(move || {

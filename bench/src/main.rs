@@ -6,6 +6,7 @@
 //!   cargo run --release -p nightshift-bench -- commit       # commit time, 1 vs 8 GiB of output
 //!   cargo run --release -p nightshift-bench -- gpu          # pipeline vs bare ORT-CUDA loop
 //!   cargo run --release -p nightshift-bench -- padding      # text jobs' padding vs fixed batches
+//!   cargo run --release -p nightshift-bench -- text         # text embedding vs the usual Python way
 
 mod commit;
 mod gpu;
@@ -13,6 +14,7 @@ mod lease;
 mod padding;
 mod pipeline;
 mod storage;
+mod text;
 
 use clap::{Parser, Subcommand};
 
@@ -43,6 +45,9 @@ enum Command {
     /// Text jobs: real tokens / padded tokens when rows are grouped by length, against
     /// fixed-size row batches in input order.
     Padding(padding::Args),
+    /// On a GPU machine: text embedding with a MiniLM-shaped encoder through the pipeline
+    /// against tokenizers + length sort + ONNX Runtime CUDA in Python, with GPU busy sampled.
+    Text(text::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             Command::Commit(a) => commit::run(a).await,
             Command::Gpu(a) => gpu::run(a).await,
             Command::Padding(a) => padding::run(a).await,
+            Command::Text(a) => text::run(a).await,
         }
     })
 }

@@ -31,21 +31,7 @@ pub struct Args {
 
 pub async fn run(a: Args) -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let tokenizer = tmp.path().join("tokenizer.json");
-    let data = tmp.path().join("texts");
-    let t = tokenizer.to_str().unwrap_or_default();
-    python(&["gen_tokenizer.py", "--out", t])?;
-    let (rows, words) = (a.rows.to_string(), a.median_words.to_string());
-    let d = data.to_str().unwrap_or_default();
-    python(&[
-        "gen_text_data.py",
-        "--out",
-        d,
-        "--rows",
-        &rows,
-        "--median-words",
-        &words,
-    ])?;
+    let (tokenizer, data) = generate_texts(tmp.path(), a.rows, a.median_words, 1)?;
     let lengths = token_lengths(&tokenizer, &data.join("part-00000.parquet"))?;
     let real: u64 = lengths.iter().map(|&l| l as u64).sum();
     let mut sorted = lengths.clone();
@@ -74,6 +60,39 @@ pub async fn run(a: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A generated tokenizer and `rows` texts (log-normal lengths) in `files` files under `dir`.
+pub(crate) fn generate_texts(
+    dir: &std::path::Path,
+    rows: u64,
+    median_words: u32,
+    files: u32,
+) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let (tokenizer, data) = (dir.join("tokenizer.json"), dir.join("texts"));
+    python(&[
+        "gen_tokenizer.py",
+        "--out",
+        tokenizer.to_str().unwrap_or_default(),
+    ])?;
+    let (rows, words, files) = (
+        rows.to_string(),
+        median_words.to_string(),
+        files.to_string(),
+    );
+    let d = data.to_str().unwrap_or_default();
+    let args = [
+        "--out",
+        d,
+        "--rows",
+        &rows,
+        "--median-words",
+        &words,
+        "--files",
+        &files,
+    ];
+    python(&[&["gen_text_data.py"][..], &args[..]].concat())?;
+    Ok((tokenizer, data))
 }
 
 /// Padded tokens when windows of rows are cut into calls as a text job cuts them.

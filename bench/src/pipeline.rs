@@ -81,15 +81,10 @@ pub async fn run(a: Args) -> Result<()> {
             a.threads,
             Device::Cpu,
         )?);
-        let p = pipeline(
-            tmp.path(),
-            &data,
-            &model,
-            a.batch,
-            a.threads,
-            i,
-            Device::Cpu,
-        );
+        let spec = |name: &str, input: &str, out: &Path| {
+            bench_spec(name, input, &model, out, a.batch, Device::Cpu)
+        };
+        let p = pipeline(tmp.path(), &data, &spec, a.threads, i, Device::Cpu);
         piped.push(p.await?);
         println!(
             "  run {}: bare {:>10.0} rows/s   pipeline {:>10.0} rows/s",
@@ -183,15 +178,21 @@ fn generate_data(dir: &Path, rows: usize, files: usize) -> Result<()> {
 }
 
 pub(crate) fn python(args: &[&str]) -> Result<()> {
+    python_output(args).map(|_| ())
+}
+
+/// Runs a script of `scripts/` with the project's Python and answers what it printed.
+pub(crate) fn python_output(args: &[&str]) -> Result<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let python = std::env::var_os("NIGHTSHIFT_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join(".venv"))
         .join("bin/python");
-    let status = std::process::Command::new(&python)
+    let out = std::process::Command::new(&python)
         .arg(root.join("scripts").join(args[0]))
         .args(&args[1..])
-        .status()
+        .stderr(std::process::Stdio::inherit())
+        .output()
         .with_context(|| {
             format!(
                 "running {} with {} (run scripts/setup.sh first)",
@@ -199,10 +200,10 @@ pub(crate) fn python(args: &[&str]) -> Result<()> {
                 python.display()
             )
         })?;
-    if !status.success() {
+    if !out.status.success() {
         bail!("{} failed", args[0]);
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 pub(crate) fn median(v: &mut [f64]) -> f64 {
@@ -296,7 +297,10 @@ pub(crate) fn bare_loop(
 }
 
 /// A job over `input` with the bench's model, batch size and device.
-fn bench_spec(
+/// A timed job's spec from its name, input URI and output directory.
+pub(crate) type SpecFn<'a> = &'a (dyn Fn(&str, &str, &Path) -> Result<JobSpec> + Sync);
+
+pub(crate) fn bench_spec(
     name: &str,
     input: &str,
     model: &Path,
@@ -320,8 +324,7 @@ fn bench_spec(
 pub(crate) async fn pipeline(
     dir: &Path,
     data: &Path,
-    model: &Path,
-    batch: usize,
+    spec: SpecFn<'_>,
     threads: usize,
     run: usize,
     device: Device,
@@ -360,13 +363,10 @@ pub(crate) async fn pipeline(
         .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
         .min()
         .context("no input files")?;
-    let warm = bench_spec(
+    let warm = spec(
         &format!("warm-{run}"),
         &first.display().to_string(),
-        model,
         &dir.join(format!("warm-{run}")),
-        batch,
-        device,
     )?;
     let warm = service.submit(warm, None).await?.job;
     until_done(warm.id).await?;
@@ -383,16 +383,13 @@ pub(crate) async fn pipeline(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 
-    let spec = bench_spec(
+    let timed = spec(
         &format!("bench-{run}"),
         &format!("{}/*.parquet", data.display()),
-        model,
         &dir.join(format!("out-{run}")),
-        batch,
-        device,
     )?;
     let started = Instant::now();
-    let job = service.submit(spec, None).await?.job;
+    let job = service.submit(timed, None).await?.job;
     until_done(job.id).await?;
     let took = started.elapsed().as_secs_f64();
     worker_stop.cancel();
