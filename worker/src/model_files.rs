@@ -47,7 +47,7 @@ impl ModelFiles {
     }
 
     pub async fn get(&self, stores: &Stores, uri: &str) -> Result<ModelFile, ShardError> {
-        let (path, key) = self.local_copy(stores, uri, "onnx").await?;
+        let (path, key) = self.local_copy(stores, uri, Cached::Model).await?;
         if let Some(m) = self.lock().get(&key) {
             return Ok(m.clone());
         }
@@ -74,7 +74,7 @@ impl ModelFiles {
         stores: &Stores,
         uri: &str,
     ) -> Result<Arc<Tokenizer>, ShardError> {
-        let (path, key) = self.local_copy(stores, uri, "json").await?;
+        let (path, key) = self.local_copy(stores, uri, Cached::Tokenizer).await?;
         let mut known = self.tokenizers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = known.get(&key) {
             return Ok(t.clone());
@@ -96,7 +96,7 @@ impl ModelFiles {
         &self,
         stores: &Stores,
         uri: &str,
-        extension: &str,
+        kind: Cached,
     ) -> Result<(PathBuf, String), ShardError> {
         let loc = stores.locate(uri)?;
         let meta = loc
@@ -113,9 +113,10 @@ impl ModelFiles {
             return Ok((PathBuf::from(loc.uri()), key));
         }
         let name = format!(
-            "{}-{}.{extension}",
+            "{}-{}.{}",
             &hex::encode(Sha256::digest(uri.as_bytes()))[..16],
-            &hex::encode(Sha256::digest(etag.as_bytes()))[..16]
+            &hex::encode(Sha256::digest(etag.as_bytes()))[..16],
+            kind.extension()
         );
         let path = self.cache_dir.join(name);
         if !path.is_file() {
@@ -126,13 +127,35 @@ impl ModelFiles {
             })?;
             self.downloads
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(uri, path = %path.display(), bytes = bytes.len(), "fetched into cache");
+            let (path, bytes) = (path.display(), bytes.len());
+            match kind {
+                Cached::Model => tracing::info!(uri, %path, bytes, "model fetched into cache"),
+                Cached::Tokenizer => {
+                    tracing::info!(uri, %path, bytes, "tokenizer fetched into cache")
+                }
+            }
         }
         Ok((path, key))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ModelFile>> {
         self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What a cached file is: its extension, and what the log calls it.
+#[derive(Clone, Copy)]
+enum Cached {
+    Model,
+    Tokenizer,
+}
+
+impl Cached {
+    fn extension(self) -> &'static str {
+        match self {
+            Cached::Model => "onnx",
+            Cached::Tokenizer => "json",
+        }
     }
 }
 
