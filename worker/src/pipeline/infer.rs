@@ -77,9 +77,10 @@ pub fn prepare(
     text: Option<&TextCalls>,
 ) -> Result<Prepared, ShardError> {
     let columns = b.batch.num_columns();
-    let (input, mut tokens) = match (text, &plan.text) {
-        (Some(t), Some(spec)) => tokenize(&b.batch, spec, &t.tokenizer)?,
-        _ => (b.batch, TokenStats::default()),
+    let text = text.zip(plan.text.as_ref());
+    let (input, mut tokens) = match text {
+        Some((t, spec)) => tokenize(&b.batch, spec, &t.tokenizer)?,
+        None => (b.batch, TokenStats::default()),
     };
     let problems = row_problems(&input, &plan.inputs);
     let mut bad = problems.iter().map(|p| p.row).peekable();
@@ -93,8 +94,8 @@ pub fn prepare(
         })
         .map(|r| r as u32)
         .collect();
-    let groups = match (text, &plan.text) {
-        (Some(t), Some(spec)) => {
+    let groups = match text {
+        Some((t, spec)) => {
             let lengths = token_lengths(&input, spec);
             let groups = text::calls(&good, &lengths, t.max_rows, t.max_tokens);
             tokens.padded_tokens = groups
