@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use nightshift_coordinator::{AllowList, CallbackConfig, Coordinator, CoordinatorConfig};
 use nightshift_metastore::LeaseTiming;
+use nightshift_proto::{CapacityType, InstanceInfo};
 use nightshift_storage::Stores;
 use nightshift_worker::spot::SpotWatcher;
 use nightshift_worker::{Worker, WorkerConfig};
@@ -73,6 +74,10 @@ pub struct CoordinatorArgs {
     /// A callback not acknowledged within this long after its job ended is given up.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub notify_deadline: Duration,
+    /// Dollars per hour by instance type (TOML: `[prices."g5.xlarge"] spot = 0.45`,
+    /// `on-demand = 1.006`), for each job's cost report.
+    #[arg(long, env = "NIGHTSHIFT_PRICE_TABLE")]
+    pub price_table: Option<PathBuf>,
     /// Print logs as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -116,6 +121,16 @@ pub struct WorkerArgs {
     /// How often to poll for a spot notice.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub spot_poll: Duration,
+    /// The cloud instance this worker runs on (default: from the instance metadata service).
+    #[arg(long, env = "NIGHTSHIFT_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Its instance type, the key of the coordinator's price table (default: from the
+    /// instance metadata service).
+    #[arg(long, env = "NIGHTSHIFT_INSTANCE_TYPE")]
+    pub instance_type: Option<String>,
+    /// How the instance is bought (default: from the instance metadata service).
+    #[arg(long, env = "NIGHTSHIFT_CAPACITY_TYPE", value_parser = parse_capacity_type)]
+    pub capacity_type: Option<CapacityType>,
     #[command(flatten)]
     pub ort: OrtArgs,
     #[arg(long)]
@@ -162,6 +177,9 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<ExitCode> {
     config.allow = AllowList::new(args.allow_uri);
     config.callbacks = callbacks;
     config.max_running_jobs = args.max_running_jobs;
+    if let Some(path) = &args.price_table {
+        config.prices = nightshift_coordinator::PriceTable::load(path)?;
+    }
     config.timing = LeaseTiming {
         ttl_ms: args.lease_ttl.as_millis() as i64,
         backoff_base_ms: args.retry_backoff.as_millis() as i64,
@@ -207,13 +225,14 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
     config.drain_timeout = args.drain_timeout;
     config.intra_threads = args.threads;
     config.model_cache = args.model_cache;
-    config.ort_lib = args.ort.ort_lib;
-    if let Some(dir) = args.cache_dir {
+    config.ort_lib = args.ort.ort_lib.clone();
+    if let Some(dir) = args.cache_dir.clone() {
         config.cache_dir = dir;
     }
-    if let Some(id) = args.worker_id {
+    if let Some(id) = args.worker_id.clone() {
         config.worker_id = id;
     }
+    config.instance = instance(&args).await;
     let stores = Arc::new(Stores::new(
         nightshift_storage::s3::S3Settings::load().await,
     ));
@@ -235,6 +254,45 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
         "worker exited"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `spot` or `on-demand`.
+fn parse_capacity_type(s: &str) -> Result<CapacityType, String> {
+    CapacityType::parse(s).ok_or_else(|| format!("`{s}` is not a capacity type (spot, on-demand)"))
+}
+
+/// The machine this worker runs on: the flags, with what they leave out read from the instance
+/// metadata service (unless `--spot-metadata off`). None when the id or type stays unknown.
+async fn instance(args: &WorkerArgs) -> Option<InstanceInfo> {
+    let complete =
+        args.instance_id.is_some() && args.instance_type.is_some() && args.capacity_type.is_some();
+    let found = if complete || args.spot_metadata == "off" {
+        None
+    } else {
+        match nightshift_worker::spot::instance_identity(&args.spot_metadata).await {
+            Ok(found) => Some(found),
+            Err(e) => {
+                tracing::info!(error = %e, "no instance metadata: the worker's machine is unknown");
+                None
+            }
+        }
+    };
+    let instance = InstanceInfo {
+        id: args
+            .instance_id
+            .clone()
+            .or(found.as_ref().map(|f| f.id.clone()))?,
+        instance_type: args
+            .instance_type
+            .clone()
+            .or(found.as_ref().map(|f| f.instance_type.clone()))?,
+        capacity_type: args
+            .capacity_type
+            .or(found.as_ref().map(|f| f.capacity_type))
+            .unwrap_or(CapacityType::OnDemand),
+    };
+    tracing::info!(id = %instance.id, instance_type = %instance.instance_type, capacity_type = %instance.capacity_type, "running on");
+    Some(instance)
 }
 
 #[cfg(test)]

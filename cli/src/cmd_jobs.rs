@@ -208,6 +208,9 @@ fn print_view(v: &JobView) {
     if let Some(text) = &v.text {
         println!("  text      {text}");
     }
+    if let Some(cost) = &v.cost {
+        println!("  cost      {cost}");
+    }
     println!("  output    {}", v.output_uri);
     if let Some(e) = &v.error {
         println!("  error     {e}");

@@ -6,6 +6,7 @@ mod cmd_cluster;
 mod cmd_gpus;
 mod cmd_jobs;
 mod cmd_run;
+mod cmd_scaler;
 mod cmd_schedule;
 mod logging;
 mod progress;
@@ -50,6 +51,8 @@ enum Command {
     /// Run a job spec on a cron schedule: create, list, show, pause, resume, delete.
     #[command(subcommand)]
     Schedule(cmd_schedule::ScheduleCommand),
+    /// Size a fleet of workers to the work: launch (EC2 spot first), drain and terminate.
+    Scaler(Box<cmd_scaler::ScalerArgs>),
     /// List the GPUs of this machine, as a worker finds them (none without a CUDA driver).
     Gpus(cmd_gpus::GpusArgs),
 }
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
             Command::Cancel(a) => cmd_jobs::cancel(a).await,
             Command::Schedule(c) => cmd_schedule::run(c).await,
             Command::Gpus(a) => cmd_gpus::gpus(a),
+            Command::Scaler(a) => cmd_scaler::scaler(*a).await,
         }
     });
     // Workers' inference threads may still hold sessions; do not wait for stragglers.

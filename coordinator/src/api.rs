@@ -57,6 +57,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(crate::worker_api::routes())
         .merge(crate::dashboard::routes())
         .merge(crate::schedule_api::routes())
+        .merge(crate::fleet_api::routes())
         .fallback(not_found)
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
@@ -213,7 +214,13 @@ pub(crate) async fn metrics(
     authorize(&state, &headers, Role::Submit)
         .or_else(|_| authorize(&state, &headers, Role::Worker))?;
     let store = state.service.store.metrics(60_000).await?;
-    let body = state.service.metrics.render(&store);
+    let mut body = state.service.metrics.render(&store);
+    let mut costs = Vec::new();
+    for job in state.service.store.running_jobs().await? {
+        let (_, rows_done, _) = state.service.store.shard_counts(job.id).await?;
+        costs.push((job.id, state.service.job_cost(&job, rows_done).await?));
+    }
+    body.push_str(&crate::metrics::render_costs(&costs));
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 

@@ -21,7 +21,7 @@ use futures::{StreamExt, TryStreamExt};
 use nightshift_proto::layout::{
     ERROR_FILE_STEM, MANIFEST, OUTPUT_FILE_STEM, SUCCESS, data_file, parts_dir,
 };
-use nightshift_proto::wire::{InputFile, Manifest, ManifestField, ManifestFile};
+use nightshift_proto::wire::{CostView, InputFile, Manifest, ManifestField, ManifestFile};
 use nightshift_storage::{
     Location, ObjectReader, StorageError, Stores, publish_object, sync_local,
 };
@@ -150,6 +150,7 @@ pub async fn finalize(
     job: &JobRecord,
     parts: &[PartRow],
     inputs: Vec<InputFile>,
+    cost: CostView,
     claim: &Claim<'_>,
 ) -> Result<Committed, FinalizeError> {
     let out = stores.locate(&job.output_uri)?;
@@ -201,6 +202,7 @@ pub async fn finalize(
             })
             .collect(),
         input_snapshot: inputs,
+        cost: Some(cost),
     };
     let body = serde_json::to_vec_pretty(&manifest).map_err(|e| FinalizeError::Write {
         uri: out.join(MANIFEST).uri(),

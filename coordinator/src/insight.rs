@@ -77,7 +77,14 @@ impl Service {
     pub async fn workers(&self) -> Result<WorkerList, ApiError> {
         let seen = self.store.workers_seen(WORKER_WINDOW_MS).await?;
         let mut leases: BTreeMap<String, Vec<WorkerLease>> = BTreeMap::new();
+        // A worker busy on all its slots claims nothing for a while, but its heartbeats keep
+        // moving its leases' expiry on: the latest renewal is when it was last heard from.
+        let mut renewed: BTreeMap<String, i64> = BTreeMap::new();
         for s in self.store.leased_shards().await? {
+            if let Some(expires) = s.lease_expires_at_ms {
+                let at = renewed.entry(s.worker_id.clone()).or_insert(i64::MIN);
+                *at = (*at).max(expires - self.timing.ttl_ms);
+            }
             leases.entry(s.worker_id).or_default().push(WorkerLease {
                 job_id: s.job_id,
                 shard_id: s.shard_id,
@@ -96,11 +103,25 @@ impl Service {
                     rows_per_s: w.rows_recent as f64 / window_s,
                     slots: report.slots,
                     gpus: report.gpus,
-                    last_seen_ms: w.last_seen_ms,
+                    last_seen_ms: w
+                        .last_seen_ms
+                        .max(renewed.remove(&w.id).unwrap_or(i64::MIN)),
+                    instance: instance_of(&w),
+                    draining: w.draining,
+                    drain_told: w.drain_told,
                     id: w.id,
                 }
             })
             .collect();
         Ok(WorkerList { workers })
     }
+}
+
+/// The machine a worker said it runs on: all of id, type and capacity type, or none.
+fn instance_of(w: &nightshift_metastore::WorkerSeen) -> Option<nightshift_proto::InstanceInfo> {
+    Some(nightshift_proto::InstanceInfo {
+        id: w.instance_id.clone()?,
+        instance_type: w.instance_type.clone()?,
+        capacity_type: nightshift_proto::CapacityType::parse(w.capacity_type.as_deref()?)?,
+    })
 }

@@ -162,13 +162,20 @@ async fn commit(
             return false;
         }
     };
+    let cost = match service.job_cost(&job, job.rows_total).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(job = job.id, error = %e, "reading the job's cost failed; will retry");
+            return false;
+        }
+    };
     let claim = Claim {
         store: &service.store,
         job: job.id,
         owner: replica,
         ttl_ms: claim_ttl.as_millis() as i64,
     };
-    let outcome = match finalize(&service.stores, &job, &parts, inputs, &claim).await {
+    let outcome = match finalize(&service.stores, &job, &parts, inputs, cost, &claim).await {
         Ok(c) => {
             tracing::info!(
                 job = job.id,

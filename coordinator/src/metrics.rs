@@ -24,6 +24,10 @@ pub const GPU_BUSY: &str = "nightshift_worker_gpu_busy_ratio";
 pub const GPU_MEMORY_USED: &str = "nightshift_worker_gpu_memory_used_bytes";
 pub const GPU_MEMORY_TOTAL: &str = "nightshift_worker_gpu_memory_total_bytes";
 pub const MODEL_LOADED: &str = "nightshift_worker_model_loaded";
+pub const JOB_COST_DOLLARS: &str = "nightshift_job_cost_dollars";
+pub const JOB_GPU_SECONDS: &str = "nightshift_job_gpu_seconds";
+pub const JOB_MACHINE_SECONDS: &str = "nightshift_job_machine_seconds";
+pub const JOB_LOST_SECONDS: &str = "nightshift_job_lost_seconds";
 
 /// What a worker reported last is forgotten after this: the worker went quiet.
 const WORKER_REPORT_MAX_AGE: Duration = Duration::from_secs(60);
@@ -341,6 +345,62 @@ fn label_value(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Running jobs' costs so far, one series per job (and per capacity type for machine time).
+pub fn render_costs(costs: &[(i64, nightshift_proto::wire::CostView)]) -> String {
+    let mut out = String::new();
+    let header = |out: &mut String, name: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    };
+    header(
+        &mut out,
+        JOB_GPU_SECONDS,
+        "GPU time a running job's leases held.",
+    );
+    for (job, c) in costs {
+        let _ = writeln!(out, "{JOB_GPU_SECONDS}{{job=\"{job}\"}} {}", c.gpu_seconds);
+    }
+    header(
+        &mut out,
+        JOB_MACHINE_SECONDS,
+        "Machine time a running job's leases held, by capacity type.",
+    );
+    for (job, c) in costs {
+        for (capacity, v) in [
+            ("spot", c.spot_seconds),
+            ("on-demand", c.on_demand_seconds),
+            ("unknown", c.unknown_seconds),
+        ] {
+            let _ = writeln!(
+                out,
+                "{JOB_MACHINE_SECONDS}{{job=\"{job}\",capacity=\"{capacity}\"}} {v}"
+            );
+        }
+    }
+    header(
+        &mut out,
+        JOB_LOST_SECONDS,
+        "Machine time of a running job whose work was lost.",
+    );
+    for (job, c) in costs {
+        let _ = writeln!(
+            out,
+            "{JOB_LOST_SECONDS}{{job=\"{job}\"}} {}",
+            c.lost_seconds
+        );
+    }
+    header(
+        &mut out,
+        JOB_COST_DOLLARS,
+        "Dollars a running job cost so far (priced machine time).",
+    );
+    for (job, c) in costs {
+        if let Some(d) = c.dollars {
+            let _ = writeln!(out, "{JOB_COST_DOLLARS}{{job=\"{job}\"}} {d}");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,5 +491,36 @@ mod tests {
         m.record_worker("w\"1", &[g(0, 10)], &[], None);
         let text = m.render(&StoreMetrics::default());
         assert!(!text.contains("gpu=\"1\""), "{text}");
+    }
+
+    #[test]
+    fn costs_are_one_series_per_job() {
+        let cost = nightshift_proto::wire::CostView {
+            gpu_seconds: 7.5,
+            spot_seconds: 3.0,
+            on_demand_seconds: 1.0,
+            unknown_seconds: 0.0,
+            lost_seconds: 0.5,
+            dollars: Some(0.25),
+            dollars_per_million_rows: None,
+            unpriced_seconds: 0.0,
+        };
+        let text = render_costs(&[(4, cost)]);
+        assert!(
+            text.contains("nightshift_job_gpu_seconds{job=\"4\"} 7.5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nightshift_job_machine_seconds{job=\"4\",capacity=\"spot\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nightshift_job_lost_seconds{job=\"4\"} 0.5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nightshift_job_cost_dollars{job=\"4\"} 0.25"),
+            "{text}"
+        );
     }
 }

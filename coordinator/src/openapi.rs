@@ -10,7 +10,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, response::Response};
 use utoipa::{IntoParams, IntoResponses, Modify, OpenApi};
 
-use crate::{api, dashboard, schedule_api, worker_api};
+use crate::{api, dashboard, fleet_api, schedule_api, worker_api};
 
 /// The security scheme of the submit role (people, services, the dashboard's API calls).
 pub const SUBMIT_SCHEME: &str = "submit_token";
@@ -35,6 +35,7 @@ pub const COOKIE_SCHEME: &str = "dashboard_cookie";
         schedule_api::resume, schedule_api::delete,
         dashboard::page, dashboard::asset, dashboard::login, dashboard::logout,
         dashboard::shards, dashboard::throughput, dashboard::workers,
+        fleet_api::fleet, fleet_api::drain,
     ),
     components(schemas(ErrorBody)),
     modifiers(&Schemes),
@@ -44,6 +45,7 @@ pub const COOKIE_SCHEME: &str = "dashboard_cookie";
         (name = "schedules", description = "Jobs at cron fire times (submit token)"),
         (name = "health", description = "Liveness, readiness, metrics and this document"),
         (name = "dashboard", description = "The operator page at `/` and its login"),
+        (name = "fleet", description = "What the fleet scaler reads, and drains it asks (submit token)"),
     )
 )]
 struct ApiDoc;
@@ -172,6 +174,15 @@ pub(crate) struct SchedulePath {
     /// The schedule's name.
     #[allow(dead_code)]
     name: String,
+}
+
+/// `{worker}`: a worker's id.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct WorkerPath {
+    /// The worker's id.
+    #[allow(dead_code)]
+    worker: String,
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::allow_list::AllowList;
 use crate::api::{ApiState, Tokens, router};
+use crate::cost::PriceTable;
 use crate::metrics::Metrics;
 use crate::notifier::CallbackConfig;
 use crate::service::Service;
@@ -35,6 +36,8 @@ pub struct CoordinatorConfig {
     /// Jobs that may run at once; more wait as `queued` and start in priority, then
     /// submission order. `None`: no limit.
     pub max_running_jobs: Option<u32>,
+    /// Dollars per hour by instance type, for jobs' costs.
+    pub prices: PriceTable,
 }
 
 impl CoordinatorConfig {
@@ -57,6 +60,7 @@ impl CoordinatorConfig {
             ),
             callbacks: CallbackConfig::default(),
             max_running_jobs: None,
+            prices: PriceTable::default(),
         }
     }
 }
@@ -84,6 +88,7 @@ impl Coordinator {
         )
         .with_callbacks(&config.callbacks);
         service.max_running_jobs = config.max_running_jobs;
+        service.prices = Arc::new(config.prices.clone());
         Self { config, service }
     }
 

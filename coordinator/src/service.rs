@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use nightshift_proto::spec_check::{MAX_BATCH_SIZE, MAX_NAME_LEN};
 use nightshift_proto::wire::{
-    GpuSample, HeartbeatRequest, HeartbeatResponse, JobList, JobQuery, JobView, LeaseRef,
-    LeaseResponse, LeaseStatus, LoadedModel, PartRecord, ShardLease, SubmitResponse, TextView,
-    TokenCounts,
+    CostView, GpuSample, HeartbeatRequest, HeartbeatResponse, JobList, JobQuery, JobView, LeaseRef,
+    LeaseRequest, LeaseResponse, LeaseStatus, LoadedModel, PartRecord, ShardLease, SubmitResponse,
+    TextView, TokenCounts,
 };
 use nightshift_proto::{FailureClass, JobSpec, LeaseState, check_free_text, check_text};
 use nightshift_storage::Stores;
@@ -20,6 +20,8 @@ use tokio_util::task::TaskTracker;
 use crate::allow_list::AllowList;
 use crate::api_error::ApiError;
 use crate::coalescer::{Coalescer, Limits};
+use crate::cost::PriceTable;
+use crate::fleet::FleetState;
 use crate::job_check::check_and_plan;
 use crate::lease_check::{held_by, held_by_each};
 use crate::metrics::Metrics;
@@ -42,7 +44,7 @@ const SPEC_HASH_CHARS: usize = 64;
 /// The most slots one worker may report.
 const MAX_SLOTS_PER_WORKER: u32 = 1024;
 /// The most GPUs one worker may report.
-const MAX_GPUS_PER_WORKER: usize = 64;
+pub(crate) const MAX_GPUS_PER_WORKER: usize = 64;
 /// Loaded models one heartbeat may name (slots x model cache, with room to spare).
 const MAX_MODELS_PER_WORKER: usize = 256;
 const MAX_MODEL_URI_CHARS: usize = 2048;
@@ -82,6 +84,10 @@ pub struct Service {
     signs_callbacks: bool,
     /// Jobs that may run at once; more wait as `queued` (`None`: no limit).
     pub max_running_jobs: Option<u32>,
+    /// Workers' machines and drains (`fleet.rs`).
+    pub(crate) fleet: Arc<FleetState>,
+    /// Prices of machine time, for jobs' costs (`cost.rs`).
+    pub prices: Arc<PriceTable>,
 }
 
 #[derive(Clone)]
@@ -110,6 +116,8 @@ impl Service {
             default_callback: None,
             signs_callbacks: false,
             max_running_jobs: None,
+            fleet: Arc::new(FleetState::default()),
+            prices: Arc::new(PriceTable::default()),
         }
     }
 
@@ -276,6 +284,7 @@ impl Service {
         if job.spec.notify.is_some() {
             view.notify = self.store.notification(job.id).await?;
         }
+        view.cost = Some(self.job_cost(job, view.rows_done).await?);
         if job.spec.text.is_some() {
             let sums = self.store.token_sums(job.id).await?;
             view.text = Some(TextView {
@@ -288,6 +297,12 @@ impl Service {
             });
         }
         Ok(view)
+    }
+
+    /// What a job's leases cost so far.
+    pub async fn job_cost(&self, job: &JobRecord, rows_done: u64) -> Result<CostView, ApiError> {
+        let usage = self.store.job_usage(job.id).await?;
+        Ok(self.prices.cost(&usage, rows_done))
     }
 
     /// A job by numeric id or, failing that, the newest job of that name.
@@ -363,12 +378,21 @@ impl Service {
     // is checked before it reaches the database or a log, every lease they name must be theirs
     // (`lease_check`), and every part they report must be theirs and add up (`part_check`).
 
-    pub async fn lease(&self, worker: &str, max: u32) -> Result<LeaseResponse, ApiError> {
-        check_worker_id(worker)?;
+    /// Up to `req.max` shards for the worker, none when it was asked to drain.
+    pub async fn lease(&self, req: &LeaseRequest) -> Result<LeaseResponse, ApiError> {
+        check_worker_id(&req.worker_id)?;
+        self.note_machine(req).await?;
+        if self.is_draining(&req.worker_id).await? {
+            return Ok(LeaseResponse {
+                leases: Vec::new(),
+                lease_ttl_ms: self.timing.ttl_ms as u64,
+                drain: true,
+            });
+        }
         let started = Instant::now();
         let request = ClaimRequest {
-            worker: worker.to_string(),
-            max: max.clamp(1, MAX_LEASE_BATCH),
+            worker: req.worker_id.clone(),
+            max: req.max.clamp(1, MAX_LEASE_BATCH),
         };
         let coalesced = match &self.coalesced {
             Some(c) => c.claims.call(request.clone(), request.max as usize).await,
@@ -386,6 +410,7 @@ impl Service {
         Ok(LeaseResponse {
             leases: leases.into_iter().map(|l| l.grant).collect(),
             lease_ttl_ms: self.timing.ttl_ms as u64,
+            drain: false,
         })
     }
 
@@ -429,7 +454,10 @@ impl Service {
                 .leases)
         })
         .await?;
-        Ok(HeartbeatResponse { leases: statuses })
+        Ok(HeartbeatResponse {
+            leases: statuses,
+            drain: self.is_draining(worker).await?,
+        })
     }
 
     /// The grant `worker` holds for `lease`, or `lease_lost`.
@@ -595,7 +623,7 @@ where
 }
 
 /// A worker id is 1 to `MAX_WORKER_ID_CHARS` characters of printable text.
-fn check_worker_id(worker: &str) -> Result<(), ApiError> {
+pub(crate) fn check_worker_id(worker: &str) -> Result<(), ApiError> {
     if worker.is_empty() || worker.chars().count() > MAX_WORKER_ID_CHARS {
         return Err(ApiError::BadRequest(format!(
             "worker_id must be 1 to {MAX_WORKER_ID_CHARS} characters"
@@ -632,7 +660,7 @@ fn check_gpu_samples(gpus: &[GpuSample]) -> Result<(), ApiError> {
 }
 
 /// Slots a worker reports: at least one, and a bounded number.
-fn check_slots(slots: Option<u32>) -> Result<(), ApiError> {
+pub(crate) fn check_slots(slots: Option<u32>) -> Result<(), ApiError> {
     match slots {
         Some(n) if n == 0 || n > MAX_SLOTS_PER_WORKER => Err(ApiError::BadRequest(format!(
             "slots: {n} is not between 1 and {MAX_SLOTS_PER_WORKER}"

@@ -45,7 +45,7 @@ pub(crate) async fn lease(
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers, Role::Worker)?;
     let req: LeaseRequest = parse(&body)?;
-    Ok(Json(state.service.lease(&req.worker_id, req.max).await?).into_response())
+    Ok(Json(state.service.lease(&req).await?).into_response())
 }
 
 /// Extends every lease still held; says which are lost or cancelled.

@@ -23,7 +23,7 @@ use nightshift_proto::{FailureClass, JobSpec, JobState};
 
 pub use records::{
     FireRecord, JobRecord, LeasedShard, PartRow, RowsAt, ScheduleRecord, ShardRow, ShardTally,
-    StoreMetrics, TokenSums, WorkerSeen,
+    StoreMetrics, TokenSums, UsageSum, WorkerMachine, WorkerSeen,
 };
 pub use sql::{Dialect, SqlStore};
 
@@ -413,6 +413,18 @@ pub trait Metastore: Send + Sync + 'static {
     async fn spec_by_hash(&self, hash: &str) -> Result<Option<JobSpec>>;
     /// The database clock.
     async fn now_ms(&self) -> Result<i64>;
+
+    /// Records what a worker says about its machine (and that it was seen now).
+    async fn note_machine(&self, worker: &str, machine: &WorkerMachine) -> Result<()>;
+    /// Marks a worker to drain; false when no such worker is known.
+    async fn request_drain(&self, worker: &str) -> Result<bool>;
+    /// Notes that a coordinator told a worker marked to drain (answering its claim or
+    /// heartbeat), so the scaler may remove it once it holds no lease.
+    async fn drain_told(&self, worker: &str) -> Result<()>;
+    /// Workers marked to drain that were seen within `window_ms`.
+    async fn draining_workers(&self, window_ms: i64) -> Result<Vec<String>>;
+    /// A job's lease time by kind of machine, ended leases and held ones.
+    async fn job_usage(&self, job_id: i64) -> Result<Vec<UsageSum>>;
 
     /// For a database no other process uses (local mode, after a crash; the run holds its lock
     /// file): every lease and finalizer claim still marked held is from the dead run, so all

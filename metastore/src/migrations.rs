@@ -27,6 +27,7 @@ pub fn sqlite() -> Migrator {
             6 => "0006_schedules.sql",
             7 => "0007_parts_time.sql",
             8 => "0008_part_tokens.sql",
+            9 => "0009_fleet.sql",
         )),
         ..Migrator::DEFAULT
     }
@@ -43,6 +44,7 @@ pub fn postgres() -> Migrator {
             6 => "0006_schedules.sql",
             7 => "0007_parts_time.sql",
             8 => "0008_part_tokens.sql",
+            9 => "0009_fleet.sql",
         )),
         ..Migrator::DEFAULT
     }

@@ -351,7 +351,10 @@ async fn heartbeat(
             state,
         });
     }
-    Ok(HeartbeatResponse { leases: answers })
+    Ok(HeartbeatResponse {
+        leases: answers,
+        drain: false,
+    })
 }
 
 /// `complete` for several leases in one statement; only the leases it did not finish cost a

@@ -90,6 +90,7 @@ impl JobRecord {
             model_held_by: Vec::new(),
             notify: None,
             text: None,
+            cost: None,
             batch_rows: self.batch_rows.and_then(|n| u64::try_from(n).ok()),
         }
     }
@@ -134,6 +135,38 @@ pub struct WorkerSeen {
     /// Rows committed within the window by shards it holds or last held.
     #[sqlx(try_from = "i64")]
     pub rows_recent: u64,
+    /// The machine it runs on, as its last claim said (all three or none).
+    pub instance_id: Option<String>,
+    pub instance_type: Option<String>,
+    pub capacity_type: Option<String>,
+    /// Asked to drain.
+    pub draining: bool,
+    /// Told to drain by a coordinator's answer.
+    pub drain_told: bool,
+}
+
+/// What a worker says about itself with its claims: the machine it runs on (when it knows),
+/// its slots and the GPUs they use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerMachine {
+    pub instance: Option<nightshift_proto::InstanceInfo>,
+    pub slots: u32,
+    pub gpus: u32,
+}
+
+/// A job's lease time on one kind of machine: ended leases (`lease_usage`) and the ones held
+/// now, summed.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct UsageSum {
+    pub instance_type: Option<String>,
+    pub capacity_type: Option<String>,
+    pub slots: i64,
+    pub gpus: i64,
+    /// Milliseconds leases were held.
+    pub held_ms: i64,
+    /// Milliseconds whose work was not kept (since the last checkpoint of a lease that did not
+    /// complete).
+    pub lost_ms: i64,
 }
 
 /// A shard leased now, and to whom.
@@ -146,6 +179,9 @@ pub struct LeasedShard {
     pub rows: u64,
     #[sqlx(try_from = "i64")]
     pub checkpoint_rows: u64,
+    /// When the lease expires unless renewed: a worker's heartbeats move it on, so it tells
+    /// when the worker was last heard from.
+    pub lease_expires_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

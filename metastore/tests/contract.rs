@@ -1,6 +1,8 @@
 //! The store contract: one suite of cases, each an async fn over a `DynMetastore`, run against a
 //! fresh SQLite file and a fresh PostgreSQL database (its own throwaway server per test).
 
+#[path = "contract/fleet.rs"]
+mod fleet;
 #[path = "contract/jobs.rs"]
 mod jobs;
 #[path = "contract/lease.rs"]
@@ -94,6 +96,8 @@ macro_rules! contract {
 }
 
 contract!(
+    fleet::lease_time_is_kept_by_machine_whatever_ends_the_lease,
+    fleet::workers_report_machines_and_drains_are_marked,
     jobs::ready_after_migrate,
     jobs::create_and_read_back,
     jobs::idempotent_create,

@@ -33,6 +33,10 @@ pub struct JobSpec {
     /// A string column the worker tokenizes into the model's token inputs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<TextSpec>,
+    /// When the job should be done: a duration after submission (`"6h"`) or an RFC 3339
+    /// time. The fleet scaler sizes the fleet to meet it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<String>,
 }
 
 /// `[text]`: a string column tokenized in the worker with a Hugging Face `tokenizer.json`.

@@ -196,6 +196,9 @@ impl JobSpec {
         };
         self.check_text()?;
         self.check_notify()?;
+        if let Some(Err(m)) = self.deadline.as_deref().map(crate::Deadline::parse) {
+            return err("deadline", m);
+        }
         if self.name.is_empty() || self.name.len() > MAX_NAME_LEN {
             return err(
                 "name",

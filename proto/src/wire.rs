@@ -90,6 +90,36 @@ pub struct JobView {
     /// A text job's tokens: padding efficiency and texts truncated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<TextView>,
+    /// What the job's leases cost so far (machine time, and dollars from the coordinator's
+    /// price table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<CostView>,
+}
+
+/// A job's cost: machine time its leases held, attributed per slot (a lease on one of a
+/// worker's N slots counts 1/N of the machine for as long as it is held), split by how the
+/// machine was bought, and priced from the coordinator's price table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CostView {
+    /// GPU time: the held time of leases on GPU slots, times the GPUs per slot.
+    pub gpu_seconds: f64,
+    /// Machine time on spot instances.
+    pub spot_seconds: f64,
+    /// Machine time on on-demand instances.
+    pub on_demand_seconds: f64,
+    /// Machine time of workers that did not say what they run on.
+    pub unknown_seconds: f64,
+    /// Of all machine time, what produced nothing that was kept: since the last checkpoint of
+    /// each lease that did not complete (preemptions, crashes, failures).
+    pub lost_seconds: f64,
+    /// Dollars of the priced machine time; none without a price table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dollars: Option<f64>,
+    /// `dollars` per million rows done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dollars_per_million_rows: Option<f64>,
+    /// Machine time the price table has no price for (not in `dollars`).
+    pub unpriced_seconds: f64,
 }
 
 /// Where a job's completion callback stands.
@@ -156,6 +186,15 @@ pub struct JobQuery {
 pub struct LeaseRequest {
     pub worker_id: String,
     pub max: u32,
+    /// The machine the worker runs on, when it knows (for the fleet scaler and job costs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<crate::fleet::InstanceInfo>,
+    /// Shards the worker runs at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+    /// GPUs its slots use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
 }
 
 /// A granted shard as the lease answer carries it: everything a worker needs to run it but
@@ -263,6 +302,10 @@ pub struct LeaseResponse {
     pub leases: Vec<LeaseGrant>,
     /// Heartbeat well inside this.
     pub lease_ttl_ms: u64,
+    /// The worker was asked to drain: it takes no new shard (none is granted), finishes,
+    /// checkpoints and releases what it holds, and exits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain: bool,
 }
 
 /// Identifies one lease in writes and heartbeats: the shard, the grant's fencing token and
@@ -322,6 +365,9 @@ pub struct LeaseStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HeartbeatResponse {
     pub leases: Vec<LeaseStatus>,
+    /// The worker was asked to drain (see `LeaseResponse.drain`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain: bool,
 }
 
 /// One durably written output object of a shard.
@@ -374,6 +420,27 @@ impl std::fmt::Display for TextView {
             self.tokens.padded,
             self.tokens.truncated_rows
         )
+    }
+}
+
+impl std::fmt::Display for CostView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.0} s spot, {:.0} s on demand, {:.0} s unknown machines, {:.0} GPU-s, {:.0} s lost",
+            self.spot_seconds,
+            self.on_demand_seconds,
+            self.unknown_seconds,
+            self.gpu_seconds,
+            self.lost_seconds
+        )?;
+        if let Some(d) = self.dollars {
+            write!(f, "; ${d:.4}")?;
+        }
+        if let Some(per_m) = self.dollars_per_million_rows {
+            write!(f, " (${per_m:.4} per 1M rows)")?;
+        }
+        Ok(())
     }
 }
 
@@ -458,6 +525,9 @@ pub struct Manifest {
     /// Arrow schema of the output files, as field name -> data type.
     pub schema: Vec<ManifestField>,
     pub input_snapshot: Vec<InputFile>,
+    /// What the job cost (as its status shows it at commit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<CostView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -578,6 +648,17 @@ pub struct WorkerView {
     pub leases: Vec<WorkerLease>,
     /// Its GPUs, as its last heartbeat to this coordinator reported them.
     pub gpus: Vec<GpuSample>,
+    /// The machine it runs on, as its last claim said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<crate::fleet::InstanceInfo>,
+    /// Asked to drain (`POST /v1/workers/{id}/drain`): it takes no new shard, finishes,
+    /// checkpoints and releases what it holds, and exits.
+    #[serde(default)]
+    pub draining: bool,
+    /// A coordinator has told it to drain (answering its claim or heartbeat): once it holds no
+    /// lease, its machine may go.
+    #[serde(default)]
+    pub drain_told: bool,
 }
 
 /// A shard a worker holds now.

@@ -2,7 +2,8 @@
 //! notice protocol on 127.0.0.1: `PUT /latest/api/token` returns a session token;
 //! `GET /latest/meta-data/spot/instance-action` with that token answers 404 until
 //! `announce()`, then 200 with `{"action": "terminate", "time": "...Z"}`. Requests without the
-//! token get 401, as IMDSv2 does.
+//! token get 401, as IMDSv2 does. It also describes its instance (`instance-id`,
+//! `instance-type`, `instance-life-cycle`) as `IDENTITY` says.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,6 +25,29 @@ pub struct MetadataServer {
 }
 
 const TOKEN: &str = "imds-session-token";
+/// The instance this server describes: id, type and life cycle.
+pub const IDENTITY: [(&str, &str); 3] = [
+    ("instance-id", "i-0fa11ce0fa11ce0fa"),
+    ("instance-type", "g5.2xlarge"),
+    ("instance-life-cycle", "spot"),
+];
+
+/// Answers one identity value, to holders of the session token only.
+fn identity_route(router: Router, (key, value): (&'static str, &'static str)) -> Router {
+    router.route(
+        &format!("/latest/meta-data/{key}"),
+        get(move |headers: HeaderMap| async move {
+            if headers
+                .get("x-aws-ec2-metadata-token")
+                .and_then(|v| v.to_str().ok())
+                != Some(TOKEN)
+            {
+                return (StatusCode::UNAUTHORIZED, String::new());
+            }
+            (StatusCode::OK, value.to_string())
+        }),
+    )
+}
 
 impl MetadataServer {
     pub async fn start() -> Self {
@@ -67,6 +91,7 @@ impl MetadataServer {
                     }
                 }),
             );
+        let app = IDENTITY.into_iter().fold(app, identity_route);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

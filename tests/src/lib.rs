@@ -5,6 +5,7 @@ pub mod postgres;
 pub use postgres::PgServer;
 pub mod api_server;
 pub mod cluster;
+pub mod ec2_proxy;
 pub mod fault_proxy;
 pub mod fixtures;
 pub mod imds;

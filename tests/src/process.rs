@@ -58,12 +58,21 @@ impl ChildGuard {
         self.child = None;
     }
 
-    /// Sends a signal (SIGTERM, SIGINT) without waiting.
+    /// Sends a signal (SIGTERM, SIGINT) without waiting; nothing once the process is gone
+    /// (`kill` of pid 0 would signal the test's own process group).
     pub fn signal(&self, sig: &str) {
+        if self.child.is_none() {
+            return;
+        }
         let _ = Command::new("kill")
             .arg(format!("-{sig}"))
             .arg(self.id().to_string())
             .status();
+    }
+
+    /// Whether the process is still running (false once killed or waited for).
+    pub fn running(&mut self) -> bool {
+        self.child.is_some() && self.try_wait().is_none()
     }
 
     pub fn try_wait(&mut self) -> Option<ExitStatus> {

@@ -65,6 +65,8 @@ const MAX_CACHED_SPECS: usize = 256;
 pub struct Leases {
     pub leases: Vec<ShardLease>,
     pub lease_ttl_ms: u64,
+    /// The coordinator asks this worker to drain.
+    pub drain: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -168,15 +170,19 @@ impl CoordinatorClient {
 
     /// Up to `max` shards, each with its job's spec (fetched once per spec and kept).
     pub async fn lease(&self, worker_id: &str, max: u32) -> Result<Leases, ClientError> {
-        let answer: LeaseResponse = self
-            .post(
-                "/v1/worker/lease",
-                &LeaseRequest {
-                    worker_id: worker_id.to_string(),
-                    max,
-                },
-            )
-            .await?;
+        self.lease_with(&LeaseRequest {
+            worker_id: worker_id.to_string(),
+            max,
+            instance: None,
+            slots: None,
+            gpus: None,
+        })
+        .await
+    }
+
+    /// A lease request that also says what the worker runs on.
+    pub async fn lease_with(&self, request: &LeaseRequest) -> Result<Leases, ClientError> {
+        let answer: LeaseResponse = self.post("/v1/worker/lease", request).await?;
         let mut leases = Vec::with_capacity(answer.leases.len());
         for grant in answer.leases {
             let spec = self.spec(&grant.spec_hash).await?;
@@ -185,6 +191,7 @@ impl CoordinatorClient {
         Ok(Leases {
             leases,
             lease_ttl_ms: answer.lease_ttl_ms,
+            drain: answer.drain,
         })
     }
 

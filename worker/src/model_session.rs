@@ -206,6 +206,9 @@ impl ModelSession {
         if let Some(e) = injected_oom(rows) {
             return Err(e);
         }
+        // A slow device, when the `model-run-delay` failpoint is set (`sleep(MS)`): tests of
+        // stragglers and of the fleet give workers a known speed. Only `failpoints` builds.
+        fail::fail_point!("model-run-delay");
         let views = inputs
             .iter()
             .map(|t| Ok((t.name.as_str(), t.view()?)))

@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use nightshift_proto::{CapacityType, InstanceInfo};
 use tokio_util::sync::CancellationToken;
 
 /// The link-local address EC2 serves instance metadata on.
@@ -82,20 +83,7 @@ impl SpotWatcher {
             .as_ref()
             .is_some_and(|(_, at)| at.elapsed() < Duration::from_secs(TOKEN_TTL_S - 300));
         if !fresh {
-            let resp = http
-                .put(format!("{}/latest/api/token", self.endpoint))
-                .header(
-                    "X-aws-ec2-metadata-token-ttl-seconds",
-                    TOKEN_TTL_S.to_string(),
-                )
-                .send()
-                .await
-                .map_err(|e| crate::client::error_chain(&e))?;
-            if !resp.status().is_success() {
-                return Err(format!("token request answered {}", resp.status()));
-            }
-            let t = resp.text().await.map_err(|e| e.to_string())?;
-            *token = Some((t, Instant::now()));
+            *token = Some((session_token(http, &self.endpoint).await?, Instant::now()));
         }
         let t = token.as_ref().map(|(t, _)| t.clone()).unwrap_or_default();
         let resp = http
@@ -123,4 +111,69 @@ impl SpotWatcher {
             other => Err(format!("instance-action answered {other}")),
         }
     }
+}
+
+/// An IMDSv2 session token.
+async fn session_token(http: &reqwest::Client, endpoint: &str) -> Result<String, String> {
+    let resp = http
+        .put(format!("{endpoint}/latest/api/token"))
+        .header(
+            "X-aws-ec2-metadata-token-ttl-seconds",
+            TOKEN_TTL_S.to_string(),
+        )
+        .send()
+        .await
+        .map_err(|e| crate::client::error_chain(&e))?;
+    if !resp.status().is_success() {
+        return Err(format!("token request answered {}", resp.status()));
+    }
+    resp.text().await.map_err(|e| e.to_string())
+}
+
+/// One metadata value (`/latest/meta-data/<path>`).
+async fn metadata(
+    http: &reqwest::Client,
+    endpoint: &str,
+    token: &str,
+    path: &str,
+) -> Result<String, String> {
+    let resp = http
+        .get(format!("{endpoint}/latest/meta-data/{path}"))
+        .header("X-aws-ec2-metadata-token", token)
+        .send()
+        .await
+        .map_err(|e| crate::client::error_chain(&e))?;
+    if !resp.status().is_success() {
+        return Err(format!("{path} answered {}", resp.status()));
+    }
+    Ok(resp
+        .text()
+        .await
+        .map_err(|e| e.to_string())?
+        .trim()
+        .to_string())
+}
+
+/// The instance this worker runs on, as the metadata service at `endpoint` describes it: its
+/// id, its type, and whether it is spot (`instance-life-cycle`; anything else is on demand).
+pub async fn instance_identity(endpoint: &str) -> Result<InstanceInfo, String> {
+    let endpoint = endpoint.trim_end_matches('/');
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(1))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let token = session_token(&http, endpoint).await?;
+    let id = metadata(&http, endpoint, &token, "instance-id").await?;
+    let instance_type = metadata(&http, endpoint, &token, "instance-type").await?;
+    let life_cycle = metadata(&http, endpoint, &token, "instance-life-cycle").await?;
+    let capacity_type = match life_cycle.as_str() {
+        "spot" => CapacityType::Spot,
+        _ => CapacityType::OnDemand,
+    };
+    Ok(InstanceInfo {
+        id,
+        instance_type,
+        capacity_type,
+    })
 }

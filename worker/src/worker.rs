@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nightshift_proto::InstanceInfo;
 use nightshift_proto::LeaseState;
-use nightshift_proto::wire::{LeaseRef, LoadedModel, ShardLease};
+use nightshift_proto::wire::{LeaseRef, LeaseRequest, LoadedModel, ShardLease};
 use nightshift_storage::{ReadCounter, Stores};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -61,6 +62,9 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     /// Wait between lease requests when there is no work.
     pub idle_poll: Duration,
+    /// The machine this worker runs on, told to the coordinator with each claim (for the
+    /// fleet scaler and jobs' costs).
+    pub instance: Option<InstanceInfo>,
 }
 
 impl WorkerConfig {
@@ -77,6 +81,7 @@ impl WorkerConfig {
             cache_dir: std::env::temp_dir().join("nightshift-models"),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             idle_poll: DEFAULT_IDLE_POLL,
+            instance: None,
         }
     }
 }
@@ -106,6 +111,7 @@ pub struct Worker {
     model_cache: usize,
     drain_timeout: Duration,
     idle_poll: Duration,
+    instance: Option<InstanceInfo>,
 }
 
 type Held = Arc<Mutex<HashMap<LeaseRef, ShardSignals>>>;
@@ -133,6 +139,7 @@ impl Worker {
             model_cache: config.model_cache,
             drain_timeout: config.drain_timeout,
             idle_poll: config.idle_poll,
+            instance: config.instance,
         })
     }
 
@@ -169,6 +176,7 @@ impl Worker {
             held.clone(),
             ttl.clone(),
             heartbeat_stop.clone(),
+            shutdown.clone(),
         ));
         let mut running: JoinSet<()> = JoinSet::new();
         let mut slot_of: HashMap<tokio::task::Id, usize> = HashMap::new();
@@ -179,7 +187,15 @@ impl Worker {
             let ready = ready_slots(&slots);
             let mut granted = 0;
             if !ready.is_empty() {
-                match ctx.client.lease(&ctx.worker_id, ready.len() as u32).await {
+                match ctx
+                    .client
+                    .lease_with(&self.lease_request(ready.len()))
+                    .await
+                {
+                    Ok(resp) if resp.drain => {
+                        tracing::info!("the coordinator asked this worker to drain");
+                        shutdown.cancel();
+                    }
                     Ok(resp) => {
                         *lock(&ttl) = Duration::from_millis(resp.lease_ttl_ms).max(MIN_LEASE_TTL);
                         granted = resp.leases.len();
@@ -238,6 +254,17 @@ impl Worker {
         let report = ctx.metrics.snapshot();
         tracing::info!(?report, "worker stopped");
         report
+    }
+
+    /// A claim of `max` shards, saying what this worker runs on.
+    fn lease_request(&self, max: usize) -> LeaseRequest {
+        LeaseRequest {
+            worker_id: self.ctx.worker_id.clone(),
+            max: max as u32,
+            instance: self.instance.clone(),
+            slots: u32::try_from(self.slots).ok(),
+            gpus: u32::try_from(self.gpus.iter().collect::<BTreeSet<_>>().len()).ok(),
+        }
     }
 
     fn start_slots(&self) -> std::io::Result<Vec<SlotState>> {
@@ -385,7 +412,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Renews every held lease (every third of the TTL, at most 2 s); a lost or cancelled lease
-/// aborts its shard.
+/// aborts its shard. An answer asking this worker to drain cancels `drain`.
 async fn heartbeat_loop(
     ctx: Arc<WorkerContext>,
     gpus: Vec<u32>,
@@ -393,6 +420,7 @@ async fn heartbeat_loop(
     held: Held,
     ttl: Arc<Mutex<Duration>>,
     stop: CancellationToken,
+    drain: CancellationToken,
 ) {
     let client = ctx.client.clone().with_retry_times(2);
     let monitor = GpuMonitor::new();
@@ -416,6 +444,10 @@ async fn heartbeat_loop(
             .await
         {
             Ok(resp) => {
+                if resp.drain && !drain.is_cancelled() {
+                    tracing::info!("the coordinator asked this worker to drain");
+                    drain.cancel();
+                }
                 for status in resp.leases {
                     if status.state == LeaseState::Held {
                         continue;

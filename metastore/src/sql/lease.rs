@@ -217,7 +217,10 @@ where
             });
         }
         tx.commit().await?;
-        Ok(HeartbeatResponse { leases: answers })
+        Ok(HeartbeatResponse {
+            leases: answers,
+            drain: false,
+        })
     }
 
     /// Moves the checkpoint past `part` and records it, in one transaction. The part must

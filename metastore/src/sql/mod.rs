@@ -4,6 +4,7 @@
 //! in. A dialect adds only what its SQL cannot share: opening the database, the output lock,
 //! and the set-based statements PostgreSQL runs where SQLite takes requests one by one.
 
+mod fleet;
 pub(crate) mod jobs;
 pub(crate) mod lease;
 mod loops;
@@ -23,7 +24,8 @@ use nightshift_proto::wire::{InputFile, JobPlan, NotifyView, PartRecord};
 
 use crate::merges::{MergeCandidate, MergeGroup};
 use crate::records::{
-    FireRecord, LeasedShard, RowsAt, ScheduleRecord, ShardTally, TokenSums, WorkerSeen,
+    FireRecord, LeasedShard, RowsAt, ScheduleRecord, ShardTally, TokenSums, UsageSum,
+    WorkerMachine, WorkerSeen,
 };
 use crate::{
     ClaimRequest, DueNotification, JobFilter, JobOutcome, JobRecord, LeaseHolder, LeaseTiming,
@@ -399,5 +401,25 @@ where
 
     async fn recover_after_crash(&self) -> Result<u64> {
         self.recover_after_crash().await
+    }
+
+    async fn note_machine(&self, worker: &str, machine: &WorkerMachine) -> Result<()> {
+        self.note_machine(worker, machine).await
+    }
+
+    async fn request_drain(&self, worker: &str) -> Result<bool> {
+        self.request_drain(worker).await
+    }
+
+    async fn drain_told(&self, worker: &str) -> Result<()> {
+        self.drain_told(worker).await
+    }
+
+    async fn draining_workers(&self, window_ms: i64) -> Result<Vec<String>> {
+        self.draining_workers(window_ms).await
+    }
+
+    async fn job_usage(&self, job_id: i64) -> Result<Vec<UsageSum>> {
+        self.job_usage(job_id).await
     }
 }

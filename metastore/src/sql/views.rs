@@ -30,7 +30,10 @@ where
 
     pub(super) async fn workers_seen(&self, window_ms: i64) -> Result<Vec<WorkerSeen>> {
         let sql = D::sql(
-            "SELECT w.id, w.last_seen_ms, CAST(COALESCE(r.rows, 0) AS BIGINT) AS rows_recent \
+            "SELECT w.id, w.last_seen_ms, CAST(COALESCE(r.rows, 0) AS BIGINT) AS rows_recent, \
+             w.instance_id, w.instance_type, w.capacity_type, \
+             (w.drain_requested_at_ms IS NOT NULL) AS draining, \
+             (w.drain_told_at_ms IS NOT NULL) AS drain_told \
              FROM workers w LEFT JOIN ( \
                  SELECT s.worker_id, SUM(p.rows) AS rows FROM parts p \
                  JOIN shards s ON s.id = p.shard_id \
@@ -49,7 +52,8 @@ where
 
     pub(super) async fn leased_shards(&self) -> Result<Vec<LeasedShard>> {
         Ok(sqlx::query_as(
-            "SELECT worker_id, job_id, id AS shard_id, rows, checkpoint_rows FROM shards \
+            "SELECT worker_id, job_id, id AS shard_id, rows, checkpoint_rows, lease_expires_at_ms \
+             FROM shards \
              WHERE state = $1 AND worker_id IS NOT NULL ORDER BY worker_id, id",
         )
         .bind(ShardState::Leased.as_str())
