@@ -3,7 +3,10 @@
 
 input_ids, attention_mask (and with --token-types token_type_ids), all int64 [batch, seq] ->
 last_hidden_state [batch, seq, HIDDEN] (float32, or float16 with --dtype float16: then every
-weight and activation is float16). The vocabulary size is read from the tokenizer. Embeddings
+weight and activation is float16), or with --cls-output cls_embedding [batch, HIDDEN] instead: the
+first token's last hidden state, one vector per row for jobs over token-id columns (without a
+[text] table a job cannot pool). The vocabulary size is read from the tokenizer, or given with
+--vocab-size. Embeddings
 (word + position, positions 0..seq-1 computed in the graph, + token type) and a LayerNorm, then
 per layer multi-head self-attention with the additive mask (1 - attention_mask) * -10000, a
 residual and LayerNorm, a GELU (erf) feed-forward, a residual and LayerNorm. The mask makes the
@@ -11,6 +14,7 @@ outputs at real positions independent of padding; --check verifies that with ONN
 """
 import argparse
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -106,13 +110,19 @@ def build(a, vocab):
     for i in range(a.layers):
         x = attention(g, x, mask, f"layer{i}.attention", a)
         x = feed_forward(g, x, f"layer{i}.ffn", a)
-    g.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="output"))
+    if a.cls_output:
+        # A scalar index drops the seq axis: [batch, hidden].
+        x = g.op("Gather", [x, g.const("cls_index", 0, np.int64)], "cls", axis=1)
+        output = helper.make_tensor_value_info("cls_embedding", ONNX_T[a.dtype], ["batch", a.hidden])
+    else:
+        output = helper.make_tensor_value_info("last_hidden_state", ONNX_T[a.dtype], ["batch", "seq", a.hidden])
+    g.nodes.append(helper.make_node("Identity", [x], [output.name], name="output"))
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if a.token_types else [])
     graph = helper.make_graph(
         g.nodes,
         "bert_encoder",
         [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in names],
-        [helper.make_tensor_value_info("last_hidden_state", ONNX_T[a.dtype], ["batch", "seq", a.hidden])],
+        [output],
         g.inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="nightshift")
@@ -121,13 +131,24 @@ def build(a, vocab):
     return model
 
 
-def check(path, tok_path, token_types):
+def check_encodings(tok_path, vocab):
+    """A short and a long encoding: of two texts by the tokenizer, or of made-up ids below vocab."""
+    if tok_path:
+        tok = Tokenizer.from_file(tok_path)
+        return tok.encode("Café naïve, a short text."), tok.encode("a much longer text " * 20, "and a pair")
+
+    def made_up(n):
+        return SimpleNamespace(ids=[(7 * i + 1) % vocab for i in range(n)], attention_mask=[1] * n, type_ids=[0] * n)
+
+    return made_up(9), made_up(80)
+
+
+def check(path, tok_path, vocab, token_types):
     """Runs one text alone and padded inside a batch with a longer one: real positions agree."""
     import onnxruntime as ort
 
-    tok = Tokenizer.from_file(tok_path)
     s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    short, long = tok.encode("Café naïve, a short text."), tok.encode("a much longer text " * 20, "and a pair")
+    short, long = check_encodings(tok_path, vocab)
 
     def feed(encs):
         n = max(len(e.ids) for e in encs)
@@ -142,7 +163,8 @@ def check(path, tok_path, token_types):
 
     alone = s.run(None, feed([short]))[0][0].astype(np.float32)
     batch = s.run(None, feed([long, short]))[0]
-    padded = batch[1, : len(short.ids)].astype(np.float32)
+    # A [batch, hidden] output holds the first position only.
+    padded = (batch[1, : len(short.ids)] if batch.ndim == 3 else batch[1]).astype(np.float32)
     diff = float(np.max(np.abs(alone - padded)))
     assert np.all(np.isfinite(batch)), "non-finite output"
     print(f"check: output {batch.dtype} {batch.shape}, std {float(batch.astype(np.float32).std()):.3f}, "
@@ -152,7 +174,9 @@ def check(path, tok_path, token_types):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json (for the vocabulary size)")
+    vocab = p.add_mutually_exclusive_group(required=True)
+    vocab.add_argument("--tokenizer", help="tokenizer.json (for the vocabulary size)")
+    vocab.add_argument("--vocab-size", type=int, help="the vocabulary size, without a tokenizer")
     p.add_argument("--out", required=True)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
@@ -160,19 +184,22 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, default=64)
     p.add_argument("--max-position", type=int, default=512)
     p.add_argument("--token-types", action="store_true", help="add the token_type_ids input")
+    p.add_argument("--cls-output", action="store_true", help="output cls_embedding [batch, hidden] instead")
     p.add_argument("--dtype", choices=sorted(ONNX_T), default="float32")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--check", action="store_true", help="check the model and run it with ONNX Runtime")
     a = p.parse_args()
     if a.hidden % a.heads:
         p.error("--hidden must be a multiple of --heads")
-    vocab = Tokenizer.from_file(a.tokenizer).get_vocab_size(with_added_tokens=True)
+    if a.vocab_size is not None and a.vocab_size < 1:
+        p.error("--vocab-size must be positive")
+    vocab = a.vocab_size or Tokenizer.from_file(a.tokenizer).get_vocab_size(with_added_tokens=True)
     model = build(a, vocab)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     onnx.save(model, a.out)
     if a.check:
         onnx.checker.check_model(a.out, full_check=True)
-        check(a.out, a.tokenizer, a.token_types)
+        check(a.out, a.tokenizer, vocab, a.token_types)
 
 
 if __name__ == "__main__":

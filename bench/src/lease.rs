@@ -21,10 +21,10 @@ use anyhow::{Context, Result, bail};
 use nightshift_coordinator::{AllowList, Coordinator, CoordinatorConfig};
 use nightshift_metastore::postgres::PgStore;
 use nightshift_metastore::{DynMetastore, LeaseTiming, Metastore, NewJob};
-use nightshift_proto::JobSpec;
-use nightshift_proto::wire::{InputFile, JobPlan, LeaseRef, PartRecord, ShardLease, ShardPlan};
+use nightshift_proto::wire::{LeaseRef, PartRecord, ShardLease};
 use nightshift_storage::Stores;
 use nightshift_tests::PgServer;
+use nightshift_tests::load::{Latency, stand_in_plan, stand_in_spec};
 use nightshift_tests::parts::write_part;
 use nightshift_worker::client::CoordinatorClient;
 use sqlx::Connection;
@@ -104,33 +104,10 @@ struct Cell {
     shards_per_s: f64,
     claims: usize,
     shards_per_claim: f64,
-    claim: Percentiles,
-    complete: Percentiles,
+    claim: Latency,
+    complete: Latency,
     /// The job ran out of pending shards before the window ended.
     drained: bool,
-}
-
-#[derive(Clone, Copy, Default)]
-struct Percentiles {
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-impl Percentiles {
-    fn of(mut v: Vec<Duration>) -> Self {
-        if v.is_empty() {
-            return Self::default();
-        }
-        v.sort_unstable();
-        let at = |q: f64| {
-            let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
-            v[i].as_secs_f64() * 1000.0
-        };
-        Self {
-            p50_ms: at(0.50),
-            p99_ms: at(0.99),
-        }
-    }
 }
 
 pub async fn run(a: Args) -> Result<()> {
@@ -355,9 +332,9 @@ async fn measure(
     let job = store
         .create_job(NewJob {
             uid: uuid::Uuid::new_v4().simple().to_string()[..16].to_string(),
-            spec: spec(&out.path().display().to_string())?,
+            spec: stand_in_spec("lease-bench", &out.path().display().to_string())?,
             idempotency_key: None,
-            plan: plan(a.shards, rows),
+            plan: stand_in_plan(a.shards, rows),
             queued: false,
         })
         .await?
@@ -442,8 +419,8 @@ async fn measure(
         } else {
             all.claimed as f64 / claims as f64
         },
-        claim: Percentiles::of(all.claims),
-        complete: Percentiles::of(all.completes),
+        claim: Latency::of(all.claims),
+        complete: Latency::of(all.completes),
         drained: all.drained,
     })
 }
@@ -525,60 +502,5 @@ fn one_row_part(lease: LeaseRef) -> PartRecord {
         error_uri: None,
         error_bytes: 0,
         tokens: None,
-    }
-}
-
-/// A spec the store takes as is: nothing reads its input and model, since the plan is made
-/// here; stand-in parts go to the local `out`.
-fn spec(out: &str) -> Result<JobSpec> {
-    Ok(JobSpec::from_toml(&format!(
-        r#"name = "lease-bench"
-
-[input]
-uri = "s3://bench/in/*.parquet"
-
-[model]
-uri = "s3://bench/model.onnx"
-
-[model.inputs]
-x = "features"
-
-[model.outputs]
-logits = "logits"
-
-[output]
-uri = "{out}"
-passthrough = ["id"]
-"#
-    ))?)
-}
-
-/// `shards` shards of `rows` rows each, spread over 16 files.
-fn plan(shards: usize, rows: u64) -> JobPlan {
-    const FILES: usize = 16;
-    let files = (0..FILES)
-        .map(|i| InputFile {
-            uri: format!("s3://bench/in/{i:02}.parquet"),
-            size: 1 << 20,
-            etag: Some(format!("\"etag-{i}\"")),
-        })
-        .collect();
-    let rows_total = shards as u64 * rows;
-    let shards = (0..shards)
-        .map(|i| {
-            let group = (i / FILES) as u32;
-            ShardPlan {
-                file_index: (i % FILES) as u32,
-                row_group_start: group,
-                row_group_end: group + 1,
-                file_row_start: u64::from(group) * rows,
-                rows,
-            }
-        })
-        .collect();
-    JobPlan {
-        files,
-        shards,
-        rows_total,
     }
 }

@@ -3,14 +3,17 @@
 //!
 //!   cargo run --release -p nightshift-bench -- pipeline     # worker pipeline vs bare ONNX Runtime
 //!   cargo run --release -p nightshift-bench -- lease        # lease layer: claims+completes/s
+//!   cargo run --release -p nightshift-bench -- load         # 1,000 simulated workers on one coordinator
 //!   cargo run --release -p nightshift-bench -- commit       # commit time, 1 vs 8 GiB of output
-//!   cargo run --release -p nightshift-bench -- gpu          # pipeline vs bare ORT-CUDA loop
+//!   cargo run --release -p nightshift-bench -- gpu          # pipeline vs bare ORT-CUDA loop: MLP, encoder
 //!   cargo run --release -p nightshift-bench -- padding      # text jobs' padding vs fixed batches
 //!   cargo run --release -p nightshift-bench -- text         # text embedding vs the usual Python way
 
 mod commit;
+mod encoder;
 mod gpu;
 mod lease;
+mod load;
 mod padding;
 mod pipeline;
 mod storage;
@@ -33,11 +36,15 @@ enum Command {
     /// Shard claims+completes per second and claim latency at 1, 16 and 64 workers, on the
     /// PostgreSQL store directly and through the coordinator's HTTP API.
     Lease(lease::Args),
+    /// Many simulated workers (the real lease protocol, no model) against one coordinator
+    /// process over PostgreSQL: endpoint latency percentiles, claims/s, statements/s, RSS.
+    Load(load::Args),
     /// Commit time of a job with 1 GiB and one with 8 GiB of output (local files; smaller on
     /// the local S3 server): the commit moves or copies whole files, so it should not grow.
     Commit(commit::Args),
-    /// On a GPU machine: the worker pipeline against a bare ONNX Runtime CUDA loop, with GPU
-    /// busy sampled (without a GPU it says so and exits 0).
+    /// On a GPU machine: the worker pipeline against a bare ONNX Runtime CUDA loop on the wide
+    /// MLP and on a transformer encoder (float32 and float16), with GPU busy sampled (without a
+    /// GPU it says so and exits 0; `--cpu-check` runs the same on the CPU).
     Gpu(gpu::Args),
     /// Object storage against a local S3 server: bytes fetched per byte a Parquet read needs,
     /// and PartUpload throughput over one plain put.
@@ -60,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Pipeline(a) => pipeline::run(a).await,
             Command::Lease(a) => lease::run(a).await,
+            Command::Load(a) => load::run(a).await,
             Command::Storage(a) => storage::run(a).await,
             Command::Commit(a) => commit::run(a).await,
             Command::Gpu(a) => gpu::run(a).await,

@@ -308,14 +308,43 @@ pub(crate) fn bench_spec(
     batch: usize,
     device: Device,
 ) -> Result<JobSpec> {
-    let toml = format!(
-        "name = \"{name}\"\n[input]\nuri = \"{input}\"\n[model]\nuri = \"{}\"\ndevice = \"{device}\"\n\
-         [model.inputs]\nx = \"features\"\n[model.outputs]\nlogits = \"logits\"\n[output]\nuri = \"{}\"\n\
-         passthrough = [\"id\"]\n[batch]\nsize = {batch}\n[shards]\nrows = 100000\n",
-        model.display(),
-        out.display()
-    );
-    Ok(JobSpec::from_toml(&toml)?)
+    let job = Job {
+        name,
+        input,
+        model,
+        out,
+        device,
+    };
+    job.spec(
+        "[model.inputs]\nx = \"features\"\n[model.outputs]\nlogits = \"logits\"\n",
+        &format!("[batch]\nsize = {batch}\n[shards]\nrows = 100000\n"),
+    )
+}
+
+/// What every bench job names: where it reads, which model on which device, where it writes.
+pub(crate) struct Job<'a> {
+    pub name: &'a str,
+    pub input: &'a str,
+    pub model: &'a Path,
+    pub out: &'a Path,
+    pub device: Device,
+}
+
+impl Job<'_> {
+    /// The job with the model's column `mapping` (`[model.inputs]` and `[model.outputs]`)
+    /// and the `rest` of the spec after `[output]`; the output keeps the `id` column.
+    pub(crate) fn spec(&self, mapping: &str, rest: &str) -> Result<JobSpec> {
+        let toml = format!(
+            "name = \"{}\"\n[input]\nuri = \"{}\"\n[model]\nuri = \"{}\"\ndevice = \"{}\"\n\
+             {mapping}[output]\nuri = \"{}\"\npassthrough = [\"id\"]\n{rest}",
+            self.name,
+            self.input,
+            self.model.display(),
+            self.device,
+            self.out.display()
+        );
+        Ok(JobSpec::from_toml(&toml)?)
+    }
 }
 
 /// Steady-state pipeline throughput: the worker first runs a warm-up job on the same model (so

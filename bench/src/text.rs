@@ -23,7 +23,7 @@ use crate::pipeline::{pipeline, python, python_output};
 /// Input files the texts are spread over.
 const TEXT_FILES: u32 = 4;
 /// The encoder's shape: MiniLM-L6.
-const ENCODER: [&str; 8] = [
+pub(crate) const ENCODER: [&str; 8] = [
     "--hidden",
     "384",
     "--layers",

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -16,6 +16,7 @@ use nightshift_proto::wire::{JobList, JobQuery, JobView, SubmitResponse};
 use nightshift_proto::{ErrorBody, ErrorCode, JobSpec};
 
 use subtle::ConstantTimeEq;
+use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::api_error::ApiError;
 use crate::dashboard::authorize_read;
@@ -59,10 +60,16 @@ pub fn router(state: ApiState) -> Router {
         .merge(crate::schedule_api::routes())
         .merge(crate::fleet_api::routes())
         .fallback(not_found)
+        .layer(DefaultBodyLimit::disable())
+        .layer(RequestBodyLimitLayer::new(MAX_REQUEST_BYTES))
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
+
+/// The largest request body the API reads. A request announcing more is refused with 413 on
+/// its headers alone, before a byte of the body is read; a streamed body is cut off there.
+const MAX_REQUEST_BYTES: usize = 2 << 20;
 
 async fn not_found() -> ApiError {
     ApiError::NotFound("no such route".into())

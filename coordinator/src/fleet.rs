@@ -95,14 +95,25 @@ impl Service {
     }
 
     /// Whether `worker` was asked to drain (read from the store at most every
-    /// `DRAIN_REFRESH`). The caller tells the worker so in its answer, and that is noted.
+    /// `DRAIN_REFRESH`, by one request while the others answer from the last read). The
+    /// caller tells the worker so in its answer, and that is noted.
     pub(crate) async fn is_draining(&self, worker: &str) -> Result<bool, ApiError> {
-        let fresh = lock(&self.fleet.draining)
-            .0
-            .is_some_and(|at| at.elapsed() < DRAIN_REFRESH);
-        if !fresh {
-            let ids = self.store.draining_workers(DRAIN_WINDOW_MS).await?;
-            *lock(&self.fleet.draining) = (Some(Instant::now()), ids.into_iter().collect());
+        let refresh = {
+            let mut draining = lock(&self.fleet.draining);
+            let stale = draining.0.is_none_or(|at| at.elapsed() >= DRAIN_REFRESH);
+            if stale {
+                draining.0 = Some(Instant::now());
+            }
+            stale
+        };
+        if refresh {
+            match self.store.draining_workers(DRAIN_WINDOW_MS).await {
+                Ok(ids) => lock(&self.fleet.draining).1 = ids.into_iter().collect(),
+                Err(e) => {
+                    lock(&self.fleet.draining).0 = None;
+                    return Err(e.into());
+                }
+            }
         }
         let draining = lock(&self.fleet.draining).1.contains(worker);
         if draining && !lock(&self.fleet.told).contains(worker) {

@@ -28,8 +28,8 @@ use crate::metrics::Metrics;
 use crate::notifier::CallbackConfig;
 use crate::part_check::{check_counts, check_objects};
 use nightshift_metastore::{
-    ClaimRequest, DynMetastore, JobFilter, JobRecord, LeaseHolder, LeaseTiming, NewJob, StoreError,
-    Submitted,
+    ClaimRequest, DynMetastore, HeartbeatLot, JobFilter, JobRecord, LeaseHolder, LeaseTiming,
+    NewJob, StoreError, Submitted,
 };
 
 /// Jobs per page of `GET /v1/jobs` when the query names none, and at most.
@@ -57,6 +57,11 @@ const MAX_FAIL_MESSAGE_CHARS: usize = 4000;
 
 /// Claims in flight at once when coalescing, and shards per claim call.
 const CLAIM_LIMITS: Limits = Limits {
+    rounds: 4,
+    weight: 1024,
+};
+/// Heartbeat calls in flight at once when coalescing, and leases per call.
+const HEARTBEAT_LIMITS: Limits = Limits {
     rounds: 4,
     weight: 1024,
 };
@@ -95,6 +100,7 @@ struct Coalesced {
     claims: Coalescer<ClaimRequest, Vec<ShardLease>>,
     /// `(worker, lease)`: each completion is checked against its own worker.
     completions: Coalescer<(String, LeaseRef), ()>,
+    heartbeats: Coalescer<HeartbeatLot, Vec<LeaseStatus>>,
 }
 
 impl Service {
@@ -149,8 +155,9 @@ impl Service {
         Ok(())
     }
 
-    /// This service with concurrent claims and completions coalesced into `claim_many` and
-    /// `complete_many` calls (see `coalescer`), until `shutdown`.
+    /// This service with concurrent claims, completions and heartbeats coalesced into
+    /// `claim_many`, `complete_many` and `heartbeat_many` calls (see `coalescer`), until
+    /// `shutdown`.
     pub fn coalescing(mut self, shutdown: CancellationToken, tasks: &TaskTracker) -> Self {
         let (store, timing) = (self.store.clone(), self.timing);
         let claims = Coalescer::start(
@@ -169,12 +176,23 @@ impl Service {
                 let store = store.clone();
                 Box::pin(async move { complete_lot(&store, &requests).await })
             }),
+            shutdown.clone(),
+            tasks,
+        );
+        let store = self.store.clone();
+        let heartbeats = Coalescer::start(
+            HEARTBEAT_LIMITS,
+            Arc::new(move |lots: Vec<HeartbeatLot>| {
+                let store = store.clone();
+                Box::pin(async move { heartbeat_lot(&store, timing, &lots).await })
+            }),
             shutdown,
             tasks,
         );
         self.coalesced = Some(Coalesced {
             claims,
             completions,
+            heartbeats,
         });
         self
     }
@@ -440,20 +458,22 @@ impl Service {
         check_slots(req.slots)?;
         self.metrics
             .record_worker(worker, &req.gpus, &req.models, req.slots);
-        let held = held_by(&self.store, worker, leases).await?;
-        let lost = |l: &LeaseRef| LeaseStatus {
-            shard_id: l.shard_id,
-            token: l.token,
-            state: LeaseState::Lost,
+        let lot = HeartbeatLot {
+            worker: worker.to_string(),
+            leases: leases.to_vec(),
         };
-        let statuses = on_held(leases, &held, lost, |mine| async move {
-            Ok(self
-                .store
-                .heartbeat(worker, &mine, self.timing)
+        let weight = leases.len().max(1);
+        let coalesced = match &self.coalesced {
+            Some(c) => c.heartbeats.call(lot.clone(), weight).await,
+            None => None,
+        };
+        let statuses = match coalesced {
+            Some(answer) => answer?,
+            None => heartbeat_lot(&self.store, self.timing, &[lot])
                 .await?
-                .leases)
-        })
-        .await?;
+                .pop()
+                .unwrap_or_else(|| Ok(Vec::new()))?,
+        };
         Ok(HeartbeatResponse {
             leases: statuses,
             drain: self.is_draining(worker).await?,
@@ -578,6 +598,76 @@ async fn complete_lot(
         store.complete_many(&mine).await
     })
     .await
+}
+
+/// Heartbeats of several workers: one read checks that each holds the leases it names (any
+/// other answers `lost`), one store call extends the held ones of all of them.
+async fn heartbeat_lot(
+    store: &DynMetastore,
+    timing: LeaseTiming,
+    lots: &[HeartbeatLot],
+) -> nightshift_metastore::Result<Vec<nightshift_metastore::Result<Vec<LeaseStatus>>>> {
+    let (workers, leases): (Vec<&str>, Vec<LeaseRef>) = lots
+        .iter()
+        .flat_map(|lot| lot.leases.iter().map(|l| (lot.worker.as_str(), *l)))
+        .unzip();
+    let held = held_by_each(store, &workers, &leases).await?;
+    let mut held = held.into_iter();
+    // Per lot, whether each of its leases is held; lots holding none need no store call.
+    let marks: Vec<Vec<bool>> = lots
+        .iter()
+        .map(|lot| {
+            lot.leases
+                .iter()
+                .map(|_| held.next().flatten().is_some())
+                .collect()
+        })
+        .collect();
+    let mine: Vec<HeartbeatLot> = lots
+        .iter()
+        .zip(&marks)
+        .filter(|(_, m)| m.contains(&true))
+        .map(|(lot, m)| HeartbeatLot {
+            worker: lot.worker.clone(),
+            leases: lot
+                .leases
+                .iter()
+                .zip(m)
+                .filter(|(_, h)| **h)
+                .map(|(l, _)| *l)
+                .collect(),
+        })
+        .collect();
+    let mut extended = if mine.is_empty() {
+        Vec::new()
+    } else {
+        store.heartbeat_many(&mine, timing).await?
+    }
+    .into_iter();
+    Ok(lots
+        .iter()
+        .zip(&marks)
+        .map(|(lot, m)| {
+            let mut answers = if m.contains(&true) {
+                extended.next().unwrap_or_default().into_iter()
+            } else {
+                Vec::new().into_iter()
+            };
+            Ok(lot
+                .leases
+                .iter()
+                .zip(m)
+                .map(|(l, held)| match held.then(|| answers.next()).flatten() {
+                    Some(status) => status,
+                    None => LeaseStatus {
+                        shard_id: l.shard_id,
+                        token: l.token,
+                        state: LeaseState::Lost,
+                    },
+                })
+                .collect())
+        })
+        .collect())
 }
 
 /// One answer per lease, in order: `call`'s for the leases that are held (it gets them in

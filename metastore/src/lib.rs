@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use nightshift_proto::wire::{
-    HeartbeatResponse, InputFile, JobPlan, LeaseRef, LeaseSecret, NotifyView, PartRecord,
-    ShardLease,
+    HeartbeatResponse, InputFile, JobPlan, LeaseRef, LeaseSecret, LeaseStatus, NotifyView,
+    PartRecord, ShardLease,
 };
 use nightshift_proto::{FailureClass, JobSpec, JobState};
 
@@ -166,6 +166,13 @@ impl LeaseTiming {
     }
 }
 
+/// One worker's heartbeat, as `heartbeat_many` takes several at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatLot {
+    pub worker: String,
+    pub leases: Vec<LeaseRef>,
+}
+
 /// One worker's lease request, as `claim_many` takes several at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimRequest {
@@ -305,6 +312,13 @@ pub trait Metastore: Send + Sync + 'static {
         leases: &[LeaseRef],
         timing: LeaseTiming,
     ) -> Result<HeartbeatResponse>;
+    /// Several workers' heartbeats at once (a coordinator coalescing concurrent ones): one
+    /// answer per request, in order, each what `heartbeat` would give its worker.
+    async fn heartbeat_many(
+        &self,
+        requests: &[HeartbeatLot],
+        timing: LeaseTiming,
+    ) -> Result<Vec<Vec<LeaseStatus>>>;
     /// Notes the rows per model call a worker of the job `job_uid` reports.
     async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<()>;
     /// Records a durably written part and moves the checkpoint past it.
@@ -343,7 +357,8 @@ pub trait Metastore: Send + Sync + 'static {
     async fn merged_parts(&self, job_id: i64) -> Result<Vec<PartRow>>;
     /// Running jobs, oldest first.
     async fn running_jobs(&self) -> Result<Vec<JobRecord>>;
-    /// A job's row shards from the first one no merge covers, in order (`merges.rs`).
+    /// A job's row shards from the first one no merge covers, in order, up to and with the
+    /// first that is not done: all the merge rule reads (`merges.rs`).
     async fn merge_candidates(&self, job_id: i64) -> Result<Vec<MergeCandidate>>;
     /// Creates merge work for `groups` of a running job; a group already made is skipped.
     /// Answers how many were made.

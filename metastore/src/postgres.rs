@@ -4,14 +4,12 @@
 //! set-based statement each (arrays in, one row per request out). Times come from the
 //! database clock only (`ns_now_ms()`, defined by the first migration).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nightshift_proto::wire::{
-    HeartbeatResponse, JobPlan, LeaseRef, LeaseStatus, ShardLease, ShardPlan,
-};
+use nightshift_proto::wire::{JobPlan, LeaseRef, LeaseStatus, ShardLease, ShardPlan};
 use nightshift_proto::{JobState, LeaseState, ShardState};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgQueryResult};
 use sqlx::{Pool, Postgres as PgDb};
@@ -21,7 +19,8 @@ use crate::sql::jobs::count;
 use crate::sql::lease::HOLDER;
 use crate::sql::{Dialect, SqlStore};
 use crate::{
-    ClaimRequest, LeaseHolder, LeaseTiming, Result, StoreError, migrations, new_lease_secret, rules,
+    ClaimRequest, HeartbeatLot, LeaseHolder, LeaseTiming, Result, StoreError, migrations,
+    new_lease_secret, rules,
 };
 
 /// Connections per coordinator replica. Every statement is short, so a few go a long way.
@@ -45,7 +44,12 @@ pub type PgStore = SqlStore<Postgres>;
 impl SqlStore<Postgres> {
     /// Connects to the database a `postgres://` URL names. Does not migrate.
     pub async fn connect(url: &str) -> Result<Self> {
-        let opts = PgConnectOptions::from_str(url)?.application_name("nightshift-coordinator");
+        // Every statement here is short and reaches few rows; JIT compiling one whose estimate
+        // passes `jit_above_cost` (a bulk insert, a scan over a stale estimate) costs tens or
+        // hundreds of milliseconds of CPU for nothing.
+        let opts = PgConnectOptions::from_str(url)?
+            .application_name("nightshift-coordinator")
+            .options([("jit", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -117,13 +121,12 @@ impl Dialect for Postgres {
         claim_many(store, requests, timing).await
     }
 
-    async fn heartbeat(
+    async fn heartbeat_many(
         store: &PgStore,
-        worker: &str,
-        leases: &[LeaseRef],
+        requests: &[HeartbeatLot],
         timing: LeaseTiming,
-    ) -> Result<HeartbeatResponse> {
-        heartbeat(store, worker, leases, timing).await
+    ) -> Result<Vec<Vec<LeaseStatus>>> {
+        heartbeat_many(store, requests, timing).await
     }
 
     async fn complete_many(store: &PgStore, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {
@@ -311,26 +314,32 @@ async fn claim_many(
     Ok(answers)
 }
 
-/// One statement for all of a worker's leases. It changes only `lease_expires_at_ms`, which no
-/// index holds, so the updates stay HOT. A lease it did not extend costs a read, to say why.
-async fn heartbeat(
+/// One statement for all the requests' leases, and their workers seen. It changes only
+/// `lease_expires_at_ms`, which no index holds, so the updates stay HOT. A lease it did not
+/// extend costs a read, to say why.
+async fn heartbeat_many(
     store: &PgStore,
-    worker: &str,
-    leases: &[LeaseRef],
+    requests: &[HeartbeatLot],
     timing: LeaseTiming,
-) -> Result<HeartbeatResponse> {
-    let (ids, tokens) = columns(leases);
+) -> Result<Vec<Vec<LeaseStatus>>> {
+    // Sorted and once each: rows of `workers` are locked in one order by every statement.
+    let workers: BTreeSet<&str> = requests.iter().map(|r| r.worker.as_str()).collect();
+    let leases: Vec<LeaseRef> = requests
+        .iter()
+        .flat_map(|r| r.leases.iter().copied())
+        .collect();
+    let (ids, tokens) = columns(&leases);
     let mut conn = store.pool.acquire().await?;
     let extended: Vec<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(per_lease(
         "seen AS ( \
-           INSERT INTO workers (id, last_seen_ms) VALUES ($1, ns_now_ms()) \
+           INSERT INTO workers (id, last_seen_ms) SELECT w, ns_now_ms() FROM unnest($1::TEXT[]) AS u(w) \
            ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms \
          ), ",
         ("$2", "$3"),
         "UPDATE shards s SET lease_expires_at_ms = ns_now_ms() + $4 FROM req r, jobs j \
-         WHERE s.state = $5 AND j.id = s.job_id AND j.state = $6",
+         WHERE s.state = (SELECT $5::TEXT) AND j.id = s.job_id AND j.state = $6",
     )))
-    .bind(worker)
+    .bind(workers.into_iter().collect::<Vec<_>>())
     .bind(ids)
     .bind(tokens)
     .bind(timing.ttl_ms)
@@ -338,23 +347,25 @@ async fn heartbeat(
     .bind(JobState::Running.as_str())
     .fetch_all(&mut *conn)
     .await?;
-    let mut answers = Vec::with_capacity(leases.len());
-    for (&l, extended) in leases.iter().zip(extended) {
-        let state = if extended {
-            LeaseState::Held
-        } else {
-            rules::unextended(PgStore::lease_row(&mut conn, l.shard_id).await?.as_ref(), l)
-        };
-        answers.push(LeaseStatus {
-            shard_id: l.shard_id,
-            token: l.token,
-            state,
-        });
+    let mut extended = extended.into_iter();
+    let mut answers = Vec::with_capacity(requests.len());
+    for r in requests {
+        let mut statuses = Vec::with_capacity(r.leases.len());
+        for &l in &r.leases {
+            let state = if extended.next().unwrap_or(false) {
+                LeaseState::Held
+            } else {
+                rules::unextended(PgStore::lease_row(&mut conn, l.shard_id).await?.as_ref(), l)
+            };
+            statuses.push(LeaseStatus {
+                shard_id: l.shard_id,
+                token: l.token,
+                state,
+            });
+        }
+        answers.push(statuses);
     }
-    Ok(HeartbeatResponse {
-        leases: answers,
-        drain: false,
-    })
+    Ok(answers)
 }
 
 /// `complete` for several leases in one statement; only the leases it did not finish cost a
@@ -369,7 +380,7 @@ async fn complete_many(store: &PgStore, leases: &[LeaseRef]) -> Result<Vec<Resul
         "",
         ("$1", "$2"),
         "UPDATE shards s SET state = $3, lease_expires_at_ms = NULL, worker_id = NULL \
-         FROM req r WHERE s.state = $4 AND s.checkpoint_rows = s.rows",
+         FROM req r WHERE s.state = (SELECT $4::TEXT) AND s.checkpoint_rows = s.rows",
     )))
     .bind(ids)
     .bind(tokens)
@@ -399,6 +410,12 @@ async fn complete_many(store: &PgStore, leases: &[LeaseRef]) -> Result<Vec<Resul
 /// A guarded `update` of each lease of the arrays `(ids, tokens)`, over the shard `s` and the
 /// request `r`, after the common table expressions `before`: answers per lease, in order,
 /// whether it changed the shard under that token.
+///
+/// The update must reach its shards by primary key, a few rows whatever the table holds. So it
+/// compares the shard's state with a subquery (`s.state = (SELECT $n::TEXT)`), a value the
+/// planner does not know: otherwise it may walk a partial index such as `shards_leased`,
+/// whose statistics (gathered when a job's shards were all pending) say it holds one row,
+/// and read every leased shard of the cluster for each heartbeat.
 fn per_lease(before: &str, (ids, tokens): (&str, &str), update: &str) -> String {
     format!(
         "WITH {before}req AS ( \

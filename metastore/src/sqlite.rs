@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nightshift_proto::wire::{HeartbeatResponse, JobPlan, LeaseRef, ShardLease};
+use nightshift_proto::wire::{JobPlan, LeaseRef, LeaseStatus, ShardLease};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions,
     SqliteQueryResult, SqliteSynchronous,
@@ -14,7 +14,7 @@ use sqlx::sqlite::{
 use sqlx::{Pool, Sqlite as SqliteDb};
 
 use crate::sql::{Conn, Dialect, SqlStore};
-use crate::{ClaimRequest, LeaseHolder, LeaseTiming, Result, StoreError, migrations};
+use crate::{ClaimRequest, HeartbeatLot, LeaseHolder, LeaseTiming, Result, StoreError, migrations};
 
 /// How long a statement waits for the database file's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -97,13 +97,12 @@ impl Dialect for Sqlite {
         store.claim_each(requests, timing).await
     }
 
-    async fn heartbeat(
+    async fn heartbeat_many(
         store: &SqliteStore,
-        worker: &str,
-        leases: &[LeaseRef],
+        requests: &[HeartbeatLot],
         timing: LeaseTiming,
-    ) -> Result<HeartbeatResponse> {
-        store.heartbeat_each(worker, leases, timing).await
+    ) -> Result<Vec<Vec<LeaseStatus>>> {
+        store.heartbeat_each(requests, timing).await
     }
 
     async fn complete_many(store: &SqliteStore, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {

@@ -9,6 +9,7 @@ pub mod ec2_proxy;
 pub mod fault_proxy;
 pub mod fixtures;
 pub mod imds;
+pub mod load;
 pub mod parts;
 pub mod process;
 pub mod python;

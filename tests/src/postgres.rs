@@ -111,7 +111,9 @@ impl PgServer {
         TEST_SETTINGS
     }
 
-    async fn start_with(settings: &[&str]) -> Result<Self> {
+    /// Creates a cluster and starts the server with `settings` (`name=value`) on top of
+    /// PostgreSQL's defaults.
+    pub async fn start_with(settings: &[&str]) -> Result<Self> {
         let bin = bin_dir()?;
         let (dir, run_as) = work_dir()?;
         let data = dir.path().join("data");

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use nightshift_proto::wire::{HeartbeatResponse, LeaseRef, LeaseStatus, PartRecord, ShardLease};
+use nightshift_proto::wire::{LeaseRef, LeaseStatus, PartRecord, ShardLease};
 use nightshift_proto::{FailureClass, JobSpec, JobState, LeaseState, ShardState};
 use sqlx::{ColumnIndex, Encode, Type};
 
@@ -12,7 +12,9 @@ use super::jobs::count;
 use super::{Conn, Dialect, RowOf, SqlStore, Value};
 use crate::records::{Granted, HolderRow, LeaseRow, PartRow, parse_spec};
 use crate::rules::{self, ShardKind};
-use crate::{ClaimRequest, LeaseHolder, LeaseTiming, Result, StoreError, new_lease_secret};
+use crate::{
+    ClaimRequest, HeartbeatLot, LeaseHolder, LeaseTiming, Result, StoreError, new_lease_secret,
+};
 
 /// The columns of a held shard the lease check reads, over shard `s` and job `j`.
 pub(crate) const HOLDER: &str = "SELECT s.id, s.token, s.worker_id, s.lease_secret, s.rows, \
@@ -182,45 +184,45 @@ where
         Ok(holders)
     }
 
-    /// Extends each lease still held, one at a time.
+    /// Extends each lease still held, one at a time, in one transaction for all requests.
     pub(crate) async fn heartbeat_each(
         &self,
-        worker: &str,
-        leases: &[LeaseRef],
+        requests: &[HeartbeatLot],
         timing: LeaseTiming,
-    ) -> Result<HeartbeatResponse> {
+    ) -> Result<Vec<Vec<LeaseStatus>>> {
         let mut tx = self.pool.begin().await?;
-        Self::note_worker(&mut tx, worker).await?;
-        let mut answers = Vec::with_capacity(leases.len());
-        for &l in leases {
-            let extended = sqlx::query(D::sql(
-                "UPDATE shards SET lease_expires_at_ms = {now} + $3 \
-                 WHERE id = $1 AND token = $2 AND state = $4 \
-                   AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = shards.job_id AND j.state = $5)",
-            ))
-            .bind(l.shard_id)
-            .bind(l.token)
-            .bind(timing.ttl_ms)
-            .bind(ShardState::Leased.as_str())
-            .bind(JobState::Running.as_str())
-            .execute(D::ex(&mut tx))
-            .await?;
-            let state = if D::affected(&extended) > 0 {
-                LeaseState::Held
-            } else {
-                rules::unextended(Self::lease_row(&mut tx, l.shard_id).await?.as_ref(), l)
-            };
-            answers.push(LeaseStatus {
-                shard_id: l.shard_id,
-                token: l.token,
-                state,
-            });
+        let mut answers = Vec::with_capacity(requests.len());
+        for lot in requests {
+            Self::note_worker(&mut tx, &lot.worker).await?;
+            let mut statuses = Vec::with_capacity(lot.leases.len());
+            for &l in &lot.leases {
+                let extended = sqlx::query(D::sql(
+                    "UPDATE shards SET lease_expires_at_ms = {now} + $3 \
+                     WHERE id = $1 AND token = $2 AND state = $4 \
+                       AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = shards.job_id AND j.state = $5)",
+                ))
+                .bind(l.shard_id)
+                .bind(l.token)
+                .bind(timing.ttl_ms)
+                .bind(ShardState::Leased.as_str())
+                .bind(JobState::Running.as_str())
+                .execute(D::ex(&mut tx))
+                .await?;
+                let state = if D::affected(&extended) > 0 {
+                    LeaseState::Held
+                } else {
+                    rules::unextended(Self::lease_row(&mut tx, l.shard_id).await?.as_ref(), l)
+                };
+                statuses.push(LeaseStatus {
+                    shard_id: l.shard_id,
+                    token: l.token,
+                    state,
+                });
+            }
+            answers.push(statuses);
         }
         tx.commit().await?;
-        Ok(HeartbeatResponse {
-            leases: answers,
-            drain: false,
-        })
+        Ok(answers)
     }
 
     /// Moves the checkpoint past `part` and records it, in one transaction. The part must

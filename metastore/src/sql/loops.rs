@@ -208,22 +208,37 @@ where
         })
     }
 
-    /// Row shards after the last one a merge covers (merges are made in row order).
+    /// Row shards after the last one a merge covers (merges are made in row order), up to and
+    /// with the first that is not done: the merge rule looks no further, so a pass reads the
+    /// run of finished shards waiting for a merge, not the whole job. (Two statements: the
+    /// bounds first, so the second is a plain range over the primary key.)
     pub(super) async fn merge_candidates(&self, job_id: i64) -> Result<Vec<MergeCandidate>> {
-        Ok(sqlx::query_as(
-            "SELECT s.id, s.state = $3 AS done, \
-               (SELECT CAST(COALESCE(SUM(p.bytes + p.error_bytes), 0) AS BIGINT) FROM parts p \
-                 WHERE p.shard_id = s.id) AS bytes \
-             FROM shards s WHERE s.job_id = $1 AND s.kind = $2 \
-               AND s.id > COALESCE((SELECT MAX(m.merge_last) FROM shards m \
-                 WHERE m.job_id = $1 AND m.kind = $4), 0) \
-             ORDER BY s.id",
+        let mut conn = self.conn().await?;
+        let (after, upto): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT a.after, (SELECT MIN(o.id) FROM shards o WHERE o.job_id = $1 \
+               AND o.kind = $2 AND o.id > a.after AND o.state <> $3) \
+             FROM (SELECT COALESCE((SELECT MAX(m.merge_last) FROM shards m \
+               WHERE m.job_id = $1 AND m.kind = $4), 0) AS after) a",
         )
         .bind(job_id)
         .bind(ShardKind::Rows.as_str())
         .bind(ShardState::Done.as_str())
         .bind(ShardKind::Merge.as_str())
-        .fetch_all(D::ex(&mut *self.conn().await?))
+        .fetch_one(D::ex(&mut conn))
+        .await?;
+        Ok(sqlx::query_as(
+            "SELECT s.id, s.state = $3 AS done, \
+               (SELECT CAST(COALESCE(SUM(p.bytes + p.error_bytes), 0) AS BIGINT) FROM parts p \
+                 WHERE p.shard_id = s.id) AS bytes \
+             FROM shards s WHERE s.job_id = $1 AND s.kind = $2 AND s.id > $4 AND s.id <= $5 \
+             ORDER BY s.id",
+        )
+        .bind(job_id)
+        .bind(ShardKind::Rows.as_str())
+        .bind(ShardState::Done.as_str())
+        .bind(after)
+        .bind(upto.unwrap_or(i64::MAX))
+        .fetch_all(D::ex(&mut conn))
         .await?)
     }
 

@@ -15,7 +15,7 @@ mod views;
 use std::borrow::Cow;
 
 use async_trait::async_trait;
-use nightshift_proto::wire::{HeartbeatResponse, LeaseRef, ShardLease};
+use nightshift_proto::wire::{HeartbeatResponse, LeaseRef, LeaseStatus, ShardLease};
 use sqlx::pool::PoolConnection;
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Type};
 
@@ -28,9 +28,9 @@ use crate::records::{
     WorkerMachine, WorkerSeen,
 };
 use crate::{
-    ClaimRequest, DueNotification, JobFilter, JobOutcome, JobRecord, LeaseHolder, LeaseTiming,
-    Metastore, NewJob, NewSchedule, NotifyOutcome, PartRow, Result, ShardRow, StoreMetrics,
-    Submitted,
+    ClaimRequest, DueNotification, HeartbeatLot, JobFilter, JobOutcome, JobRecord, LeaseHolder,
+    LeaseTiming, Metastore, NewJob, NewSchedule, NotifyOutcome, PartRow, Result, ShardRow,
+    StoreMetrics, Submitted,
 };
 
 /// A value both dialects bind and read.
@@ -78,12 +78,11 @@ pub trait Dialect: Send + Sync + Sized + 'static {
         requests: &[ClaimRequest],
         timing: LeaseTiming,
     ) -> Result<Vec<Vec<ShardLease>>>;
-    async fn heartbeat(
+    async fn heartbeat_many(
         store: &SqlStore<Self>,
-        worker: &str,
-        leases: &[LeaseRef],
+        requests: &[HeartbeatLot],
         timing: LeaseTiming,
-    ) -> Result<HeartbeatResponse>;
+    ) -> Result<Vec<Vec<LeaseStatus>>>;
     async fn complete_many(store: &SqlStore<Self>, leases: &[LeaseRef]) -> Result<Vec<Result<()>>>;
     async fn lease_holders(store: &SqlStore<Self>, shard_ids: &[i64]) -> Result<Vec<LeaseHolder>>;
 
@@ -232,7 +231,23 @@ where
         leases: &[LeaseRef],
         timing: LeaseTiming,
     ) -> Result<HeartbeatResponse> {
-        D::heartbeat(self, worker, leases, timing).await
+        let lot = HeartbeatLot {
+            worker: worker.to_string(),
+            leases: leases.to_vec(),
+        };
+        let mut answers = D::heartbeat_many(self, std::slice::from_ref(&lot), timing).await?;
+        Ok(HeartbeatResponse {
+            leases: answers.pop().unwrap_or_default(),
+            drain: false,
+        })
+    }
+
+    async fn heartbeat_many(
+        &self,
+        requests: &[HeartbeatLot],
+        timing: LeaseTiming,
+    ) -> Result<Vec<Vec<LeaseStatus>>> {
+        D::heartbeat_many(self, requests, timing).await
     }
 
     async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<()> {

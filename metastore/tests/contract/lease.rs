@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use nightshift_metastore::{ClaimRequest, DynMetastore, LeaseTiming, StoreError};
+use nightshift_metastore::{ClaimRequest, DynMetastore, HeartbeatLot, LeaseTiming, StoreError};
 use nightshift_proto::wire::LeaseRef;
 use nightshift_proto::{FailureClass, JobState, LeaseState, ShardState};
 
@@ -221,6 +221,59 @@ pub async fn heartbeat_extends_and_reports(store: DynMetastore) {
     let answer = store.heartbeat("w1", &[a, b], long()).await.unwrap();
     assert_eq!(answer.leases[0].state, LeaseState::Cancelled);
     assert_eq!(answer.leases[1].state, LeaseState::Lost);
+}
+
+pub async fn heartbeat_many_answers_each_worker_as_alone(store: DynMetastore) {
+    create(&store, "many-beats", "", 4).await;
+    let mine = store.claim("w1", 2, timing(400)).await.unwrap();
+    let theirs = store.claim("w2", 1, timing(400)).await.unwrap();
+    let (a, b, c) = (
+        lease_ref(&mine[0]),
+        lease_ref(&mine[1]),
+        lease_ref(&theirs[0]),
+    );
+    let lot = |worker: &str, leases: &[LeaseRef]| HeartbeatLot {
+        worker: worker.into(),
+        leases: leases.to_vec(),
+    };
+    finish(&store, &mine[1]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let answers = store
+        .heartbeat_many(
+            &[
+                lot("w1", &[a, b]),
+                lot("w3", &[]),
+                lot("w2", &[c, stale(c)]),
+            ],
+            timing(2_000),
+        )
+        .await
+        .unwrap();
+    let states: Vec<Vec<(i64, LeaseState)>> = answers
+        .iter()
+        .map(|a| a.iter().map(|s| (s.shard_id, s.state)).collect())
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            vec![
+                (a.shard_id, LeaseState::Held),
+                (b.shard_id, LeaseState::Lost)
+            ],
+            vec![],
+            vec![
+                (c.shard_id, LeaseState::Held),
+                (c.shard_id, LeaseState::Lost)
+            ],
+        ]
+    );
+    // Both workers' held leases were extended past their first ttl.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(store.reap_expired(timing(400)).await.unwrap(), 0);
+    assert!(
+        store.heartbeat_many(&[], long()).await.unwrap().is_empty(),
+        "no request, no answer"
+    );
 }
 
 pub async fn checkpoint_is_contiguous_and_fenced(store: DynMetastore) {
