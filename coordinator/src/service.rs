@@ -2,7 +2,8 @@
 //! (check the allow-list, validate, plan, insert atomically), inspect, cancel, retry, and the
 //! worker's lease operations. The API and local mode both call these.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use nightshift_proto::spec_check::{MAX_BATCH_SIZE, MAX_NAME_LEN};
@@ -65,6 +66,17 @@ const HEARTBEAT_LIMITS: Limits = Limits {
     rounds: 4,
     weight: 1024,
 };
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Jobs whose rows per model call a coordinator remembers; past this it forgets them all.
+const MAX_REMEMBERED_JOBS: usize = 10_000;
+/// Checkpoint calls in flight at once when coalescing, and parts per call (one transaction).
+const CHECKPOINT_LIMITS: Limits = Limits {
+    rounds: 4,
+    weight: 256,
+};
 /// Completion calls in flight at once when coalescing, and shards per call.
 const COMPLETE_LIMITS: Limits = Limits {
     rounds: 4,
@@ -93,6 +105,8 @@ pub struct Service {
     pub(crate) fleet: Arc<FleetState>,
     /// Prices of machine time, for jobs' costs (`cost.rs`).
     pub prices: Arc<PriceTable>,
+    /// The rows per model call last noted for each job (by uid).
+    batch_rows: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 #[derive(Clone)]
@@ -101,6 +115,17 @@ struct Coalesced {
     /// `(worker, lease)`: each completion is checked against its own worker.
     completions: Coalescer<(String, LeaseRef), ()>,
     heartbeats: Coalescer<HeartbeatLot, Vec<LeaseStatus>>,
+    /// Each checkpoint answers its job's uid, or the refusal (a part that is not the lease's
+    /// own, a lease that is not the worker's, the store's).
+    checkpoints: Coalescer<Checkpoint, Result<String, ApiError>>,
+}
+
+/// A worker's checkpoint, as `checkpoint_lot` takes several at once.
+#[derive(Clone)]
+struct Checkpoint {
+    worker: String,
+    lease: LeaseRef,
+    part: PartRecord,
 }
 
 impl Service {
@@ -123,6 +148,7 @@ impl Service {
             signs_callbacks: false,
             max_running_jobs: None,
             fleet: Arc::new(FleetState::default()),
+            batch_rows: Arc::default(),
             prices: Arc::new(PriceTable::default()),
         }
     }
@@ -186,6 +212,16 @@ impl Service {
                 let store = store.clone();
                 Box::pin(async move { heartbeat_lot(&store, timing, &lots).await })
             }),
+            shutdown.clone(),
+            tasks,
+        );
+        let (store, stores) = (self.store.clone(), self.stores.clone());
+        let checkpoints = Coalescer::start(
+            CHECKPOINT_LIMITS,
+            Arc::new(move |requests: Vec<Checkpoint>| {
+                let (store, stores) = (store.clone(), stores.clone());
+                Box::pin(async move { checkpoint_lot(&store, &stores, &requests).await })
+            }),
             shutdown,
             tasks,
         );
@@ -193,6 +229,7 @@ impl Service {
             claims,
             completions,
             heartbeats,
+            checkpoints,
         });
         self
     }
@@ -504,14 +541,42 @@ impl Service {
         if let Some(uri) = &part.error_uri {
             check_text("part.error_uri", uri)?;
         }
-        let holder = self.holder(worker, lease).await?;
-        check_counts(part, holder.rows)?;
-        check_objects(&self.stores, &holder, &lease, part).await?;
-        self.store.checkpoint(lease, part).await?;
+        check_worker_id(worker)?;
+        let request = Checkpoint {
+            worker: worker.to_string(),
+            lease,
+            part: part.clone(),
+        };
+        let coalesced = match &self.coalesced {
+            Some(c) => c.checkpoints.call(request.clone(), 1).await,
+            None => None,
+        };
+        let job_uid = match coalesced {
+            Some(answer) => answer??,
+            None => checkpoint_lot(&self.store, &self.stores, &[request])
+                .await?
+                .pop()
+                .ok_or(StoreError::Corrupt("no answer for a checkpoint".into()))???,
+        };
         self.metrics.rows_committed(part.rows);
         if let Some(rows) = batch_rows.filter(|&r| (1..=MAX_BATCH_SIZE).contains(&r)) {
-            self.store.note_batch_rows(&holder.job_uid, rows).await?;
+            self.note_batch_rows(&job_uid, rows).await?;
         }
+        Ok(())
+    }
+
+    /// Notes the rows per model call a job's worker reports, in the store only when it is not
+    /// what this coordinator noted last for the job.
+    async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<(), ApiError> {
+        if lock(&self.batch_rows).get(job_uid) == Some(&rows) {
+            return Ok(());
+        }
+        self.store.note_batch_rows(job_uid, rows).await?;
+        let mut noted = lock(&self.batch_rows);
+        if noted.len() >= MAX_REMEMBERED_JOBS {
+            noted.clear();
+        }
+        noted.insert(job_uid.to_string(), rows);
         Ok(())
     }
 
@@ -668,6 +733,47 @@ async fn heartbeat_lot(
                 .collect())
         })
         .collect())
+}
+
+/// Checkpoints of several workers: one read checks each lease's holder, each part is checked
+/// against its lease (place, size, counts), and the parts that pass are recorded in one
+/// transaction, in shard order (so two lots lock their shards in one order).
+async fn checkpoint_lot(
+    store: &DynMetastore,
+    stores: &Stores,
+    requests: &[Checkpoint],
+) -> nightshift_metastore::Result<Vec<nightshift_metastore::Result<Result<String, ApiError>>>> {
+    let workers: Vec<&str> = requests.iter().map(|r| r.worker.as_str()).collect();
+    let leases: Vec<LeaseRef> = requests.iter().map(|r| r.lease).collect();
+    let held = held_by_each(store, &workers, &leases).await?;
+    let checks = requests.iter().zip(&held).map(|(r, h)| async move {
+        let Some(holder) = h else {
+            return Err(ApiError::Metastore(StoreError::LeaseLost {
+                shard_id: r.lease.shard_id,
+                token: r.lease.token,
+            }));
+        };
+        check_counts(&r.part, holder.rows)?;
+        check_objects(stores, holder, &r.lease, &r.part).await?;
+        Ok(holder.job_uid.clone())
+    });
+    let mut answers: Vec<Result<String, ApiError>> = futures::future::join_all(checks).await;
+    let mut passed: Vec<usize> = (0..requests.len())
+        .filter(|&i| answers[i].is_ok())
+        .collect();
+    passed.sort_by_key(|&i| requests[i].lease.shard_id);
+    let batch: Vec<(LeaseRef, PartRecord)> = passed
+        .iter()
+        .map(|&i| (requests[i].lease, requests[i].part.clone()))
+        .collect();
+    if !batch.is_empty() {
+        for (&i, recorded) in passed.iter().zip(store.checkpoint_many(&batch).await?) {
+            if let Err(e) = recorded {
+                answers[i] = Err(e.into());
+            }
+        }
+    }
+    Ok(answers.into_iter().map(Ok).collect())
 }
 
 /// One answer per lease, in order: `call`'s for the leases that are held (it gets them in

@@ -323,6 +323,13 @@ pub trait Metastore: Send + Sync + 'static {
     async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<()>;
     /// Records a durably written part and moves the checkpoint past it.
     async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()>;
+    /// Several checkpoints in one transaction (a coordinator coalescing concurrent ones): one
+    /// answer each, in order, each what `checkpoint` would give. Only a failure of the store
+    /// itself fails the whole call, and then none is recorded.
+    async fn checkpoint_many(
+        &self,
+        checkpoints: &[(LeaseRef, PartRecord)],
+    ) -> Result<Vec<Result<()>>>;
     async fn complete(&self, lease: LeaseRef) -> Result<()>;
     /// Completes several shards at once (a worker that finished more than one since it last
     /// called): one answer per lease, in order, each what `complete` called for the leases in

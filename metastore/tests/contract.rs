@@ -116,6 +116,7 @@ contract!(
     lease::concurrent_claim_many_calls_never_share_a_shard,
     lease::heartbeat_extends_and_reports,
     lease::heartbeat_many_answers_each_worker_as_alone,
+    lease::checkpoint_many_answers_each_part_as_alone,
     lease::checkpoint_is_contiguous_and_fenced,
     lease::complete_needs_every_row,
     lease::complete_many_answers_each_lease,

@@ -228,7 +228,33 @@ where
     /// Moves the checkpoint past `part` and records it, in one transaction. The part must
     /// start exactly at the checkpoint and stay inside the shard.
     pub(super) async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()> {
+        let mut answers = self.checkpoint_many(&[(lease, part.clone())]).await?;
+        answers.pop().unwrap_or(Ok(()))
+    }
+
+    /// Several checkpoints in one transaction: one answer each, in order, each what
+    /// `checkpoint` alone would give (a refused one changes nothing). Only a failure of the
+    /// store itself fails the whole call, and then none is recorded.
+    pub(super) async fn checkpoint_many(
+        &self,
+        checkpoints: &[(LeaseRef, PartRecord)],
+    ) -> Result<Vec<Result<()>>> {
         let mut tx = self.pool.begin().await?;
+        let mut answers = Vec::with_capacity(checkpoints.len());
+        for (lease, part) in checkpoints {
+            answers.push(Self::record_part(&mut tx, *lease, part).await?);
+        }
+        tx.commit().await?;
+        Ok(answers)
+    }
+
+    /// Moves the checkpoint past `part` and records it, inside `tx`; the inner `Err` is the
+    /// refusal, when the lease may not write this part.
+    async fn record_part(
+        tx: &mut Conn<D>,
+        lease: LeaseRef,
+        part: &PartRecord,
+    ) -> Result<Result<()>> {
         let job_id: Option<i64> = sqlx::query_scalar(
             "UPDATE shards SET checkpoint_rows = checkpoint_rows + $3, \
                error_rows = error_rows + $4 \
@@ -245,11 +271,11 @@ where
         .bind(count(part.row_start.saturating_add(part.rows)))
         .bind(ShardState::Leased.as_str())
         .bind(JobState::Running.as_str())
-        .fetch_optional(D::ex(&mut tx))
+        .fetch_optional(D::ex(&mut *tx))
         .await?;
         let Some(job_id) = job_id else {
-            let row = Self::lease_row(&mut tx, lease.shard_id).await?;
-            return Err(rules::checkpoint_refused(row.as_ref(), lease, part));
+            let row = Self::lease_row(&mut *tx, lease.shard_id).await?;
+            return Ok(Err(rules::checkpoint_refused(row.as_ref(), lease, part)));
         };
         let tokens = part.tokens.unwrap_or_default();
         sqlx::query(D::sql(
@@ -270,13 +296,12 @@ where
         .bind(count(tokens.real))
         .bind(count(tokens.padded))
         .bind(count(tokens.truncated_rows))
-        .execute(D::ex(&mut tx))
+        .execute(D::ex(&mut *tx))
         .await?;
         if part.error_rows > 0 {
-            Self::check_error_rows(&mut tx, job_id).await?;
+            Self::check_error_rows(tx, job_id).await?;
         }
-        tx.commit().await?;
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Fails a running job whose poison rows passed its threshold. The job row is locked

@@ -258,6 +258,13 @@ where
         self.checkpoint(lease, part).await
     }
 
+    async fn checkpoint_many(
+        &self,
+        checkpoints: &[(LeaseRef, PartRecord)],
+    ) -> Result<Vec<Result<()>>> {
+        self.checkpoint_many(checkpoints).await
+    }
+
     async fn complete(&self, lease: LeaseRef) -> Result<()> {
         self.complete(lease).await
     }

@@ -276,6 +276,49 @@ pub async fn heartbeat_many_answers_each_worker_as_alone(store: DynMetastore) {
     );
 }
 
+pub async fn checkpoint_many_answers_each_part_as_alone(store: DynMetastore) {
+    let id = create(&store, "many-parts", "", 3).await;
+    let leases = store.claim("w1", 3, long()).await.unwrap();
+    let (a, b, c) = (
+        lease_ref(&leases[0]),
+        lease_ref(&leases[1]),
+        lease_ref(&leases[2]),
+    );
+    let answers = store
+        .checkpoint_many(&[
+            (a, part(a, 0, 4)),
+            (b, part(b, 2, 4)),
+            (stale(c), part(stale(c), 0, 4)),
+            (c, part(c, 0, ROWS)),
+        ])
+        .await
+        .unwrap();
+    assert!(answers[0].is_ok(), "{:?}", answers[0]);
+    assert!(
+        matches!(
+            answers[1],
+            Err(StoreError::CheckpointGap {
+                expected: 0,
+                got: 2,
+                ..
+            })
+        ),
+        "{:?}",
+        answers[1]
+    );
+    assert!(
+        matches!(answers[2], Err(StoreError::LeaseLost { .. })),
+        "{:?}",
+        answers[2]
+    );
+    assert!(answers[3].is_ok(), "{:?}", answers[3]);
+    // What was accepted is recorded, what was refused is not.
+    let (_, done, _) = store.shard_counts(id).await.unwrap();
+    assert_eq!(done, 4 + ROWS);
+    store.complete(c).await.unwrap();
+    assert!(store.checkpoint_many(&[]).await.unwrap().is_empty());
+}
+
 pub async fn checkpoint_is_contiguous_and_fenced(store: DynMetastore) {
     let id = create(&store, "checkpoints", "[errors]\nmax_rows = 100", 2).await;
     let leases = store.claim("w1", 2, long()).await.unwrap();
