@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nightshift_proto::wire::{JobPlan, LeaseRef, LeaseStatus, ShardLease, ShardPlan};
+use nightshift_proto::wire::{JobPlan, LeaseRef, LeaseStatus, PartRecord, ShardLease, ShardPlan};
 use nightshift_proto::{JobState, LeaseState, ShardState};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgQueryResult};
 use sqlx::{Pool, Postgres as PgDb};
@@ -127,6 +127,13 @@ impl Dialect for Postgres {
         timing: LeaseTiming,
     ) -> Result<Vec<Vec<LeaseStatus>>> {
         heartbeat_many(store, requests, timing).await
+    }
+
+    async fn checkpoint_many(
+        store: &PgStore,
+        checkpoints: &[(LeaseRef, PartRecord)],
+    ) -> Result<Vec<Result<()>>> {
+        checkpoint_many(store, checkpoints).await
     }
 
     async fn complete_many(store: &PgStore, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {
@@ -366,6 +373,115 @@ async fn heartbeat_many(
         answers.push(statuses);
     }
     Ok(answers)
+}
+
+/// `checkpoint_many` in one transaction of one statement per wave: a wave takes each shard
+/// once (a lot rarely names one twice; a second checkpoint of it goes in the next wave, after
+/// the first). Poison rows are counted against their jobs' thresholds once the wave is in.
+async fn checkpoint_many(
+    store: &PgStore,
+    checkpoints: &[(LeaseRef, PartRecord)],
+) -> Result<Vec<Result<()>>> {
+    let mut tx = store.pool.begin().await?;
+    let mut answers: Vec<Result<()>> = checkpoints.iter().map(|_| Ok(())).collect();
+    let mut left: Vec<usize> = (0..checkpoints.len()).collect();
+    while !left.is_empty() {
+        let mut named = HashSet::new();
+        let (wave, rest): (Vec<usize>, Vec<usize>) = left
+            .into_iter()
+            .partition(|&i| named.insert(checkpoints[i].0.shard_id));
+        let recorded = record_parts(&mut tx, checkpoints, &wave).await?;
+        let mut poisoned = BTreeSet::new();
+        for (&i, job) in wave.iter().zip(recorded) {
+            let (lease, part) = &checkpoints[i];
+            match job {
+                Some(job) if part.error_rows > 0 => {
+                    poisoned.insert(job);
+                }
+                Some(_) => {}
+                None => {
+                    let row = PgStore::lease_row(&mut tx, lease.shard_id).await?;
+                    answers[i] = Err(rules::checkpoint_refused(row.as_ref(), *lease, part));
+                }
+            }
+        }
+        for job in poisoned {
+            PgStore::check_error_rows(&mut tx, job).await?;
+        }
+        left = rest;
+    }
+    tx.commit().await?;
+    Ok(answers)
+}
+
+/// Moves the checkpoint of each shard of `wave` (indices into `checkpoints`, each shard once)
+/// past its part and records the part, in one statement, under the same guard as
+/// `checkpoint`: the lease's token, the shard leased, its job running, the part starting at
+/// the checkpoint and ending inside the shard. Answers per checkpoint, in order, the job of
+/// the part recorded, or `None` for a refused one.
+async fn record_parts(
+    conn: &mut PgConnection,
+    checkpoints: &[(LeaseRef, PartRecord)],
+    wave: &[usize],
+) -> Result<Vec<Option<i64>>> {
+    let column = |f: &dyn Fn(&(LeaseRef, PartRecord)) -> u64| -> Vec<i64> {
+        wave.iter().map(|&i| count(f(&checkpoints[i]))).collect()
+    };
+    let ids: Vec<i64> = wave.iter().map(|&i| checkpoints[i].0.shard_id).collect();
+    let tokens: Vec<i64> = wave.iter().map(|&i| checkpoints[i].0.token).collect();
+    let uris: Vec<&str> = wave
+        .iter()
+        .map(|&i| checkpoints[i].1.uri.as_str())
+        .collect();
+    let error_uris: Vec<Option<&str>> = wave
+        .iter()
+        .map(|&i| checkpoints[i].1.error_uri.as_deref())
+        .collect();
+    let tokens_of = |c: &(LeaseRef, PartRecord)| c.1.tokens.unwrap_or_default();
+    Ok(sqlx::query_scalar(
+        "WITH req AS ( \
+           SELECT * FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], \
+             $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::TEXT[], $9::TEXT[], $10::BIGINT[], \
+             $11::BIGINT[], $12::BIGINT[], $13::BIGINT[]) WITH ORDINALITY \
+             AS r(shard_id, token, row_start, row_end, rows, error_rows, bytes, uri, error_uri, \
+               error_bytes, real_tokens, padded_tokens, truncated_rows, ord) \
+         ), moved AS ( \
+           UPDATE shards s SET checkpoint_rows = s.checkpoint_rows + r.rows, \
+             error_rows = s.error_rows + r.error_rows \
+           FROM req r \
+           WHERE s.id = r.shard_id AND s.token = r.token AND s.state = (SELECT $14::TEXT) \
+             AND s.checkpoint_rows = r.row_start AND r.rows > 0 AND r.row_end <= s.rows \
+             AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.job_id AND j.state = $15) \
+           RETURNING s.id, s.job_id \
+         ), recorded AS ( \
+           INSERT INTO parts (job_id, shard_id, token, row_start, rows, bytes, uri, \
+             error_rows, error_uri, error_bytes, real_tokens, padded_tokens, truncated_rows, \
+             created_at_ms) \
+           SELECT m.job_id, r.shard_id, r.token, r.row_start, r.rows, r.bytes, r.uri, \
+             r.error_rows, r.error_uri, r.error_bytes, r.real_tokens, r.padded_tokens, \
+             r.truncated_rows, ns_now_ms() \
+           FROM req r JOIN moved m ON m.id = r.shard_id \
+           RETURNING shard_id \
+         ) \
+         SELECT m.job_id FROM req r LEFT JOIN moved m ON m.id = r.shard_id ORDER BY r.ord",
+    )
+    .bind(ids)
+    .bind(tokens)
+    .bind(column(&|c| c.1.row_start))
+    .bind(column(&|c| c.1.row_start.saturating_add(c.1.rows)))
+    .bind(column(&|c| c.1.rows))
+    .bind(column(&|c| c.1.error_rows))
+    .bind(column(&|c| c.1.bytes))
+    .bind(uris)
+    .bind(error_uris)
+    .bind(column(&|c| c.1.error_bytes))
+    .bind(column(&|c| tokens_of(c).real))
+    .bind(column(&|c| tokens_of(c).padded))
+    .bind(column(&|c| tokens_of(c).truncated_rows))
+    .bind(ShardState::Leased.as_str())
+    .bind(JobState::Running.as_str())
+    .fetch_all(&mut *conn)
+    .await?)
 }
 
 /// `complete` for several leases in one statement; only the leases it did not finish cost a

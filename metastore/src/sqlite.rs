@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nightshift_proto::wire::{JobPlan, LeaseRef, LeaseStatus, ShardLease};
+use nightshift_proto::wire::{JobPlan, LeaseRef, LeaseStatus, PartRecord, ShardLease};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions,
     SqliteQueryResult, SqliteSynchronous,
@@ -103,6 +103,13 @@ impl Dialect for Sqlite {
         timing: LeaseTiming,
     ) -> Result<Vec<Vec<LeaseStatus>>> {
         store.heartbeat_each(requests, timing).await
+    }
+
+    async fn checkpoint_many(
+        store: &SqliteStore,
+        checkpoints: &[(LeaseRef, PartRecord)],
+    ) -> Result<Vec<Result<()>>> {
+        store.checkpoint_each(checkpoints).await
     }
 
     async fn complete_many(store: &SqliteStore, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {

@@ -48,8 +48,9 @@ pub struct LoadPlan {
     pub checkpoints_per_shard: u64,
     /// A worker with a free slot and nothing granted asks again after this.
     pub idle_poll: Duration,
-    /// Workers start spread evenly over this, as a fleet comes up.
+    /// Workers start spread evenly over this, as a fleet comes up (and leave as they came).
     pub ramp: Duration,
+    /// How long each worker runs.
     pub duration: Duration,
 }
 
@@ -134,19 +135,20 @@ struct SimWorker {
     tally: Tally,
 }
 
-/// Runs `plan.workers` simulated workers against the coordinator at `base` for
-/// `plan.duration`, then releases what they hold; answers what they saw.
+/// Runs `plan.workers` simulated workers against the coordinator at `base`, started evenly
+/// over `plan.ramp`, each for `plan.duration`, after which it releases what it holds (as a
+/// draining worker does); answers what they saw.
 pub async fn simulate(base: &str, plan: &LoadPlan) -> Result<LoadReport> {
     let started = Instant::now();
-    let end = started + plan.ramp + plan.duration;
     let step = plan.ramp / plan.workers.max(1) as u32;
     let tasks: Vec<_> = (0..plan.workers)
         .map(|i| {
             let mut w = SimWorker::new(format!("load-w{i:05}"), base, plan.clone());
+            // Each worker runs `duration` from its own start: they leave as they came.
             let begin = started + step * i as u32;
             tokio::spawn(async move {
                 tokio::time::sleep_until(begin.into()).await;
-                w.run(end).await;
+                w.run(begin + w.plan.duration).await;
                 w.tally
             })
         })

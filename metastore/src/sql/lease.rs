@@ -228,14 +228,14 @@ where
     /// Moves the checkpoint past `part` and records it, in one transaction. The part must
     /// start exactly at the checkpoint and stay inside the shard.
     pub(super) async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()> {
-        let mut answers = self.checkpoint_many(&[(lease, part.clone())]).await?;
+        let mut answers = D::checkpoint_many(self, &[(lease, part.clone())]).await?;
         answers.pop().unwrap_or(Ok(()))
     }
 
-    /// Several checkpoints in one transaction: one answer each, in order, each what
-    /// `checkpoint` alone would give (a refused one changes nothing). Only a failure of the
-    /// store itself fails the whole call, and then none is recorded.
-    pub(super) async fn checkpoint_many(
+    /// Several checkpoints in one transaction, one after the other: one answer each, in
+    /// order, each what `checkpoint` alone would give (a refused one changes nothing). Only a
+    /// failure of the store itself fails the whole call, and then none is recorded.
+    pub(crate) async fn checkpoint_each(
         &self,
         checkpoints: &[(LeaseRef, PartRecord)],
     ) -> Result<Vec<Result<()>>> {
@@ -307,7 +307,7 @@ where
     /// Fails a running job whose poison rows passed its threshold. The job row is locked
     /// first, so two checkpoints with poison rows count one after the other and cannot both
     /// miss the threshold.
-    async fn check_error_rows(conn: &mut Conn<D>, job_id: i64) -> Result<()> {
+    pub(crate) async fn check_error_rows(conn: &mut Conn<D>, job_id: i64) -> Result<()> {
         let job = sqlx::query_as(D::sql("SELECT {job} FROM jobs WHERE id = $1{lock_row}"))
             .bind(job_id)
             .fetch_optional(D::ex(conn))

@@ -83,6 +83,10 @@ pub trait Dialect: Send + Sync + Sized + 'static {
         requests: &[HeartbeatLot],
         timing: LeaseTiming,
     ) -> Result<Vec<Vec<LeaseStatus>>>;
+    async fn checkpoint_many(
+        store: &SqlStore<Self>,
+        checkpoints: &[(LeaseRef, PartRecord)],
+    ) -> Result<Vec<Result<()>>>;
     async fn complete_many(store: &SqlStore<Self>, leases: &[LeaseRef]) -> Result<Vec<Result<()>>>;
     async fn lease_holders(store: &SqlStore<Self>, shard_ids: &[i64]) -> Result<Vec<LeaseHolder>>;
 
@@ -262,7 +266,7 @@ where
         &self,
         checkpoints: &[(LeaseRef, PartRecord)],
     ) -> Result<Vec<Result<()>>> {
-        self.checkpoint_many(checkpoints).await
+        D::checkpoint_many(self, checkpoints).await
     }
 
     async fn complete(&self, lease: LeaseRef) -> Result<()> {

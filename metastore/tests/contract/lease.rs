@@ -312,9 +312,15 @@ pub async fn checkpoint_many_answers_each_part_as_alone(store: DynMetastore) {
         answers[2]
     );
     assert!(answers[3].is_ok(), "{:?}", answers[3]);
+    // Two parts of one lease in one call are taken in order, the second after the first.
+    let twice = store
+        .checkpoint_many(&[(a, part(a, 4, 2)), (b, part(b, 0, 1)), (a, part(a, 6, 2))])
+        .await
+        .unwrap();
+    assert!(twice.iter().all(Result::is_ok), "{twice:?}");
     // What was accepted is recorded, what was refused is not.
     let (_, done, _) = store.shard_counts(id).await.unwrap();
-    assert_eq!(done, 4 + ROWS);
+    assert_eq!(done, 8 + 1 + ROWS);
     store.complete(c).await.unwrap();
     assert!(store.checkpoint_many(&[]).await.unwrap().is_empty());
 }
