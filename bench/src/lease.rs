@@ -336,6 +336,7 @@ async fn measure(
             idempotency_key: None,
             plan: stand_in_plan(a.shards, rows),
             queued: false,
+            planning: false,
         })
         .await?
         .job()

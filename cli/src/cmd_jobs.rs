@@ -187,6 +187,14 @@ async fn follow(client: &ApiClient, job: &str, json: bool) -> Result<ExitCode> {
 
 fn print_view(v: &JobView) {
     println!("job {} `{}`: {}", v.id, v.name, v.state);
+    if let Some(p) = &v.planning {
+        let listed = p
+            .files_listed
+            .map_or("files still being listed".into(), |n| {
+                format!("of {n} input files")
+            });
+        println!("  planning  {} {listed}", p.files_planned);
+    }
     println!(
         "  rows      {} of {} ({} poison)",
         v.rows_done, v.rows_total, v.error_rows

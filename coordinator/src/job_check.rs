@@ -11,7 +11,9 @@ use nightshift_proto::JobSpec;
 use nightshift_proto::wire::{InputFile, JobPlan, Manifest};
 use nightshift_signature::{ModelSignature, plan_tensors};
 use nightshift_storage::input_listing::input_base;
-use nightshift_storage::{InputObject, ObjectReader, StorageError, Stores, list_inputs, read_all};
+use nightshift_storage::{
+    InputObject, ObjectReader, StorageError, Stores, list_inputs_upto, read_all,
+};
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 
@@ -82,12 +84,6 @@ fn check_apart(spec: &JobSpec) -> Result<(), JobCheckError> {
     Ok(())
 }
 
-/// A checked job: its plan.
-#[derive(Debug, Clone)]
-pub struct CheckedJob {
-    pub plan: JobPlan,
-}
-
 /// A `[text]` job's tokenizer loads.
 async fn check_tokenizer(stores: &Stores, spec: &JobSpec) -> Result<(), JobCheckError> {
     let Some(text) = &spec.text else {
@@ -106,112 +102,164 @@ async fn check_tokenizer(stores: &Stores, spec: &JobSpec) -> Result<(), JobCheck
     Ok(())
 }
 
-/// Checks a spec against its input, model and output, and plans its shards.
-pub async fn check_and_plan(stores: &Stores, spec: &JobSpec) -> Result<CheckedJob, JobCheckError> {
-    let model_loc = stores
-        .locate(&spec.model.uri)
-        .map_err(JobCheckError::Model)?;
-    let model_bytes = read_all(&model_loc).await.map_err(JobCheckError::Model)?;
-    let signature = Arc::new(
-        ModelSignature::from_onnx_bytes(&spec.model.uri, &model_bytes)
-            .map_err(|e| JobCheckError::NotOnnx(e.to_string()))?,
-    );
-    drop(model_bytes);
-    check_tokenizer(stores, spec).await?;
+/// What planning learns once per job and checks every input file against: the model's
+/// signature, and the output schema of the first file planned.
+pub struct Planner<'a> {
+    stores: &'a Stores,
+    spec: &'a JobSpec,
+    signature: Arc<ModelSignature>,
+    output_schema: Option<(SchemaRef, String)>,
+}
 
-    check_apart(spec)?;
-    let objects = list_inputs(stores, &spec.input.uri)
-        .await
-        .map_err(JobCheckError::Input)?;
-    if let Some(inside) = objects
-        .iter()
-        .find(|o| overlap(&o.location.uri(), &spec.output.uri))
-    {
-        return Err(JobCheckError::OutputOverlapsInput {
-            output: spec.output.uri.clone(),
-            input: inside.location.uri(),
-        });
+impl<'a> Planner<'a> {
+    /// Checks the model, the tokenizer, and that the output lies apart from the input.
+    pub async fn new(stores: &'a Stores, spec: &'a JobSpec) -> Result<Self, JobCheckError> {
+        let model_loc = stores
+            .locate(&spec.model.uri)
+            .map_err(JobCheckError::Model)?;
+        let model_bytes = read_all(&model_loc).await.map_err(JobCheckError::Model)?;
+        let signature = Arc::new(
+            ModelSignature::from_onnx_bytes(&spec.model.uri, &model_bytes)
+                .map_err(|e| JobCheckError::NotOnnx(e.to_string()))?,
+        );
+        drop(model_bytes);
+        check_tokenizer(stores, spec).await?;
+        check_apart(spec)?;
+        Ok(Planner {
+            stores,
+            spec,
+            signature,
+            output_schema: None,
+        })
     }
-    let footers: Vec<(InputObject, ArrowReaderMetadata)> =
-        futures::stream::iter(objects)
-            .map(|o| async move {
-                let uri = o.location.uri();
-                let mut reader = ObjectReader::new(o.location.clone(), o.meta.size, None);
-                let not_parquet = |reason: String| JobCheckError::NotParquet {
-                    uri: uri.clone(),
-                    reason,
-                };
-                let footer = reader.footer().await.map_err(|e| {
-                    match nightshift_storage::storage_cause(&e) {
-                        Some(_) => not_parquet(e.to_string()),
-                        None => not_parquet(e.to_string()),
-                    }
-                })?;
-                let meta = ArrowReaderMetadata::try_new(footer, ArrowReaderOptions::new())
-                    .map_err(|e| not_parquet(e.to_string()))?;
-                Ok::<_, JobCheckError>((o, meta))
-            })
+
+    /// Reads the footers of `objects`, the job's input files from index `first` on, checks
+    /// each against the model and the files before it, and cuts their shards.
+    pub async fn plan(
+        &mut self,
+        objects: &[InputObject],
+        first: u32,
+    ) -> Result<JobPlan, JobCheckError> {
+        if let Some(inside) = objects
+            .iter()
+            .find(|o| overlap(&o.location.uri(), &self.spec.output.uri))
+        {
+            return Err(JobCheckError::OutputOverlapsInput {
+                output: self.spec.output.uri.clone(),
+                input: inside.location.uri(),
+            });
+        }
+        let footers: Vec<ArrowReaderMetadata> = futures::stream::iter(objects)
+            .map(read_footer)
             .buffered(FOOTER_CONCURRENCY)
             .try_collect()
             .await?;
+        let mut plan = JobPlan {
+            files: Vec::with_capacity(objects.len()),
+            shards: Vec::new(),
+            rows_total: 0,
+        };
+        for (index, (object, meta)) in (first..).zip(objects.iter().zip(&footers)) {
+            let uri = object.location.uri();
+            self.check_file(&uri, meta)?;
+            let groups: Vec<u64> = meta
+                .metadata()
+                .row_groups()
+                .iter()
+                .map(|g| g.num_rows().max(0) as u64)
+                .collect();
+            plan.rows_total += groups.iter().sum::<u64>();
+            plan.shards
+                .extend(plan_file(index, &groups, self.spec.shards.rows));
+            plan.files.push(InputFile {
+                uri,
+                size: object.meta.size,
+                etag: object.meta.e_tag.clone(),
+            });
+        }
+        Ok(plan)
+    }
 
-    let mut output_schema: Option<(SchemaRef, String)> = None;
-    let mut files = Vec::with_capacity(footers.len());
-    let mut shards = Vec::new();
-    let mut rows_total = 0u64;
-    for (index, (object, meta)) in footers.iter().enumerate() {
-        let uri = object.location.uri();
-        let tensors = plan_tensors(spec, &signature, meta.schema(), &uri)
+    /// One file's columns map onto the model, with the output types of the first file.
+    fn check_file(&mut self, uri: &str, meta: &ArrowReaderMetadata) -> Result<(), JobCheckError> {
+        let tensors = plan_tensors(self.spec, &self.signature, meta.schema(), uri)
             .map_err(|e| JobCheckError::Mapping(e.to_string()))?;
-        match &output_schema {
-            None => output_schema = Some((tensors.output_schema.clone(), uri.clone())),
-            Some((first, first_uri)) => {
-                for (a, b) in first.fields().iter().zip(tensors.output_schema.fields()) {
-                    if a.data_type() != b.data_type() {
-                        return Err(JobCheckError::SchemaMismatch {
-                            column: a.name().clone(),
-                            first: first_uri.clone(),
-                            first_type: a.data_type().to_string(),
-                            other: uri,
-                            other_type: b.data_type().to_string(),
-                        });
-                    }
-                }
+        let Some((first, first_uri)) = &self.output_schema else {
+            self.output_schema = Some((tensors.output_schema.clone(), uri.to_string()));
+            return Ok(());
+        };
+        for (a, b) in first.fields().iter().zip(tensors.output_schema.fields()) {
+            if a.data_type() != b.data_type() {
+                return Err(JobCheckError::SchemaMismatch {
+                    column: a.name().clone(),
+                    first: first_uri.clone(),
+                    first_type: a.data_type().to_string(),
+                    other: uri.to_string(),
+                    other_type: b.data_type().to_string(),
+                });
             }
         }
-        let groups: Vec<u64> = meta
-            .metadata()
-            .row_groups()
-            .iter()
-            .map(|g| g.num_rows().max(0) as u64)
-            .collect();
-        let file_rows: u64 = groups.iter().sum();
-        rows_total += file_rows;
-        shards.extend(plan_file(index as u32, &groups, spec.shards.rows));
-        files.push(InputFile {
-            uri,
-            size: object.meta.size,
-            etag: object.meta.e_tag.clone(),
+        Ok(())
+    }
+
+    /// The output holds no other job's committed output and can be written.
+    pub async fn check_output(&self) -> Result<(), JobCheckError> {
+        check_output(self.stores, self.spec).await
+    }
+}
+
+/// An input file's Parquet footer (no row data is read).
+async fn read_footer(object: &InputObject) -> Result<ArrowReaderMetadata, JobCheckError> {
+    let not_parquet = |reason: String| JobCheckError::NotParquet {
+        uri: object.location.uri(),
+        reason,
+    };
+    let mut reader = ObjectReader::new(object.location.clone(), object.meta.size, None);
+    let footer = reader
+        .footer()
+        .await
+        .map_err(|e| not_parquet(e.to_string()))?;
+    ArrowReaderMetadata::try_new(footer, ArrowReaderOptions::new())
+        .map_err(|e| not_parquet(e.to_string()))
+}
+
+/// What the checks before a job is accepted decided.
+#[derive(Debug)]
+pub enum Checked {
+    /// An input of few files, planned whole.
+    Planned(JobPlan),
+    /// An input of many files: checked on one of them (`sample`), the rest to be planned in
+    /// the background.
+    Sampled { sample: String },
+}
+
+/// Checks a spec against its model, output and input. An input of at most `inline_files`
+/// files is planned whole; a larger one is checked on one file (the first the store lists).
+pub async fn check_job(
+    stores: &Stores,
+    spec: &JobSpec,
+    inline_files: usize,
+) -> Result<Checked, JobCheckError> {
+    let mut planner = Planner::new(stores, spec).await?;
+    let listing = list_inputs_upto(stores, &spec.input.uri, inline_files)
+        .await
+        .map_err(JobCheckError::Input)?;
+    if !listing.complete {
+        let sample = &listing.objects[..1];
+        planner.plan(sample, 0).await?;
+        planner.check_output().await?;
+        return Ok(Checked::Sampled {
+            sample: sample[0].location.uri(),
         });
     }
-    if rows_total == 0 {
+    let plan = planner.plan(&listing.objects, 0).await?;
+    if plan.rows_total == 0 {
         return Err(JobCheckError::EmptyInput {
             uri: spec.input.uri.clone(),
         });
     }
-    check_output(stores, spec).await?;
-    if output_schema.is_none() {
-        return Err(JobCheckError::EmptyInput {
-            uri: spec.input.uri.clone(),
-        });
-    }
-    Ok(CheckedJob {
-        plan: JobPlan {
-            files,
-            shards,
-            rows_total,
-        },
-    })
+    planner.check_output().await?;
+    Ok(Checked::Planned(plan))
 }
 
 /// The output holds no committed output of another job, and a probe object can be written.

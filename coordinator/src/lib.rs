@@ -21,6 +21,7 @@ mod openapi;
 mod ownership;
 mod part_check;
 mod planner;
+mod planning;
 mod schedule;
 mod schedule_api;
 mod server;

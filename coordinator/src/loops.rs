@@ -10,7 +10,7 @@ use tracing::Instrument;
 use crate::finalizer::{Claim, FinalizeError, collect_garbage, finalize};
 use crate::service::Service;
 use nightshift_metastore::JobOutcome;
-use nightshift_metastore::merges::plan_groups;
+use nightshift_metastore::merges::plan_groups_for;
 
 /// Expired leases go back to the queue (or dead past max attempts).
 pub async fn reaper(service: Service, every: Duration, shutdown: CancellationToken) {
@@ -108,7 +108,7 @@ async fn plan_merges(service: &Service) -> Result<u64, nightshift_metastore::Sto
     for job in service.store.running_jobs().await? {
         let candidates = service.store.merge_candidates(job.id).await?;
         let target = job.spec.output.target_file_mb.saturating_mul(BYTES_PER_MB);
-        let groups = plan_groups(&candidates, target);
+        let groups = plan_groups_for(&candidates, target, !job.planning);
         if !groups.is_empty() {
             made += service.store.create_merges(job.id, &groups).await?;
         }

@@ -116,6 +116,10 @@ impl Coordinator {
             reap_every,
             shutdown.clone(),
         ));
+        tracker.spawn(crate::planning::planning_loop(
+            self.service.clone(),
+            shutdown.clone(),
+        ));
         tracker.spawn(crate::loops::finalizer(
             self.service.clone(),
             self.config.replica_id.clone(),

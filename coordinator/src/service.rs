@@ -8,9 +8,9 @@ use std::time::Instant;
 
 use nightshift_proto::spec_check::{MAX_BATCH_SIZE, MAX_NAME_LEN};
 use nightshift_proto::wire::{
-    CostView, GpuSample, HeartbeatRequest, HeartbeatResponse, JobList, JobQuery, JobView, LeaseRef,
-    LeaseRequest, LeaseResponse, LeaseStatus, LoadedModel, PartRecord, ShardLease, SubmitResponse,
-    TextView, TokenCounts,
+    CostView, GpuSample, HeartbeatRequest, HeartbeatResponse, JobList, JobPlan, JobQuery, JobView,
+    LeaseRef, LeaseRequest, LeaseResponse, LeaseStatus, LoadedModel, PartRecord, ShardLease,
+    SubmitResponse, TextView, TokenCounts,
 };
 use nightshift_proto::{FailureClass, JobSpec, LeaseState, check_free_text, check_text};
 use nightshift_storage::Stores;
@@ -23,7 +23,7 @@ use crate::api_error::ApiError;
 use crate::coalescer::{Coalescer, Limits};
 use crate::cost::PriceTable;
 use crate::fleet::FleetState;
-use crate::job_check::check_and_plan;
+use crate::job_check::{Checked, check_job};
 use crate::lease_check::{held_by, held_by_each};
 use crate::metrics::Metrics;
 use crate::notifier::CallbackConfig;
@@ -53,6 +53,9 @@ const MAX_MODEL_URI_CHARS: usize = 2048;
 const MAX_WORKER_ID_CHARS: usize = 200;
 /// Longest idempotency key accepted.
 const MAX_KEY_CHARS: usize = 200;
+/// An input of at most this many files is planned before `submit` answers; a larger one is
+/// checked on one file and planned in the background (`planning.rs`).
+pub const INLINE_PLAN_FILES: usize = 64;
 /// A shard's failure message is kept to this many characters.
 const MAX_FAIL_MESSAGE_CHARS: usize = 4000;
 
@@ -95,6 +98,9 @@ pub struct Service {
     /// Woken when a shard completes or a job is queued, so the finalizer loop queues merge
     /// work, settles jobs and starts queued ones at once rather than at its next tick.
     pub shard_done: Arc<tokio::sync::Notify>,
+    /// Woken when a job is to be planned in the background (submitted or retried), so the
+    /// planning loop starts it at once.
+    pub plan_wanted: Arc<tokio::sync::Notify>,
     /// The callback URL of jobs that name none.
     default_callback: Option<String>,
     /// Whether this coordinator can sign callbacks (it has a secret).
@@ -144,6 +150,7 @@ impl Service {
             metrics,
             coalesced: None,
             shard_done: Arc::new(tokio::sync::Notify::new()),
+            plan_wanted: Arc::new(tokio::sync::Notify::new()),
             default_callback: None,
             signs_callbacks: false,
             max_running_jobs: None,
@@ -286,13 +293,17 @@ impl Service {
                 };
             }
         }
-        let checked = check_and_plan(&self.stores, &spec)
+        let checked = check_job(&self.stores, &spec, INLINE_PLAN_FILES)
             .await
             .map_err(ApiError::Check)?;
+        let (plan, planning) = match checked {
+            Checked::Planned(plan) => (plan, None),
+            Checked::Sampled { sample } => (JobPlan::default(), Some(sample)),
+        };
         // A glob inside an allowed directory may still match a link that leads out of it.
-        for file in &checked.plan.files {
-            if is_local_uri(&file.uri) {
-                self.allowed("input.uri", &resolve_links(&file.uri))?;
+        for uri in plan.files.iter().map(|f| &f.uri).chain(&planning) {
+            if is_local_uri(uri) {
+                self.allowed("input.uri", &resolve_links(uri))?;
             }
         }
         let submitted = self
@@ -301,11 +312,15 @@ impl Service {
                 uid: uuid::Uuid::new_v4().simple().to_string()[..16].to_string(),
                 spec,
                 idempotency_key: key,
-                plan: checked.plan,
+                plan,
                 queued: self.max_running_jobs.is_some(),
+                planning: planning.is_some(),
             })
             .await?;
         let created = matches!(submitted, Submitted::Created(_));
+        if created && planning.is_some() {
+            self.plan_wanted.notify_one();
+        }
         if created && self.max_running_jobs.is_some() {
             // The finalizer loop starts queued jobs: now, not at its next tick.
             self.shard_done.notify_one();
@@ -318,7 +333,7 @@ impl Service {
     }
 
     /// The allow-list's verdict on `uri`, given in `field`.
-    fn allowed(&self, field: &'static str, uri: &str) -> Result<(), ApiError> {
+    pub(crate) fn allowed(&self, field: &'static str, uri: &str) -> Result<(), ApiError> {
         match self.allow.refusal(uri.trim_end_matches('/')) {
             None => Ok(()),
             Some(reason) => Err(ApiError::UriNotAllowed {
@@ -425,6 +440,9 @@ impl Service {
     pub async fn retry(&self, id_or_name: &str) -> Result<JobView, ApiError> {
         let job = self.find(id_or_name).await?;
         let job = self.store.retry_job(job.id).await?;
+        if job.planning {
+            self.plan_wanted.notify_one();
+        }
         tracing::info!(job = job.id, "job retried");
         self.view(&job).await
     }

@@ -129,6 +129,21 @@ pub struct NewJob {
     pub plan: JobPlan,
     /// Enters as `queued` (started later by `start_queued`) rather than `running`.
     pub queued: bool,
+    /// `plan` is only its beginning: the rest comes in pieces (`append_plan`).
+    pub planning: bool,
+}
+
+/// The next piece of a job planned in the background.
+#[derive(Debug, Clone)]
+pub struct PlanPiece {
+    /// Input files recorded before this piece (its first file's index).
+    pub after: u64,
+    /// Its files, their shards (file indexes counted from the job's first file) and rows.
+    pub plan: JobPlan,
+    /// Input files the listing found in all.
+    pub listed: u64,
+    /// The plan ends with this piece.
+    pub last: bool,
 }
 
 /// What `create_job` did.
@@ -267,6 +282,18 @@ pub trait Metastore: Send + Sync + 'static {
     /// key with another spec is refused. An output that overlaps the output of a job that is
     /// not cancelled is refused (`OutputTaken`).
     async fn create_job(&self, job: NewJob) -> Result<Submitted>;
+    /// Records the next piece of a job planned in the background (`NewJob::planning`): its
+    /// input files, numbered on from the `piece.after` already recorded, and their shards,
+    /// in one transaction. A piece planned meanwhile by another replica (the count is not
+    /// `after`), or a job no longer planning (cancelled, failed, deleted), records nothing
+    /// and answers false. The last piece ends planning; until then the job is never
+    /// finalized and its last merge waits.
+    async fn append_plan(&self, job_id: i64, piece: &PlanPiece) -> Result<bool>;
+    /// Fails a job whose background planning found a problem (its error is `message`); it
+    /// stays marked as planning, so a retry plans on. A job no longer planning is left alone.
+    async fn fail_planning(&self, job_id: i64, message: &str) -> Result<()>;
+    /// Jobs still being planned that have not ended: what a starting coordinator resumes.
+    async fn planning_jobs(&self) -> Result<Vec<JobRecord>>;
     async fn job_by_key(&self, key: &str) -> Result<Option<JobRecord>>;
     async fn job(&self, id: i64) -> Result<Option<JobRecord>>;
     /// The newest job of that name.

@@ -32,10 +32,21 @@ pub struct MergeGroup {
     pub last: i64,
 }
 
-/// The groups to create now for one job's row shards (see the module's rule).
+/// The groups to create now for the row shards of a job whose plan is complete (see the
+/// module's rule).
 pub fn plan_groups(shards: &[MergeCandidate], target_bytes: u64) -> Vec<MergeGroup> {
+    plan_groups_for(shards, target_bytes, true)
+}
+
+/// The groups to create now for one job's row shards; while its plan is not `complete`
+/// (planning in the background), more shards may follow, so no last group closes early.
+pub fn plan_groups_for(
+    shards: &[MergeCandidate],
+    target_bytes: u64,
+    complete: bool,
+) -> Vec<MergeGroup> {
     let open: Vec<&MergeCandidate> = shards.iter().skip_while(|s| s.covered).collect();
-    let all_done = open.iter().all(|s| s.done || s.covered);
+    let all_done = complete && open.iter().all(|s| s.done || s.covered);
     let mut groups = Vec::new();
     let mut run: Option<(i64, i64, u64)> = None;
     for s in open {
@@ -90,6 +101,16 @@ mod tests {
             shard(6, true, 500),
         ];
         assert_eq!(ranges(&plan_groups(&shards, 100)), [(1, 2), (3, 3)]);
+    }
+
+    #[test]
+    fn while_the_plan_is_incomplete_no_last_group_closes_early() {
+        let shards = [shard(1, true, 150), shard(2, true, 30), shard(3, true, 20)];
+        assert_eq!(ranges(&plan_groups_for(&shards, 100, false)), [(1, 1)]);
+        assert_eq!(
+            ranges(&plan_groups_for(&shards, 100, true)),
+            [(1, 1), (2, 3)]
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub fn sqlite() -> Migrator {
             7 => "0007_parts_time.sql",
             8 => "0008_part_tokens.sql",
             9 => "0009_fleet.sql",
+            10 => "0010_planning.sql",
         )),
         ..Migrator::DEFAULT
     }
@@ -45,6 +46,7 @@ pub fn postgres() -> Migrator {
             7 => "0007_parts_time.sql",
             8 => "0008_part_tokens.sql",
             9 => "0009_fleet.sql",
+            10 => "0010_planning.sql",
         )),
         ..Migrator::DEFAULT
     }

@@ -105,8 +105,13 @@ impl Dialect for Postgres {
         Ok(())
     }
 
-    async fn insert_plan(conn: &mut PgConnection, job_id: i64, plan: &JobPlan) -> Result<()> {
-        insert_plan(conn, job_id, plan).await
+    async fn insert_plan(
+        conn: &mut PgConnection,
+        job_id: i64,
+        plan: &JobPlan,
+        first_file: u64,
+    ) -> Result<()> {
+        insert_plan(conn, job_id, plan, first_file).await
     }
 
     async fn after_create(store: &PgStore, shards: usize) {
@@ -154,11 +159,16 @@ impl Dialect for Postgres {
 
 /// Files and shards go in as arrays: one statement each, whatever the shard count, shard ids
 /// in plan order.
-async fn insert_plan(conn: &mut PgConnection, job_id: i64, plan: &JobPlan) -> Result<()> {
+async fn insert_plan(
+    conn: &mut PgConnection,
+    job_id: i64,
+    plan: &JobPlan,
+    first_file: u64,
+) -> Result<()> {
     let files = &plan.files;
     sqlx::query(
         "INSERT INTO input_files (job_id, idx, uri, size, etag) \
-         SELECT $1, f.ord - 1, f.uri, f.size, f.etag \
+         SELECT $1, $5 + f.ord - 1, f.uri, f.size, f.etag \
          FROM unnest($2::TEXT[], $3::BIGINT[], $4::TEXT[]) WITH ORDINALITY \
               AS f(uri, size, etag, ord)",
     )
@@ -166,6 +176,7 @@ async fn insert_plan(conn: &mut PgConnection, job_id: i64, plan: &JobPlan) -> Re
     .bind(files.iter().map(|f| f.uri.as_str()).collect::<Vec<_>>())
     .bind(files.iter().map(|f| count(f.size)).collect::<Vec<_>>())
     .bind(files.iter().map(|f| f.etag.as_deref()).collect::<Vec<_>>())
+    .bind(count(first_file))
     .execute(&mut *conn)
     .await?;
     let column = |f: fn(&ShardPlan) -> i64| -> Vec<i64> { plan.shards.iter().map(f).collect() };

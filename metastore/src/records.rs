@@ -3,8 +3,8 @@
 //! a negative one is an error, not a wrapped number.
 
 use nightshift_proto::wire::{
-    InputFile, JobView, LeaseGrant, LeaseSecret, PartRecord, ShardCounts, ShardLease, ShardPlan,
-    TokenCounts,
+    InputFile, JobView, LeaseGrant, LeaseSecret, PartRecord, PlanningView, ShardCounts, ShardLease,
+    ShardPlan, TokenCounts,
 };
 use nightshift_proto::{CatchUp, JobSpec, JobState, ShardState};
 
@@ -13,7 +13,7 @@ use crate::{LeaseHolder, StoreError};
 /// The columns `JobRecord` reads.
 pub(crate) const JOB_COLUMNS: &str = "id, uid, name, idempotency_key, spec_json, spec_hash, \
      state, priority, rows_total, output_uri, error, created_at_ms, started_at_ms, \
-     finished_at_ms, batch_rows";
+     finished_at_ms, batch_rows, planning, files_planned, files_listed";
 
 /// The columns of `shards` that `ShardRow` reads.
 pub(crate) const SHARD_COLUMNS: &str = "id, job_id, file_index, rows, state, token, attempts, \
@@ -52,9 +52,32 @@ pub struct JobRecord {
     pub finished_at_ms: Option<i64>,
     /// Rows per model call a worker last reported for this job (never negative).
     pub batch_rows: Option<i64>,
+    /// Its shards are still being cut in the background (`append_plan`).
+    pub planning: bool,
+    /// Input files recorded so far.
+    #[sqlx(try_from = "i64")]
+    pub files_planned: u64,
+    /// Input files the background listing found, once it is done.
+    pub files_listed: Option<i64>,
 }
 
 impl JobRecord {
+    /// The state a user sees: a running job whose shards are still being cut reads `planning`.
+    pub fn shown_state(&self) -> JobState {
+        match self.state {
+            JobState::Running if self.planning => JobState::Planning,
+            state => state,
+        }
+    }
+
+    /// How far background planning has come, while it goes on.
+    fn planning_view(&self) -> Option<PlanningView> {
+        (self.planning && !self.state.is_terminal()).then(|| PlanningView {
+            files_planned: self.files_planned,
+            files_listed: self.files_listed.and_then(|n| u64::try_from(n).ok()),
+        })
+    }
+
     /// The API view, given the shard counts, rows done and error rows, and the database clock.
     pub fn view(
         &self,
@@ -73,7 +96,7 @@ impl JobRecord {
         JobView {
             id: self.id,
             name: self.name.clone(),
-            state: self.state,
+            state: self.shown_state(),
             priority: self.priority,
             spec_hash: self.spec_hash.clone(),
             idempotency_key: self.idempotency_key.clone(),
@@ -92,6 +115,7 @@ impl JobRecord {
             text: None,
             cost: None,
             batch_rows: self.batch_rows.and_then(|n| u64::try_from(n).ok()),
+            planning: self.planning_view(),
         }
     }
 }

@@ -83,8 +83,13 @@ impl Dialect for Sqlite {
         Ok(())
     }
 
-    async fn insert_plan(conn: &mut Conn<Self>, job_id: i64, plan: &JobPlan) -> Result<()> {
-        SqliteStore::insert_plan_rows(conn, job_id, plan).await
+    async fn insert_plan(
+        conn: &mut Conn<Self>,
+        job_id: i64,
+        plan: &JobPlan,
+        first_file: u64,
+    ) -> Result<()> {
+        SqliteStore::insert_plan_rows(conn, job_id, plan, first_file).await
     }
 
     async fn after_create(_store: &SqliteStore, _shards: usize) {}

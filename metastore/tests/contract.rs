@@ -9,6 +9,8 @@ mod jobs;
 mod lease;
 #[path = "contract/loops.rs"]
 mod loops;
+#[path = "contract/planning.rs"]
+mod planning;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -138,6 +140,8 @@ contract!(
     loops::merges_cover_the_rows_in_order_and_settling_waits_for_them,
     loops::metrics_count,
     loops::churn_commits_every_row_once,
+    planning::a_job_planned_in_pieces_runs_before_its_plan_ends,
+    planning::a_planning_failure_fails_the_job_and_a_retry_plans_on,
     loops::recovery_after_a_crash_expires_every_claim_at_once,
     loops::callbacks_go_once_a_job_ends_and_again_after_a_retry,
     loops::schedules_fire_once_per_time_and_move_on_from_what_was_read,
@@ -237,6 +241,7 @@ pub fn new_job(spec: JobSpec, shards: usize, key: Option<&str>) -> NewJob {
         idempotency_key: key.map(str::to_owned),
         plan: plan(shards),
         queued: false,
+        planning: false,
     }
 }
 

@@ -31,7 +31,7 @@ pub struct ShardPlan {
 }
 
 /// The result of planning a job: its snapshot of the input and its shards.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobPlan {
     pub files: Vec<InputFile>,
     pub shards: Vec<ShardPlan>,
@@ -94,6 +94,20 @@ pub struct JobView {
     /// price table).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<CostView>,
+    /// While the job's shards are still being cut in the background (its state reads
+    /// `planning`, or `queued`): how far planning has come.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planning: Option<PlanningView>,
+}
+
+/// How far a job's background planning has come.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PlanningView {
+    /// Input files whose footers are read and whose shards are recorded.
+    pub files_planned: u64,
+    /// Input files the listing found; absent until the listing is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_listed: Option<u64>,
 }
 
 /// A job's cost: machine time its leases held, attributed per slot (a lease on one of a

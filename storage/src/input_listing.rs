@@ -1,7 +1,7 @@
 //! Resolving an input URI to its objects: a single file, a directory (prefix), or a glob.
 //! Names starting with `_` or `.` are skipped in directories, as pyarrow and Spark do.
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use globset::GlobBuilder;
 use object_store::{ObjectMeta, ObjectStoreExt};
 
@@ -30,19 +30,47 @@ pub fn input_base(uri: &str) -> &str {
 
 /// The objects an input URI names, sorted by URI. Errors when nothing matches.
 pub async fn list_inputs(stores: &Stores, uri: &str) -> Result<Vec<InputObject>, StorageError> {
-    let found = match uri.find(GLOB_CHARS) {
-        Some(_) => list_glob(stores, uri).await?,
-        None => list_plain(stores, uri).await?,
+    Ok(list_inputs_upto(stores, uri, usize::MAX).await?.objects)
+}
+
+/// The start of a listing.
+#[derive(Debug)]
+pub struct Listing {
+    /// Every object the URI names, sorted by URI (when `complete`); otherwise `limit + 1` of
+    /// them, in the order the store listed them.
+    pub objects: Vec<InputObject>,
+    /// Whether `objects` is the whole listing.
+    pub complete: bool,
+}
+
+/// Lists at most `limit + 1` of the objects an input URI names: enough to tell whether there
+/// are more than `limit`, without listing them all. Errors when nothing matches.
+pub async fn list_inputs_upto(
+    stores: &Stores,
+    uri: &str,
+    limit: usize,
+) -> Result<Listing, StorageError> {
+    let mut objects = match uri.find(GLOB_CHARS) {
+        Some(_) => list_glob(stores, uri, limit).await?,
+        None => list_plain(stores, uri, limit).await?,
     };
-    if found.is_empty() {
+    if objects.is_empty() {
         return Err(StorageError::NoMatch {
             uri: uri.to_string(),
         });
     }
-    Ok(found)
+    let complete = objects.len() <= limit;
+    if complete {
+        objects.sort_by(|a, b| a.meta.location.cmp(&b.meta.location));
+    }
+    Ok(Listing { objects, complete })
 }
 
-async fn list_plain(stores: &Stores, uri: &str) -> Result<Vec<InputObject>, StorageError> {
+async fn list_plain(
+    stores: &Stores,
+    uri: &str,
+    limit: usize,
+) -> Result<Vec<InputObject>, StorageError> {
     let loc = stores.locate(uri)?;
     if !uri.ends_with('/') {
         match loc.store().head(loc.path()).await {
@@ -58,7 +86,8 @@ async fn list_plain(stores: &Stores, uri: &str) -> Result<Vec<InputObject>, Stor
             Err(e) => return Err(StorageError::from_store(uri, e)),
         }
     }
-    let objects = list_prefix(&loc).await?;
+    let base = loc.clone();
+    let objects = list_prefix(&loc, move |m| !hidden(&base, m), limit).await?;
     if objects.is_empty() {
         // Neither an object nor a non-empty prefix: say it is missing, not empty.
         let exists = loc.is_local() && std::path::Path::new(&loc.uri()).exists();
@@ -68,10 +97,14 @@ async fn list_plain(stores: &Stores, uri: &str) -> Result<Vec<InputObject>, Stor
             });
         }
     }
-    Ok(objects.into_iter().filter(|o| !hidden(&loc, o)).collect())
+    Ok(objects)
 }
 
-async fn list_glob(stores: &Stores, uri: &str) -> Result<Vec<InputObject>, StorageError> {
+async fn list_glob(
+    stores: &Stores,
+    uri: &str,
+    limit: usize,
+) -> Result<Vec<InputObject>, StorageError> {
     // List from the directory that holds the first wildcard; match the rest of the path.
     let base_end = input_base(uri).len();
     let base_uri = if base_end == 0 { "." } else { &uri[..base_end] };
@@ -85,32 +118,37 @@ async fn list_glob(stores: &Stores, uri: &str) -> Result<Vec<InputObject>, Stora
             reason: format!("bad glob: {e}"),
         })?
         .compile_matcher();
-    let objects = match list_prefix(&base).await {
-        Err(StorageError::NotFound { .. }) => Vec::new(),
-        other => other?,
+    let within = base.clone();
+    let matches = move |m: &ObjectMeta| {
+        within
+            .relative(&m.location)
+            .map(|rel| glob.is_match(&rel))
+            .unwrap_or(false)
     };
-    Ok(objects
-        .into_iter()
-        .filter(|o| {
-            base.relative(&o.meta.location)
-                .map(|rel| glob.is_match(&rel))
-                .unwrap_or(false)
-        })
-        .collect())
+    match list_prefix(&base, matches, limit).await {
+        Err(StorageError::NotFound { .. }) => Ok(Vec::new()),
+        other => other,
+    }
 }
 
-async fn list_prefix(loc: &Location) -> Result<Vec<InputObject>, StorageError> {
+/// The objects under `loc` that `keep` keeps, up to `limit + 1` of them.
+async fn list_prefix(
+    loc: &Location,
+    keep: impl Fn(&ObjectMeta) -> bool,
+    limit: usize,
+) -> Result<Vec<InputObject>, StorageError> {
     if loc.is_local() && !std::path::Path::new(&loc.uri()).exists() {
         return Ok(Vec::new());
     }
     let prefix = (!loc.path().as_ref().is_empty()).then_some(loc.path());
-    let mut metas: Vec<ObjectMeta> = loc
+    let metas: Vec<ObjectMeta> = loc
         .store()
         .list(prefix)
+        .try_filter(|m| std::future::ready(keep(m)))
+        .take(limit.saturating_add(1))
         .try_collect()
         .await
         .map_err(|e| StorageError::from_store(&loc.uri(), e))?;
-    metas.sort_by(|a, b| a.location.cmp(&b.location));
     Ok(metas
         .into_iter()
         .map(|meta| InputObject {
@@ -121,8 +159,8 @@ async fn list_prefix(loc: &Location) -> Result<Vec<InputObject>, StorageError> {
 }
 
 /// Whether any part of the object's path below the listed prefix starts with `_` or `.`.
-fn hidden(base: &Location, o: &InputObject) -> bool {
-    base.relative(&o.meta.location)
+fn hidden(base: &Location, meta: &ObjectMeta) -> bool {
+    base.relative(&meta.location)
         .map(|rel| {
             rel.split('/')
                 .any(|p| p.starts_with('_') || p.starts_with('.'))
@@ -194,5 +232,25 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(empty, StorageError::NoMatch { .. }), "{empty}");
+    }
+
+    #[tokio::test]
+    async fn a_listing_up_to_a_limit_says_whether_there_is_more() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["3.parquet", "1.parquet", "_SUCCESS", "2.parquet"] {
+            touch(dir.path(), f);
+        }
+        let stores = Stores::new(S3Settings::default());
+        let base = dir.path().to_str().unwrap();
+        // Hidden names never count towards the limit.
+        let whole = list_inputs_upto(&stores, base, 3).await.unwrap();
+        assert!(whole.complete);
+        let names: Vec<String> = whole.objects.iter().map(|o| o.location.uri()).collect();
+        let expected: Vec<String> = (1..=3).map(|i| format!("{base}/{i}.parquet")).collect();
+        assert_eq!(names, expected, "a whole listing is sorted");
+        let glob = format!("{base}/*.parquet");
+        let part = list_inputs_upto(&stores, &glob, 1).await.unwrap();
+        assert!(!part.complete);
+        assert_eq!(part.objects.len(), 2, "one past the limit, no more");
     }
 }

@@ -12,7 +12,7 @@ pub mod s3;
 mod s3_refusal;
 
 pub use error::StorageError;
-pub use input_listing::{InputObject, list_inputs};
+pub use input_listing::{InputObject, Listing, list_inputs, list_inputs_upto};
 pub use location::{Location, Stores};
 pub use object_reader::{ObjectReader, ReadCounter};
 pub use object_reader::{read_all, storage_cause};

@@ -522,6 +522,7 @@ impl LoadRig {
                 idempotency_key: None,
                 plan: stand_in_plan(shards, rows),
                 queued: false,
+                planning: false,
             })
             .await?
             .job()

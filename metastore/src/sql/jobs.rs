@@ -8,7 +8,8 @@ use super::{Conn, Dialect, RowOf, SqlStore, Value};
 use crate::records::{FileRow, ShardTally, StateTally, tally};
 use crate::rules::{self, CANCELLABLE, ShardKind};
 use crate::{
-    JobFilter, JobRecord, NewJob, PartRow, Result, ShardRow, StoreError, Submitted, output_key,
+    JobFilter, JobRecord, NewJob, PartRow, PlanPiece, Result, ShardRow, StoreError, Submitted,
+    output_key,
 };
 
 /// Rounds of a submission whose idempotency key another one inserted under it and removed.
@@ -65,7 +66,7 @@ where
             let Some(id) = Self::insert_job(&mut tx, &job, &spec_json, &hash).await? else {
                 continue;
             };
-            D::insert_plan(&mut tx, id, &job.plan).await?;
+            D::insert_plan(&mut tx, id, &job.plan, 0).await?;
             Self::insert_notification(&mut tx, id, &job.spec).await?;
             let record = Self::job_in(&mut tx, id).await?;
             tx.commit().await?;
@@ -89,9 +90,9 @@ where
         let sql = D::sql(
             "INSERT INTO jobs (uid, name, idempotency_key, spec_json, spec_hash, state, \
              priority, max_attempts, rows_total, output_uri, output_key, created_at_ms, \
-             started_at_ms) \
+             started_at_ms, planning, files_planned) \
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, t.now, \
-               CASE WHEN $12 THEN NULL ELSE t.now END \
+               CASE WHEN $12 THEN NULL ELSE t.now END, $13, $14 \
              FROM (SELECT {now} AS now) t WHERE true \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
         );
@@ -115,6 +116,8 @@ where
             .bind(job.spec.output.uri.as_str())
             .bind(output_key(&job.spec.output.uri))
             .bind(job.queued)
+            .bind(job.planning)
+            .bind(count(job.plan.files.len() as u64))
             .fetch_optional(D::ex(conn))
             .await?)
     }
@@ -125,13 +128,14 @@ where
         conn: &mut Conn<D>,
         job_id: i64,
         plan: &JobPlan,
+        first_file: u64,
     ) -> Result<()> {
-        for (idx, f) in plan.files.iter().enumerate() {
+        for (idx, f) in (first_file..).zip(&plan.files) {
             sqlx::query(
                 "INSERT INTO input_files (job_id, idx, uri, size, etag) VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(job_id)
-            .bind(idx as i64)
+            .bind(count(idx))
             .bind(f.uri.as_str())
             .bind(count(f.size))
             .bind(f.etag.as_deref())
@@ -153,6 +157,60 @@ where
             .await?;
         }
         Ok(())
+    }
+
+    /// Records the next piece of a job planned in the background (see the trait).
+    pub(super) async fn append_plan(&self, job_id: i64, piece: &PlanPiece) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE jobs SET files_planned = files_planned + $2, rows_total = rows_total + $3, \
+               files_listed = $4, planning = $5 \
+             WHERE id = $1 AND planning AND files_planned = $6 AND state IN ($7, $8)",
+        )
+        .bind(job_id)
+        .bind(count(piece.plan.files.len() as u64))
+        .bind(count(piece.plan.rows_total))
+        .bind(count(piece.listed))
+        .bind(!piece.last)
+        .bind(count(piece.after))
+        .bind(JobState::Running.as_str())
+        .bind(JobState::Queued.as_str())
+        .execute(D::ex(&mut tx))
+        .await?;
+        if D::affected(&moved) == 0 {
+            return Ok(false);
+        }
+        D::insert_plan(&mut tx, job_id, &piece.plan, piece.after).await?;
+        tx.commit().await?;
+        D::after_create(self, piece.plan.shards.len()).await;
+        Ok(true)
+    }
+
+    /// Fails a job whose background planning found a problem; it stays `planning`, so that a
+    /// retry plans on from where it stopped.
+    pub(super) async fn fail_planning(&self, job_id: i64, message: &str) -> Result<()> {
+        sqlx::query(D::sql(
+            "UPDATE jobs SET state = $2, error = $3, finished_at_ms = {now} \
+             WHERE id = $1 AND planning AND state IN ($4, $5)",
+        ))
+        .bind(job_id)
+        .bind(JobState::Failed.as_str())
+        .bind(message)
+        .bind(JobState::Running.as_str())
+        .bind(JobState::Queued.as_str())
+        .execute(D::ex(&mut *self.conn().await?))
+        .await?;
+        Ok(())
+    }
+
+    /// Jobs still being planned that have not ended.
+    pub(super) async fn planning_jobs(&self) -> Result<Vec<JobRecord>> {
+        let sql = D::sql("SELECT {job} FROM jobs WHERE planning AND state IN ($1, $2) ORDER BY id");
+        Ok(sqlx::query_as(sql)
+            .bind(JobState::Running.as_str())
+            .bind(JobState::Queued.as_str())
+            .fetch_all(D::ex(&mut *self.conn().await?))
+            .await?)
     }
 
     /// The first job, other than `except`, that is not cancelled and owns an output

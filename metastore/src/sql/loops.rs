@@ -88,7 +88,7 @@ where
                EXISTS (SELECT 1 FROM shards r WHERE r.job_id = jobs.id AND r.kind = $2 \
                  AND r.id > COALESCE((SELECT MAX(m.merge_last) FROM shards m \
                    WHERE m.job_id = jobs.id AND m.kind = $3), 0)) AS unmerged \
-             FROM jobs WHERE state = $4 AND NOT EXISTS (SELECT 1 FROM shards s \
+             FROM jobs WHERE state = $4 AND NOT planning AND NOT EXISTS (SELECT 1 FROM shards s \
                WHERE s.job_id = jobs.id AND s.state IN ($5, $6)) \
              ORDER BY id",
         ))

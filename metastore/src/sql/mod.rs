@@ -29,8 +29,8 @@ use crate::records::{
 };
 use crate::{
     ClaimRequest, DueNotification, HeartbeatLot, JobFilter, JobOutcome, JobRecord, LeaseHolder,
-    LeaseTiming, Metastore, NewJob, NewSchedule, NotifyOutcome, PartRow, Result, ShardRow,
-    StoreMetrics, Submitted,
+    LeaseTiming, Metastore, NewJob, NewSchedule, NotifyOutcome, PartRow, PlanPiece, Result,
+    ShardRow, StoreMetrics, Submitted,
 };
 
 /// A value both dialects bind and read.
@@ -69,8 +69,14 @@ pub trait Dialect: Send + Sync + Sized + 'static {
 
     /// Serialises the output check and insert of submissions and retries until `tx` ends.
     async fn lock_outputs(conn: &mut Conn<Self>) -> Result<()>;
-    /// Inserts a new job's input files and shards, shard ids in plan order.
-    async fn insert_plan(conn: &mut Conn<Self>, job_id: i64, plan: &JobPlan) -> Result<()>;
+    /// Inserts a job's input files (numbered from `first_file`) and shards, shard ids in plan
+    /// order.
+    async fn insert_plan(
+        conn: &mut Conn<Self>,
+        job_id: i64,
+        plan: &JobPlan,
+        first_file: u64,
+    ) -> Result<()>;
     /// Runs after a job is committed (PostgreSQL refreshes statistics for a large one).
     async fn after_create(store: &SqlStore<Self>, shards: usize);
     async fn claim_many(
@@ -161,6 +167,18 @@ where
 
     async fn create_job(&self, job: NewJob) -> Result<Submitted> {
         self.create_job(job).await
+    }
+
+    async fn append_plan(&self, job_id: i64, piece: &PlanPiece) -> Result<bool> {
+        self.append_plan(job_id, piece).await
+    }
+
+    async fn fail_planning(&self, job_id: i64, message: &str) -> Result<()> {
+        self.fail_planning(job_id, message).await
+    }
+
+    async fn planning_jobs(&self) -> Result<Vec<JobRecord>> {
+        self.planning_jobs().await
     }
 
     async fn job_by_key(&self, key: &str) -> Result<Option<JobRecord>> {
