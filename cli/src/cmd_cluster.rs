@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use nightshift_coordinator::{AllowList, CallbackConfig, Coordinator, CoordinatorConfig};
 use nightshift_metastore::LeaseTiming;
+use nightshift_metastore::speculation::SpeculationPolicy;
 use nightshift_proto::{CapacityType, InstanceInfo};
 use nightshift_storage::Stores;
 use nightshift_worker::spot::SpotWatcher;
@@ -78,9 +79,46 @@ pub struct CoordinatorArgs {
     /// `on-demand = 1.006`), for each job's cost report.
     #[arg(long, env = "NIGHTSHIFT_PRICE_TABLE")]
     pub price_table: Option<PathBuf>,
+    #[command(flatten)]
+    pub speculation: SpeculationArgs,
     /// Print logs as JSON lines.
     #[arg(long)]
     pub log_json: bool,
+}
+
+/// When a straggling shard gets a speculative copy on an idle worker.
+#[derive(clap::Args, Debug)]
+pub struct SpeculationArgs {
+    /// A job is in its tail, where stragglers are copied, when at most this many of its
+    /// shards are left (none pending); 0 turns speculation off.
+    #[arg(long, default_value_t = SpeculationPolicy::default().max_left)]
+    pub speculate_max_left: u32,
+    /// A shard held this many times longer than its rows take at the job's median rate is a
+    /// straggler.
+    #[arg(long, default_value_t = SpeculationPolicy::default().slowness, value_parser = parse_slowness)]
+    pub speculate_slowness: f64,
+    /// Shards a job must have finished before its median rate is trusted.
+    #[arg(long, default_value_t = SpeculationPolicy::default().min_done,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub speculate_min_done: u32,
+}
+
+impl SpeculationArgs {
+    pub fn policy(&self) -> Option<SpeculationPolicy> {
+        (self.speculate_max_left > 0).then_some(SpeculationPolicy {
+            max_left: self.speculate_max_left,
+            slowness: self.speculate_slowness,
+            min_done: self.speculate_min_done,
+        })
+    }
+}
+
+/// A slowness factor: a finite number above 1.
+fn parse_slowness(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if f.is_finite() && f > 1.0 => Ok(f),
+        _ => Err(format!("`{s}` is not a number above 1")),
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -177,6 +215,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<ExitCode> {
     config.allow = AllowList::new(args.allow_uri);
     config.callbacks = callbacks;
     config.max_running_jobs = args.max_running_jobs;
+    config.speculation = args.speculation.policy();
     if let Some(path) = &args.price_table {
         config.prices = nightshift_coordinator::PriceTable::load(path)?;
     }

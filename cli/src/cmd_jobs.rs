@@ -199,8 +199,12 @@ fn print_view(v: &JobView) {
         "  rows      {} of {} ({} poison)",
         v.rows_done, v.rows_total, v.error_rows
     );
+    let copies = match v.shards.copies {
+        0 => String::new(),
+        n => format!(" ({n} speculative copies of stragglers running)"),
+    };
     println!(
-        "  shards    {} pending, {} leased, {} done, {} dead",
+        "  shards    {} pending, {} leased, {} done, {} dead{copies}",
         v.shards.pending, v.shards.leased, v.shards.done, v.shards.dead
     );
     println!(

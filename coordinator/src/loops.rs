@@ -43,6 +43,11 @@ pub async fn finalizer(
     shutdown: CancellationToken,
 ) {
     loop {
+        // A copy that won makes its original done: before merges are planned.
+        match service.store.resolve_copies().await {
+            Ok(outcome) => service.metrics.copies_resolved(outcome),
+            Err(e) => tracing::warn!(error = %e, "deciding speculative copies failed"),
+        }
         match plan_merges(&service).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(merges = n, "merge work queued"),

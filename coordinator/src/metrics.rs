@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nightshift_proto::wire::{GpuSample, LoadedModel, ModelHolder};
 
-use nightshift_metastore::StoreMetrics;
+use nightshift_metastore::{CopyOutcome, StoreMetrics};
 
 pub const PENDING_SHARDS: &str = "nightshift_pending_shards";
 pub const PENDING_ROWS: &str = "nightshift_pending_rows";
@@ -18,6 +18,10 @@ pub const WORKERS_SEEN: &str = "nightshift_workers_seen";
 pub const ROWS_PER_SECOND: &str = "nightshift_rows_per_second";
 pub const ROWS_COMMITTED: &str = "nightshift_rows_committed_total";
 pub const SHARDS_COMPLETED: &str = "nightshift_shards_completed_total";
+pub const COPIES_RUNNING: &str = "nightshift_speculative_copies";
+pub const COPIES_STARTED: &str = "nightshift_speculative_copies_started_total";
+pub const COPIES_WON: &str = "nightshift_speculative_copies_won_total";
+pub const COPIES_DROPPED: &str = "nightshift_speculative_copies_dropped_total";
 pub const LEASE_SECONDS: &str = "nightshift_lease_claim_seconds";
 pub const API_SECONDS: &str = "nightshift_api_request_seconds";
 pub const GPU_BUSY: &str = "nightshift_worker_gpu_busy_ratio";
@@ -105,6 +109,10 @@ pub struct Metrics {
     api: Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>,
     rows_committed: AtomicU64,
     shards_completed: AtomicU64,
+    /// Speculative copies of stragglers this replica started, and races it decided.
+    copies_started: AtomicU64,
+    copies_won: AtomicU64,
+    copies_dropped: AtomicU64,
     /// (when, rows committed) samples for the rows/s gauge.
     samples: Mutex<Vec<(Instant, u64)>>,
     /// The latest report of each worker that sent one to this replica.
@@ -118,6 +126,9 @@ impl Default for Metrics {
             api: Mutex::new(BTreeMap::new()),
             rows_committed: AtomicU64::new(0),
             shards_completed: AtomicU64::new(0),
+            copies_started: AtomicU64::new(0),
+            copies_won: AtomicU64::new(0),
+            copies_dropped: AtomicU64::new(0),
             samples: Mutex::new(Vec::new()),
             workers: Mutex::new(BTreeMap::new()),
         }
@@ -253,6 +264,16 @@ impl Metrics {
         self.shards_completed.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn copies_started(&self, n: usize) {
+        self.copies_started.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn copies_resolved(&self, outcome: CopyOutcome) {
+        self.copies_won.fetch_add(outcome.won, Ordering::Relaxed);
+        self.copies_dropped
+            .fetch_add(outcome.dropped, Ordering::Relaxed);
+    }
+
     /// Rows committed per second over the last minute on this replica.
     pub fn rows_per_second(&self) -> f64 {
         let s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
@@ -313,6 +334,35 @@ impl Metrics {
             "# HELP {SHARDS_COMPLETED} Shards completed through this replica.\n# TYPE {SHARDS_COMPLETED} counter\n{SHARDS_COMPLETED} {}",
             self.shards_completed.load(Ordering::Relaxed)
         );
+        gauge(
+            &mut out,
+            COPIES_RUNNING,
+            "Speculative copies of straggling shards running.",
+            store.copies as f64,
+        );
+        for (name, help, n) in [
+            (
+                COPIES_STARTED,
+                "Speculative copies this replica granted.",
+                &self.copies_started,
+            ),
+            (
+                COPIES_WON,
+                "Copies that completed before their original.",
+                &self.copies_won,
+            ),
+            (
+                COPIES_DROPPED,
+                "Copies dropped: the original completed first, or the copy stopped.",
+                &self.copies_dropped,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP {LEASE_SECONDS} Time to claim shards.\n# TYPE {LEASE_SECONDS} histogram"
@@ -420,6 +470,16 @@ mod tests {
         assert!(text.contains("nightshift_lease_claim_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("nightshift_api_request_seconds_count{route=\"submit\"} 1"));
         assert!(text.contains("nightshift_rows_committed_total 100"));
+        m.copies_started(2);
+        m.copies_resolved(CopyOutcome { won: 1, dropped: 1 });
+        let text = m.render(&StoreMetrics {
+            copies: 1,
+            ..Default::default()
+        });
+        assert!(text.contains("nightshift_speculative_copies 1\n"));
+        assert!(text.contains("nightshift_speculative_copies_started_total 2"));
+        assert!(text.contains("nightshift_speculative_copies_won_total 1"));
+        assert!(text.contains("nightshift_speculative_copies_dropped_total 1"));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::cost::PriceTable;
 use crate::metrics::Metrics;
 use crate::notifier::CallbackConfig;
 use crate::service::Service;
+use nightshift_metastore::speculation::SpeculationPolicy;
 use nightshift_metastore::{DynMetastore, LeaseTiming};
 
 #[derive(Debug, Clone)]
@@ -38,6 +39,8 @@ pub struct CoordinatorConfig {
     pub max_running_jobs: Option<u32>,
     /// Dollars per hour by instance type, for jobs' costs.
     pub prices: PriceTable,
+    /// When stragglers get speculative copies (`None`: never).
+    pub speculation: Option<SpeculationPolicy>,
 }
 
 impl CoordinatorConfig {
@@ -61,6 +64,7 @@ impl CoordinatorConfig {
             callbacks: CallbackConfig::default(),
             max_running_jobs: None,
             prices: PriceTable::default(),
+            speculation: Some(SpeculationPolicy::default()),
         }
     }
 }
@@ -88,6 +92,7 @@ impl Coordinator {
         )
         .with_callbacks(&config.callbacks);
         service.max_running_jobs = config.max_running_jobs;
+        service.speculation = config.speculation;
         service.prices = Arc::new(config.prices.clone());
         Self { config, service }
     }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nightshift_proto::spec_check::{MAX_BATCH_SIZE, MAX_NAME_LEN};
 use nightshift_proto::wire::{
@@ -28,6 +28,7 @@ use crate::lease_check::{held_by, held_by_each};
 use crate::metrics::Metrics;
 use crate::notifier::CallbackConfig;
 use crate::part_check::{check_counts, check_objects};
+use nightshift_metastore::speculation::SpeculationPolicy;
 use nightshift_metastore::{
     ClaimRequest, DynMetastore, HeartbeatLot, JobFilter, JobRecord, LeaseHolder, LeaseTiming,
     NewJob, StoreError, Submitted,
@@ -53,6 +54,11 @@ const MAX_MODEL_URI_CHARS: usize = 2048;
 const MAX_WORKER_ID_CHARS: usize = 200;
 /// Longest idempotency key accepted.
 const MAX_KEY_CHARS: usize = 200;
+/// Speculative copies one claim may get.
+const COPIES_PER_CLAIM: u32 = 1;
+/// Once a look for stragglers found none, idle workers of this replica look again only after
+/// this long.
+const SPECULATION_EVERY: Duration = Duration::from_millis(200);
 /// An input of at most this many files is planned before `submit` answers; a larger one is
 /// checked on one file and planned in the background (`planning.rs`).
 pub const INLINE_PLAN_FILES: usize = 64;
@@ -107,6 +113,11 @@ pub struct Service {
     signs_callbacks: bool,
     /// Jobs that may run at once; more wait as `queued` (`None`: no limit).
     pub max_running_jobs: Option<u32>,
+    /// When stragglers get speculative copies (`None`: never).
+    pub speculation: Option<SpeculationPolicy>,
+    /// When this replica last looked for stragglers and found none: idle workers look again
+    /// after `SPECULATION_EVERY`.
+    speculated_at: Arc<Mutex<Option<Instant>>>,
     /// Workers' machines and drains (`fleet.rs`).
     pub(crate) fleet: Arc<FleetState>,
     /// Prices of machine time, for jobs' costs (`cost.rs`).
@@ -151,6 +162,8 @@ impl Service {
             coalesced: None,
             shard_done: Arc::new(tokio::sync::Notify::new()),
             plan_wanted: Arc::new(tokio::sync::Notify::new()),
+            speculation: Some(SpeculationPolicy::default()),
+            speculated_at: Arc::new(Mutex::new(None)),
             default_callback: None,
             signs_callbacks: false,
             max_running_jobs: None,
@@ -479,12 +492,47 @@ impl Service {
                     .await?
             }
         };
+        let mut leases = leases;
+        if leases.len() < request.max as usize {
+            leases.extend(self.speculate(&request.worker).await?);
+        }
         self.metrics.lease_claims.observe(started.elapsed());
         Ok(LeaseResponse {
             leases: leases.into_iter().map(|l| l.grant).collect(),
             lease_ttl_ms: self.timing.ttl_ms as u64,
             drain: false,
         })
+    }
+
+    /// A copy of a straggler for a worker whose claim left a slot empty, when speculation is
+    /// on and no idle worker of this replica just looked in vain. One per claim, so that
+    /// copies spread over the idle workers.
+    async fn speculate(&self, worker: &str) -> Result<Vec<ShardLease>, ApiError> {
+        let Some(policy) = &self.speculation else {
+            return Ok(Vec::new());
+        };
+        let found_none = || self.speculated_at.lock().unwrap_or_else(|p| p.into_inner());
+        if found_none().is_some_and(|t| t.elapsed() < SPECULATION_EVERY) {
+            return Ok(Vec::new());
+        }
+        let copies = self
+            .store
+            .speculate(worker, COPIES_PER_CLAIM, policy, self.timing)
+            .await?;
+        // Idle workers stop looking for a while only when there was nothing to copy.
+        *found_none() = copies.is_empty().then(Instant::now);
+        if !copies.is_empty() {
+            self.metrics.copies_started(copies.len());
+            for c in &copies {
+                tracing::info!(
+                    job = c.job_id,
+                    shard = c.shard_id,
+                    worker,
+                    "speculative copy of a straggler granted"
+                );
+            }
+        }
+        Ok(copies)
     }
 
     /// The spec of a job that has not ended, by its hash (as lease answers name it).

@@ -9,6 +9,7 @@ mod migrations;
 pub mod postgres;
 mod records;
 mod rules;
+pub mod speculation;
 mod sql;
 pub mod sqlite;
 
@@ -28,6 +29,7 @@ pub use records::{
 pub use sql::{Dialect, SqlStore};
 
 use crate::merges::{MergeCandidate, MergeGroup};
+use crate::speculation::SpeculationPolicy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -131,6 +133,15 @@ pub struct NewJob {
     pub queued: bool,
     /// `plan` is only its beginning: the rest comes in pieces (`append_plan`).
     pub planning: bool,
+}
+
+/// What `resolve_copies` decided.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyOutcome {
+    /// Copies that completed first: their parts took the place of the original's.
+    pub won: u64,
+    /// Copies dropped with their parts: the original completed first, or the copy stopped.
+    pub dropped: u64,
 }
 
 /// The next piece of a job planned in the background.
@@ -376,6 +387,20 @@ pub trait Metastore: Send + Sync + 'static {
 
     /// Expired leases go back to pending after a backoff, or dead past max attempts.
     async fn reap_expired(&self, timing: LeaseTiming) -> Result<u64>;
+    /// Copies of stragglers for a worker with `max` free slots that found no pending shard
+    /// (`speculation.rs` has the rule): at most `max`, never of a shard the worker holds, each
+    /// from its original's checkpoint under a lease of its own.
+    async fn speculate(
+        &self,
+        worker: &str,
+        max: u32,
+        policy: &SpeculationPolicy,
+        timing: LeaseTiming,
+    ) -> Result<Vec<ShardLease>>;
+    /// Decides every race between a shard and its copy that is over: the first to complete
+    /// wins, the other's parts past the copy's first row never count, and the loser's lease is
+    /// lost. A job with a copy is not settled until its race is decided.
+    async fn resolve_copies(&self) -> Result<CopyOutcome>;
     /// Running jobs with no open shards move on: to finalizing, or to failed when shards died
     /// or too many rows were poison.
     async fn settle_jobs(&self) -> Result<u64>;

@@ -29,6 +29,7 @@ pub fn sqlite() -> Migrator {
             8 => "0008_part_tokens.sql",
             9 => "0009_fleet.sql",
             10 => "0010_planning.sql",
+            11 => "0011_copies.sql",
         )),
         ..Migrator::DEFAULT
     }
@@ -47,6 +48,7 @@ pub fn postgres() -> Migrator {
             8 => "0008_part_tokens.sql",
             9 => "0009_fleet.sql",
             10 => "0010_planning.sql",
+            11 => "0011_copies.sql",
         )),
         ..Migrator::DEFAULT
     }

@@ -287,6 +287,8 @@ impl From<FileRow> for InputFile {
 pub(crate) struct StateTally {
     #[sqlx(try_from = "String")]
     state: ShardState,
+    /// Row shards, or speculative copies of them.
+    copies: bool,
     #[sqlx(try_from = "i64")]
     n: u64,
     #[sqlx(try_from = "i64")]
@@ -302,6 +304,13 @@ pub type ShardTally = (ShardCounts, u64, u64);
 pub(crate) fn tally(rows: Vec<StateTally>) -> ShardTally {
     let mut tally = ShardTally::default();
     for row in rows {
+        if row.copies {
+            // A copy's rows are its original's: only the copies running are counted.
+            if row.state == ShardState::Leased {
+                tally.0.copies += row.n;
+            }
+            continue;
+        }
         tally.1 += row.done;
         tally.2 += row.errors;
         let counts = &mut tally.0;
@@ -487,4 +496,7 @@ pub struct StoreMetrics {
     pub running_jobs: u64,
     #[sqlx(rename = "workers", try_from = "i64")]
     pub workers_seen: u64,
+    /// Speculative copies of stragglers running.
+    #[sqlx(try_from = "i64")]
+    pub copies: u64,
 }

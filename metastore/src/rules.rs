@@ -13,6 +13,8 @@ use crate::{LeaseTiming, StoreError};
 pub(crate) enum ShardKind {
     Rows,
     Merge,
+    /// A speculative copy of a straggling row shard (`speculation.rs`).
+    Copy,
 }
 
 impl ShardKind {
@@ -20,6 +22,7 @@ impl ShardKind {
         match self {
             ShardKind::Rows => "rows",
             ShardKind::Merge => "merge",
+            ShardKind::Copy => "copy",
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The store contract: one suite of cases, each an async fn over a `DynMetastore`, run against a
 //! fresh SQLite file and a fresh PostgreSQL database (its own throwaway server per test).
 
+#[path = "contract/copies.rs"]
+mod copies;
 #[path = "contract/fleet.rs"]
 mod fleet;
 #[path = "contract/jobs.rs"]
@@ -98,6 +100,9 @@ macro_rules! contract {
 }
 
 contract!(
+    copies::a_copy_that_completes_first_wins_and_fences_the_original,
+    copies::an_original_that_completes_first_drops_its_copy,
+    copies::no_copy_before_a_job_s_tail,
     fleet::lease_time_is_kept_by_machine_whatever_ends_the_lease,
     fleet::workers_report_machines_and_drains_are_marked,
     jobs::ready_after_migrate,

@@ -45,6 +45,13 @@ pub struct ShardCounts {
     pub leased: u64,
     pub done: u64,
     pub dead: u64,
+    /// Speculative copies of straggling shards running now (not counted in `total`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub copies: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ShardCounts {

@@ -201,11 +201,13 @@ fn chaos_leaves_the_output_exact() {
         (0.65, "coordinator"),
     ];
     let expected = calm_took.as_secs_f64() * 1.5;
-    // Kills spread evenly over most of the undisturbed run's length, then none: enough for the
+    // Kills spread evenly over the first half of the undisturbed run's length, then none: enough for the
     // count (a chaos run now lasts little longer than a calm one), without killing every
     // worker before it gets going.
     let budget = m.min_kills + 10;
-    let every = Duration::from_secs_f64((calm_took.as_secs_f64() * 0.7 / budget as f64).max(0.4));
+    // Half of it: SIGTERM drains take seconds each, and with stragglers copied to idle workers
+    // a chaos run ends sooner than it did.
+    let every = Duration::from_secs_f64((calm_took.as_secs_f64() * 0.5 / budget as f64).max(0.4));
     loop {
         let state = job_state(&coordinator.url(), "chaos");
         if state.as_deref() == Some("succeeded") {

@@ -291,7 +291,8 @@ impl SimWorker {
 
     fn hold(&mut self, grant: LeaseGrant, spec: JobSpec) {
         self.held.push(Held {
-            next_row: 0,
+            // A shard granted again goes on from its checkpoint, as a worker's does.
+            next_row: grant.checkpoint_rows,
             next_checkpoint: Instant::now() + self.plan.checkpoint_every,
             lease: ShardLease { grant, spec },
         });
@@ -538,7 +539,9 @@ impl LoadRig {
             dir.path(),
             "coordinator",
             &database_url,
-            &["--allow-uri", &allow],
+            // No speculative copies: a copy's loser loses its lease by design, and here a lost
+            // lease must mean the coordinator was too slow.
+            &["--allow-uri", &allow, "--speculate-max-left", "0"],
             &[],
         );
         Ok(Self {

@@ -295,12 +295,14 @@ where
 
     pub(super) async fn shard_counts(&self, job_id: i64) -> Result<ShardTally> {
         let rows: Vec<StateTally> = sqlx::query_as(
-            "SELECT state, COUNT(*) AS n, CAST(COALESCE(SUM(checkpoint_rows), 0) AS BIGINT) AS done, \
+            "SELECT state, kind = $3 AS copies, COUNT(*) AS n, \
+             CAST(COALESCE(SUM(checkpoint_rows), 0) AS BIGINT) AS done, \
              CAST(COALESCE(SUM(error_rows), 0) AS BIGINT) AS errors \
-             FROM shards WHERE job_id = $1 AND kind = $2 GROUP BY state",
+             FROM shards WHERE job_id = $1 AND kind IN ($2, $3) GROUP BY state, kind",
         )
         .bind(job_id)
         .bind(ShardKind::Rows.as_str())
+        .bind(ShardKind::Copy.as_str())
         .fetch_all(D::ex(&mut *self.conn().await?))
         .await?;
         Ok(tally(rows))

@@ -147,16 +147,7 @@ where
             }
             let mut granted = Vec::with_capacity(ids.len());
             for id in ids {
-                granted.push(
-                    sqlx::query_as(D::sql(
-                        "SELECT {granted} FROM shards s JOIN jobs j ON j.id = s.job_id \
-                         JOIN input_files f ON f.job_id = s.job_id AND f.idx = s.file_index \
-                         WHERE s.id = $1",
-                    ))
-                    .bind(id)
-                    .fetch_one(D::ex(&mut tx))
-                    .await?,
-                );
+                granted.push(Self::granted(&mut tx, id).await?);
             }
             let mut leases = Self::leases(&mut tx, granted).await?;
             leases.sort_by_key(|l| l.shard_id);
@@ -164,6 +155,18 @@ where
         }
         tx.commit().await?;
         Ok(answers)
+    }
+
+    /// The grant of a shard just leased, with its job and file.
+    pub(crate) async fn granted(conn: &mut Conn<D>, id: i64) -> Result<Granted> {
+        Ok(sqlx::query_as(D::sql(
+            "SELECT {granted} FROM shards s JOIN jobs j ON j.id = s.job_id \
+             JOIN input_files f ON f.job_id = s.job_id AND f.idx = s.file_index \
+             WHERE s.id = $1",
+        ))
+        .bind(id)
+        .fetch_one(D::ex(conn))
+        .await?)
     }
 
     pub(crate) async fn lease_holders_each(&self, shard_ids: &[i64]) -> Result<Vec<LeaseHolder>> {

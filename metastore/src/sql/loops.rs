@@ -89,7 +89,7 @@ where
                  AND r.id > COALESCE((SELECT MAX(m.merge_last) FROM shards m \
                    WHERE m.job_id = jobs.id AND m.kind = $3), 0)) AS unmerged \
              FROM jobs WHERE state = $4 AND NOT planning AND NOT EXISTS (SELECT 1 FROM shards s \
-               WHERE s.job_id = jobs.id AND s.state IN ($5, $6)) \
+               WHERE s.job_id = jobs.id AND (s.state IN ($5, $6) OR s.kind = $7)) \
              ORDER BY id",
         ))
         .bind(ShardState::Dead.as_str())
@@ -98,6 +98,7 @@ where
         .bind(JobState::Running.as_str())
         .bind(ShardState::Pending.as_str())
         .bind(ShardState::Leased.as_str())
+        .bind(ShardKind::Copy.as_str())
         .fetch_all(D::ex(&mut conn))
         .await?;
         let mut settled = 0;
@@ -292,13 +293,15 @@ where
                   WHERE s.state = $1 AND j.state = $2 AND s.kind = $3) AS pending_rows, \
                (SELECT COUNT(*) FROM shards WHERE state = $4) AS leased, \
                (SELECT COUNT(*) FROM jobs WHERE state = $2) AS running, \
-               (SELECT COUNT(*) FROM workers WHERE last_seen_ms > {now} - $5) AS workers",
+               (SELECT COUNT(*) FROM workers WHERE last_seen_ms > {now} - $5) AS workers, \
+               (SELECT COUNT(*) FROM shards WHERE state = $4 AND kind = $6) AS copies",
         ))
         .bind(ShardState::Pending.as_str())
         .bind(JobState::Running.as_str())
         .bind(ShardKind::Rows.as_str())
         .bind(ShardState::Leased.as_str())
         .bind(workers_window_ms)
+        .bind(ShardKind::Copy.as_str())
         .fetch_one(D::ex(&mut *self.conn().await?))
         .await?)
     }

@@ -4,6 +4,7 @@
 //! in. A dialect adds only what its SQL cannot share: opening the database, the output lock,
 //! and the set-based statements PostgreSQL runs where SQLite takes requests one by one.
 
+mod copies;
 mod fleet;
 pub(crate) mod jobs;
 pub(crate) mod lease;
@@ -27,10 +28,11 @@ use crate::records::{
     FireRecord, LeasedShard, RowsAt, ScheduleRecord, ShardTally, TokenSums, UsageSum,
     WorkerMachine, WorkerSeen,
 };
+use crate::speculation::SpeculationPolicy;
 use crate::{
-    ClaimRequest, DueNotification, HeartbeatLot, JobFilter, JobOutcome, JobRecord, LeaseHolder,
-    LeaseTiming, Metastore, NewJob, NewSchedule, NotifyOutcome, PartRow, PlanPiece, Result,
-    ShardRow, StoreMetrics, Submitted,
+    ClaimRequest, CopyOutcome, DueNotification, HeartbeatLot, JobFilter, JobOutcome, JobRecord,
+    LeaseHolder, LeaseTiming, Metastore, NewJob, NewSchedule, NotifyOutcome, PartRow, PlanPiece,
+    Result, ShardRow, StoreMetrics, Submitted,
 };
 
 /// A value both dialects bind and read.
@@ -307,6 +309,20 @@ where
 
     async fn release(&self, lease: LeaseRef) -> Result<()> {
         self.release(lease).await
+    }
+
+    async fn speculate(
+        &self,
+        worker: &str,
+        max: u32,
+        policy: &SpeculationPolicy,
+        timing: LeaseTiming,
+    ) -> Result<Vec<ShardLease>> {
+        self.speculate(worker, max, policy, timing).await
+    }
+
+    async fn resolve_copies(&self) -> Result<CopyOutcome> {
+        self.resolve_copies().await
     }
 
     async fn reap_expired(&self, timing: LeaseTiming) -> Result<u64> {
