@@ -8,6 +8,7 @@
 //!   cargo run --release -p nightshift-bench -- gpu          # pipeline vs bare ORT-CUDA loop: MLP, encoder
 //!   cargo run --release -p nightshift-bench -- padding      # text jobs' padding vs fixed batches
 //!   cargo run --release -p nightshift-bench -- text         # text embedding vs the usual Python way
+//!   cargo run --release -p nightshift-bench -- planning     # submit, first lease, planning of 100,000 files
 
 mod commit;
 mod encoder;
@@ -16,6 +17,7 @@ mod lease;
 mod load;
 mod padding;
 mod pipeline;
+mod planning;
 mod storage;
 mod text;
 
@@ -55,6 +57,10 @@ enum Command {
     /// On a GPU machine: text embedding with a MiniLM-shaped encoder through the pipeline
     /// against tokenizers + length sort + ONNX Runtime CUDA in Python, with GPU busy sampled.
     Text(text::Args),
+    /// Background planning of a job over many small input files (SQLite + local files, and
+    /// PostgreSQL + the local S3 server): submit time, time to the first lease, time until
+    /// planning ends, whether the plan is exact, and the coordinator's peak RSS.
+    Planning(planning::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +79,7 @@ fn main() -> anyhow::Result<()> {
             Command::Gpu(a) => gpu::run(a).await,
             Command::Padding(a) => padding::run(a).await,
             Command::Text(a) => text::run(a).await,
+            Command::Planning(a) => planning::run(a).await,
         }
     })
 }
