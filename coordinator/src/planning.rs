@@ -3,17 +3,22 @@
 //! loop then lists the input, reads its footers in pieces of `PIECE_FILES` (at most
 //! `FOOTER_CONCURRENCY` at once) and records each piece's files and shards as soon as they
 //! are cut (`Metastore::append_plan`), so workers lease the first shards while the rest is
-//! planned, and the coordinator holds the listing but never more than one piece's footers.
+//! planned. An object store's listing is read a page at a time as planning goes (it comes in
+//! key order), so the coordinator holds two pieces of it; a local directory, which lists in
+//! no order, is read whole and sorted first.
 //! A problem fails the job with the message `submit` would have given. A coordinator that
 //! stops mid-plan, or a retried job, plans on from the files recorded.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use futures::TryStreamExt;
+use futures::stream::{BoxStream, TryChunks};
 use nightshift_metastore::{JobRecord, PlanPiece, StoreError};
 use nightshift_proto::wire::JobPlan;
+use nightshift_storage::input_listing::{InputStream, stream_inputs};
 use nightshift_storage::location::{is_local_uri, resolve_links};
-use nightshift_storage::{InputObject, list_inputs};
+use nightshift_storage::{InputObject, StorageError};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -106,81 +111,108 @@ async fn plan_job(service: Service, job: JobRecord) {
 async fn plan_rest(service: &Service, job: &JobRecord) -> Result<bool, PlanningError> {
     let spec = &job.spec;
     let mut planner = Planner::new(&service.stores, spec).await?;
-    let objects = list_inputs(&service.stores, &spec.input.uri)
+    let InputStream {
+        objects: mut listing,
+        total,
+    } = stream_inputs(&service.stores, &spec.input.uri)
         .await
         .map_err(JobCheckError::Input)?;
-    let mut after = job.files_planned;
-    if after > 0 {
-        check_unchanged(service, job, &objects).await?;
-        // The files still to plan must agree with the first one.
-        planner.plan(&objects[..1], 0).await?;
+    if job.files_planned > 0 {
+        skip_recorded(service, job, &mut listing, &mut planner).await?;
     }
-    let listed = objects.len() as u64;
-    let mut rows = job.rows_total;
-    let rest = &objects[after as usize..];
-    // An input that lost files since its last piece still ends, with an empty piece.
-    let pieces: Vec<&[InputObject]> = match rest.is_empty() {
-        true => vec![&[]],
-        false => rest.chunks(PIECE_FILES).collect(),
-    };
-    for piece in pieces {
-        slow_down().await;
-        for uri in piece.iter().map(|o| o.location.uri()) {
-            if is_local_uri(&uri) {
-                service
-                    .allowed("input.uri", &resolve_links(&uri))
-                    .map_err(|e| PlanningError::Refused(e.to_string()))?;
-            }
-        }
-        let plan = match piece.is_empty() {
-            true => JobPlan::default(),
-            false => planner.plan(piece, file_index(after)?).await?,
+    let mut pieces = listing.try_chunks(PIECE_FILES);
+    let (mut after, mut rows) = (job.files_planned, job.rows_total);
+    let mut piece = next_piece(&mut pieces).await?;
+    loop {
+        // One piece ahead: the last piece is the one after which the listing ends.
+        let next = match piece.is_empty() {
+            true => Vec::new(),
+            false => next_piece(&mut pieces).await?,
         };
-        let last = after + piece.len() as u64 == listed;
+        let last = next.is_empty();
+        slow_down().await;
+        let plan = plan_piece(service, &mut planner, &piece, after).await?;
         rows += plan.rows_total;
         if last && rows == 0 {
-            return Err(JobCheckError::EmptyInput {
-                uri: spec.input.uri.clone(),
-            }
-            .into());
+            let uri = spec.input.uri.clone();
+            return Err(JobCheckError::EmptyInput { uri }.into());
         }
+        let files = piece.len() as u64;
         let recorded = PlanPiece {
             after,
             plan,
-            listed,
+            listed: if last { Some(after + files) } else { total },
             last,
         };
         if !service.store.append_plan(job.id, &recorded).await? {
             return Ok(false);
         }
-        after += piece.len() as u64;
+        if last {
+            return Ok(true);
+        }
+        after += files;
+        piece = next;
     }
-    Ok(true)
 }
 
-/// The listing still begins with the files recorded: planning goes on where it stopped.
-async fn check_unchanged(
+/// The listing, a piece at a time.
+type Pieces = TryChunks<BoxStream<'static, Result<InputObject, StorageError>>>;
+
+/// The next piece of the listing (empty once it has ended).
+async fn next_piece(pieces: &mut Pieces) -> Result<Vec<InputObject>, PlanningError> {
+    match pieces.try_next().await {
+        Ok(piece) => Ok(piece.unwrap_or_default()),
+        Err(e) => Err(JobCheckError::Input(e.1).into()),
+    }
+}
+
+/// One piece's files checked against the allow-list and planned (numbered from `after`).
+async fn plan_piece(
+    service: &Service,
+    planner: &mut Planner<'_>,
+    piece: &[InputObject],
+    after: u64,
+) -> Result<JobPlan, PlanningError> {
+    for uri in piece.iter().map(|o| o.location.uri()) {
+        if is_local_uri(&uri) {
+            service
+                .allowed("input.uri", &resolve_links(&uri))
+                .map_err(|e| PlanningError::Refused(e.to_string()))?;
+        }
+    }
+    if piece.is_empty() {
+        return Ok(JobPlan::default());
+    }
+    Ok(planner.plan(piece, file_index(after)?).await?)
+}
+
+/// Takes the files already recorded off the listing, which must still begin with them, so
+/// that planning goes on where it stopped; the first of them sets the output's types again.
+async fn skip_recorded(
     service: &Service,
     job: &JobRecord,
-    objects: &[InputObject],
+    listing: &mut BoxStream<'static, Result<InputObject, StorageError>>,
+    planner: &mut Planner<'_>,
 ) -> Result<(), PlanningError> {
-    let recorded = service.store.input_files(job.id).await?;
-    let listed: Vec<String> = objects
-        .iter()
-        .take(recorded.len())
-        .map(|o| o.location.uri())
-        .collect();
-    let unchanged = listed.len() == recorded.len()
-        && listed.iter().zip(&recorded).all(|(uri, f)| *uri == f.uri);
-    match unchanged {
-        true => Ok(()),
-        false => Err(PlanningError::Refused(format!(
+    let changed = || {
+        PlanningError::Refused(format!(
             "input `{}` changed while the job was planned: its first {} files are no longer \
              the ones planned; submit the job again",
-            job.spec.input.uri,
-            recorded.len()
-        ))),
+            job.spec.input.uri, job.files_planned
+        ))
+    };
+    let mut first = None;
+    for recorded in service.store.input_files(job.id).await? {
+        match listing.try_next().await.map_err(JobCheckError::Input)? {
+            Some(o) if o.location.uri() == recorded.uri => {
+                first.get_or_insert(o);
+            }
+            _ => return Err(changed()),
+        }
     }
+    let first = first.ok_or_else(changed)?;
+    planner.plan(std::slice::from_ref(&first), 0).await?;
+    Ok(())
 }
 
 /// The index of an input file, as shards record it.

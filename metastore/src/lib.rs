@@ -151,8 +151,8 @@ pub struct PlanPiece {
     pub after: u64,
     /// Its files, their shards (file indexes counted from the job's first file) and rows.
     pub plan: JobPlan,
-    /// Input files the listing found in all.
-    pub listed: u64,
+    /// Input files the listing found in all, once it has ended (with the last piece).
+    pub listed: Option<u64>,
     /// The plan ends with this piece.
     pub last: bool,
 }

@@ -1,6 +1,7 @@
 //! Resolving an input URI to its objects: a single file, a directory (prefix), or a glob.
 //! Names starting with `_` or `.` are skipped in directories, as pyarrow and Spark do.
 
+use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use globset::GlobBuilder;
 use object_store::{ObjectMeta, ObjectStoreExt};
@@ -50,13 +51,30 @@ pub async fn list_inputs_upto(
     uri: &str,
     limit: usize,
 ) -> Result<Listing, StorageError> {
-    let mut objects = match uri.find(GLOB_CHARS) {
-        Some(_) => list_glob(stores, uri, limit).await?,
-        None => list_plain(stores, uri, limit).await?,
+    let source = Source::of(stores, uri).await?;
+    let local = source.is_local();
+    let glob = uri.contains(GLOB_CHARS);
+    let listed = source
+        .objects()
+        .take(limit.saturating_add(1))
+        .try_collect()
+        .await;
+    let mut objects: Vec<InputObject> = match listed {
+        // A glob under a place that does not exist matches nothing.
+        Err(StorageError::NotFound { .. }) if glob => Vec::new(),
+        other => other?,
     };
     if objects.is_empty() {
-        return Err(StorageError::NoMatch {
-            uri: uri.to_string(),
+        // A plain URI that names nothing at all is missing, not empty.
+        let exists = local && std::path::Path::new(&stores.locate(uri)?.uri()).exists();
+        let missing = !glob && !exists;
+        return Err(match missing {
+            true => StorageError::NotFound {
+                uri: uri.to_string(),
+            },
+            false => StorageError::NoMatch {
+                uri: uri.to_string(),
+            },
         });
     }
     let complete = objects.len() <= limit;
@@ -66,96 +84,135 @@ pub async fn list_inputs_upto(
     Ok(Listing { objects, complete })
 }
 
-async fn list_plain(
-    stores: &Stores,
-    uri: &str,
-    limit: usize,
-) -> Result<Vec<InputObject>, StorageError> {
-    let loc = stores.locate(uri)?;
-    if !uri.ends_with('/') {
-        match loc.store().head(loc.path()).await {
-            Ok(meta) => {
-                return Ok(vec![InputObject {
-                    location: loc,
-                    meta,
-                }]);
+/// The objects an input URI names, sorted by URI, as a stream.
+pub struct InputStream {
+    pub objects: BoxStream<'static, Result<InputObject, StorageError>>,
+    /// How many there are, when known before the stream is read (a local listing).
+    pub total: Option<u64>,
+}
+
+/// The objects an input URI names, sorted by URI, as a stream: an object store lists in key
+/// order and is read a page at a time as the stream is consumed; a local directory lists in
+/// no order, so it is read whole and sorted first. An input that names nothing is an empty
+/// stream.
+pub async fn stream_inputs(stores: &Stores, uri: &str) -> Result<InputStream, StorageError> {
+    let source = Source::of(stores, uri).await?;
+    if !source.is_local() {
+        return Ok(InputStream {
+            objects: source.objects(),
+            total: None,
+        });
+    }
+    let mut objects: Vec<InputObject> = source.objects().try_collect().await?;
+    objects.sort_by(|a, b| a.meta.location.cmp(&b.meta.location));
+    Ok(InputStream {
+        total: Some(objects.len() as u64),
+        objects: futures::stream::iter(objects.into_iter().map(Ok)).boxed(),
+    })
+}
+
+/// Which objects of a store an input URI names.
+enum Source {
+    /// A plain URI naming one object.
+    One(InputObject),
+    /// The objects under `base` that `keep` keeps.
+    Under {
+        base: Location,
+        keep: Box<dyn Fn(&ObjectMeta) -> bool + Send + Sync>,
+    },
+}
+
+impl Source {
+    async fn of(stores: &Stores, uri: &str) -> Result<Source, StorageError> {
+        match uri.find(GLOB_CHARS) {
+            Some(_) => Source::glob(stores, uri),
+            None => Source::plain(stores, uri).await,
+        }
+    }
+
+    /// An object, or else the objects under the URI whose names below it are not hidden.
+    async fn plain(stores: &Stores, uri: &str) -> Result<Source, StorageError> {
+        let loc = stores.locate(uri)?;
+        if !uri.ends_with('/') {
+            match loc.store().head(loc.path()).await {
+                Ok(meta) => {
+                    return Ok(Source::One(InputObject {
+                        location: loc,
+                        meta,
+                    }));
+                }
+                Err(object_store::Error::NotFound { .. }) => {}
+                // A local directory answers HEAD with an error that is not NotFound.
+                Err(_) if loc.is_local() && std::path::Path::new(&loc.uri()).is_dir() => {}
+                Err(e) => return Err(StorageError::from_store(uri, e)),
             }
-            Err(object_store::Error::NotFound { .. }) => {}
-            // A local directory answers HEAD with an error that is not NotFound.
-            Err(_) if loc.is_local() && std::path::Path::new(&loc.uri()).is_dir() => {}
-            Err(e) => return Err(StorageError::from_store(uri, e)),
         }
-    }
-    let base = loc.clone();
-    let objects = list_prefix(&loc, move |m| !hidden(&base, m), limit).await?;
-    if objects.is_empty() {
-        // Neither an object nor a non-empty prefix: say it is missing, not empty.
-        let exists = loc.is_local() && std::path::Path::new(&loc.uri()).exists();
-        if !exists {
-            return Err(StorageError::NotFound {
-                uri: uri.to_string(),
-            });
-        }
-    }
-    Ok(objects)
-}
-
-async fn list_glob(
-    stores: &Stores,
-    uri: &str,
-    limit: usize,
-) -> Result<Vec<InputObject>, StorageError> {
-    // List from the directory that holds the first wildcard; match the rest of the path.
-    let base_end = input_base(uri).len();
-    let base_uri = if base_end == 0 { "." } else { &uri[..base_end] };
-    let pattern = &uri[base_end..];
-    let base = stores.locate(base_uri)?;
-    let glob = GlobBuilder::new(pattern)
-        .literal_separator(true)
-        .build()
-        .map_err(|e| StorageError::BadUri {
-            uri: uri.to_string(),
-            reason: format!("bad glob: {e}"),
-        })?
-        .compile_matcher();
-    let within = base.clone();
-    let matches = move |m: &ObjectMeta| {
-        within
-            .relative(&m.location)
-            .map(|rel| glob.is_match(&rel))
-            .unwrap_or(false)
-    };
-    match list_prefix(&base, matches, limit).await {
-        Err(StorageError::NotFound { .. }) => Ok(Vec::new()),
-        other => other,
-    }
-}
-
-/// The objects under `loc` that `keep` keeps, up to `limit + 1` of them.
-async fn list_prefix(
-    loc: &Location,
-    keep: impl Fn(&ObjectMeta) -> bool,
-    limit: usize,
-) -> Result<Vec<InputObject>, StorageError> {
-    if loc.is_local() && !std::path::Path::new(&loc.uri()).exists() {
-        return Ok(Vec::new());
-    }
-    let prefix = (!loc.path().as_ref().is_empty()).then_some(loc.path());
-    let metas: Vec<ObjectMeta> = loc
-        .store()
-        .list(prefix)
-        .try_filter(|m| std::future::ready(keep(m)))
-        .take(limit.saturating_add(1))
-        .try_collect()
-        .await
-        .map_err(|e| StorageError::from_store(&loc.uri(), e))?;
-    Ok(metas
-        .into_iter()
-        .map(|meta| InputObject {
-            location: loc.at(meta.location.clone()),
-            meta,
+        let base = loc.clone();
+        Ok(Source::Under {
+            base: loc,
+            keep: Box::new(move |m| !hidden(&base, m)),
         })
-        .collect())
+    }
+
+    /// The objects below the directory that holds the first wildcard whose rest of the path
+    /// matches the glob.
+    fn glob(stores: &Stores, uri: &str) -> Result<Source, StorageError> {
+        let base_end = input_base(uri).len();
+        let base_uri = if base_end == 0 { "." } else { &uri[..base_end] };
+        let pattern = &uri[base_end..];
+        let base = stores.locate(base_uri)?;
+        let glob = GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| StorageError::BadUri {
+                uri: uri.to_string(),
+                reason: format!("bad glob: {e}"),
+            })?
+            .compile_matcher();
+        let within = base.clone();
+        Ok(Source::Under {
+            base,
+            keep: Box::new(move |m: &ObjectMeta| {
+                within
+                    .relative(&m.location)
+                    .is_some_and(|rel| glob.is_match(&rel))
+            }),
+        })
+    }
+
+    fn is_local(&self) -> bool {
+        match self {
+            Source::One(o) => o.location.is_local(),
+            Source::Under { base, .. } => base.is_local(),
+        }
+    }
+
+    /// The objects, in the order the store lists them.
+    fn objects(self) -> BoxStream<'static, Result<InputObject, StorageError>> {
+        let (base, keep) = match self {
+            Source::One(o) => return futures::stream::once(async { Ok(o) }).boxed(),
+            Source::Under { base, keep } => (base, keep),
+        };
+        if base.is_local() && !std::path::Path::new(&base.uri()).exists() {
+            return futures::stream::empty().boxed();
+        }
+        let prefix = (!base.path().as_ref().is_empty()).then(|| base.path().clone());
+        let uri = base.uri();
+        base.store()
+            .list(prefix.as_ref())
+            .try_filter(move |m| std::future::ready(keep(m)))
+            .map(move |listed| match listed {
+                Ok(meta) => Ok(InputObject {
+                    location: base.at(meta.location.clone()),
+                    meta,
+                }),
+                Err(object_store::Error::NotFound { .. }) => {
+                    Err(StorageError::NotFound { uri: uri.clone() })
+                }
+                Err(e) => Err(StorageError::from_store(&uri, e)),
+            })
+            .boxed()
+    }
 }
 
 /// Whether any part of the object's path below the listed prefix starts with `_` or `.`.

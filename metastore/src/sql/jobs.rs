@@ -159,33 +159,6 @@ where
         Ok(())
     }
 
-    /// Records the next piece of a job planned in the background (see the trait).
-    pub(super) async fn append_plan(&self, job_id: i64, piece: &PlanPiece) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        let moved = sqlx::query(
-            "UPDATE jobs SET files_planned = files_planned + $2, rows_total = rows_total + $3, \
-               files_listed = $4, planning = $5 \
-             WHERE id = $1 AND planning AND files_planned = $6 AND state IN ($7, $8)",
-        )
-        .bind(job_id)
-        .bind(count(piece.plan.files.len() as u64))
-        .bind(count(piece.plan.rows_total))
-        .bind(count(piece.listed))
-        .bind(!piece.last)
-        .bind(count(piece.after))
-        .bind(JobState::Running.as_str())
-        .bind(JobState::Queued.as_str())
-        .execute(D::ex(&mut tx))
-        .await?;
-        if D::affected(&moved) == 0 {
-            return Ok(false);
-        }
-        D::insert_plan(&mut tx, job_id, &piece.plan, piece.after).await?;
-        tx.commit().await?;
-        D::after_create(self, piece.plan.shards.len()).await;
-        Ok(true)
-    }
-
     /// Fails a job whose background planning found a problem; it stays `planning`, so that a
     /// retry plans on from where it stopped.
     pub(super) async fn fail_planning(&self, job_id: i64, message: &str) -> Result<()> {
@@ -452,6 +425,43 @@ where
         .execute(D::ex(&mut *self.conn().await?))
         .await?;
         Ok(())
+    }
+}
+
+impl<D: Dialect> SqlStore<D>
+where
+    for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
+    for<'r> Option<i64>: Encode<'r, D::DB>,
+    usize: ColumnIndex<RowOf<D>>,
+    i64: Value<D::DB>,
+    String: Value<D::DB>,
+    bool: Value<D::DB>,
+{
+    /// Records the next piece of a job planned in the background (see the trait).
+    pub(super) async fn append_plan(&self, job_id: i64, piece: &PlanPiece) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE jobs SET files_planned = files_planned + $2, rows_total = rows_total + $3, \
+               files_listed = $4, planning = $5 \
+             WHERE id = $1 AND planning AND files_planned = $6 AND state IN ($7, $8)",
+        )
+        .bind(job_id)
+        .bind(count(piece.plan.files.len() as u64))
+        .bind(count(piece.plan.rows_total))
+        .bind(piece.listed.map(count))
+        .bind(!piece.last)
+        .bind(count(piece.after))
+        .bind(JobState::Running.as_str())
+        .bind(JobState::Queued.as_str())
+        .execute(D::ex(&mut tx))
+        .await?;
+        if D::affected(&moved) == 0 {
+            return Ok(false);
+        }
+        D::insert_plan(&mut tx, job_id, &piece.plan, piece.after).await?;
+        tx.commit().await?;
+        D::after_create(self, piece.plan.shards.len()).await;
+        Ok(true)
     }
 }
 

@@ -142,6 +142,7 @@ impl<D: Dialect> Metastore for SqlStore<D>
 where
     for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
     for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    for<'r> Option<i64>: Encode<'r, D::DB>,
     usize: ColumnIndex<RowOf<D>>,
     i64: Value<D::DB>,
     String: Value<D::DB>,

@@ -34,7 +34,7 @@ fn piece(after: u64, files: u64, listed: u64) -> PlanPiece {
                 .collect(),
             rows_total: files * ROWS,
         },
-        listed,
+        listed: Some(listed),
         last: after + files == listed,
     }
 }
@@ -98,7 +98,10 @@ pub async fn a_job_planned_in_pieces_runs_before_its_plan_ends(store: DynMetasto
     assert!(store.append_plan(id, &piece(2, 2, 4)).await.unwrap());
     let job = store.job(id).await.unwrap().unwrap();
     assert!(!job.planning);
-    assert_eq!((job.files_planned, job.rows_total), (4, 4 * ROWS));
+    assert_eq!(
+        (job.files_planned, job.files_listed, job.rows_total),
+        (4, Some(4), 4 * ROWS)
+    );
     assert_eq!(job.shown_state(), JobState::Running);
     assert!(store.planning_jobs().await.unwrap().is_empty());
     let recorded: Vec<String> = store
