@@ -202,7 +202,7 @@ pub struct JobQuery {
     pub before: Option<i64>,
 }
 
-/// `POST /v1/leases`: up to `max` shards for this worker.
+/// `POST /v1/worker/lease`: up to `max` shards for this worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseRequest {
     pub worker_id: String,
