@@ -1,7 +1,9 @@
 //! Commit: when every shard is done, workers have already made the output files (merge work,
-//! `merges.rs`: each about `output.target_file_mb`); the commit reads no row data. It puts
-//! each merged file whole under its output name (a server-side copy on S3, a rename locally:
-//! `publish_object`), writes `_manifest.json` and then `_SUCCESS`, and the parts are deleted.
+//! `merges.rs`: each about `output.target_file_mb`), in place under their output names; the
+//! commit reads no row data and moves none. It checks each file's footer, writes
+//! `_manifest.json` and then `_SUCCESS`, and the parts are deleted. (A merged file made under
+//! a part name, by merge work planned before files were numbered, is put whole under its
+//! output name: a server-side copy on S3, a rename locally, `publish_object`.)
 //! Every step is idempotent, so a crash mid-commit and a second run produce the same manifest:
 //! an output file an earlier attempt published is kept (its source may be gone, moved).
 //!
@@ -29,7 +31,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 
 use crate::ownership::{check_manifest_owner, owned_file, verify_parts};
-use crate::part_check::PartError;
+use crate::part_check::{PartError, verify_object};
 use nightshift_metastore::{DynMetastore, JobRecord, PartRow};
 
 /// A point where crash tests stop the process, for real (the only way to land a crash exactly
@@ -115,25 +117,28 @@ impl Claim<'_> {
     }
 }
 
-/// One output file: a whole merged file, copied under its output name.
+/// One output file: a whole merged file, at its output name already or put there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FilePlan {
     pub path: String,
     /// URI of the merged file.
     pub source: String,
     pub rows: u64,
+    /// Its size as recorded.
+    pub bytes: u64,
 }
 
-/// One output file per merged file that has rows, named in order.
-pub fn plan_files(parts: &[(String, u64)], stem: &str) -> Vec<FilePlan> {
+/// One output file per merged file (URI, rows, bytes) that has rows, named in order.
+pub fn plan_files(parts: &[(String, u64, u64)], stem: &str) -> Vec<FilePlan> {
     parts
         .iter()
-        .filter(|(_, rows)| *rows > 0)
+        .filter(|(_, rows, _)| *rows > 0)
         .enumerate()
-        .map(|(i, (uri, rows))| FilePlan {
+        .map(|(i, (uri, rows, bytes))| FilePlan {
             path: data_file(stem, i),
             source: uri.clone(),
             rows: *rows,
+            bytes: *bytes,
         })
         .collect()
 }
@@ -155,32 +160,45 @@ pub async fn finalize(
 ) -> Result<Committed, FinalizeError> {
     let out = stores.locate(&job.output_uri)?;
     check_coverage(job, parts)?;
-    let output_parts: Vec<(String, u64)> = parts
+    let output_parts: Vec<(String, u64, u64)> = parts
         .iter()
-        .map(|p| (p.uri.clone(), p.rows - p.error_rows))
+        .map(|p| (p.uri.clone(), p.rows - p.error_rows, p.bytes))
         .collect();
-    let error_parts: Vec<(String, u64)> = parts
+    let error_parts: Vec<(String, u64, u64)> = parts
         .iter()
-        .filter_map(|p| p.error_uri.clone().map(|u| (u, p.error_rows)))
+        .filter_map(|p| {
+            p.error_uri
+                .clone()
+                .map(|u| (u, p.error_rows, p.error_bytes))
+        })
         .collect();
     let files = plan_files(&output_parts, OUTPUT_FILE_STEM);
     let error_files = plan_files(&error_parts, ERROR_FILE_STEM);
-    // Files an earlier attempt published are kept; every other source is checked before
-    // anything is written.
     let all: Vec<FilePlan> = files.iter().chain(&error_files).cloned().collect();
-    let published = published_files(&out, &job.uid, &all).await?;
-    let sources_left: HashSet<String> = all
+    // Merge work wrote these in place, and their footers were checked at its checkpoint: they
+    // are kept as found, unchanged. Of the rest (merge work planned before files were
+    // numbered), files an earlier attempt published are kept, and every other source is
+    // checked before anything is written.
+    let (in_place, moved): (Vec<FilePlan>, Vec<FilePlan>) = all
+        .into_iter()
+        .partition(|f| f.source == out.join(&f.path).uri());
+    let mut published = unchanged_files(&out, &in_place).await?;
+    published.extend(published_files(&out, &job.uid, &moved).await?);
+    let sources_left: HashSet<String> = moved
         .iter()
         .filter(|f| !published.contains_key(&f.path))
         .map(|f| f.source.clone())
         .collect();
-    verify_parts(&out, job, parts, &sources_left).await?;
+    let in_place: HashSet<String> = in_place.into_iter().map(|f| f.source).collect();
+    verify_parts(&out, job, parts, &sources_left, &in_place).await?;
     let written = write_files(stores, &out, &files, &published).await?;
     let errors_written = write_files(stores, &out, &error_files, &published).await?;
-    let schema = match (files.first(), parts.first()) {
-        (Some(f), _) => schema_of(stores, &out.join(&f.path).uri()).await?,
-        (None, Some(p)) => schema_of(stores, &p.uri).await?,
-        (None, None) => Arc::new(arrow_schema::Schema::empty()),
+    let schema = match &job.output_schema {
+        Some(json) => serde_json::from_str(json).map_err(|e| FinalizeError::Incomplete {
+            job: job.id,
+            message: format!("its recorded output schema does not parse: {e}"),
+        })?,
+        None => manifest_fields(&*first_schema(stores, &out, &files, parts).await?),
     };
     let error_rows: u64 = parts.iter().map(|p| p.error_rows).sum();
     let manifest = Manifest {
@@ -192,15 +210,7 @@ pub async fn finalize(
         error_rows,
         files: written,
         error_files: errors_written,
-        schema: schema
-            .fields()
-            .iter()
-            .map(|f| ManifestField {
-                name: f.name().clone(),
-                data_type: f.data_type().to_string(),
-                nullable: f.is_nullable(),
-            })
-            .collect(),
+        schema,
         input_snapshot: inputs,
         cost: Some(cost),
     };
@@ -216,6 +226,19 @@ pub async fn finalize(
     claim.renew().await?;
     put(&out.join(SUCCESS), Vec::new()).await?;
     Ok(Committed { manifest })
+}
+
+/// A schema as the manifest lists it.
+pub(crate) fn manifest_fields(schema: &arrow_schema::Schema) -> Vec<ManifestField> {
+    schema
+        .fields()
+        .iter()
+        .map(|f| ManifestField {
+            name: f.name().clone(),
+            data_type: f.data_type().to_string(),
+            nullable: f.is_nullable(),
+        })
+        .collect()
 }
 
 /// The parts cover the job's rows exactly, and no part counts more error rows than rows.
@@ -242,6 +265,82 @@ fn check_coverage(job: &JobRecord, parts: &[PartRow]) -> Result<(), FinalizeErro
     Ok(())
 }
 
+/// The files merge work wrote in place, found as their checkpoint left them (the size
+/// recorded; their footers were checked then): path -> size. One that is gone or changed fails
+/// the commit, naming it. Locally each is looked at (a plain file reached through no link); on
+/// an object store the output is listed, a page per thousand files, not asked file by file.
+async fn unchanged_files(
+    out: &Location,
+    files: &[FilePlan],
+) -> Result<HashMap<String, u64>, FinalizeError> {
+    let found = if out.is_local() || files.is_empty() {
+        HashMap::new()
+    } else {
+        listed_sizes(out, files).await?
+    };
+    let check = |f: FilePlan| {
+        let found = &found;
+        async move {
+            let uri = out.join(&f.path).uri();
+            let checked = match found.get(&f.path) {
+                _ if out.is_local() => verify_object(out, &f.path, f.bytes).await,
+                None => Err(PartError::Missing { uri: uri.clone() }),
+                Some(&actual) if actual != f.bytes => Err(PartError::WrongSize {
+                    uri: uri.clone(),
+                    actual,
+                    reported: f.bytes,
+                }),
+                Some(_) => Ok(()),
+            };
+            checked.map_err(|e| FinalizeError::part(&uri, e))?;
+            Ok::<_, FinalizeError>((f.path, f.bytes))
+        }
+    };
+    futures::stream::iter(files.iter().cloned())
+        .map(check)
+        .buffered(FILE_CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+/// The sizes of the objects in the directories (relative to `out`) that hold `files`, by path
+/// relative to `out`.
+async fn listed_sizes(
+    out: &Location,
+    files: &[FilePlan],
+) -> Result<HashMap<String, u64>, FinalizeError> {
+    let dirs: HashSet<&str> = files
+        .iter()
+        .map(|f| f.path.rsplit_once('/').map_or("", |(dir, _)| dir))
+        .collect();
+    let mut sizes = HashMap::new();
+    for dir in dirs {
+        for (name, size) in Stores::list_dir(&out.join(dir)).await? {
+            let path = match dir {
+                "" => name,
+                dir => format!("{dir}/{name}"),
+            };
+            sizes.insert(path, size);
+        }
+    }
+    Ok(sizes)
+}
+
+/// The schema of the first output file, or else of the first part (read from a footer): for
+/// a job whose files were not checked in place (`JobRecord::output_schema` unset).
+async fn first_schema(
+    stores: &Stores,
+    out: &Location,
+    files: &[FilePlan],
+    parts: &[PartRow],
+) -> Result<SchemaRef, FinalizeError> {
+    match (files.first(), parts.first()) {
+        (Some(f), _) => schema_of(stores, &out.join(&f.path).uri()).await,
+        (None, Some(p)) => schema_of(stores, &p.uri).await,
+        (None, None) => Ok(Arc::new(arrow_schema::Schema::empty())),
+    }
+}
+
 /// What `collect_garbage` removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Garbage {
@@ -253,13 +352,17 @@ pub struct Garbage {
 
 /// Deletes a job's parts (all of them are in the output files or are garbage from fenced
 /// leases) and aborts the multipart uploads left open under them by workers that died
-/// mid-part, which S3 would otherwise keep and bill.
+/// mid-part, which S3 would otherwise keep and bill; and clears what such workers left at the
+/// output names merge work writes in place (`names`, the manifest's files): open uploads on
+/// S3, staging files locally.
 pub async fn collect_garbage(
     stores: &Stores,
     output_uri: &str,
     job_uid: &str,
+    names: &[String],
 ) -> Result<Garbage, StorageError> {
-    let prefix = stores.locate(output_uri)?.join(&parts_dir(job_uid));
+    let out = stores.locate(output_uri)?;
+    let prefix = out.join(&parts_dir(job_uid));
     let uri = prefix.uri();
     let store = prefix.store().clone();
     let paths = store
@@ -279,9 +382,10 @@ pub async fn collect_garbage(
         }
     }
     let uploads = stores.abort_open_uploads(&prefix).await?;
+    let unfinished = stores.clear_unfinished(&out, names).await?;
     Ok(Garbage {
         objects: deleted.len(),
-        uploads,
+        uploads: uploads + unfinished,
     })
 }
 
@@ -364,9 +468,9 @@ mod tests {
     #[test]
     fn one_file_per_merged_file_with_rows_in_order() {
         let parts = [
-            ("a".to_string(), 5),
-            ("b".to_string(), 0),
-            ("c".to_string(), 7),
+            ("a".to_string(), 5, 50),
+            ("b".to_string(), 0, 10),
+            ("c".to_string(), 7, 70),
         ];
         let files = plan_files(&parts, OUTPUT_FILE_STEM);
         assert_eq!(files.len(), 2);
@@ -378,7 +482,7 @@ mod tests {
             (files[1].path.as_str(), files[1].rows),
             ("part-00001.parquet", 7)
         );
-        let errors = plan_files(&[("e".to_string(), 1)], ERROR_FILE_STEM);
+        let errors = plan_files(&[("e".to_string(), 1, 10)], ERROR_FILE_STEM);
         assert_eq!(errors[0].path, "_errors/errors-00000.parquet");
     }
 }

@@ -82,6 +82,7 @@ mod tests {
             rows: 10,
             job_uid: "u".into(),
             output_uri: "/out".into(),
+            merge_files: None,
         };
         let lease = LeaseRef {
             shard_id: 1,

@@ -153,6 +153,7 @@ async fn commit(
     claim_ttl: Duration,
     job: nightshift_metastore::JobRecord,
 ) -> bool {
+    let started = std::time::Instant::now();
     let parts = match service.store.merged_parts(job.id).await {
         Ok(p) => p,
         Err(e) => {
@@ -180,8 +181,11 @@ async fn commit(
         owner: replica,
         ttl_ms: claim_ttl.as_millis() as i64,
     };
+    let mut names = Vec::new();
     let outcome = match finalize(&service.stores, &job, &parts, inputs, cost, &claim).await {
         Ok(c) => {
+            let files = c.manifest.files.iter().chain(&c.manifest.error_files);
+            names = files.map(|f| f.path.clone()).collect();
             tracing::info!(
                 job = job.id,
                 files = c.manifest.files.len(),
@@ -213,7 +217,10 @@ async fn commit(
         return false;
     }
     if succeeded {
-        match collect_garbage(&service.stores, &job.output_uri, &job.uid).await {
+        service.metrics.commits.observe(started.elapsed());
+    }
+    if succeeded {
+        match collect_garbage(&service.stores, &job.output_uri, &job.uid, &names).await {
             Ok(g) => tracing::info!(
                 job = job.id,
                 objects = g.objects,

@@ -23,6 +23,7 @@ pub const COPIES_STARTED: &str = "nightshift_speculative_copies_started_total";
 pub const COPIES_WON: &str = "nightshift_speculative_copies_won_total";
 pub const COPIES_DROPPED: &str = "nightshift_speculative_copies_dropped_total";
 pub const LEASE_SECONDS: &str = "nightshift_lease_claim_seconds";
+pub const COMMIT_SECONDS: &str = "nightshift_commit_seconds";
 pub const API_SECONDS: &str = "nightshift_api_request_seconds";
 pub const GPU_BUSY: &str = "nightshift_worker_gpu_busy_ratio";
 pub const GPU_MEMORY_USED: &str = "nightshift_worker_gpu_memory_used_bytes";
@@ -77,6 +78,15 @@ impl Histogram {
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// Observations so far, and their total.
+    pub fn total(&self) -> (u64, Duration) {
+        let micros = self.sum_micros.load(Ordering::Relaxed);
+        (
+            self.count.load(Ordering::Relaxed),
+            Duration::from_micros(micros),
+        )
+    }
+
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
         for (i, b) in BUCKETS.iter().enumerate() {
@@ -106,6 +116,8 @@ impl Histogram {
 #[derive(Debug)]
 pub struct Metrics {
     pub lease_claims: Histogram,
+    /// Commits that published a job, from reading its parts to recording it succeeded.
+    pub commits: Histogram,
     api: Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>,
     rows_committed: AtomicU64,
     shards_completed: AtomicU64,
@@ -123,6 +135,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Self {
             lease_claims: Histogram::default(),
+            commits: Histogram::default(),
             api: Mutex::new(BTreeMap::new()),
             rows_committed: AtomicU64::new(0),
             shards_completed: AtomicU64::new(0),
@@ -370,6 +383,11 @@ impl Metrics {
         self.lease_claims.render(&mut out, LEASE_SECONDS, "");
         let _ = writeln!(
             out,
+            "# HELP {COMMIT_SECONDS} Time to commit a job.\n# TYPE {COMMIT_SECONDS} histogram"
+        );
+        self.commits.render(&mut out, COMMIT_SECONDS, "");
+        let _ = writeln!(
+            out,
             "# HELP {API_SECONDS} API request latency by route.\n# TYPE {API_SECONDS} histogram"
         );
         for (route, h) in self.api.lock().unwrap_or_else(|p| p.into_inner()).iter() {
@@ -459,6 +477,7 @@ mod tests {
     fn renders_prometheus_text() {
         let m = Metrics::default();
         m.lease_claims.observe(Duration::from_millis(3));
+        m.commits.observe(Duration::from_millis(40));
         m.api("submit").observe(Duration::from_millis(30));
         m.rows_committed(100);
         let text = m.render(&StoreMetrics {
@@ -470,6 +489,8 @@ mod tests {
         assert!(text.contains("nightshift_lease_claim_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("nightshift_api_request_seconds_count{route=\"submit\"} 1"));
         assert!(text.contains("nightshift_rows_committed_total 100"));
+        assert!(text.contains("nightshift_commit_seconds_bucket{le=\"0.05\"} 1"));
+        assert!(text.contains("nightshift_commit_seconds_count 1"));
         m.copies_started(2);
         m.copies_resolved(CopyOutcome { won: 1, dropped: 1 });
         let text = m.render(&StoreMetrics {

@@ -8,9 +8,9 @@
 use std::collections::HashSet;
 
 use futures::{StreamExt, TryStreamExt};
-use nightshift_proto::layout::{JOB_UID_KEY, parts_dir};
+use nightshift_proto::layout::{DATA_EXT, ERROR_FILE_STEM, parts_dir};
 use nightshift_proto::wire::Manifest;
-use nightshift_storage::{Location, ObjectReader, StorageError, read_all};
+use nightshift_storage::{Location, Occupant, StorageError, Stores, occupant, read_all, stamp};
 use object_store::ObjectStoreExt;
 
 use crate::finalizer::FinalizeError;
@@ -20,25 +20,15 @@ use nightshift_metastore::{JobRecord, PartRow};
 /// Parts checked at once.
 const VERIFY_CONCURRENCY: usize = 16;
 
-/// The job a Parquet file's footer names (if any) and the rows it holds.
-async fn stamp(loc: &Location, size: u64) -> Result<(Option<String>, u64), String> {
-    let mut reader = ObjectReader::new(loc.clone(), size, None);
-    let footer = reader.footer().await.map_err(|e| e.to_string())?;
-    let file = footer.file_metadata();
-    let owner = file
-        .key_value_metadata()
-        .and_then(|kv| kv.iter().find(|kv| kv.key == JOB_UID_KEY))
-        .and_then(|kv| kv.value.clone());
-    Ok((owner, file.num_rows().max(0) as u64))
-}
-
-/// Every part (and error part) lies in the job's parts directory, and those in `present`
-/// (the ones the commit still reads) are there as recorded.
+/// Every part (and error part) lies in the job's parts directory or is one of the files merge
+/// work wrote `in_place` at their output names, and those in `present` (the ones the commit
+/// still reads) are there as recorded.
 pub async fn verify_parts(
     out: &Location,
     job: &JobRecord,
     parts: &[PartRow],
     present: &HashSet<String>,
+    in_place: &HashSet<String>,
 ) -> Result<(), FinalizeError> {
     let dir = parts_dir(&job.uid);
     // (uri, bytes, rows) of every part and error part.
@@ -54,7 +44,10 @@ pub async fn verify_parts(
         .map(|(uri, bytes, rows)| async move {
             let rel = uri
                 .strip_prefix(&format!("{}/", out.uri()))
-                .filter(|rel| rel.starts_with(&format!("{dir}/")) && out.join(rel).uri() == uri)
+                .filter(|rel| {
+                    (rel.starts_with(&format!("{dir}/")) || in_place.contains(&uri))
+                        && out.join(rel).uri() == uri
+                })
                 .ok_or_else(|| FinalizeError::Part {
                     uri: uri.clone(),
                     message: format!("not inside `{}`", out.join(dir).uri()),
@@ -103,32 +96,49 @@ pub async fn check_manifest_owner(loc: &Location, job_uid: &str) -> Result<(), F
     }
 }
 
-/// The size of the file at `dest` when an earlier attempt of this commit wrote it: its footer
-/// names this job and holds `rows` rows. `None` when there is no file; `Foreign` when there is
-/// one that is not provably this job's.
+/// The size of the file at `dest` when an earlier attempt of this commit (or merge work, which
+/// writes in place) wrote it: its footer names this job and holds `rows` rows. `None` when
+/// there is no file; `Foreign` when there is one that is not provably this job's.
 pub async fn owned_file(
     dest: &Location,
     job_uid: &str,
     rows: u64,
 ) -> Result<Option<u64>, FinalizeError> {
-    let meta = match dest.store().head(dest.path()).await {
-        Ok(meta) => meta,
-        Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(StorageError::from_store(&dest.uri(), e).into()),
-    };
-    let foreign = |found: String| FinalizeError::Foreign {
-        uri: dest.uri(),
-        found,
-    };
-    let (owner, n) = stamp(dest, meta.size)
-        .await
-        .map_err(|e| foreign(format!("not a Parquet file this job wrote: {e}")))?;
-    match owner {
-        Some(uid) if uid == job_uid && n == rows => Ok(Some(meta.size)),
-        Some(uid) if uid == job_uid => Err(foreign(format!(
-            "this job's file of {n} rows where {rows} are planned"
-        ))),
-        Some(uid) => Err(foreign(format!("written for job {uid}"))),
-        None => Err(foreign("a file no nightshift job wrote".into())),
+    match occupant(dest, job_uid, rows).await? {
+        Occupant::Free => Ok(None),
+        Occupant::Ours { bytes } => Ok(Some(bytes)),
+        Occupant::Foreign { found } => Err(FinalizeError::Foreign {
+            uri: dest.uri(),
+            found,
+        }),
     }
+}
+
+/// Deletes the data files at `out`'s output names (`part-*`, `_errors/errors-*`) whose footer
+/// names job `job_uid`: its committed output, or what its merge work wrote in place before it
+/// stopped. Files of any other job, or of none, stay. Answers how many went.
+pub async fn remove_job_files(out: &Location, job_uid: &str) -> Result<usize, StorageError> {
+    let dirs = [
+        out.clone(),
+        out.join(ERROR_FILE_STEM.rsplit_once('/').map_or("", |(dir, _)| dir)),
+    ];
+    let mut removed = 0;
+    for dir in dirs {
+        for (name, size) in Stores::list_dir(&dir).await? {
+            let loc = dir.join(&name);
+            if !name.ends_with(&format!(".{DATA_EXT}")) {
+                continue;
+            }
+            if let Ok((Some(owner), _)) = stamp(&loc, size).await
+                && owner == job_uid
+            {
+                loc.store()
+                    .delete(loc.path())
+                    .await
+                    .map_err(|e| StorageError::from_store(&loc.uri(), e))?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
 }

@@ -1,15 +1,18 @@
 //! What a worker says about a part is checked before the part is recorded, and again before
 //! the commit reads it: the counts add up and fit the shard; the part and its error part are
 //! exactly the objects the lease may write (`OUTPUT/_parts/<job_uid>/s<shard>-t<token>-r<row>`,
-//! see `nightshift_proto::layout`), they exist with the sizes reported, and locally no link
-//! leads out of the job's parts directory. So a worker token cannot publish a file from
+//! see `nightshift_proto::layout`, or the output names merge work was given), they exist with
+//! the sizes reported, and locally no link leads out of the job's parts directory; a file
+//! written in place has a footer that names the job and holds the rows. So a worker token cannot publish a file from
 //! anywhere else, another shard's part, or a count that does not add up.
 
-use nightshift_proto::layout::{part_name, parts_dir};
 use nightshift_proto::spec_check::MAX_TEXT_TOKENS;
-use nightshift_proto::wire::{LeaseRef, PartRecord};
+use nightshift_proto::wire::{LeaseRef, ManifestField, PartRecord, part_object};
 use nightshift_storage::location::plain_file_inside;
-use nightshift_storage::{Location, StorageError, Stores};
+use nightshift_storage::{Location, StorageError, Stores, read_footer, stamp_of};
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+
+use crate::finalizer::manifest_fields;
 use object_store::ObjectStoreExt;
 
 use nightshift_metastore::LeaseHolder;
@@ -58,6 +61,12 @@ pub enum PartError {
     },
     #[error("part `{uri}` is not a plain file inside its job's parts directory")]
     Escapes { uri: String },
+    #[error("`{uri}` is not this job's file of {rows} rows: {found}")]
+    NotOurs {
+        uri: String,
+        rows: u64,
+        found: String,
+    },
     /// The object store could not be asked: not the worker's fault.
     #[error(transparent)]
     Storage(StorageError),
@@ -121,21 +130,24 @@ fn check_tokens(part: &PartRecord) -> Result<(), PartError> {
     Ok(())
 }
 
-/// The part (and error part) are the objects this lease may write, and exist as reported.
+/// The part (and error part) are the objects this lease may write (`part_object`), and exist as
+/// reported. Answers the output schema of an output file written in place.
 pub async fn check_objects(
     stores: &Stores,
     holder: &LeaseHolder,
     lease: &LeaseRef,
     part: &PartRecord,
-) -> Result<(), PartError> {
+) -> Result<Option<Vec<ManifestField>>, PartError> {
     let out = stores
         .locate(&holder.output_uri)
         .map_err(PartError::Storage)?;
     let name = |errors| {
-        format!(
-            "{}/{}",
-            parts_dir(&holder.job_uid),
-            part_name(lease.shard_id, lease.token, part.row_start, errors)
+        part_object(
+            &holder.job_uid,
+            lease,
+            part.row_start,
+            errors,
+            holder.merge_files.as_ref(),
         )
     };
     let expect = |field, got: &str, rel: &str| {
@@ -153,12 +165,54 @@ pub async fn check_objects(
     let main = name(false);
     expect("part uri", &part.uri, &main)?;
     verify_object(&out, &main, part.bytes).await?;
+    let in_place = |errors| holder.merge_files.is_some_and(|m| m.name(errors).is_some());
+    let mut schema = None;
+    if in_place(false) {
+        let rows = part.rows - part.error_rows;
+        schema = Some(check_stamp(&out.join(&main), part.bytes, &holder.job_uid, rows).await?);
+    }
     if let Some(error_uri) = &part.error_uri {
         let errors = name(true);
         expect("error_uri", error_uri, &errors)?;
         verify_object(&out, &errors, part.error_bytes).await?;
+        if in_place(true) {
+            check_stamp(
+                &out.join(&errors),
+                part.error_bytes,
+                &holder.job_uid,
+                part.error_rows,
+            )
+            .await?;
+        }
     }
-    Ok(())
+    Ok(schema)
+}
+
+/// A file merge work wrote in place, at an output name, is this job's and holds `rows` rows
+/// (its footer says so): checked once, here, so that the commit only needs to find it
+/// unchanged (`finalizer.rs`). Answers its schema as the manifest lists it.
+async fn check_stamp(
+    loc: &Location,
+    bytes: u64,
+    job_uid: &str,
+    rows: u64,
+) -> Result<Vec<ManifestField>, PartError> {
+    let not_ours = |found: String| PartError::NotOurs {
+        uri: loc.uri(),
+        rows,
+        found,
+    };
+    let footer = read_footer(loc, bytes)
+        .await
+        .map_err(|e| not_ours(format!("not a Parquet file: {e}")))?;
+    match stamp_of(&footer) {
+        (Some(owner), n) if owner == job_uid && n == rows => {}
+        (Some(owner), n) if owner == job_uid => return Err(not_ours(format!("it holds {n} rows"))),
+        _ => return Err(not_ours("its footer names another job, or none".into())),
+    }
+    let arrow = ArrowReaderMetadata::try_new(footer, ArrowReaderOptions::new())
+        .map_err(|e| not_ours(format!("no Arrow schema: {e}")))?;
+    Ok(manifest_fields(arrow.schema()))
 }
 
 /// The object at `rel` under the output `out` exists with `bytes` bytes; locally it is a plain

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use nightshift_proto::spec_check::{MAX_BATCH_SIZE, MAX_NAME_LEN};
 use nightshift_proto::wire::{
     CostView, GpuSample, HeartbeatRequest, HeartbeatResponse, JobList, JobPlan, JobQuery, JobView,
-    LeaseRef, LeaseRequest, LeaseResponse, LeaseStatus, LoadedModel, PartRecord, ShardLease,
-    SubmitResponse, TextView, TokenCounts,
+    LeaseRef, LeaseRequest, LeaseResponse, LeaseStatus, LoadedModel, ManifestField, PartRecord,
+    ShardLease, SubmitResponse, TextView, TokenCounts,
 };
 use nightshift_proto::{FailureClass, JobSpec, LeaseState, check_free_text, check_text};
 use nightshift_storage::Stores;
@@ -27,6 +27,7 @@ use crate::job_check::{Checked, check_job};
 use crate::lease_check::{held_by, held_by_each};
 use crate::metrics::Metrics;
 use crate::notifier::CallbackConfig;
+use crate::ownership::remove_job_files;
 use crate::part_check::{check_counts, check_objects};
 use nightshift_metastore::speculation::SpeculationPolicy;
 use nightshift_metastore::{
@@ -254,6 +255,37 @@ impl Service {
         self
     }
 
+    /// A new job holds an output that cancelled jobs held before it; none of them can be
+    /// retried now, so the files their merge work wrote in place there (which would block this
+    /// job's own) go. A failure is logged: the job's merge work then names the file in its way.
+    async fn clear_released_output(&self, job: &JobRecord) {
+        let cancelled = match self.store.cancelled_at(&job.output_uri).await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(job = job.id, error = %e, "reading the output's earlier jobs failed");
+                return;
+            }
+        };
+        for old in cancelled {
+            let removed = match self.stores.locate(&old.output_uri) {
+                Ok(out) => remove_job_files(&out, &old.uid).await,
+                Err(e) => Err(e),
+            };
+            match removed {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    job = job.id,
+                    cancelled = old.id,
+                    files = n,
+                    "a cancelled job's files removed"
+                ),
+                Err(e) => {
+                    tracing::warn!(job = job.id, cancelled = old.id, error = %e, "removing a cancelled job's files failed")
+                }
+            }
+        }
+    }
+
     /// Submits a job. With an idempotency key, the same key and spec return the existing job
     /// (created: false); the same key with another spec is a conflict.
     pub async fn submit(
@@ -331,6 +363,9 @@ impl Service {
             })
             .await?;
         let created = matches!(submitted, Submitted::Created(_));
+        if created {
+            self.clear_released_output(submitted.job()).await;
+        }
         if created && planning.is_some() {
             self.plan_wanted.notify_one();
         }
@@ -820,10 +855,19 @@ async fn checkpoint_lot(
             }));
         };
         check_counts(&r.part, holder.rows)?;
-        check_objects(stores, holder, &r.lease, &r.part).await?;
-        Ok(holder.job_uid.clone())
+        let schema = check_objects(stores, holder, &r.lease, &r.part).await?;
+        Ok((holder.job_uid.clone(), schema))
     });
-    let mut answers: Vec<Result<String, ApiError>> = futures::future::join_all(checks).await;
+    type Answer = Result<String, ApiError>;
+    let (mut answers, schemas): (Vec<Answer>, Vec<Option<Vec<ManifestField>>>) =
+        futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .map(|c| match c {
+                Ok((uid, schema)) => (Ok(uid), schema),
+                Err(e) => (Err(e), None),
+            })
+            .unzip();
     let mut passed: Vec<usize> = (0..requests.len())
         .filter(|&i| answers[i].is_ok())
         .collect();
@@ -839,7 +883,25 @@ async fn checkpoint_lot(
             }
         }
     }
+    note_schemas(store, &answers, schemas).await?;
     Ok(answers.into_iter().map(Ok).collect())
+}
+
+/// Files merge work wrote in place and that were recorded: the first one checked gives the
+/// job's output schema.
+async fn note_schemas(
+    store: &DynMetastore,
+    answers: &[Result<String, ApiError>],
+    schemas: Vec<Option<Vec<ManifestField>>>,
+) -> nightshift_metastore::Result<()> {
+    for (answer, fields) in answers.iter().zip(schemas) {
+        if let (Ok(uid), Some(fields)) = (answer, fields) {
+            let json =
+                serde_json::to_string(&fields).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            store.note_output_schema(uid, &json).await?;
+        }
+    }
+    Ok(())
 }
 
 /// One answer per lease, in order: `call`'s for the leases that are held (it gets them in

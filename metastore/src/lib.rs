@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use nightshift_proto::wire::{
-    HeartbeatResponse, InputFile, JobPlan, LeaseRef, LeaseSecret, LeaseStatus, NotifyView,
-    PartRecord, ShardLease,
+    HeartbeatResponse, InputFile, JobPlan, LeaseRef, LeaseSecret, LeaseStatus, MergeFiles,
+    NotifyView, PartRecord, ShardLease,
 };
 use nightshift_proto::{FailureClass, JobSpec, JobState};
 
@@ -120,6 +120,8 @@ pub struct LeaseHolder {
     pub rows: u64,
     pub job_uid: String,
     pub output_uri: String,
+    /// Merge work's output names (`MergeFiles`), where its part goes instead of a part name.
+    pub merge_files: Option<MergeFiles>,
 }
 
 /// A job to insert: validated and planned.
@@ -311,6 +313,9 @@ pub trait Metastore: Send + Sync + 'static {
     async fn job_by_name(&self, name: &str) -> Result<Option<JobRecord>>;
     /// Jobs that pass `filter`, newest first.
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>>;
+    /// The cancelled jobs whose output overlaps `uri`'s (a job there now holds it, so none of
+    /// them can be retried), oldest first.
+    async fn cancelled_at(&self, uri: &str) -> Result<Vec<JobRecord>>;
     async fn shard_counts(&self, job_id: i64) -> Result<ShardTally>;
     async fn shards(&self, job_id: i64) -> Result<Vec<ShardRow>>;
     async fn input_files(&self, job_id: i64) -> Result<Vec<InputFile>>;
@@ -359,6 +364,8 @@ pub trait Metastore: Send + Sync + 'static {
     ) -> Result<Vec<Vec<LeaseStatus>>>;
     /// Notes the rows per model call a worker of the job `job_uid` reports.
     async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<()>;
+    /// Notes the output schema (`schema`, JSON) of the job `job_uid` unless it has one.
+    async fn note_output_schema(&self, job_uid: &str, schema: &str) -> Result<()>;
     /// Records a durably written part and moves the checkpoint past it.
     async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()>;
     /// Several checkpoints in one transaction (a coordinator coalescing concurrent ones): one

@@ -1,7 +1,8 @@
 //! Output files are made by workers while a job runs, never by the coordinator: consecutive
 //! row shards whose parts are committed are gathered into merge work (shards of kind `merge`),
 //! leased like any shard, whose worker rewrites the parts into one file of about
-//! `output.target_file_mb`. The commit then only copies whole files.
+//! `output.target_file_mb`, in place under its output name (`number_files`). The commit then
+//! only checks footers.
 //!
 //! The rule, here once for every store: walk the job's row shards in order from the first one
 //! no merge covers; take consecutive finished ones while their parts stay under the target,
@@ -73,6 +74,52 @@ pub fn plan_groups_for(
     groups
 }
 
+/// How a new merge numbers its files, given what the job's merge before it counted (`(0, 0)`
+/// for the first merge): each of its two files that has rows takes the next index of its
+/// series, so the indexes follow row order with no gap, as the manifest lists the files. A job
+/// whose earlier merges predate numbering (`None`) numbers nothing: its files are copied at
+/// commit, as they were.
+pub fn number_files(before: FileCounts, output_rows: u64, error_rows: u64) -> FileNumbers {
+    let next = |before: Option<i64>, rows: u64| match before {
+        Some(n) if rows > 0 => (Some(n), Some(n + 1)),
+        other => (None, other),
+    };
+    let (output_file, output_files) = next(before.output_files, output_rows);
+    let (error_file, error_files) = next(before.error_files, error_rows);
+    FileNumbers {
+        output_file,
+        error_file,
+        after: FileCounts {
+            output_files,
+            error_files,
+        },
+    }
+}
+
+/// Output files and error files of a job up to and with one merge (`None`: not numbered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct FileCounts {
+    pub output_files: Option<i64>,
+    pub error_files: Option<i64>,
+}
+
+impl FileCounts {
+    /// Before a job's first merge.
+    pub const NONE_YET: FileCounts = FileCounts {
+        output_files: Some(0),
+        error_files: Some(0),
+    };
+}
+
+/// The indexes of a merge's output file and error file (`None`: no such file, or not
+/// numbered), and the counts it leaves for the next merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileNumbers {
+    pub output_file: Option<i64>,
+    pub error_file: Option<i64>,
+    pub after: FileCounts,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +174,30 @@ mod tests {
             s.covered = true;
         }
         assert!(plan_groups(&shards, 100).is_empty());
+    }
+
+    #[test]
+    fn files_are_numbered_in_row_order_without_gaps() {
+        let first = number_files(FileCounts::NONE_YET, 10, 0);
+        assert_eq!((first.output_file, first.error_file), (Some(0), None));
+        // Only poison rows: no output file, the next error index, the output count unchanged.
+        let second = number_files(first.after, 0, 3);
+        assert_eq!((second.output_file, second.error_file), (None, Some(0)));
+        let third = number_files(second.after, 5, 1);
+        assert_eq!((third.output_file, third.error_file), (Some(1), Some(1)));
+        assert_eq!(
+            third.after,
+            FileCounts {
+                output_files: Some(2),
+                error_files: Some(2)
+            }
+        );
+        let legacy = FileCounts {
+            output_files: None,
+            error_files: None,
+        };
+        let unnumbered = number_files(legacy, 5, 1);
+        assert_eq!((unnumbered.output_file, unnumbered.after), (None, legacy));
     }
 
     #[test]

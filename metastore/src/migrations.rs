@@ -30,6 +30,7 @@ pub fn sqlite() -> Migrator {
             9 => "0009_fleet.sql",
             10 => "0010_planning.sql",
             11 => "0011_copies.sql",
+            12 => "0012_merge_files.sql",
         )),
         ..Migrator::DEFAULT
     }
@@ -49,6 +50,7 @@ pub fn postgres() -> Migrator {
             9 => "0009_fleet.sql",
             10 => "0010_planning.sql",
             11 => "0011_copies.sql",
+            12 => "0012_merge_files.sql",
         )),
         ..Migrator::DEFAULT
     }

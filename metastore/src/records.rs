@@ -3,8 +3,8 @@
 //! a negative one is an error, not a wrapped number.
 
 use nightshift_proto::wire::{
-    InputFile, JobView, LeaseGrant, LeaseSecret, PartRecord, PlanningView, ShardCounts, ShardLease,
-    ShardPlan, TokenCounts,
+    InputFile, JobView, LeaseGrant, LeaseSecret, MergeFiles, PartRecord, PlanningView, ShardCounts,
+    ShardLease, ShardPlan, TokenCounts,
 };
 use nightshift_proto::{CatchUp, JobSpec, JobState, ShardState};
 
@@ -13,7 +13,7 @@ use crate::{LeaseHolder, StoreError};
 /// The columns `JobRecord` reads.
 pub(crate) const JOB_COLUMNS: &str = "id, uid, name, idempotency_key, spec_json, spec_hash, \
      state, priority, rows_total, output_uri, error, created_at_ms, started_at_ms, \
-     finished_at_ms, batch_rows, planning, files_planned, files_listed";
+     finished_at_ms, batch_rows, planning, files_planned, files_listed, output_schema";
 
 /// The columns of `shards` that `ShardRow` reads.
 pub(crate) const SHARD_COLUMNS: &str = "id, job_id, file_index, rows, state, token, attempts, \
@@ -27,8 +27,8 @@ pub(crate) const PART_COLUMNS: &str = "p.shard_id, p.token, p.row_start, p.rows,
 /// The columns `Granted` reads, over a claimed shard `s`, its job `j` and its file `f`.
 pub(crate) const GRANTED_COLUMNS: &str = "s.id, s.job_id, s.file_index, s.row_group_start, \
      s.row_group_end, s.file_row_start, s.rows, s.token, s.attempts, s.checkpoint_rows, \
-     s.lease_secret, s.kind, s.merge_first, s.merge_last, j.uid, j.spec_json, j.spec_hash, \
-     f.uri, f.size, f.etag";
+     s.lease_secret, s.kind, s.merge_first, s.merge_last, s.output_file, s.error_file, j.uid, \
+     j.spec_json, j.spec_hash, f.uri, f.size, f.etag";
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct JobRecord {
@@ -54,6 +54,9 @@ pub struct JobRecord {
     pub batch_rows: Option<i64>,
     /// Its shards are still being cut in the background (`append_plan`).
     pub planning: bool,
+    /// Its output schema as the manifest lists it (JSON), once a file merge work wrote in
+    /// place is checkpointed (`note_output_schema`).
+    pub output_schema: Option<String>,
     /// Input files recorded so far.
     #[sqlx(try_from = "i64")]
     pub files_planned: u64,
@@ -335,6 +338,8 @@ pub(crate) struct HolderRow {
     rows: u64,
     uid: String,
     output_uri: String,
+    #[sqlx(flatten)]
+    merge_files: MergeFileRow,
 }
 
 impl TryFrom<HolderRow> for LeaseHolder {
@@ -349,6 +354,7 @@ impl TryFrom<HolderRow> for LeaseHolder {
             rows: r.rows,
             job_uid: r.uid,
             output_uri: r.output_uri,
+            merge_files: r.merge_files.files()?,
         })
     }
 }
@@ -384,11 +390,36 @@ pub(crate) struct Granted {
     pub kind: String,
     pub merge_first: Option<i64>,
     pub merge_last: Option<i64>,
+    #[sqlx(flatten)]
+    pub merge_files: MergeFileRow,
     pub uid: String,
     pub spec_json: String,
     pub spec_hash: String,
     #[sqlx(flatten)]
     pub file: FileRow,
+}
+
+/// The output names of a merge shard's files (`output_file`, `error_file`).
+#[derive(sqlx::FromRow)]
+pub(crate) struct MergeFileRow {
+    output_file: Option<i64>,
+    error_file: Option<i64>,
+}
+
+impl MergeFileRow {
+    /// `None` when neither file is named (not merge work, or merge work made before numbering).
+    pub fn files(&self) -> crate::Result<Option<MergeFiles>> {
+        let index = |i: Option<i64>| {
+            i.map(u32::try_from)
+                .transpose()
+                .map_err(|_| StoreError::Corrupt("a merge file index is out of range".into()))
+        };
+        let files = MergeFiles {
+            output: index(self.output_file)?,
+            errors: index(self.error_file)?,
+        };
+        Ok((files != MergeFiles::default()).then_some(files))
+    }
 }
 
 /// A shard's plan columns.
@@ -427,6 +458,7 @@ impl Granted {
             },
             checkpoint_rows: self.checkpoint_rows,
             spec_hash: self.spec_hash,
+            merge_files: merge.as_ref().and(self.merge_files.files()?),
             merge,
         };
         Ok(ShardLease { grant, spec })

@@ -143,6 +143,7 @@ contract!(
     loops::finalizer_serves_the_oldest_claim_first,
     loops::cancel_stops_a_commit,
     loops::merges_cover_the_rows_in_order_and_settling_waits_for_them,
+    loops::merge_work_numbers_its_files_in_row_order,
     loops::metrics_count,
     loops::churn_commits_every_row_once,
     planning::a_job_planned_in_pieces_runs_before_its_plan_ends,

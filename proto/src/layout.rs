@@ -2,7 +2,8 @@
 //! coordinator that checks and commits them, and the tools that read the result.
 //!
 //! ```text
-//! OUTPUT/part-00000.parquet ...          committed output files (listed in the manifest)
+//! OUTPUT/part-00000.parquet ...          output files, written in place by merge work
+//!                                        (committed once the manifest lists them)
 //! OUTPUT/_errors/errors-00000.parquet    poison rows
 //! OUTPUT/_manifest.json, OUTPUT/_SUCCESS the commit
 //! OUTPUT/_parts/<job_uid>/s<shard>-t<token>-r<row>[-errors].parquet   parts, while the job runs

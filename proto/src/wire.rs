@@ -244,6 +244,53 @@ pub struct LeaseGrant {
     /// file and checkpoint it as this shard's one part.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<Vec<PartRecord>>,
+    /// For merge work: the output names its files take, written in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge_files: Option<MergeFiles>,
+}
+
+/// Where merge work writes its files: in place, under the names the manifest will list them
+/// by (indexes of `layout::data_file`), so the commit copies nothing. A file with no rows has
+/// no index and stays under the lease's part name, like any part.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
+pub struct MergeFiles {
+    /// Index of the output file (`part-NNNNN.parquet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<u32>,
+    /// Index of the error file (`_errors/errors-NNNNN.parquet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<u32>,
+}
+
+/// Where a lease puts its part from `row_start` (its error part when `errors`), relative to
+/// the output: the output name merge work was given (`MergeFiles`), else the lease's own part
+/// name in the job's parts directory. Workers write there; the coordinator takes nothing else.
+pub fn part_object(
+    job_uid: &str,
+    lease: &LeaseRef,
+    row_start: u64,
+    errors: bool,
+    merge_files: Option<&MergeFiles>,
+) -> String {
+    use crate::layout::{part_name, parts_dir};
+    merge_files.and_then(|m| m.name(errors)).unwrap_or_else(|| {
+        let name = part_name(lease.shard_id, lease.token, row_start, errors);
+        format!("{}/{name}", parts_dir(job_uid))
+    })
+}
+
+impl MergeFiles {
+    /// The output name (relative to the output) of its output file, or of its error file when
+    /// `errors`; `None` when that file has no rows.
+    pub fn name(&self, errors: bool) -> Option<String> {
+        use crate::layout::{ERROR_FILE_STEM, OUTPUT_FILE_STEM, data_file};
+        match errors {
+            false => self.output.map(|i| data_file(OUTPUT_FILE_STEM, i as usize)),
+            true => self.errors.map(|i| data_file(ERROR_FILE_STEM, i as usize)),
+        }
+    }
 }
 
 impl LeaseGrant {

@@ -10,6 +10,7 @@ mod part_upload;
 mod publish;
 pub mod s3;
 mod s3_refusal;
+mod stamp;
 
 pub use error::StorageError;
 pub use input_listing::{InputObject, Listing, list_inputs, list_inputs_upto};
@@ -19,3 +20,4 @@ pub use object_reader::{read_all, storage_cause};
 pub use open_uploads::{OpenUpload, S3Bucket};
 pub use part_upload::{PartUpload, sync_local};
 pub use publish::publish_object;
+pub use stamp::{Occupant, occupant, read_footer, stamp, stamp_of};

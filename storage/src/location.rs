@@ -1,7 +1,8 @@
 //! URIs to objects: `s3://bucket/key`, `file:///abs/path`, or a plain local path.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use object_store::ObjectStore;
@@ -176,9 +177,55 @@ impl Stores {
     /// Aborts the multipart uploads left open under `prefix`; answers how many.
     pub async fn abort_open_uploads(&self, prefix: &Location) -> Result<usize, StorageError> {
         match self.s3_bucket(prefix)? {
-            Some(b) => b.abort_open_uploads(prefix.path()).await,
+            Some(b) => b.abort_open_uploads(prefix.path(), |_| true).await,
             None => Ok(0),
         }
+    }
+
+    /// The objects directly in `dir` (no deeper), by name, with their sizes.
+    pub async fn list_dir(dir: &Location) -> Result<Vec<(String, u64)>, StorageError> {
+        let listed = dir
+            .store()
+            .list_with_delimiter(Some(dir.path()))
+            .await
+            .map_err(|e| StorageError::from_store(&dir.uri(), e))?;
+        Ok(listed
+            .objects
+            .into_iter()
+            .map(|m| {
+                (
+                    m.location.filename().unwrap_or_default().to_string(),
+                    m.size,
+                )
+            })
+            .collect())
+    }
+
+    /// Clears what writers killed mid-write left at the objects `names` (relative to `out`):
+    /// their open multipart uploads on S3, their staging files (`NAME#N`) locally, which no
+    /// listing shows. Answers how many.
+    pub async fn clear_unfinished(
+        &self,
+        out: &Location,
+        names: &[String],
+    ) -> Result<usize, StorageError> {
+        let keys: HashSet<String> = names
+            .iter()
+            .map(|n| out.join(n).path().to_string())
+            .collect();
+        if let Some(b) = self.s3_bucket(out)? {
+            return b.abort_open_uploads(out.path(), |k| keys.contains(k)).await;
+        }
+        let paths: HashSet<PathBuf> = names
+            .iter()
+            .map(|n| PathBuf::from(out.join(n).uri()))
+            .collect();
+        tokio::task::spawn_blocking(move || remove_staged(&paths))
+            .await
+            .map_err(|e| StorageError::Request {
+                uri: out.uri(),
+                message: e.to_string(),
+            })
     }
 
     fn s3_bucket(&self, loc: &Location) -> Result<Option<Arc<S3Bucket>>, StorageError> {
@@ -283,6 +330,30 @@ pub fn plain_file_inside(root: &str, path: &str) -> bool {
         (true, Ok(r), Ok(p)) => p.as_os_str().to_string_lossy() == format!("{}{rest}", r.display()),
         _ => false,
     }
+}
+
+/// Removes the local staging files (`PATH#N`, N digits) of `paths`; answers how many.
+fn remove_staged(paths: &HashSet<PathBuf>) -> usize {
+    let dirs: HashSet<&std::path::Path> = paths.iter().filter_map(|p| p.parent()).collect();
+    let staged_of = |entry: &std::path::Path| {
+        let name = entry.file_name()?.to_str()?;
+        let (base, suffix) = name.rsplit_once('#')?;
+        let digits = !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit());
+        (digits && paths.contains(&entry.with_file_name(base))).then_some(())
+    };
+    let mut removed = 0;
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if staged_of(&path).is_some() && std::fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
 }
 
 #[cfg(test)]

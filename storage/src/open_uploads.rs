@@ -113,10 +113,15 @@ impl S3Bucket {
         }
     }
 
-    /// Aborts every open upload under `prefix`; answers how many.
-    pub async fn abort_open_uploads(&self, prefix: &Path) -> Result<usize, StorageError> {
+    /// Aborts every open upload under `prefix` whose key `which` picks; answers how many.
+    pub async fn abort_open_uploads(
+        &self,
+        prefix: &Path,
+        which: impl Fn(&str) -> bool,
+    ) -> Result<usize, StorageError> {
         let uploads = self.open_uploads(prefix).await?;
-        for u in &uploads {
+        let mut aborted = 0;
+        for u in uploads.iter().filter(|u| which(&u.key)) {
             let path = Path::parse(&u.key).map_err(|e| StorageError::Request {
                 uri: self.uri(prefix),
                 message: format!("upload key `{}`: {e}", u.key),
@@ -125,8 +130,9 @@ impl S3Bucket {
                 .abort_multipart(&path, &u.upload_id)
                 .await
                 .map_err(|e| StorageError::from_store(&self.uri(&path), e))?;
+            aborted += 1;
         }
-        Ok(uploads.len())
+        Ok(aborted)
     }
 
     /// A signed GET, retried with backoff on throttling, 5xx and failed connections.

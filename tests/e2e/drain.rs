@@ -316,8 +316,8 @@ fn a_worker_killed_mid_merge_leaves_nothing_and_the_merge_is_redone() {
     assert!(
         !files
             .iter()
-            .any(|n| n.starts_with("_parts") || n.contains("tmp")),
-        "no part or upload of any attempt is left: {files:?}"
+            .any(|n| n.starts_with("_parts") || n.contains("tmp") || n.contains('#')),
+        "no part, upload or staging file of any attempt is left: {files:?}"
     );
     let files: Vec<_> = files.iter().filter(|n| n.ends_with(".parquet")).collect();
     assert!(

@@ -1,7 +1,8 @@
-//! The commit reads no row data: on the local S3 server, a coordinator that reaches the store
-//! only through a recording proxy commits a job whose workers made its output files; every
-//! byte it fetched from the job's parts is counted, and it is footers only. The workers reach
-//! the store directly, so the proxy sees the coordinator alone.
+//! The commit reads no row data and copies none: on the local S3 server, a coordinator that
+//! reaches the store only through a recording proxy runs and commits a job whose workers made
+//! its output files in place; every byte it fetched from the job's data objects (checking
+//! checkpoints and committing) is counted, and it is footers only, and it wrote none of them.
+//! The workers reach the store directly, so the proxy sees the coordinator alone.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -88,11 +89,22 @@ async fn the_commit_fetches_footers_and_no_row_data() {
     let files = manifest["files"].as_array().expect("files in the manifest");
     let output_bytes: u64 = files.iter().map(|f| f["bytes"].as_u64().unwrap()).sum();
     assert!(files.len() >= 2, "{manifest}");
-    let part_reads: Vec<_> = proxy
-        .exchanges()
-        .into_iter()
-        .filter(|e| e.method == "GET" && e.target.contains("/_parts/"))
+    // The job's data files: its parts, and the output files its merge work wrote in place.
+    let out_path = format!("{}/", out.trim_start_matches("s3:/"));
+    let is_data = |target: &str| target.starts_with(&out_path) && target.contains(".parquet");
+    let exchanges = proxy.exchanges();
+    let part_reads: Vec<_> = exchanges
+        .iter()
+        .filter(|e| e.method == "GET" && is_data(&e.target))
         .collect();
+    let writes: Vec<_> = exchanges
+        .iter()
+        .filter(|e| matches!(e.method.as_str(), "PUT" | "POST") && is_data(&e.target))
+        .collect();
+    assert!(
+        writes.is_empty(),
+        "the commit wrote or copied data: {writes:?}"
+    );
     let fetched: u64 = part_reads.iter().map(|e| e.response_body_bytes).sum();
     eprintln!(
         "commit fetched {fetched} bytes in {} reads of parts for {output_bytes} bytes of output in {} files",
@@ -101,7 +113,7 @@ async fn the_commit_fetches_footers_and_no_row_data() {
     );
     assert!(
         !part_reads.is_empty(),
-        "the commit checks the merged files' footers"
+        "the coordinator checks the footers of the files merge work wrote in place"
     );
     for e in &part_reads {
         assert!(

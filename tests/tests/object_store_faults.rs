@@ -170,6 +170,10 @@ async fn uploads_left_open_by_dead_writers_are_aborted_with_the_jobs_garbage() {
         left_open(&s3, "s3://dead/out/_parts/job1/s1-t1-r0.parquet").await;
         left_open(&s3, "s3://dead/out/_parts/job1/s2-t3-r4000.parquet").await;
         left_open(&s3, "s3://dead/out/_parts/job2/s1-t1-r0.parquet").await;
+        // Merge work writes in place: a dead one left an upload at one of the job's output
+        // names; another output name is not the job's to clear.
+        left_open(&s3, "s3://dead/out/part-00001.parquet").await;
+        left_open(&s3, "s3://dead/out/part-00007.parquet").await;
         s3.put(
             "s3://dead/out/_parts/job1/s3-t1-r0.parquet",
             Bytes::from_static(b"part"),
@@ -195,16 +199,31 @@ async fn uploads_left_open_by_dead_writers_are_aborted_with_the_jobs_garbage() {
             ]
         );
 
-        let garbage = collect_garbage(s3.stores(), "s3://dead/out", "job1")
+        let names = [
+            "part-00000.parquet".to_string(),
+            "part-00001.parquet".into(),
+        ];
+        let garbage = collect_garbage(s3.stores(), "s3://dead/out", "job1", &names)
             .await
             .unwrap();
         assert_eq!(
             garbage,
             Garbage {
                 objects: 1,
-                uploads: 2
+                uploads: 3
             }
         );
+        let out = s3.locate("s3://dead/out").unwrap();
+        let left: Vec<String> = s3
+            .stores()
+            .open_uploads(&out)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| u.key)
+            .filter(|k| !k.contains("/_parts/"))
+            .collect();
+        assert_eq!(left, ["out/part-00007.parquet"]);
         let open = s3.stores().open_uploads(&job1).await.unwrap();
         assert!(open.is_empty(), "uploads left open: {open:?}");
         // Another job's uploads are not this job's garbage.
@@ -213,6 +232,20 @@ async fn uploads_left_open_by_dead_writers_are_aborted_with_the_jobs_garbage() {
         let dir = tempfile::tempdir().unwrap();
         let local = s3.stores().locate(dir.path().to_str().unwrap()).unwrap();
         assert_eq!(s3.stores().abort_open_uploads(&local).await.unwrap(), 0);
+        // Locally a dead writer leaves a staging file (`NAME#N`) beside the output name.
+        std::fs::write(dir.path().join("part-00001.parquet#3"), b"half").unwrap();
+        std::fs::write(dir.path().join("part-00007.parquet#4"), b"other").unwrap();
+        std::fs::write(dir.path().join("part-00001.parquet#x"), b"not staging").unwrap();
+        assert_eq!(
+            s3.stores().clear_unfinished(&local, &names).await.unwrap(),
+            1
+        );
+        let mut kept: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        kept.sort();
+        assert_eq!(kept, ["part-00001.parquet#x", "part-00007.parquet#4"]);
     })
     .await
 }

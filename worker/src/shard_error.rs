@@ -32,6 +32,11 @@ pub enum ShardError {
     Tensor(#[from] TensorError),
     #[error("writing part `{uri}`: {message}")]
     Write { uri: String, message: String },
+    #[error(
+        "`{uri}` already exists and is not this job's ({found}); a job never overwrites a file \
+         it did not write: remove it, or choose another output"
+    )]
+    Taken { uri: String, found: String },
     #[error(transparent)]
     Coordinator(#[from] ClientError),
     #[error("internal: {0}")]
@@ -50,6 +55,7 @@ impl ShardError {
             ShardError::Runtime(_) => FailureClass::Retryable,
             ShardError::Inference(_) | ShardError::Tensor(_) => FailureClass::Retryable,
             ShardError::Write { .. } => FailureClass::Retryable,
+            ShardError::Taken { .. } => FailureClass::Permanent,
             ShardError::Coordinator(_) => FailureClass::Retryable,
             ShardError::Internal(_) => FailureClass::Retryable,
         }

@@ -15,6 +15,10 @@ use crate::{
 /// Rounds of a submission whose idempotency key another one inserted under it and removed.
 const KEY_RACE_TRIES: usize = 3;
 
+/// A job's output overlaps the output `$1` (an `output_key`): one is a prefix of the other.
+const OVERLAPS: &str = "(substr($1, 1, length(output_key)) = output_key \
+     OR substr(output_key, 1, length($1)) = $1)";
+
 /// The job that owns an output another one overlaps.
 #[derive(sqlx::FromRow)]
 struct OwnerRow {
@@ -194,12 +198,10 @@ where
         uri: &str,
         except: i64,
     ) -> Result<Option<StoreError>> {
-        let owner: Option<OwnerRow> = sqlx::query_as(
+        let owner: Option<OwnerRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT id, name, output_uri FROM jobs WHERE state <> $3 AND id <> $2 \
-               AND (substr($1, 1, length(output_key)) = output_key \
-                    OR substr(output_key, 1, length($1)) = $1) \
-             ORDER BY id LIMIT 1",
-        )
+               AND {OVERLAPS} ORDER BY id LIMIT 1"
+        )))
         .bind(output_key(uri))
         .bind(except)
         .bind(JobState::Cancelled.as_str())
@@ -211,6 +213,18 @@ where
             job: o.name,
             owner_uri: o.output_uri,
         }))
+    }
+
+    /// The cancelled jobs whose output overlaps `uri`'s, oldest first.
+    pub(super) async fn cancelled_at(&self, uri: &str) -> Result<Vec<JobRecord>> {
+        let sql = D::sql(&format!(
+            "SELECT {{job}} FROM jobs WHERE state = $2 AND {OVERLAPS} ORDER BY id"
+        ));
+        Ok(sqlx::query_as(sql)
+            .bind(output_key(uri))
+            .bind(JobState::Cancelled.as_str())
+            .fetch_all(D::ex(&mut *self.conn().await?))
+            .await?)
     }
 
     pub(super) async fn job_in(conn: &mut Conn<D>, id: i64) -> Result<Option<JobRecord>> {
@@ -424,6 +438,15 @@ where
         .bind(job_uid)
         .execute(D::ex(&mut *self.conn().await?))
         .await?;
+        Ok(())
+    }
+
+    pub(super) async fn note_output_schema(&self, job_uid: &str, schema: &str) -> Result<()> {
+        sqlx::query("UPDATE jobs SET output_schema = $1 WHERE uid = $2 AND output_schema IS NULL")
+            .bind(schema)
+            .bind(job_uid)
+            .execute(D::ex(&mut *self.conn().await?))
+            .await?;
         Ok(())
     }
 }

@@ -18,7 +18,8 @@ use crate::{
 
 /// The columns of a held shard the lease check reads, over shard `s` and job `j`.
 pub(crate) const HOLDER: &str = "SELECT s.id, s.token, s.worker_id, s.lease_secret, s.rows, \
-     j.uid, j.output_uri FROM shards s JOIN jobs j ON j.id = s.job_id";
+     s.output_file, s.error_file, j.uid, j.output_uri \
+     FROM shards s JOIN jobs j ON j.id = s.job_id";
 
 impl<D: Dialect> SqlStore<D>
 where

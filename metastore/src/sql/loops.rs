@@ -5,8 +5,8 @@
 use nightshift_proto::{JobState, ShardState};
 use sqlx::{ColumnIndex, Encode, Type};
 
-use super::{Dialect, RowOf, SqlStore, Value};
-use crate::merges::{MergeCandidate, MergeGroup};
+use super::{Conn, Dialect, RowOf, SqlStore, Value};
+use crate::merges::{FileCounts, FileNumbers, MergeCandidate, MergeGroup, number_files};
 use crate::records::StoreMetrics;
 use crate::rules::{self, ShardKind};
 use crate::{JobOutcome, JobRecord, LeaseTiming, PartRow, Result, StoreError};
@@ -34,6 +34,7 @@ impl<D: Dialect> SqlStore<D>
 where
     for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
     for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    for<'r> Option<i64>: Encode<'r, D::DB>,
     usize: ColumnIndex<RowOf<D>>,
     i64: Value<D::DB>,
     String: Value<D::DB>,
@@ -244,15 +245,18 @@ where
     }
 
     /// Merge work for `groups` of a running job, once per first shard whichever replica
-    /// plans it.
+    /// plans it, each numbering its files after the merge before it (`merges::number_files`).
     pub(super) async fn create_merges(&self, job_id: i64, groups: &[MergeGroup]) -> Result<u64> {
         let mut conn = self.conn().await?;
         let mut made = 0;
         for g in groups {
+            let n = Self::number_merge(&mut conn, job_id, g).await?;
             let created = sqlx::query(
                 "INSERT INTO shards (job_id, kind, merge_first, merge_last, file_index, \
-                   row_group_start, row_group_end, file_row_start, rows) \
-                 SELECT $1, $4, $2, $3, MIN(file_index), 0, 0, 0, SUM(rows) FROM shards \
+                   row_group_start, row_group_end, file_row_start, rows, output_file, \
+                   error_file, output_files, error_files) \
+                 SELECT $1, $4, $2, $3, MIN(file_index), 0, 0, 0, SUM(rows), $7, $8, $9, $10 \
+                 FROM shards \
                  WHERE job_id = $1 AND kind = $5 AND id BETWEEN $2 AND $3 \
                    AND EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND state = $6) \
                  HAVING COUNT(*) > 0 \
@@ -264,11 +268,44 @@ where
             .bind(ShardKind::Merge.as_str())
             .bind(ShardKind::Rows.as_str())
             .bind(JobState::Running.as_str())
+            .bind(n.output_file)
+            .bind(n.error_file)
+            .bind(n.after.output_files)
+            .bind(n.after.error_files)
             .execute(D::ex(&mut conn))
             .await?;
             made += D::affected(&created);
         }
         Ok(made)
+    }
+
+    /// The indexes of the files merge work for `g` writes, after the merge before it.
+    async fn number_merge(conn: &mut Conn<D>, job_id: i64, g: &MergeGroup) -> Result<FileNumbers> {
+        let before: FileCounts = sqlx::query_as(
+            "SELECT output_files, error_files FROM shards \
+             WHERE job_id = $1 AND kind = $2 AND merge_first < $3 \
+             ORDER BY merge_first DESC LIMIT 1",
+        )
+        .bind(job_id)
+        .bind(ShardKind::Merge.as_str())
+        .bind(g.first)
+        .fetch_optional(D::ex(&mut *conn))
+        .await?
+        .unwrap_or(FileCounts::NONE_YET);
+        let (output_rows, error_rows): (i64, i64) = sqlx::query_as(
+            "SELECT CAST(COALESCE(SUM(p.rows - p.error_rows), 0) AS BIGINT), \
+               CAST(COALESCE(SUM(p.error_rows), 0) AS BIGINT) \
+             FROM parts p JOIN shards s ON s.id = p.shard_id \
+             WHERE s.job_id = $1 AND s.kind = $2 AND s.id BETWEEN $3 AND $4",
+        )
+        .bind(job_id)
+        .bind(ShardKind::Rows.as_str())
+        .bind(g.first)
+        .bind(g.last)
+        .fetch_one(D::ex(conn))
+        .await?;
+        let count = |n: i64| n.max(0) as u64;
+        Ok(number_files(before, count(output_rows), count(error_rows)))
     }
 
     /// The parts merge work wrote: the job's output files, in row order.

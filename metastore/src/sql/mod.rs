@@ -196,6 +196,10 @@ where
         self.job_by_name(name).await
     }
 
+    async fn cancelled_at(&self, uri: &str) -> Result<Vec<JobRecord>> {
+        self.cancelled_at(uri).await
+    }
+
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>> {
         self.list_jobs(filter).await
     }
@@ -277,6 +281,10 @@ where
 
     async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<()> {
         self.note_batch_rows(job_uid, rows).await
+    }
+
+    async fn note_output_schema(&self, job_uid: &str, schema: &str) -> Result<()> {
+        self.note_output_schema(job_uid, schema).await
     }
 
     async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()> {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use nightshift_metastore::{DynMetastore, JobOutcome, NewSchedule, NotifyOutcome, StoreError};
-use nightshift_proto::wire::LeaseRef;
+use nightshift_proto::wire::{LeaseRef, MergeFiles};
 use nightshift_proto::{CatchUp, FailureClass, JobState, LeaseState, NotifyState, ShardState};
 
 use crate::{ROWS, assert_err, create, finish, lease_ref, long, part, timing};
@@ -541,6 +541,51 @@ pub async fn merges_cover_the_rows_in_order_and_settling_waits_for_them(store: D
         store.job(id).await.unwrap().unwrap().state,
         JobState::Finalizing
     );
+}
+
+pub async fn merge_work_numbers_its_files_in_row_order(store: DynMetastore) {
+    let id = create(&store, "numbered", "[errors]\nmax_fraction = 1.0", 3).await;
+    let leases = store.claim("w1", 3, long()).await.unwrap();
+    // The second shard's rows are all poison rows, the third has one.
+    for (i, lease) in leases.iter().enumerate() {
+        let l = lease_ref(lease);
+        let mut p = part(l, 0, lease.plan.rows);
+        if i > 0 {
+            p.error_rows = if i == 1 { p.rows } else { 1 };
+            p.error_uri = Some(p.uri.replace(".parquet", "-errors.parquet"));
+            p.error_bytes = 10;
+        }
+        store.checkpoint(l, &p).await.unwrap();
+        store.complete(l).await.unwrap();
+    }
+    // A target of one byte: one merge per shard, made in row order.
+    let candidates = store.merge_candidates(id).await.unwrap();
+    let groups = nightshift_metastore::merges::plan_groups(&candidates, 1);
+    assert_eq!(store.create_merges(id, &groups).await.unwrap(), 3);
+    let merges = store.claim("m", 10, long()).await.unwrap();
+    let files = |output, errors| Some(MergeFiles { output, errors });
+    let expected = [
+        files(Some(0), None),
+        files(None, Some(0)),
+        files(Some(1), Some(1)),
+    ];
+    let given: Vec<_> = merges.iter().map(|m| m.merge_files).collect();
+    assert_eq!(given, expected, "no gap, no name for a file without rows");
+    // The holder a checkpoint is checked against names the same files.
+    let ids: Vec<i64> = merges.iter().map(|m| m.shard_id).collect();
+    let mut held = store.lease_holders(&ids).await.unwrap();
+    held.sort_by_key(|h| h.shard_id);
+    let held: Vec<_> = held.into_iter().map(|h| h.merge_files).collect();
+    assert_eq!(held, expected);
+    // Row shards name no output file.
+    assert!(leases.iter().all(|l| l.merge_files.is_none()));
+    // The first output schema noted stays the job's.
+    let uid = store.job(id).await.unwrap().unwrap().uid;
+    assert_eq!(store.job(id).await.unwrap().unwrap().output_schema, None);
+    store.note_output_schema(&uid, "[1]").await.unwrap();
+    store.note_output_schema(&uid, "[2]").await.unwrap();
+    let noted = store.job(id).await.unwrap().unwrap().output_schema;
+    assert_eq!(noted.as_deref(), Some("[1]"));
 }
 
 pub async fn recovery_after_a_crash_expires_every_claim_at_once(store: DynMetastore) {

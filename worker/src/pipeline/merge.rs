@@ -1,16 +1,17 @@
 //! Merge work: a lease on a shard of kind `merge` rewrites the committed parts of a run of row
 //! shards (given in the lease, in row order) into one output file and one error file, writes
-//! them under this lease's own part names, and checkpoints them as its one part. The commit
-//! then copies these files whole. A worker that dies mid-merge leaves an upload that is never
-//! recorded; the lease expires and the next worker merges again.
+//! them in place under the output names the lease gives (`MergeFiles`; a file without rows, or
+//! merge work planned before files were numbered, goes under the lease's part name), and
+//! checkpoints them as its one part. The commit then only checks them. A worker that dies
+//! mid-merge leaves an upload that is never completed; the lease expires and the next worker
+//! merges again, or takes the file as it is if the first one finished it.
 
 use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
-use nightshift_proto::layout::{part_name, parts_dir};
-use nightshift_proto::wire::{PartRecord, ShardLease};
+use nightshift_proto::wire::{PartRecord, ShardLease, part_object};
 use nightshift_storage::location::plain_file_inside;
-use nightshift_storage::{Location, PartUpload, read_all};
+use nightshift_storage::{Location, Occupant, PartUpload, occupant, read_all};
 use parquet::arrow::AsyncArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::properties::WriterProperties;
@@ -40,20 +41,33 @@ pub async fn run_merge(
         return Ok(ShardOutcome::Completed { rows: 0 });
     }
     let out = ctx.stores.locate(&lease.spec.output.uri)?;
-    let prefix = out.join(&parts_dir(&lease.job_uid));
     let props = writer_properties(&lease.job_uid);
-    let name = |errors| part_name(lease.shard_id, lease.token, 0, errors);
+    let rows: u64 = sources.iter().map(|p| p.rows).sum();
+    let error_rows: u64 = sources.iter().map(|p| p.error_rows).sum();
+    let target = |errors| MergeTarget {
+        dest: out.join(&part_object(
+            &lease.job_uid,
+            &lease_ref,
+            0,
+            errors,
+            lease.merge_files.as_ref(),
+        )),
+        in_place: lease.merge_files.and_then(|m| m.name(errors)).is_some(),
+        rows: if errors {
+            error_rows
+        } else {
+            rows.saturating_sub(error_rows)
+        },
+    };
     let outputs: Vec<(String, u64)> = sources.iter().map(|p| (p.uri.clone(), p.bytes)).collect();
-    let Some((merged, bytes)) = merge_files(
+    let m = Merger {
         ctx,
-        &out,
-        prefix.join(&name(false)),
-        &outputs,
-        &props,
-        &signals.abort,
-    )
-    .await?
-    else {
+        output: &out,
+        job_uid: &lease.job_uid,
+        props: &props,
+        abort: &signals.abort,
+    };
+    let Some((merged, bytes)) = m.merge(target(false), &outputs).await? else {
         return Ok(ShardOutcome::Lost);
     };
     let errors: Vec<(String, u64)> = sources
@@ -63,27 +77,17 @@ pub async fn run_merge(
     let (error_uri, error_bytes) = if errors.is_empty() {
         (None, 0)
     } else {
-        match merge_files(
-            ctx,
-            &out,
-            prefix.join(&name(true)),
-            &errors,
-            &props,
-            &signals.abort,
-        )
-        .await?
-        {
+        match m.merge(target(true), &errors).await? {
             Some((loc, bytes)) => (Some(loc.uri()), bytes),
             None => return Ok(ShardOutcome::Lost),
         }
     };
-    let rows: u64 = sources.iter().map(|p| p.rows).sum();
     let part = PartRecord {
         uri: merged.uri(),
         row_start: 0,
         rows,
         bytes,
-        error_rows: sources.iter().map(|p| p.error_rows).sum(),
+        error_rows,
         error_uri,
         error_bytes,
         tokens: None,
@@ -98,6 +102,56 @@ pub async fn run_merge(
         "merged"
     );
     Ok(ShardOutcome::Completed { rows })
+}
+
+/// Where one merged file goes: at an output name (`in_place`), or at the lease's part name.
+struct MergeTarget {
+    dest: Location,
+    in_place: bool,
+    /// Rows it holds.
+    rows: u64,
+}
+
+/// What every file of one merge lease is written with.
+struct Merger<'a> {
+    ctx: &'a WorkerContext,
+    output: &'a Location,
+    job_uid: &'a str,
+    props: &'a WriterProperties,
+    abort: &'a CancellationToken,
+}
+
+impl Merger<'_> {
+    /// Writes `sources` into `target`; `None` when aborted. At an output name, a file an
+    /// earlier lease of this merge wrote is taken as it is (the same rows, from the same
+    /// parts), and anything else there is refused, never overwritten.
+    async fn merge(
+        &self,
+        target: MergeTarget,
+        sources: &[(String, u64)],
+    ) -> Result<Option<(Location, u64)>, ShardError> {
+        if target.in_place {
+            match occupant(&target.dest, self.job_uid, target.rows).await? {
+                Occupant::Free => {}
+                Occupant::Ours { bytes } => return Ok(Some((target.dest, bytes))),
+                Occupant::Foreign { found } => {
+                    return Err(ShardError::Taken {
+                        uri: target.dest.uri(),
+                        found,
+                    });
+                }
+            }
+        }
+        merge_files(
+            self.ctx,
+            self.output,
+            target.dest,
+            sources,
+            self.props,
+            self.abort,
+        )
+        .await
+    }
 }
 
 /// A local part must be a plain file under the job's output, reached through no link from it

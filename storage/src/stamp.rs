@@ -1,0 +1,68 @@
+//! Whose a data file is: the job its Parquet footer names (`layout::JOB_UID_KEY`) and the rows
+//! it holds, from the footer alone (no row data). The rule by which the commit and merge work
+//! take a file at an output name as their job's, and never one that is not.
+
+use std::sync::Arc;
+
+use nightshift_proto::layout::JOB_UID_KEY;
+use object_store::ObjectStoreExt;
+use parquet::file::metadata::ParquetMetaData;
+
+use crate::error::StorageError;
+use crate::location::Location;
+use crate::object_reader::ObjectReader;
+
+/// The job a Parquet file's footer names (if any) and the rows it holds; `Err` with the
+/// reason when it is not a Parquet file.
+pub async fn stamp(loc: &Location, size: u64) -> Result<(Option<String>, u64), String> {
+    Ok(stamp_of(&*read_footer(loc, size).await?))
+}
+
+/// The footer of the Parquet file at `loc` of `size` bytes; `Err` with the reason when it is
+/// not one.
+pub async fn read_footer(loc: &Location, size: u64) -> Result<Arc<ParquetMetaData>, String> {
+    let mut reader = ObjectReader::new(loc.clone(), size, None);
+    reader.footer().await.map_err(|e| e.to_string())
+}
+
+/// The job a footer names (if any) and the rows it holds.
+pub fn stamp_of(footer: &ParquetMetaData) -> (Option<String>, u64) {
+    let file = footer.file_metadata();
+    let owner = file
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|kv| kv.key == JOB_UID_KEY))
+        .and_then(|kv| kv.value.clone());
+    (owner, file.num_rows().max(0) as u64)
+}
+
+/// What lies at an output name, for a job that would put a file of some rows there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Occupant {
+    /// Nothing.
+    Free,
+    /// This job's file of those rows, of this many bytes: an earlier attempt wrote it.
+    Ours { bytes: u64 },
+    /// Anything else, described: never adopted, never overwritten.
+    Foreign { found: String },
+}
+
+/// Who holds `dest`, for job `job_uid` that would put `rows` rows there.
+pub async fn occupant(dest: &Location, job_uid: &str, rows: u64) -> Result<Occupant, StorageError> {
+    let meta = match dest.store().head(dest.path()).await {
+        Ok(meta) => meta,
+        Err(object_store::Error::NotFound { .. }) => return Ok(Occupant::Free),
+        Err(e) => return Err(StorageError::from_store(&dest.uri(), e)),
+    };
+    let foreign = |found: String| Ok(Occupant::Foreign { found });
+    match stamp(dest, meta.size).await {
+        Err(e) => foreign(format!("not a Parquet file this job wrote: {e}")),
+        Ok((Some(uid), n)) if uid == job_uid && n == rows => {
+            Ok(Occupant::Ours { bytes: meta.size })
+        }
+        Ok((Some(uid), n)) if uid == job_uid => foreign(format!(
+            "this job's file of {n} rows where {rows} are planned"
+        )),
+        Ok((Some(uid), _)) => foreign(format!("written for job {uid}")),
+        Ok((None, _)) => foreign("a file no nightshift job wrote".into()),
+    }
+}
