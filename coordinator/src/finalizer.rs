@@ -24,6 +24,7 @@ use nightshift_proto::layout::{
     ERROR_FILE_STEM, MANIFEST, OUTPUT_FILE_STEM, SUCCESS, data_file, parts_dir,
 };
 use nightshift_proto::wire::{CostView, InputFile, Manifest, ManifestField, ManifestFile};
+use nightshift_storage::location::plain_file_inside;
 use nightshift_storage::{
     Location, ObjectReader, StorageError, Stores, publish_object, sync_local,
 };
@@ -31,7 +32,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 
 use crate::ownership::{check_manifest_owner, owned_file, verify_parts};
-use crate::part_check::{PartError, verify_object};
+use crate::part_check::PartError;
 use nightshift_metastore::{DynMetastore, JobRecord, PartRow};
 
 /// A point where crash tests stop the process, for real (the only way to land a crash exactly
@@ -267,40 +268,79 @@ fn check_coverage(job: &JobRecord, parts: &[PartRow]) -> Result<(), FinalizeErro
 
 /// The files merge work wrote in place, found as their checkpoint left them (the size
 /// recorded; their footers were checked then): path -> size. One that is gone or changed fails
-/// the commit, naming it. Locally each is looked at (a plain file reached through no link); on
-/// an object store the output is listed, a page per thousand files, not asked file by file.
+/// the commit, naming it. Locally each is looked at (a plain file reached through no link, all
+/// in one blocking task); on an object store the output is listed, a page per thousand
+/// files, not asked file by file.
 async fn unchanged_files(
     out: &Location,
     files: &[FilePlan],
 ) -> Result<HashMap<String, u64>, FinalizeError> {
-    let found = if out.is_local() || files.is_empty() {
-        HashMap::new()
+    if files.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut found: HashMap<String, Result<u64, PartError>> = if out.is_local() {
+        local_sizes(out, files).await?
     } else {
-        listed_sizes(out, files).await?
+        let listed = listed_sizes(out, files).await?;
+        files
+            .iter()
+            .map(|f| {
+                let size = listed.get(&f.path).copied().ok_or(PartError::Missing {
+                    uri: out.join(&f.path).uri(),
+                });
+                (f.path.clone(), size)
+            })
+            .collect()
     };
-    let check = |f: FilePlan| {
-        let found = &found;
-        async move {
-            let uri = out.join(&f.path).uri();
-            let checked = match found.get(&f.path) {
-                _ if out.is_local() => verify_object(out, &f.path, f.bytes).await,
-                None => Err(PartError::Missing { uri: uri.clone() }),
-                Some(&actual) if actual != f.bytes => Err(PartError::WrongSize {
-                    uri: uri.clone(),
-                    actual,
-                    reported: f.bytes,
-                }),
-                Some(_) => Ok(()),
-            };
-            checked.map_err(|e| FinalizeError::part(&uri, e))?;
-            Ok::<_, FinalizeError>((f.path, f.bytes))
-        }
+    let mut unchanged = HashMap::with_capacity(files.len());
+    for f in files {
+        let uri = out.join(&f.path).uri();
+        let checked = match found.remove(&f.path) {
+            Some(Ok(actual)) if actual == f.bytes => Ok(()),
+            Some(Ok(actual)) => Err(PartError::WrongSize {
+                uri: uri.clone(),
+                actual,
+                reported: f.bytes,
+            }),
+            Some(Err(e)) => Err(e),
+            None => Err(PartError::Missing { uri: uri.clone() }),
+        };
+        checked.map_err(|e| FinalizeError::part(&uri, e))?;
+        unchanged.insert(f.path.clone(), f.bytes);
+    }
+    Ok(unchanged)
+}
+
+/// The size of each local file, or why it cannot be taken: missing, or not a plain file reached
+/// through no link from the output.
+async fn local_sizes(
+    out: &Location,
+    files: &[FilePlan],
+) -> Result<HashMap<String, Result<u64, PartError>>, FinalizeError> {
+    let root = out.uri();
+    let paths: Vec<(String, String)> = files
+        .iter()
+        .map(|f| (f.path.clone(), out.join(&f.path).uri()))
+        .collect();
+    let look = move || {
+        paths
+            .into_iter()
+            .map(|(path, uri)| {
+                let size = match std::fs::symlink_metadata(&uri) {
+                    Err(_) => Err(PartError::Missing { uri }),
+                    Ok(_) if !plain_file_inside(&root, &uri) => Err(PartError::Escapes { uri }),
+                    Ok(meta) => Ok(meta.len()),
+                };
+                (path, size)
+            })
+            .collect()
     };
-    futures::stream::iter(files.iter().cloned())
-        .map(check)
-        .buffered(FILE_CONCURRENCY)
-        .try_collect()
+    tokio::task::spawn_blocking(look)
         .await
+        .map_err(|e| FinalizeError::Write {
+            uri: out.uri(),
+            message: e.to_string(),
+        })
 }
 
 /// The sizes of the objects in the directories (relative to `out`) that hold `files`, by path
@@ -464,6 +504,39 @@ async fn schema_of(stores: &Stores, uri: &str) -> Result<SchemaRef, FinalizeErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn files_written_in_place_must_be_found_as_checkpointed() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = Stores::default();
+        let out = stores.locate(dir.path().to_str().unwrap()).unwrap();
+        std::fs::write(dir.path().join("part-00000.parquet"), b"12345").unwrap();
+        let plan = |i: usize, bytes| {
+            let path = data_file(OUTPUT_FILE_STEM, i);
+            FilePlan {
+                source: out.join(&path).uri(),
+                path,
+                rows: 1,
+                bytes,
+            }
+        };
+        let found = unchanged_files(&out, &[plan(0, 5)]).await.unwrap();
+        assert_eq!(found.get("part-00000.parquet"), Some(&5));
+        let refused = |r: Result<HashMap<String, u64>, FinalizeError>, what: &str| match r {
+            Err(FinalizeError::Part { message, .. }) => {
+                assert!(message.contains(what), "{message}")
+            }
+            other => panic!("expected a refusal naming {what}: {other:?}"),
+        };
+        refused(unchanged_files(&out, &[plan(0, 6)]).await, "holds 5 bytes");
+        refused(unchanged_files(&out, &[plan(1, 5)]).await, "does not exist");
+        let link = dir.path().join("part-00002.parquet");
+        std::os::unix::fs::symlink(dir.path().join("part-00000.parquet"), link).unwrap();
+        refused(
+            unchanged_files(&out, &[plan(2, 5)]).await,
+            "not a plain file",
+        );
+    }
 
     #[test]
     fn one_file_per_merged_file_with_rows_in_order() {
