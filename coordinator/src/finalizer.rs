@@ -1,7 +1,8 @@
 //! Commit: when every shard is done, workers have already made the output files (merge work,
 //! `merges.rs`: each about `output.target_file_mb`), in place under their output names; the
-//! commit reads no row data and moves none. It checks each file's footer, writes
-//! `_manifest.json` and then `_SUCCESS`, and the parts are deleted. (A merged file made under
+//! commit reads no row data and moves none. Each file's footer was checked at its merge's
+//! checkpoint (`part_check.rs`); the commit finds each unchanged, writes `_manifest.json` and
+//! then `_SUCCESS`, and the parts are deleted. (A merged file made under
 //! a part name, by merge work planned before files were numbered, is put whole under its
 //! output name: a server-side copy on S3, a rename locally, `publish_object`.)
 //! Every step is idempotent, so a crash mid-commit and a second run produce the same manifest:
@@ -282,14 +283,9 @@ async fn unchanged_files(
         local_sizes(out, files).await?
     } else {
         let listed = listed_sizes(out, files).await?;
-        files
-            .iter()
-            .map(|f| {
-                let size = listed.get(&f.path).copied().ok_or(PartError::Missing {
-                    uri: out.join(&f.path).uri(),
-                });
-                (f.path.clone(), size)
-            })
+        listed
+            .into_iter()
+            .map(|(path, size)| (path, Ok(size)))
             .collect()
     };
     let mut unchanged = HashMap::with_capacity(files.len());

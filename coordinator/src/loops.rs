@@ -218,8 +218,6 @@ async fn commit(
     }
     if succeeded {
         service.metrics.commits.observe(started.elapsed());
-    }
-    if succeeded {
         match collect_garbage(&service.stores, &job.output_uri, &job.uid, &names).await {
             Ok(g) => tracing::info!(
                 job = job.id,

@@ -10,7 +10,9 @@ use std::collections::HashSet;
 use futures::{StreamExt, TryStreamExt};
 use nightshift_proto::layout::{DATA_EXT, ERROR_FILE_STEM, parts_dir};
 use nightshift_proto::wire::Manifest;
-use nightshift_storage::{Location, Occupant, StorageError, Stores, occupant, read_all, stamp};
+use nightshift_storage::{
+    Location, Occupant, StorageError, Stores, occupant, owned_by, read_all, stamp,
+};
 use object_store::ObjectStoreExt;
 
 use crate::finalizer::FinalizeError;
@@ -63,11 +65,7 @@ pub async fn verify_parts(
                 message,
             };
             match stamp(&out.join(rel), bytes).await {
-                Ok((Some(owner), n)) if owner == job.uid && n == rows => Ok(()),
-                Ok((Some(owner), n)) if owner == job.uid => {
-                    Err(bad(format!("it holds {n} rows, not the {rows} recorded")))
-                }
-                Ok(_) => Err(bad("it is not a part this job's workers wrote".into())),
+                Ok(stamp) => owned_by(stamp, &job.uid, rows).map_err(bad),
                 Err(e) => Err(bad(format!("not a Parquet part: {e}"))),
             }
         })

@@ -3,13 +3,14 @@
 //! exactly the objects the lease may write (`OUTPUT/_parts/<job_uid>/s<shard>-t<token>-r<row>`,
 //! see `nightshift_proto::layout`, or the output names merge work was given), they exist with
 //! the sizes reported, and locally no link leads out of the job's parts directory; a file
-//! written in place has a footer that names the job and holds the rows. So a worker token cannot publish a file from
-//! anywhere else, another shard's part, or a count that does not add up.
+//! written in place has a footer that names the job and holds the rows. So a worker token
+//! cannot publish a file from anywhere else, another shard's part, or a count that does not
+//! add up.
 
 use nightshift_proto::spec_check::MAX_TEXT_TOKENS;
 use nightshift_proto::wire::{LeaseRef, ManifestField, PartRecord, part_object};
 use nightshift_storage::location::plain_file_inside;
-use nightshift_storage::{Location, StorageError, Stores, read_footer, stamp_of};
+use nightshift_storage::{Location, StorageError, Stores, owned_by, read_footer, stamp_of};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 
 use crate::finalizer::manifest_fields;
@@ -205,11 +206,7 @@ async fn check_stamp(
     let footer = read_footer(loc, bytes)
         .await
         .map_err(|e| not_ours(format!("not a Parquet file: {e}")))?;
-    match stamp_of(&footer) {
-        (Some(owner), n) if owner == job_uid && n == rows => {}
-        (Some(owner), n) if owner == job_uid => return Err(not_ours(format!("it holds {n} rows"))),
-        _ => return Err(not_ours("its footer names another job, or none".into())),
-    }
+    owned_by(stamp_of(&footer), job_uid, rows).map_err(not_ours)?;
     let arrow = ArrowReaderMetadata::try_new(footer, ArrowReaderOptions::new())
         .map_err(|e| not_ours(format!("no Arrow schema: {e}")))?;
     Ok(manifest_fields(arrow.schema()))

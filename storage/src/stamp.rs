@@ -35,6 +35,19 @@ pub fn stamp_of(footer: &ParquetMetaData) -> (Option<String>, u64) {
     (owner, file.num_rows().max(0) as u64)
 }
 
+/// Whether a file whose footer says `stamp` (`stamp_of`) is job `job_uid`'s file of `rows`
+/// rows; if not, what it is instead.
+pub fn owned_by(stamp: (Option<String>, u64), job_uid: &str, rows: u64) -> Result<(), String> {
+    match stamp {
+        (Some(uid), n) if uid == job_uid && n == rows => Ok(()),
+        (Some(uid), n) if uid == job_uid => Err(format!(
+            "this job's file of {n} rows where {rows} are planned"
+        )),
+        (Some(uid), _) => Err(format!("written for job {uid}")),
+        (None, _) => Err("a file no nightshift job wrote".into()),
+    }
+}
+
 /// What lies at an output name, for a job that would put a file of some rows there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Occupant {
@@ -53,16 +66,12 @@ pub async fn occupant(dest: &Location, job_uid: &str, rows: u64) -> Result<Occup
         Err(object_store::Error::NotFound { .. }) => return Ok(Occupant::Free),
         Err(e) => return Err(StorageError::from_store(&dest.uri(), e)),
     };
-    let foreign = |found: String| Ok(Occupant::Foreign { found });
-    match stamp(dest, meta.size).await {
-        Err(e) => foreign(format!("not a Parquet file this job wrote: {e}")),
-        Ok((Some(uid), n)) if uid == job_uid && n == rows => {
-            Ok(Occupant::Ours { bytes: meta.size })
-        }
-        Ok((Some(uid), n)) if uid == job_uid => foreign(format!(
-            "this job's file of {n} rows where {rows} are planned"
-        )),
-        Ok((Some(uid), _)) => foreign(format!("written for job {uid}")),
-        Ok((None, _)) => foreign("a file no nightshift job wrote".into()),
-    }
+    let found = match stamp(dest, meta.size).await {
+        Err(e) => format!("not a Parquet file this job wrote: {e}"),
+        Ok(stamp) => match owned_by(stamp, job_uid, rows) {
+            Ok(()) => return Ok(Occupant::Ours { bytes: meta.size }),
+            Err(found) => found,
+        },
+    };
+    Ok(Occupant::Foreign { found })
 }
