@@ -71,9 +71,12 @@ const CLAIM_LIMITS: Limits = Limits {
     rounds: 4,
     weight: 1024,
 };
-/// Heartbeat calls in flight at once when coalescing, and leases per call.
+/// Heartbeat calls in flight at once when coalescing, and leases per call. Heartbeats and
+/// checkpoints are the most frequent calls: two rounds each make larger lots, so fewer
+/// transactions and database connections at work at once (the load harness at 1,000 workers
+/// on two cores: 1,600 rather than 1,870 transactions/s, a lower p99 in each of three paired runs).
 const HEARTBEAT_LIMITS: Limits = Limits {
-    rounds: 4,
+    rounds: 2,
     weight: 1024,
 };
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -82,9 +85,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Jobs whose rows per model call a coordinator remembers; past this it forgets them all.
 const MAX_REMEMBERED_JOBS: usize = 10_000;
-/// Checkpoint calls in flight at once when coalescing, and parts per call (one transaction).
+/// Checkpoint calls in flight at once when coalescing, and parts per call (one transaction);
+/// two rounds, as for heartbeats.
 const CHECKPOINT_LIMITS: Limits = Limits {
-    rounds: 4,
+    rounds: 2,
     weight: 256,
 };
 /// Completion calls in flight at once when coalescing, and shards per call.
