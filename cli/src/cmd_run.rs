@@ -325,7 +325,7 @@ async fn discard(
     if committed {
         let _ = out.store().delete(out.join(SUCCESS).path()).await;
     }
-    nightshift_coordinator::remove_job_files(&out, &old.uid).await?;
+    nightshift_coordinator::remove_job_files(&out, &[old.uid.as_str()].into()).await?;
     if committed {
         let _ = out.store().delete(manifest.path()).await;
     }

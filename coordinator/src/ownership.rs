@@ -113,9 +113,13 @@ pub async fn owned_file(
 }
 
 /// Deletes the data files at `out`'s output names (`part-*`, `_errors/errors-*`) whose footer
-/// names job `job_uid`: its committed output, or what its merge work wrote in place before it
-/// stopped. Files of any other job, or of none, stay. Answers how many went.
-pub async fn remove_job_files(out: &Location, job_uid: &str) -> Result<usize, StorageError> {
+/// names one of the jobs `job_uids`: their committed output, or what their merge work wrote in
+/// place before they stopped. Files of any other job, or of none, stay. Each file's footer is
+/// read once, however many jobs are named. Answers how many went.
+pub async fn remove_job_files(
+    out: &Location,
+    job_uids: &HashSet<&str>,
+) -> Result<usize, StorageError> {
     let dirs = [
         out.clone(),
         out.join(ERROR_FILE_STEM.rsplit_once('/').map_or("", |(dir, _)| dir)),
@@ -128,7 +132,7 @@ pub async fn remove_job_files(out: &Location, job_uid: &str) -> Result<usize, St
                 continue;
             }
             if let Ok((Some(owner), _)) = stamp(&loc, size).await
-                && owner == job_uid
+                && job_uids.contains(owner.as_str())
             {
                 loc.store()
                     .delete(loc.path())

@@ -2,7 +2,7 @@
 //! (check the allow-list, validate, plan, insert atomically), inspect, cancel, retry, and the
 //! worker's lease operations. The API and local mode both call these.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -270,21 +270,29 @@ impl Service {
                 return;
             }
         };
-        for old in cancelled {
-            let removed = match self.stores.locate(&old.output_uri) {
-                Ok(out) => remove_job_files(&out, &old.uid).await,
+        // One pass per output those jobs wrote to, for all of them.
+        let mut by_output: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
+        for old in &cancelled {
+            by_output
+                .entry(old.output_uri.as_str())
+                .or_default()
+                .insert(old.uid.as_str());
+        }
+        for (output_uri, uids) in by_output {
+            let removed = match self.stores.locate(output_uri) {
+                Ok(out) => remove_job_files(&out, &uids).await,
                 Err(e) => Err(e),
             };
             match removed {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
                     job = job.id,
-                    cancelled = old.id,
+                    output = output_uri,
                     files = n,
-                    "a cancelled job's files removed"
+                    "cancelled jobs' files removed"
                 ),
                 Err(e) => {
-                    tracing::warn!(job = job.id, cancelled = old.id, error = %e, "removing a cancelled job's files failed")
+                    tracing::warn!(job = job.id, output = output_uri, error = %e, "removing cancelled jobs' files failed")
                 }
             }
         }
