@@ -41,7 +41,8 @@ pub(crate) enum Role {
 
 #[derive(Clone)]
 pub struct ApiState {
-    pub service: Service,
+    /// Shared, not copied: the state is cloned for every request.
+    pub service: Arc<Service>,
     pub tokens: Arc<Tokens>,
 }
 

@@ -6,8 +6,16 @@
 //! guarded by `(shard, token)` in the store. A token names exactly one grant, and a grant's
 //! worker and secret never change, so a write that passes both refers to the grant that was
 //! checked.
+//!
+//! Shard ids are never reused, so `(shard, token)` names one grant for good, and all a grant
+//! holds (worker, secret, rows, job, places) is fixed when it is made. `Grants` therefore
+//! remembers the grants it has read: heartbeats, checkpoints and completions, whose writes are
+//! guarded by `(shard, token, leased)` in the store, check against what it remembers and read
+//! only grants it has not seen. Whether a remembered grant is still leased is the guarded
+//! write's to say. Other checks (failures, releases) read the grant afresh.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use nightshift_proto::wire::LeaseRef;
 use subtle::ConstantTimeEq;
@@ -63,6 +71,73 @@ pub async fn held_by_each(
                 .cloned()
         })
         .collect())
+}
+
+/// Grants a coordinator remembers; past this it forgets them all and reads them again.
+const MAX_REMEMBERED_GRANTS: usize = 100_000;
+
+/// The grants this coordinator has read, by `(shard, token)` (see the module's notes): for
+/// checks followed by a write that the store guards by `(shard, token, leased)`.
+#[derive(Default)]
+pub struct Grants {
+    known: Mutex<HashMap<(i64, i64), LeaseHolder>>,
+}
+
+impl Grants {
+    /// `held_by_each`, reading only the grants not remembered.
+    pub async fn held_by_each(
+        &self,
+        store: &DynMetastore,
+        workers: &[&str],
+        leases: &[LeaseRef],
+    ) -> Result<Vec<Option<LeaseHolder>>> {
+        let mut found: HashMap<(i64, i64), LeaseHolder> = HashMap::new();
+        let mut unseen = Vec::new();
+        {
+            let known = self.lock();
+            for l in leases {
+                match known.get(&(l.shard_id, l.token)) {
+                    Some(h) => drop(found.insert((l.shard_id, l.token), h.clone())),
+                    None => unseen.push(l.shard_id),
+                }
+            }
+        }
+        if !unseen.is_empty() {
+            unseen.sort_unstable();
+            unseen.dedup();
+            let read = store.lease_holders(&unseen).await?;
+            let mut known = self.lock();
+            if known.len() + read.len() > MAX_REMEMBERED_GRANTS {
+                known.clear();
+            }
+            for h in read {
+                known.insert((h.shard_id, h.token), h.clone());
+                found.insert((h.shard_id, h.token), h);
+            }
+        }
+        Ok(workers
+            .iter()
+            .zip(leases)
+            .map(|(worker, lease)| {
+                found
+                    .get(&(lease.shard_id, lease.token))
+                    .filter(|h| holds(h, worker, lease))
+                    .cloned()
+            })
+            .collect())
+    }
+
+    /// Forgets grants that have ended (completed, released).
+    pub fn forget(&self, leases: impl IntoIterator<Item = LeaseRef>) {
+        let mut known = self.lock();
+        for l in leases {
+            known.remove(&(l.shard_id, l.token));
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i64, i64), LeaseHolder>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[cfg(test)]

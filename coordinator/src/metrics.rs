@@ -1,6 +1,6 @@
 //! The coordinator's metrics, rendered in Prometheus text format. Names are constants here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +36,11 @@ pub const JOB_LOST_SECONDS: &str = "nightshift_job_lost_seconds";
 
 /// What a worker reported last is forgotten after this: the worker went quiet.
 const WORKER_REPORT_MAX_AGE: Duration = Duration::from_secs(60);
+/// Worker reports are pruned by reports at most this often (readers always prune): pruning
+/// looks at every worker, and heartbeats come from every worker every second.
+const WORKER_PRUNE_EVERY: Duration = Duration::from_secs(1);
+/// The window the rows/s gauge is measured over.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
 
 /// What a worker reported with its last heartbeat: its GPUs, the models it holds loaded and
 /// its slots.
@@ -125,10 +130,17 @@ pub struct Metrics {
     copies_started: AtomicU64,
     copies_won: AtomicU64,
     copies_dropped: AtomicU64,
-    /// (when, rows committed) samples for the rows/s gauge.
-    samples: Mutex<Vec<(Instant, u64)>>,
+    /// (when, rows committed) samples for the rows/s gauge, oldest first.
+    samples: Mutex<VecDeque<(Instant, u64)>>,
     /// The latest report of each worker that sent one to this replica.
-    workers: Mutex<BTreeMap<String, (Instant, WorkerState)>>,
+    workers: Mutex<WorkerReports>,
+}
+
+/// Workers' latest reports, and when those too old were last dropped.
+#[derive(Debug)]
+struct WorkerReports {
+    latest: BTreeMap<String, (Instant, WorkerState)>,
+    pruned_at: Instant,
 }
 
 impl Default for Metrics {
@@ -142,8 +154,11 @@ impl Default for Metrics {
             copies_started: AtomicU64::new(0),
             copies_won: AtomicU64::new(0),
             copies_dropped: AtomicU64::new(0),
-            samples: Mutex::new(Vec::new()),
-            workers: Mutex::new(BTreeMap::new()),
+            samples: Mutex::new(VecDeque::new()),
+            workers: Mutex::new(WorkerReports {
+                latest: BTreeMap::new(),
+                pruned_at: Instant::now(),
+            }),
         }
     }
 }
@@ -161,9 +176,7 @@ impl Metrics {
     pub fn rows_committed(&self, rows: u64) {
         let total = self.rows_committed.fetch_add(rows, Ordering::Relaxed) + rows;
         let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        s.push((now, total));
-        s.retain(|(t, _)| now.duration_since(*t) <= Duration::from_secs(60));
+        add_sample(&mut s, Instant::now(), total);
     }
 
     /// A worker's latest GPU samples and loaded models (kept until it sends others or goes
@@ -175,18 +188,21 @@ impl Metrics {
         models: &[LoadedModel],
         slots: Option<u32>,
     ) {
-        let mut workers = self.fresh_workers();
+        let mut workers = self.lock_workers(false);
         let state = WorkerState {
             gpus: gpus.to_vec(),
             models: models.to_vec(),
             slots,
         };
-        workers.insert(worker.to_string(), (Instant::now(), state));
+        workers
+            .latest
+            .insert(worker.to_string(), (Instant::now(), state));
     }
 
     /// The last report of each worker that reported lately.
     pub fn worker_reports(&self) -> BTreeMap<String, WorkerReport> {
         self.fresh_workers()
+            .latest
             .iter()
             .map(|(worker, (_, state))| {
                 let report = WorkerReport {
@@ -199,16 +215,27 @@ impl Metrics {
     }
 
     /// Workers that reported lately, with what they reported.
-    fn fresh_workers(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (Instant, WorkerState)>> {
+    fn fresh_workers(&self) -> std::sync::MutexGuard<'_, WorkerReports> {
+        self.lock_workers(true)
+    }
+
+    /// The workers' reports, those too old dropped first when `prune` or when due.
+    fn lock_workers(&self, prune: bool) -> std::sync::MutexGuard<'_, WorkerReports> {
         let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        workers.retain(|_, (at, _)| now.duration_since(*at) <= WORKER_REPORT_MAX_AGE);
+        if prune || now.duration_since(workers.pruned_at) >= WORKER_PRUNE_EVERY {
+            workers
+                .latest
+                .retain(|_, (at, _)| now.duration_since(*at) <= WORKER_REPORT_MAX_AGE);
+            workers.pruned_at = now;
+        }
         workers
     }
 
     /// The workers that hold a session of the model `uri` loaded, and where.
     pub fn model_holders(&self, uri: &str) -> Vec<ModelHolder> {
         self.fresh_workers()
+            .latest
             .iter()
             .flat_map(|(worker, (_, state))| {
                 state
@@ -227,6 +254,7 @@ impl Metrics {
     fn render_workers(&self, out: &mut String) {
         let workers = self.fresh_workers();
         let fresh: Vec<(&String, &GpuSample)> = workers
+            .latest
             .iter()
             .flat_map(|(w, (_, state))| state.gpus.iter().map(move |g| (w, g)))
             .collect();
@@ -260,7 +288,7 @@ impl Metrics {
             out,
             "# HELP {name} A model session the worker holds loaded.\n# TYPE {name} gauge"
         );
-        for (worker, (_, state)) in workers.iter() {
+        for (worker, (_, state)) in workers.latest.iter() {
             for m in &state.models {
                 let _ = writeln!(
                     out,
@@ -290,7 +318,7 @@ impl Metrics {
     /// Rows committed per second over the last minute on this replica.
     pub fn rows_per_second(&self) -> f64 {
         let s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-        match (s.first(), s.last()) {
+        match (s.front(), s.back()) {
             (Some(a), Some(b)) if b.0 > a.0 => (b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64(),
             _ => 0.0,
         }
@@ -469,6 +497,18 @@ pub fn render_costs(costs: &[(i64, nightshift_proto::wire::CostView)]) -> String
     out
 }
 
+/// Adds a (when, rows committed) sample and drops those that left the window: each request
+/// costs O(1), however many samples a minute holds.
+fn add_sample(samples: &mut VecDeque<(Instant, u64)>, now: Instant, total: u64) {
+    samples.push_back((now, total));
+    while samples
+        .front()
+        .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+    {
+        samples.pop_front();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -603,5 +643,21 @@ mod tests {
             text.contains("nightshift_job_cost_dollars{job=\"4\"} 0.25"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn rate_samples_keep_only_the_window() {
+        let t0 = Instant::now();
+        let mut samples = VecDeque::new();
+        add_sample(&mut samples, t0, 100);
+        add_sample(&mut samples, t0 + Duration::from_secs(31), 400);
+        assert_eq!(samples.len(), 2);
+        add_sample(&mut samples, t0 + RATE_WINDOW + Duration::from_secs(1), 700);
+        let kept: Vec<u64> = samples.iter().map(|(_, rows)| *rows).collect();
+        assert_eq!(kept, [400, 700], "the sample older than the window went");
+        let m = Metrics::default();
+        *m.samples.lock().unwrap() = samples;
+        let rate = m.rows_per_second();
+        assert!((rate - 10.0).abs() < 1e-9, "300 rows in 30 s, not {rate}/s");
     }
 }

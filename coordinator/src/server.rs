@@ -143,7 +143,7 @@ impl Coordinator {
         ));
         tracker.close();
         let app = router(ApiState {
-            service: self.service.clone().coalescing(shutdown.clone(), &tracker),
+            service: Arc::new(self.service.clone().coalescing(shutdown.clone(), &tracker)),
             tokens: Arc::new(Tokens {
                 submit: self.config.submit_tokens.clone(),
                 worker: self.config.worker_tokens.clone(),

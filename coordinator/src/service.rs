@@ -24,7 +24,7 @@ use crate::coalescer::{Coalescer, Limits};
 use crate::cost::PriceTable;
 use crate::fleet::FleetState;
 use crate::job_check::{Checked, check_job};
-use crate::lease_check::{held_by, held_by_each};
+use crate::lease_check::{Grants, held_by};
 use crate::metrics::Metrics;
 use crate::notifier::CallbackConfig;
 use crate::ownership::remove_job_files;
@@ -129,6 +129,8 @@ pub struct Service {
     pub prices: Arc<PriceTable>,
     /// The rows per model call last noted for each job (by uid).
     batch_rows: Arc<Mutex<HashMap<String, u64>>>,
+    /// Grants read for lease checks (`lease_check`).
+    grants: Arc<Grants>,
 }
 
 #[derive(Clone)]
@@ -174,6 +176,7 @@ impl Service {
             max_running_jobs: None,
             fleet: Arc::new(FleetState::default()),
             batch_rows: Arc::default(),
+            grants: Arc::default(),
             prices: Arc::new(PriceTable::default()),
         }
     }
@@ -220,32 +223,32 @@ impl Service {
             shutdown.clone(),
             tasks,
         );
-        let store = self.store.clone();
+        let (store, grants) = (self.store.clone(), self.grants.clone());
         let completions = Coalescer::start(
             COMPLETE_LIMITS,
             Arc::new(move |requests: Vec<(String, LeaseRef)>| {
-                let store = store.clone();
-                Box::pin(async move { complete_lot(&store, &requests).await })
+                let (store, grants) = (store.clone(), grants.clone());
+                Box::pin(async move { complete_lot(&store, &grants, &requests).await })
             }),
             shutdown.clone(),
             tasks,
         );
-        let store = self.store.clone();
+        let (store, grants) = (self.store.clone(), self.grants.clone());
         let heartbeats = Coalescer::start(
             HEARTBEAT_LIMITS,
             Arc::new(move |lots: Vec<HeartbeatLot>| {
-                let store = store.clone();
-                Box::pin(async move { heartbeat_lot(&store, timing, &lots).await })
+                let (store, grants) = (store.clone(), grants.clone());
+                Box::pin(async move { heartbeat_lot(&store, &grants, timing, &lots).await })
             }),
             shutdown.clone(),
             tasks,
         );
-        let (store, stores) = (self.store.clone(), self.stores.clone());
+        let lots = (self.store.clone(), self.grants.clone(), self.stores.clone());
         let checkpoints = Coalescer::start(
             CHECKPOINT_LIMITS,
             Arc::new(move |requests: Vec<Checkpoint>| {
-                let (store, stores) = (store.clone(), stores.clone());
-                Box::pin(async move { checkpoint_lot(&store, &stores, &requests).await })
+                let (store, grants, stores) = lots.clone();
+                Box::pin(async move { checkpoint_lot(&store, &grants, &stores, &requests).await })
             }),
             shutdown,
             tasks,
@@ -619,7 +622,7 @@ impl Service {
         };
         let statuses = match coalesced {
             Some(answer) => answer?,
-            None => heartbeat_lot(&self.store, self.timing, &[lot])
+            None => heartbeat_lot(&self.store, &self.grants, self.timing, &[lot])
                 .await?
                 .pop()
                 .unwrap_or_else(|| Ok(Vec::new()))?,
@@ -666,7 +669,7 @@ impl Service {
         };
         let job_uid = match coalesced {
             Some(answer) => answer??,
-            None => checkpoint_lot(&self.store, &self.stores, &[request])
+            None => checkpoint_lot(&self.store, &self.grants, &self.stores, &[request])
                 .await?
                 .pop()
                 .ok_or(StoreError::Corrupt("no answer for a checkpoint".into()))???,
@@ -702,7 +705,7 @@ impl Service {
         };
         match coalesced {
             Some(answer) => answer?,
-            None => complete_lot(&self.store, &[request])
+            None => complete_lot(&self.store, &self.grants, &[request])
                 .await?
                 .pop()
                 .unwrap_or(Ok(()))?,
@@ -723,7 +726,7 @@ impl Service {
         check_lease_count(leases.len(), MAX_LEASE_BATCH as usize)?;
         let requests: Vec<(String, LeaseRef)> =
             leases.iter().map(|l| (worker.to_string(), *l)).collect();
-        let answers = complete_lot(&self.store, &requests).await?;
+        let answers = complete_lot(&self.store, &self.grants, &requests).await?;
         Ok(answers
             .into_iter()
             .map(|answer| {
@@ -753,7 +756,9 @@ impl Service {
 
     pub async fn release(&self, worker: &str, lease: LeaseRef) -> Result<(), ApiError> {
         self.holder(worker, lease).await?;
-        Ok(self.store.release(lease).await?)
+        self.store.release(lease).await?;
+        self.grants.forget([lease]);
+        Ok(())
     }
 }
 
@@ -761,27 +766,37 @@ impl Service {
 /// those held); the others answer `lease_lost`.
 async fn complete_lot(
     store: &DynMetastore,
+    grants: &Grants,
     requests: &[(String, LeaseRef)],
 ) -> nightshift_metastore::Result<Vec<nightshift_metastore::Result<()>>> {
     let workers: Vec<&str> = requests.iter().map(|(w, _)| w.as_str()).collect();
     let leases: Vec<LeaseRef> = requests.iter().map(|(_, l)| *l).collect();
-    let held = held_by_each(store, &workers, &leases).await?;
+    let held = grants.held_by_each(store, &workers, &leases).await?;
     let lost = |l: &LeaseRef| {
         Err(StoreError::LeaseLost {
             shard_id: l.shard_id,
             token: l.token,
         })
     };
-    on_held(&leases, &held, lost, |mine| async move {
+    let answers = on_held(&leases, &held, lost, |mine| async move {
         store.complete_many(&mine).await
     })
-    .await
+    .await?;
+    grants.forget(
+        leases
+            .iter()
+            .zip(&answers)
+            .filter(|(_, a)| a.is_ok())
+            .map(|(l, _)| *l),
+    );
+    Ok(answers)
 }
 
 /// Heartbeats of several workers: one read checks that each holds the leases it names (any
 /// other answers `lost`), one store call extends the held ones of all of them.
 async fn heartbeat_lot(
     store: &DynMetastore,
+    grants: &Grants,
     timing: LeaseTiming,
     lots: &[HeartbeatLot],
 ) -> nightshift_metastore::Result<Vec<nightshift_metastore::Result<Vec<LeaseStatus>>>> {
@@ -789,7 +804,7 @@ async fn heartbeat_lot(
         .iter()
         .flat_map(|lot| lot.leases.iter().map(|l| (lot.worker.as_str(), *l)))
         .unzip();
-    let held = held_by_each(store, &workers, &leases).await?;
+    let held = grants.held_by_each(store, &workers, &leases).await?;
     let mut held = held.into_iter();
     // Per lot, whether each of its leases is held; lots holding none need no store call.
     let marks: Vec<Vec<bool>> = lots
@@ -853,12 +868,13 @@ async fn heartbeat_lot(
 /// transaction, in shard order (so two lots lock their shards in one order).
 async fn checkpoint_lot(
     store: &DynMetastore,
+    grants: &Grants,
     stores: &Stores,
     requests: &[Checkpoint],
 ) -> nightshift_metastore::Result<Vec<nightshift_metastore::Result<Result<String, ApiError>>>> {
     let workers: Vec<&str> = requests.iter().map(|r| r.worker.as_str()).collect();
     let leases: Vec<LeaseRef> = requests.iter().map(|r| r.lease).collect();
-    let held = held_by_each(store, &workers, &leases).await?;
+    let held = grants.held_by_each(store, &workers, &leases).await?;
     let checks = requests.iter().zip(&held).map(|(r, h)| async move {
         let Some(holder) = h else {
             return Err(ApiError::Metastore(StoreError::LeaseLost {

@@ -201,7 +201,14 @@ async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartb
     let old = CoordinatorClient::new(&api.url, "W").for_worker("slow");
     let first = old.lease("slow", 1).await.unwrap().leases.remove(0);
     let stale = first.lease_ref();
-    // No heartbeat: the lease expires, the reaper returns it, another worker gets it.
+    // One heartbeat: the coordinator now remembers the grant (`lease_check::Grants`), so the
+    // refusals below must come from the store's guarded writes, not from reading it afresh.
+    let hb = old
+        .heartbeat("slow", vec![stale], Vec::new(), Vec::new(), None)
+        .await
+        .unwrap();
+    assert_eq!(hb.leases[0].state, nightshift_proto::LeaseState::Held);
+    // No more heartbeats: the lease expires, the reaper returns it, another worker gets it.
     let new = CoordinatorClient::new(&api.url, "W").for_worker("fast");
     let mut second = None;
     for _ in 0..100 {
