@@ -65,11 +65,6 @@ pub struct OrtArgs {
     pub ort_lib: Option<PathBuf>,
 }
 
-/// mimalloc rather than the platform's malloc: a coordinator serving a thousand workers spent
-/// about a sixth of its CPU in glibc's allocator (load harness, `perf`).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     nightshift_coordinator::failpoints_from_env();
