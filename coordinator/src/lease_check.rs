@@ -55,22 +55,31 @@ pub async fn held_by_each(
     let mut ids: Vec<i64> = leases.iter().map(|l| l.shard_id).collect();
     ids.sort_unstable();
     ids.dedup();
-    let holders: HashMap<i64, LeaseHolder> = store
+    let holders: HashMap<(i64, i64), LeaseHolder> = store
         .lease_holders(&ids)
         .await?
         .into_iter()
-        .map(|h| (h.shard_id, h))
+        .map(|h| ((h.shard_id, h.token), h))
         .collect();
-    Ok(workers
+    Ok(answer(&holders, workers, leases))
+}
+
+/// For each lease, its grant among `grants` (by shard and token) when `workers[i]` holds it.
+fn answer(
+    grants: &HashMap<(i64, i64), LeaseHolder>,
+    workers: &[&str],
+    leases: &[LeaseRef],
+) -> Vec<Option<LeaseHolder>> {
+    workers
         .iter()
         .zip(leases)
         .map(|(worker, lease)| {
-            holders
-                .get(&lease.shard_id)
+            grants
+                .get(&(lease.shard_id, lease.token))
                 .filter(|h| holds(h, worker, lease))
                 .cloned()
         })
-        .collect())
+        .collect()
 }
 
 /// Grants a coordinator remembers; past this it forgets them all and reads them again.
@@ -97,7 +106,9 @@ impl Grants {
             let known = self.lock();
             for l in leases {
                 match known.get(&(l.shard_id, l.token)) {
-                    Some(h) => drop(found.insert((l.shard_id, l.token), h.clone())),
+                    Some(h) => {
+                        found.insert((l.shard_id, l.token), h.clone());
+                    }
                     None => unseen.push(l.shard_id),
                 }
             }
@@ -115,16 +126,7 @@ impl Grants {
                 found.insert((h.shard_id, h.token), h);
             }
         }
-        Ok(workers
-            .iter()
-            .zip(leases)
-            .map(|(worker, lease)| {
-                found
-                    .get(&(lease.shard_id, lease.token))
-                    .filter(|h| holds(h, worker, lease))
-                    .cloned()
-            })
-            .collect())
+        Ok(answer(&found, workers, leases))
     }
 
     /// Forgets grants that have ended (completed, released).
