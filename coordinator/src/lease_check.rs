@@ -13,14 +13,36 @@
 //! guarded by `(shard, token, leased)` in the store, check against what it remembers and read
 //! only grants it has not seen. Whether a remembered grant is still leased is the guarded
 //! write's to say. Other checks (failures, releases) read the grant afresh.
+//!
+//! Heartbeats need not write every time: `Grants` also remembers when this replica last
+//! extended each lease. A lease it extended less than `renew_every` ago is still leased (an
+//! expiry needs a whole TTL without an extension) and is answered `held` without a write, so
+//! at 1,000 workers most heartbeats cost no transaction. What such an answer cannot see
+//! until the next extension: a copy of the shard granted by another replica, or a job that
+//! stopped there; the lease's guarded writes refuse meanwhile, so nothing is ever recorded
+//! for a lease that is not held, and the worker hears of it at most `renew_every` late.
+//! This replica's cancels and decided speculative races drop the remembered extensions at
+//! once (`forget_renewals`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nightshift_proto::wire::LeaseRef;
 use subtle::ConstantTimeEq;
 
-use nightshift_metastore::{DynMetastore, LeaseHolder, Result};
+use nightshift_metastore::{DynMetastore, LeaseHolder, LeaseTiming, Result};
+
+/// A lease is extended in the store when this replica last extended it a quarter of its TTL
+/// ago or more (so it always has three quarters of its TTL left), and at least this often,
+/// which bounds how late a worker hears of a change made by another replica.
+const MAX_RENEW_EVERY: Duration = Duration::from_secs(5);
+
+/// How long after extending a lease this replica may answer its heartbeats without a write.
+pub fn renew_every(timing: LeaseTiming) -> Duration {
+    let quarter_ttl = Duration::from_millis(u64::try_from(timing.ttl_ms / 4).unwrap_or(0));
+    quarter_ttl.min(MAX_RENEW_EVERY)
+}
 
 /// The rule: same token, same worker, same secret (compared in constant time).
 pub fn holds(holder: &LeaseHolder, worker: &str, lease: &LeaseRef) -> bool {
@@ -90,6 +112,8 @@ const MAX_REMEMBERED_GRANTS: usize = 100_000;
 #[derive(Default)]
 pub struct Grants {
     known: Mutex<HashMap<(i64, i64), LeaseHolder>>,
+    /// By shard: the token of the grant this replica last extended, and when.
+    renewed: Mutex<HashMap<i64, (i64, Instant)>>,
 }
 
 impl Grants {
@@ -132,14 +156,45 @@ impl Grants {
     /// Forgets grants that have ended (completed, released).
     pub fn forget(&self, leases: impl IntoIterator<Item = LeaseRef>) {
         let mut known = self.lock();
+        let mut renewed = lock(&self.renewed);
         for l in leases {
             known.remove(&(l.shard_id, l.token));
+            renewed.remove(&l.shard_id);
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i64, i64), LeaseHolder>> {
-        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    /// Whether this replica extended `lease` less than `within` ago.
+    pub fn renewed_within(&self, lease: &LeaseRef, within: Duration) -> bool {
+        lock(&self.renewed)
+            .get(&lease.shard_id)
+            .is_some_and(|&(token, at)| token == lease.token && at.elapsed() < within)
     }
+
+    /// Notes that the store just extended the leases `(shard, token)`.
+    pub fn note_renewed(&self, leases: impl IntoIterator<Item = (i64, i64)>) {
+        let now = Instant::now();
+        let mut renewed = lock(&self.renewed);
+        for (shard_id, token) in leases {
+            if renewed.len() >= MAX_REMEMBERED_GRANTS {
+                renewed.clear();
+            }
+            renewed.insert(shard_id, (token, now));
+        }
+    }
+
+    /// Drops every remembered extension: leases ended other than by their holders (a job
+    /// cancelled, a speculative race decided), and their holders' next heartbeats must say so.
+    pub fn forget_renewals(&self) {
+        lock(&self.renewed).clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i64, i64), LeaseHolder>> {
+        lock(&self.known)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -180,5 +235,45 @@ mod tests {
             ..holder
         };
         assert!(!holds(&unset, "w1", &lease), "a grant without a secret");
+    }
+
+    #[test]
+    fn a_lease_extended_lately_is_fresh_until_its_time_or_a_forget() {
+        let grants = Grants::default();
+        let lease = LeaseRef {
+            shard_id: 3,
+            token: 2,
+            secret: LeaseSecret::from_u128(9),
+        };
+        let within = Duration::from_secs(60);
+        assert!(!grants.renewed_within(&lease, within), "never extended");
+        grants.note_renewed([(3, 2)]);
+        assert!(grants.renewed_within(&lease, within));
+        assert!(
+            !grants.renewed_within(&lease, Duration::ZERO),
+            "extended too long ago"
+        );
+        let older = LeaseRef { token: 1, ..lease };
+        assert!(!grants.renewed_within(&older, within), "another grant");
+        grants.forget_renewals();
+        assert!(!grants.renewed_within(&lease, within), "leases ended");
+        grants.note_renewed([(3, 2)]);
+        grants.forget([lease]);
+        assert!(
+            !grants.renewed_within(&lease, within),
+            "ended by its holder"
+        );
+    }
+
+    #[test]
+    fn leases_are_extended_every_quarter_ttl_and_at_least_every_five_seconds() {
+        let timing = |ttl_ms| LeaseTiming {
+            ttl_ms,
+            backoff_base_ms: 1,
+            backoff_max_ms: 1,
+        };
+        assert_eq!(renew_every(timing(2_000)), Duration::from_millis(500));
+        assert_eq!(renew_every(timing(30_000)), MAX_RENEW_EVERY);
+        assert_eq!(renew_every(timing(-1)), Duration::ZERO, "a nonsense TTL");
     }
 }

@@ -24,7 +24,7 @@ use crate::coalescer::{Coalescer, Limits};
 use crate::cost::PriceTable;
 use crate::fleet::FleetState;
 use crate::job_check::{Checked, check_job};
-use crate::lease_check::{Grants, held_by};
+use crate::lease_check::{Grants, held_by, renew_every};
 use crate::metrics::Metrics;
 use crate::notifier::CallbackConfig;
 use crate::ownership::remove_job_files;
@@ -496,8 +496,14 @@ impl Service {
     pub async fn cancel(&self, id_or_name: &str) -> Result<JobView, ApiError> {
         let job = self.find(id_or_name).await?;
         let job = self.store.cancel_job(job.id).await?;
+        self.leases_ended();
         tracing::info!(job = job.id, "job cancelled");
         self.view(&job).await
+    }
+
+    /// Leases ended other than by their holders: their next heartbeats ask the store.
+    pub(crate) fn leases_ended(&self) {
+        self.grants.forget_renewals();
     }
 
     pub async fn retry(&self, id_or_name: &str) -> Result<JobView, ApiError> {
@@ -792,8 +798,21 @@ async fn complete_lot(
     Ok(answers)
 }
 
+/// What a heartbeat does for one lease it names.
+#[derive(Clone, Copy, PartialEq)]
+enum Beat {
+    /// Not held by the worker: answered `lost`.
+    NotHeld,
+    /// Held and extended by this replica less than `renew_every` ago: answered `held`
+    /// without a write (`lease_check`).
+    Fresh,
+    /// Held: extended in the store, which answers.
+    Due,
+}
+
 /// Heartbeats of several workers: one read checks that each holds the leases it names (any
-/// other answers `lost`), one store call extends the held ones of all of them.
+/// other answers `lost`), one store call extends the held ones of all of them that this
+/// replica has not extended lately.
 async fn heartbeat_lot(
     store: &DynMetastore,
     grants: &Grants,
@@ -805,43 +824,56 @@ async fn heartbeat_lot(
         .flat_map(|lot| lot.leases.iter().map(|l| (lot.worker.as_str(), *l)))
         .unzip();
     let held = grants.held_by_each(store, &workers, &leases).await?;
-    let mut held = held.into_iter();
-    // Per lot, whether each of its leases is held; lots holding none need no store call.
-    let marks: Vec<Vec<bool>> = lots
+    let every = renew_every(timing);
+    let beats: Vec<Beat> = leases
         .iter()
-        .map(|lot| {
-            lot.leases
-                .iter()
-                .map(|_| held.next().flatten().is_some())
-                .collect()
+        .zip(&held)
+        .map(|(l, h)| match h {
+            None => Beat::NotHeld,
+            Some(_) if grants.renewed_within(l, every) => Beat::Fresh,
+            Some(_) => Beat::Due,
         })
         .collect();
-    let mine: Vec<HeartbeatLot> = lots
+    let mut beats_of_lots = Vec::with_capacity(lots.len());
+    let mut rest = beats.as_slice();
+    for lot in lots {
+        let (mine, after) = rest.split_at(lot.leases.len());
+        beats_of_lots.push(mine);
+        rest = after;
+    }
+    let due: Vec<HeartbeatLot> = lots
         .iter()
-        .zip(&marks)
-        .filter(|(_, m)| m.contains(&true))
-        .map(|(lot, m)| HeartbeatLot {
+        .zip(&beats_of_lots)
+        .filter(|(_, b)| b.contains(&Beat::Due))
+        .map(|(lot, b)| HeartbeatLot {
             worker: lot.worker.clone(),
             leases: lot
                 .leases
                 .iter()
-                .zip(m)
-                .filter(|(_, h)| **h)
+                .zip(*b)
+                .filter(|(_, b)| **b == Beat::Due)
                 .map(|(l, _)| *l)
                 .collect(),
         })
         .collect();
-    let mut extended = if mine.is_empty() {
+    let extended = if due.is_empty() {
         Vec::new()
     } else {
-        store.heartbeat_many(&mine, timing).await?
-    }
-    .into_iter();
+        store.heartbeat_many(&due, timing).await?
+    };
+    grants.note_renewed(
+        extended
+            .iter()
+            .flatten()
+            .filter(|s| s.state == LeaseState::Held)
+            .map(|s| (s.shard_id, s.token)),
+    );
+    let mut extended = extended.into_iter();
     Ok(lots
         .iter()
-        .zip(&marks)
-        .map(|(lot, m)| {
-            let mut answers = if m.contains(&true) {
+        .zip(&beats_of_lots)
+        .map(|(lot, b)| {
+            let mut answers = if b.contains(&Beat::Due) {
                 extended.next().unwrap_or_default().into_iter()
             } else {
                 Vec::new().into_iter()
@@ -849,14 +881,18 @@ async fn heartbeat_lot(
             Ok(lot
                 .leases
                 .iter()
-                .zip(m)
-                .map(|(l, held)| match held.then(|| answers.next()).flatten() {
-                    Some(status) => status,
-                    None => LeaseStatus {
+                .zip(*b)
+                .map(|(l, beat)| {
+                    let answered = match beat {
+                        Beat::Fresh => Some(LeaseState::Held),
+                        Beat::Due => answers.next().map(|s| s.state),
+                        Beat::NotHeld => None,
+                    };
+                    LeaseStatus {
                         shard_id: l.shard_id,
                         token: l.token,
-                        state: LeaseState::Lost,
-                    },
+                        state: answered.unwrap_or(LeaseState::Lost),
+                    }
                 })
                 .collect())
         })

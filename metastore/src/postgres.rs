@@ -25,6 +25,17 @@ use crate::{
 
 /// Connections per coordinator replica. Every statement is short, so a few go a long way.
 const POOL_SIZE: u32 = 16;
+/// Connections per replica for relaxed writes (`SqlStore::relaxed`): lease extensions,
+/// checkpoints and completions. Their commits do not wait for the write-ahead log to reach
+/// the disk, so a slow flush (hundreds of milliseconds at times on a cloud disk) no longer
+/// stalls every worker's call. A crash of the database may lose the last few hundred
+/// milliseconds of them, never a part of one, and never one that a later durable commit
+/// (a claim, a job's commit) followed. What is lost is fenced work: a worker whose
+/// checkpoint or completion was lost is refused at its next write (its checkpoint no longer
+/// matches, or its lease expired and was granted anew under a higher token) and the shard is
+/// redone from its last durable checkpoint; parts that were never durably recorded are never
+/// in a manifest. Claims stay durable: a lost claim could hand its token out twice.
+const RELAXED_POOL_SIZE: u32 = 8;
 /// How long a call waits for a free connection before it fails.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The advisory lock that serialises the output check and insert of submissions and retries,
@@ -53,9 +64,14 @@ impl SqlStore<Postgres> {
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await?;
-        Ok(Self::new(pool))
+        let relaxed = PgPoolOptions::new()
+            .max_connections(RELAXED_POOL_SIZE)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(opts.options([("synchronous_commit", "off")]))
+            .await?;
+        Ok(Self { pool, relaxed })
     }
 }
 
@@ -257,7 +273,7 @@ async fn claim_many(
         return Ok(answers);
     }
     let limit = slots.next_power_of_two();
-    let order = rules::serve_order("$8");
+    let order = rules::serve_order("$7", "$8");
     let sql = format!(
         "WITH slot AS ( \
            SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $5::TEXT[]) WITH ORDINALITY \
@@ -347,7 +363,7 @@ async fn heartbeat_many(
         .flat_map(|r| r.leases.iter().copied())
         .collect();
     let (ids, tokens) = columns(&leases);
-    let mut conn = store.pool.acquire().await?;
+    let mut conn = store.relaxed.acquire().await?;
     let extended: Vec<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(per_lease(
         "seen AS ( \
            INSERT INTO workers (id, last_seen_ms) SELECT w, ns_now_ms() FROM unnest($1::TEXT[]) AS u(w) \
@@ -393,7 +409,7 @@ async fn checkpoint_many(
     store: &PgStore,
     checkpoints: &[(LeaseRef, PartRecord)],
 ) -> Result<Vec<Result<()>>> {
-    let mut tx = store.pool.begin().await?;
+    let mut tx = store.relaxed.begin().await?;
     let mut answers: Vec<Result<()>> = checkpoints.iter().map(|_| Ok(())).collect();
     let mut left: Vec<usize> = (0..checkpoints.len()).collect();
     while !left.is_empty() {
@@ -502,7 +518,7 @@ async fn complete_many(store: &PgStore, leases: &[LeaseRef]) -> Result<Vec<Resul
         return Ok(Vec::new());
     }
     let (ids, tokens) = columns(leases);
-    let mut conn = store.pool.acquire().await?;
+    let mut conn = store.relaxed.acquire().await?;
     let finished: Vec<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(per_lease(
         "",
         ("$1", "$2"),

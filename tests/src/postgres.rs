@@ -106,6 +106,19 @@ impl PgServer {
         Self::start_with(&[]).await
     }
 
+    /// Like [`PgServer::start`], but every commit that asks for it waits until its WAL is
+    /// written (`synchronous_commit` on; the disk is still not flushed). A process crash
+    /// (`crash_restart`) then loses what it loses in production: the commits made without
+    /// waiting (the metastore's relaxed writes) whose WAL was still in memory.
+    pub async fn start_crashable() -> Result<Self> {
+        let settings: Vec<&str> = TEST_SETTINGS
+            .iter()
+            .copied()
+            .filter(|s| !s.starts_with("synchronous_commit="))
+            .collect();
+        Self::start_with(&settings).await
+    }
+
     /// The settings `start` uses on top of PostgreSQL's defaults, as `name=value`.
     pub fn test_settings() -> &'static [&'static str] {
         TEST_SETTINGS
@@ -166,6 +179,17 @@ impl PgServer {
     /// operator's restart does; clients see their connections drop meanwhile.
     pub async fn restart(&mut self) -> Result<()> {
         self.process.stop();
+        let mut process = self.launch.spawn(self.port)?;
+        process.wait_ready(self.port).await?;
+        self.process = process;
+        Ok(())
+    }
+
+    /// Crashes the server (an immediate shutdown: no checkpoint, and whatever its processes
+    /// held in memory is gone, WAL not yet written included) and starts it again on the same
+    /// data and port; it recovers from its WAL.
+    pub async fn crash_restart(&mut self) -> Result<()> {
+        self.process.signal_and_wait("-QUIT");
         let mut process = self.launch.spawn(self.port)?;
         process.wait_ready(self.port).await?;
         self.process = process;
@@ -253,13 +277,19 @@ impl Drop for ServerProcess {
 impl ServerProcess {
     /// A fast shutdown, then a kill if it does not stop in time.
     fn stop(&mut self) {
+        // SIGINT is PostgreSQL's fast shutdown: roll back open transactions, close
+        // connections, write a checkpoint, exit.
+        self.signal_and_wait("-INT");
+    }
+
+    /// Sends `signal` (as `kill` spells it) and waits for the exit, then kills the server if
+    /// it does not stop in time.
+    fn signal_and_wait(&mut self, signal: &str) {
         if matches!(self.child.try_wait(), Ok(Some(_))) {
             return;
         }
-        // SIGINT is PostgreSQL's fast shutdown: roll back open transactions, close
-        // connections, write a checkpoint, exit.
         let signalled = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
+            .args([signal, &self.child.id().to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()

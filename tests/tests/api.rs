@@ -237,9 +237,16 @@ async fn stale_tokens_are_refused_on_every_lease_write_and_cancel_reaches_heartb
         .await
         .unwrap();
     assert_eq!(hb.leases[0].state, nightshift_proto::LeaseState::Lost);
-    // The current holder's writes go through; a cancel shows up in its next heartbeat.
+    // The current holder's writes go through; a cancel shows up in its next heartbeat, even
+    // right after a heartbeat that extended the lease (so the coordinator would otherwise
+    // answer from memory, `lease_check::renew_every`).
     let current = second.lease_ref();
     new.checkpoint(current, part, Some(500)).await.unwrap();
+    let hb = new
+        .heartbeat("fast", vec![current], Vec::new(), Vec::new(), None)
+        .await
+        .unwrap();
+    assert_eq!(hb.leases[0].state, nightshift_proto::LeaseState::Held);
     let cancel = api
         .http
         .post(format!("{}/v1/jobs/api-job/cancel", api.url))

@@ -115,7 +115,7 @@ where
             Self::note_worker(&mut tx, &r.worker).await?;
             let jobs: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                 "SELECT id FROM jobs WHERE state = $1 ORDER BY {}",
-                rules::serve_order("$2")
+                rules::serve_order("$1", "$2")
             )))
             .bind(JobState::Running.as_str())
             .bind(ShardState::Leased.as_str())

@@ -121,11 +121,18 @@ pub trait Dialect: Send + Sync + Sized + 'static {
 /// The metastore on a database of dialect `D`.
 pub struct SqlStore<D: Dialect> {
     pub(crate) pool: Pool<D::DB>,
+    /// For writes whose loss in a crash of the database only makes a worker redo fenced
+    /// work (lease extensions, checkpoints, completions): on PostgreSQL its commits do not
+    /// wait for the log to reach the disk (see `postgres.rs`); elsewhere it is `pool`.
+    pub(crate) relaxed: Pool<D::DB>,
 }
 
 impl<D: Dialect> SqlStore<D> {
     pub(crate) fn new(pool: Pool<D::DB>) -> Self {
-        Self { pool }
+        Self {
+            relaxed: pool.clone(),
+            pool,
+        }
     }
 
     /// A connection of the pool.
