@@ -825,32 +825,31 @@ async fn heartbeat_lot(
         .unzip();
     let held = grants.held_by_each(store, &workers, &leases).await?;
     let every = renew_every(timing);
-    let beats: Vec<Beat> = leases
+    let mut held = leases.iter().zip(held);
+    // Per lot, what each of its leases takes; lots with none due need no store call.
+    let beats: Vec<Vec<Beat>> = lots
         .iter()
-        .zip(&held)
-        .map(|(l, h)| match h {
-            None => Beat::NotHeld,
-            Some(_) if grants.renewed_within(l, every) => Beat::Fresh,
-            Some(_) => Beat::Due,
+        .map(|lot| {
+            lot.leases
+                .iter()
+                .map(|_| match held.next() {
+                    Some((l, Some(_))) if grants.renewed_within(l, every) => Beat::Fresh,
+                    Some((_, Some(_))) => Beat::Due,
+                    _ => Beat::NotHeld,
+                })
+                .collect()
         })
         .collect();
-    let mut beats_of_lots = Vec::with_capacity(lots.len());
-    let mut rest = beats.as_slice();
-    for lot in lots {
-        let (mine, after) = rest.split_at(lot.leases.len());
-        beats_of_lots.push(mine);
-        rest = after;
-    }
     let due: Vec<HeartbeatLot> = lots
         .iter()
-        .zip(&beats_of_lots)
+        .zip(&beats)
         .filter(|(_, b)| b.contains(&Beat::Due))
         .map(|(lot, b)| HeartbeatLot {
             worker: lot.worker.clone(),
             leases: lot
                 .leases
                 .iter()
-                .zip(*b)
+                .zip(b)
                 .filter(|(_, b)| **b == Beat::Due)
                 .map(|(l, _)| *l)
                 .collect(),
@@ -871,7 +870,7 @@ async fn heartbeat_lot(
     let mut extended = extended.into_iter();
     Ok(lots
         .iter()
-        .zip(&beats_of_lots)
+        .zip(&beats)
         .map(|(lot, b)| {
             let mut answers = if b.contains(&Beat::Due) {
                 extended.next().unwrap_or_default().into_iter()
@@ -881,7 +880,7 @@ async fn heartbeat_lot(
             Ok(lot
                 .leases
                 .iter()
-                .zip(*b)
+                .zip(b)
                 .map(|(l, beat)| {
                     let answered = match beat {
                         Beat::Fresh => Some(LeaseState::Held),
