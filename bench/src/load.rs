@@ -88,7 +88,7 @@ pub async fn run(a: Args) -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let (db0, cpu0) = (rig.db_counters().await?, rig.coordinator_cpu_secs());
-    let report = simulate(&rig.coordinator.url(), &plan).await?;
+    let report = simulate(&rig, &plan).await?;
     let (db1, cpu1) = (rig.db_counters().await?, rig.coordinator_cpu_secs());
     let secs = report.elapsed.as_secs_f64();
     print_report(&plan, &report, secs);

@@ -26,7 +26,7 @@ async fn a_simulated_fleet_is_served_without_a_lost_lease() {
         .await
         .unwrap();
     let before = rig.db_counters().await.unwrap();
-    let report = simulate(&rig.coordinator.url(), &plan).await.unwrap();
+    let report = simulate(&rig, &plan).await.unwrap();
     print_report(&plan, &report, report.elapsed.as_secs_f64());
     assert_eq!(report.errors, 0, "{:?}", report.first_errors);
     assert_eq!(report.leases_lost, 0);

@@ -7,7 +7,7 @@
 //! they run against: a real `nightshift coordinator` process over PostgreSQL.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -24,7 +24,7 @@ use sqlx::Connection;
 
 use crate::PgServer;
 use crate::cluster::{CoordinatorProc, WORKER_TOKEN};
-use crate::parts::write_part;
+use crate::parts::{STAND_IN_BODY, link_part};
 
 /// How long one HTTP call may take before the simulated worker counts it as an error.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -129,21 +129,27 @@ struct SimWorker {
     id: String,
     http: reqwest::Client,
     base: String,
+    /// The file every part this worker writes links to.
+    part_body: PathBuf,
     plan: LoadPlan,
     specs: HashMap<String, JobSpec>,
     held: Vec<Held>,
     tally: Tally,
 }
 
-/// Runs `plan.workers` simulated workers against the coordinator at `base`, started evenly
-/// over `plan.ramp`, each for `plan.duration`, after which it releases what it holds (as a
+/// Runs `plan.workers` simulated workers against the rig's coordinator, started evenly over
+/// `plan.ramp`, each for `plan.duration`, after which it releases what it holds (as a
 /// draining worker does); answers what they saw.
-pub async fn simulate(base: &str, plan: &LoadPlan) -> Result<LoadReport> {
+pub async fn simulate(rig: &LoadRig, plan: &LoadPlan) -> Result<LoadReport> {
+    let base = rig.coordinator.url();
     // Every worker's HTTP client is made before the first starts: making one costs a few
     // milliseconds of CPU (its TLS setup reads the platform's certificates), which would
     // otherwise be taken from the coordinator and the database during the ramp.
     let workers: Vec<SimWorker> = (0..plan.workers)
-        .map(|i| SimWorker::new(format!("load-w{i:05}"), base, plan.clone()))
+        .map(|i| {
+            let id = format!("load-w{i:05}");
+            SimWorker::new(id, &base, &rig.part_body, plan.clone())
+        })
         .collect();
     let started = Instant::now();
     let step = plan.ramp / plan.workers.max(1) as u32;
@@ -185,7 +191,7 @@ pub async fn simulate(base: &str, plan: &LoadPlan) -> Result<LoadReport> {
 }
 
 impl SimWorker {
-    fn new(id: String, base: &str, plan: LoadPlan) -> Self {
+    fn new(id: String, base: &str, part_body: &Path, plan: LoadPlan) -> Self {
         let http = reqwest::Client::builder()
             .timeout(CALL_TIMEOUT)
             .build()
@@ -194,6 +200,7 @@ impl SimWorker {
             id,
             http,
             base: base.trim_end_matches('/').to_string(),
+            part_body: part_body.to_path_buf(),
             plan,
             specs: HashMap::new(),
             held: Vec::new(),
@@ -349,7 +356,7 @@ impl SimWorker {
 
     /// One checkpoint of `h`; answers it back while it has rows left.
     async fn checkpoint(&mut self, mut h: Held) -> Option<Held> {
-        let part = write_part(&h.lease, h.next_row, 1);
+        let part = link_part(&h.lease, h.next_row, 1, &self.part_body);
         let request = CheckpointRequest {
             worker_id: self.id.clone(),
             lease: h.lease.lease_ref(),
@@ -496,6 +503,8 @@ pub struct LoadRig {
     pub coordinator: CoordinatorProc,
     pub database_url: String,
     pub job_id: i64,
+    /// The stand-in parts' one body, beside the job's output (see `link_part`).
+    pub part_body: PathBuf,
     // The coordinator stops before the server and the directories go.
     pub pg: PgServer,
     _dir: tempfile::TempDir,
@@ -523,6 +532,8 @@ impl LoadRig {
         store.migrate().await?;
         let dir = tempfile::tempdir()?;
         let out = dir.path().join("out");
+        let part_body = dir.path().join("stand-in-part");
+        std::fs::write(&part_body, STAND_IN_BODY)?;
         let job_id = store
             .create_job(NewJob {
                 uid: uuid_like(),
@@ -555,6 +566,7 @@ impl LoadRig {
             coordinator,
             database_url,
             job_id,
+            part_body,
             pg,
             _dir: dir,
         })
