@@ -36,6 +36,14 @@ const POOL_SIZE: u32 = 16;
 /// redone from its last durable checkpoint; parts that were never durably recorded are never
 /// in a manifest. Claims stay durable: a lost claim could hand its token out twice.
 const RELAXED_POOL_SIZE: u32 = 8;
+/// Connections per replica for claims (`SqlStore::claims`): as many as the coordinator has
+/// claim calls in flight.
+const CLAIMS_POOL_SIZE: u32 = 4;
+/// Statements on the relaxed and claim connections find their rows by id from arrays of
+/// requests or through an index whatever the parameters, so one generic plan serves every
+/// call as well as a custom one would. Left to choose, PostgreSQL planned each call afresh
+/// (a claim cost more to plan than to run): a fifth of its CPU at 1,000 workers.
+const GENERIC_PLANS: (&str, &str) = ("plan_cache_mode", "force_generic_plan");
 /// How long a call waits for a free connection before it fails.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The advisory lock that serialises the output check and insert of submissions and retries,
@@ -66,18 +74,24 @@ impl SqlStore<Postgres> {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(opts.clone())
             .await?;
-        // The relaxed writes find their rows by shard id from arrays of requests, so one
-        // generic plan serves every call as well as a custom one would. Left to choose,
-        // PostgreSQL planned each call afresh: a fifth of its CPU at 1,000 workers.
         let relaxed = PgPoolOptions::new()
             .max_connections(RELAXED_POOL_SIZE)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(opts.options([
-                ("synchronous_commit", "off"),
-                ("plan_cache_mode", "force_generic_plan"),
-            ]))
+            .connect_with(
+                opts.clone()
+                    .options([("synchronous_commit", "off"), GENERIC_PLANS]),
+            )
             .await?;
-        Ok(Self { pool, relaxed })
+        let claims = PgPoolOptions::new()
+            .max_connections(CLAIMS_POOL_SIZE)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(opts.options([GENERIC_PLANS]))
+            .await?;
+        Ok(Self {
+            pool,
+            relaxed,
+            claims,
+        })
     }
 }
 
@@ -173,7 +187,7 @@ impl Dialect for Postgres {
         )))
         .bind(shard_ids)
         .bind(ShardState::Leased.as_str())
-        .fetch_all(&store.pool)
+        .fetch_all(&store.relaxed)
         .await?;
         rows.into_iter().map(LeaseHolder::try_from).collect()
     }
@@ -260,11 +274,11 @@ async fn refresh_statistics(store: &PgStore, new_shards: usize) {
 /// treat it as a constant and drop it from ORDER BY: only `shards_job` yields (state, id)
 /// order, so no plan can walk the primary key past finished shards when statistics are stale.
 ///
-/// The limit is written into the text rather than bound: with LIMIT as a parameter the generic
-/// plan looks costlier than any custom one, so PostgreSQL would plan the statement afresh on
-/// every call (about twice the cost of running it). As a literal, rounded up to a power of two
-/// so that few texts exist, each gets its own prepared statement and, after five calls, a
-/// cached plan. Shards locked past the last slot are left as they were. Workers are noted in
+/// The limit is written into the text rather than bound, so that the one plan each text gets
+/// is made for its limit. Rounded up to a power of two so that few texts exist, each is a
+/// prepared statement of the claim connections, which keep one generic plan per statement
+/// (`GENERIC_PLANS`): left to choose, PostgreSQL planned every claim afresh, at more cost than
+/// running it. Shards locked past the last slot are left as they were. Workers are noted in
 /// name order, so that two claims never wait on each other's rows in opposite orders. The
 /// slots are spelled out in Rust rather than in SQL (`generate_series` per request): then the
 /// generic plan's estimates are close to any call's.
@@ -328,7 +342,7 @@ async fn claim_many(
     let mut workers: Vec<&str> = requests.iter().map(|r| r.worker.as_str()).collect();
     workers.sort_unstable();
     workers.dedup();
-    let mut conn = store.pool.acquire().await?;
+    let mut conn = store.claims.acquire().await?;
     let rows: Vec<Answer> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(slot_workers)
         .bind(slot_requests)

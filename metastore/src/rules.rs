@@ -103,13 +103,16 @@ pub(crate) fn checkpoint_refused(
 /// parameter): higher priority first; among equal priority, the job holding the fewest leased
 /// shards (`leased` binds that state), so a job submitted behind a large one is served at the
 /// next claim; then the oldest. The count reads every leased shard of the job (a millisecond
-/// at 2,000 leases), so it is made only when another running job has the same priority.
+/// at 2,000 leases), so it is made only when another running job has the same priority. The
+/// state is matched as a range of one value: a plan made for any value (PostgreSQL's generic
+/// plan) then still counts through the `(job_id, state)` index instead of scanning the table.
 pub(crate) fn serve_order(running: &str, leased: &str) -> String {
     format!(
         "priority DESC, \
          CASE WHEN EXISTS (SELECT 1 FROM jobs o WHERE o.state = {running} \
              AND o.priority = jobs.priority AND o.id <> jobs.id) \
-           THEN (SELECT COUNT(*) FROM shards l WHERE l.job_id = jobs.id AND l.state = {leased}) \
+           THEN (SELECT COUNT(*) FROM shards l WHERE l.job_id = jobs.id \
+             AND l.state >= {leased} AND l.state <= {leased}) \
          END, id"
     )
 }

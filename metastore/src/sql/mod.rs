@@ -125,12 +125,16 @@ pub struct SqlStore<D: Dialect> {
     /// work (lease extensions, checkpoints, completions): on PostgreSQL its commits do not
     /// wait for the log to reach the disk (see `postgres.rs`); elsewhere it is `pool`.
     pub(crate) relaxed: Pool<D::DB>,
+    /// For claims: durable commits, but on PostgreSQL one plan made for any parameters and
+    /// kept (see `postgres.rs`); elsewhere it is `pool`.
+    pub(crate) claims: Pool<D::DB>,
 }
 
 impl<D: Dialect> SqlStore<D> {
     pub(crate) fn new(pool: Pool<D::DB>) -> Self {
         Self {
             relaxed: pool.clone(),
+            claims: pool.clone(),
             pool,
         }
     }
