@@ -123,7 +123,8 @@ pub struct SqlStore<D: Dialect> {
     pub(crate) pool: Pool<D::DB>,
     /// For writes whose loss in a crash of the database only makes a worker redo fenced
     /// work (lease extensions, checkpoints, completions): on PostgreSQL its commits do not
-    /// wait for the log to reach the disk (see `postgres.rs`); elsewhere it is `pool`.
+    /// wait for the log to reach the disk, and they and the lease check's read keep one plan
+    /// made for any parameters (see `postgres.rs`); elsewhere it is `pool`.
     pub(crate) relaxed: Pool<D::DB>,
     /// For claims: durable commits, but on PostgreSQL one plan made for any parameters and
     /// kept (see `postgres.rs`); elsewhere it is `pool`.
