@@ -4,6 +4,7 @@
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use globset::GlobBuilder;
+use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::{ObjectMeta, ObjectStoreExt};
 
 use crate::error::StorageError;
@@ -15,6 +16,9 @@ pub struct InputObject {
     pub location: Location,
     pub meta: ObjectMeta,
 }
+
+/// The most keys S3 answers in one listing page.
+const S3_PAGE_KEYS: usize = 1000;
 
 /// Characters that make an input URI a glob.
 pub const GLOB_CHARS: [char; 4] = ['*', '?', '[', '{'];
@@ -54,11 +58,7 @@ pub async fn list_inputs_upto(
     let source = Source::of(stores, uri).await?;
     let local = source.is_local();
     let glob = uri.contains(GLOB_CHARS);
-    let listed = source
-        .objects()
-        .take(limit.saturating_add(1))
-        .try_collect()
-        .await;
+    let listed = source.first(stores, limit.saturating_add(1)).await;
     let mut objects: Vec<InputObject> = match listed {
         // A glob under a place that does not exist matches nothing.
         Err(StorageError::NotFound { .. }) if glob => Vec::new(),
@@ -178,6 +178,47 @@ impl Source {
                     .is_some_and(|rel| glob.is_match(&rel))
             }),
         })
+    }
+
+    /// At most `n` of the objects, in the order the store lists them. S3 is asked for pages no
+    /// larger than that: a store's cost for a page grows with its keys (moto walks the whole
+    /// bucket per page, then a millisecond per key it answers), whatever the caller keeps.
+    async fn first(self, stores: &Stores, n: usize) -> Result<Vec<InputObject>, StorageError> {
+        let s3 = match &self {
+            Source::Under { base, .. } => stores.s3_client(base)?,
+            Source::One(_) => None,
+        };
+        let (Some(s3), Source::Under { base, keep }) = (s3, &self) else {
+            return self.objects().take(n).try_collect().await;
+        };
+        let prefix = (!base.path().as_ref().is_empty()).then(|| format!("{}/", base.path()));
+        let mut opts = PaginatedListOptions {
+            max_keys: Some(n.min(S3_PAGE_KEYS)),
+            ..Default::default()
+        };
+        let mut found = Vec::new();
+        loop {
+            let page = s3
+                .list_paginated(prefix.as_deref(), opts.clone())
+                .await
+                .map_err(|e| StorageError::from_store(&base.uri(), e))?;
+            found.extend(
+                page.result
+                    .objects
+                    .into_iter()
+                    .filter(|m| keep(m))
+                    .map(|meta| InputObject {
+                        location: base.at(meta.location.clone()),
+                        meta,
+                    }),
+            );
+            match page.page_token {
+                Some(token) if found.len() < n => opts.page_token = Some(token),
+                _ => break,
+            }
+        }
+        found.truncate(n);
+        Ok(found)
     }
 
     fn is_local(&self) -> bool {

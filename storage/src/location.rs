@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use object_store::ObjectStore;
+use object_store::aws::AmazonS3;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 
@@ -226,6 +227,12 @@ impl Stores {
                 uri: out.uri(),
                 message: e.to_string(),
             })
+    }
+
+    /// The S3 client of a location's bucket, for the requests `ObjectStore` cannot shape (a
+    /// listing page of a chosen size); none for a local location.
+    pub(crate) fn s3_client(&self, loc: &Location) -> Result<Option<Arc<AmazonS3>>, StorageError> {
+        Ok(self.s3_bucket(loc)?.map(|b| b.store.clone()))
     }
 
     fn s3_bucket(&self, loc: &Location) -> Result<Option<Arc<S3Bucket>>, StorageError> {

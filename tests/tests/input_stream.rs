@@ -56,3 +56,53 @@ async fn an_s3_input_streams_in_key_order() {
         .unwrap();
     assert!(found.is_empty());
 }
+
+/// A listing up to a limit asks S3 for pages of that size; pages of hidden or unmatched keys
+/// alone do not end it early, and a glob at the bucket's root lists without a prefix.
+#[tokio::test]
+async fn a_listing_up_to_a_limit_reads_past_pages_it_skips() {
+    let s3 = S3Server::start().await.unwrap();
+    s3.create_bucket(BUCKET).await.unwrap();
+    // `_` sorts before lowercase letters: the first pages of two keys hold nothing kept.
+    for name in [
+        "_a",
+        "_b",
+        "_c",
+        "a.csv",
+        "b.parquet",
+        "c.parquet",
+        "d.parquet",
+    ] {
+        s3.put(&format!("s3://{BUCKET}/in/{name}"), "x")
+            .await
+            .unwrap();
+    }
+    s3.put(&format!("s3://{BUCKET}/top.parquet"), "x")
+        .await
+        .unwrap();
+    let names = |objects: &[nightshift_storage::InputObject]| -> Vec<String> {
+        objects.iter().map(|o| o.location.uri()).collect()
+    };
+    let glob = format!("s3://{BUCKET}/in/*.parquet");
+    let some = list_inputs_upto(s3.stores(), &glob, 1).await.unwrap();
+    assert!(!some.complete);
+    assert_eq!(
+        names(&some.objects),
+        [
+            format!("s3://{BUCKET}/in/b.parquet"),
+            format!("s3://{BUCKET}/in/c.parquet")
+        ]
+    );
+    let all = list_inputs_upto(s3.stores(), &format!("s3://{BUCKET}/in/"), 3)
+        .await
+        .unwrap();
+    assert!(!all.complete, "a.csv, b, c and d are not hidden");
+    let whole = list_inputs_upto(s3.stores(), &glob, 3).await.unwrap();
+    assert!(whole.complete);
+    assert_eq!(whole.objects.len(), 3);
+    let root = list_inputs_upto(s3.stores(), &format!("s3://{BUCKET}/*.parquet"), 5)
+        .await
+        .unwrap();
+    assert!(root.complete);
+    assert_eq!(names(&root.objects), [format!("s3://{BUCKET}/top.parquet")]);
+}
