@@ -66,6 +66,14 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     nightshift_worker::allocator::tune();
+    // The benches that time the worker pipeline run it as `nightshift worker` does, and their
+    // baselines in the same process under the same policy.
+    if matches!(
+        cli.command,
+        Command::Pipeline(_) | Command::Gpu(_) | Command::Padding(_) | Command::Text(_)
+    ) {
+        nightshift_worker::scheduling::batch_policy()?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

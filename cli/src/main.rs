@@ -69,6 +69,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     nightshift_coordinator::failpoints_from_env();
     nightshift_worker::allocator::tune();
+    // Before any thread starts: the runtime's and ONNX Runtime's threads inherit the policy.
+    if matches!(cli.command, Command::Run(_) | Command::Worker(_))
+        && let Err(e) = nightshift_worker::scheduling::batch_policy()
+    {
+        eprintln!("warning: the pipeline keeps the default CPU scheduling policy: {e}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -305,6 +305,11 @@ impl Metrics {
         self.shards_completed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Shards completed through this replica since it started.
+    pub fn shards_completed(&self) -> u64 {
+        self.shards_completed.load(Ordering::Relaxed)
+    }
+
     pub fn copies_started(&self, n: usize) {
         self.copies_started.fetch_add(n as u64, Ordering::Relaxed);
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use nightshift_tests::cluster::{self, CoordinatorProc, SUBMIT_TOKEN, WorkerProc, rows_inferred};
 use nightshift_tests::fixtures::Fixture;
 use nightshift_tests::postgres::server_with_database;
-use nightshift_tests::process::{nightshift, output_text, run};
+use nightshift_tests::process::{SCHED_BATCH, SCHED_OTHER, nightshift, output_text, run};
 use nightshift_tests::python::run_script;
 use nightshift_tests::verify::verify_output;
 
@@ -94,6 +94,12 @@ fn two_coordinators_three_workers_exact_output() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    // Workers run the pipeline as throughput work (`SCHED_BATCH`); coordinators answer
+    // requests under the default policy.
+    assert_eq!(a.child.sched_policy(), Some(SCHED_OTHER));
+    for w in &workers {
+        assert_eq!(w.child.sched_policy(), Some(SCHED_BATCH), "{}", w.id);
+    }
     verify_output(job.out.to_str().unwrap(), &job.input, &job.model, 0, &[]).assert_exact(&[]);
     // Every worker took part, through both replicas.
     let done: Vec<_> = shards(&url);

@@ -44,6 +44,21 @@ fn shards(state: &Path) -> Vec<(i64, String, i64, i64)> {
     serde_json::from_str::<Vec<(i64, String, i64, i64)>>(out.trim()).unwrap_or_default()
 }
 
+/// Whether the run has created its state database and its tables (the file appears before
+/// the migrations have run).
+fn has_shards_table(state: &Path) -> bool {
+    let db = state.join("nightshift.db");
+    db.exists()
+        && run_script(
+            "query_sqlite.py",
+            &[
+                db.to_str().unwrap(),
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'shards'",
+            ],
+        )
+        .contains("shards")
+}
+
 #[test]
 fn multi_file_multi_row_group_job_is_exact() {
     let f = Fixture::new();
@@ -180,7 +195,7 @@ fn start_and_wait(
                 std::fs::read_to_string(f.path("run.log")).unwrap_or_default()
             );
         }
-        if f.path("state/nightshift.db").exists() && ready(&shards(&f.path("state"))) {
+        if has_shards_table(&f.path("state")) && ready(&shards(&f.path("state"))) {
             return child;
         }
         assert!(

@@ -27,6 +27,11 @@ pub fn run(mut cmd: Command, limit: Duration) -> Output {
     guard.wait_output(limit)
 }
 
+/// Linux's default CPU scheduling policy (sched(7)).
+pub const SCHED_OTHER: u32 = 0;
+/// Linux's policy for throughput work, which does not preempt on wakeup (sched(7)).
+pub const SCHED_BATCH: u32 = 3;
+
 /// Kills its process when dropped, so no test leaves one behind.
 pub struct ChildGuard {
     child: Option<Child>,
@@ -47,6 +52,15 @@ impl ChildGuard {
 
     pub fn id(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// The process's CPU scheduling policy (`SCHED_OTHER` 0, `SCHED_BATCH` 3, ...: sched(7)),
+    /// field 41 of `/proc/PID/stat`.
+    pub fn sched_policy(&self) -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.id())).ok()?;
+        // The fields after the command name (which may hold spaces) start at field 3.
+        let after = &stat[stat.rfind(')')? + 1..];
+        after.split_whitespace().nth(41 - 3)?.parse().ok()
     }
 
     /// SIGKILL, no warning.

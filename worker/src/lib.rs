@@ -11,6 +11,7 @@ pub mod model_files;
 pub mod model_session;
 pub mod onnx_runtime;
 mod pipeline;
+pub mod scheduling;
 mod shard_error;
 pub mod spot;
 mod tensors;
