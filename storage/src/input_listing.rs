@@ -17,6 +17,16 @@ pub struct InputObject {
     pub meta: ObjectMeta,
 }
 
+impl InputObject {
+    /// An object a listing under `base` found.
+    fn listed(base: &Location, meta: ObjectMeta) -> Self {
+        Self {
+            location: base.at(meta.location.clone()),
+            meta,
+        }
+    }
+}
+
 /// The most keys S3 answers in one listing page.
 const S3_PAGE_KEYS: usize = 1000;
 
@@ -182,7 +192,8 @@ impl Source {
 
     /// At most `n` of the objects, in the order the store lists them. S3 is asked for pages no
     /// larger than that: a store's cost for a page grows with its keys (moto walks the whole
-    /// bucket per page, then a millisecond per key it answers), whatever the caller keeps.
+    /// bucket per page, then about half a millisecond per key it answers), whatever the
+    /// caller keeps.
     async fn first(self, stores: &Stores, n: usize) -> Result<Vec<InputObject>, StorageError> {
         let s3 = match &self {
             Source::Under { base, .. } => stores.s3_client(base)?,
@@ -207,10 +218,7 @@ impl Source {
                     .objects
                     .into_iter()
                     .filter(|m| keep(m))
-                    .map(|meta| InputObject {
-                        location: base.at(meta.location.clone()),
-                        meta,
-                    }),
+                    .map(|meta| InputObject::listed(base, meta)),
             );
             match page.page_token {
                 Some(token) if found.len() < n => opts.page_token = Some(token),
@@ -243,10 +251,7 @@ impl Source {
             .list(prefix.as_ref())
             .try_filter(move |m| std::future::ready(keep(m)))
             .map(move |listed| match listed {
-                Ok(meta) => Ok(InputObject {
-                    location: base.at(meta.location.clone()),
-                    meta,
-                }),
+                Ok(meta) => Ok(InputObject::listed(&base, meta)),
                 Err(object_store::Error::NotFound { .. }) => {
                     Err(StorageError::NotFound { uri: uri.clone() })
                 }
