@@ -119,7 +119,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         }
         Some(old) => {
             if matches!(old.state, JobState::Failed | JobState::Cancelled) {
-                store.retry_job(old.id).await?;
+                store.retry_job(old.id, false).await?;
             }
             let expired = store.recover_after_crash().await?;
             if !args.json {

@@ -65,6 +65,7 @@ impl ApiError {
                 | StoreError::IdempotencyConflict { .. }
                 | StoreError::OutputTaken { .. }
                 | StoreError::BadTransition { .. }
+                | StoreError::FilesRemoved(_)
                 | StoreError::ScheduleExists(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
                 StoreError::JobNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
                 // The database is away: clients retry.

@@ -263,7 +263,7 @@ impl Service {
     }
 
     /// A new job holds an output that cancelled jobs held before it; none of them can be
-    /// retried now, so the files their merge work wrote in place there (which would block this
+    /// retried now, nor after this job ends (`files_removed`), so the files their merge work wrote in place there (which would block this
     /// job's own) go. A failure is logged: the job's merge work then names the file in its way.
     async fn clear_released_output(&self, job: &JobRecord) {
         let cancelled = match self.store.cancelled_at(&job.output_uri).await {
@@ -273,6 +273,12 @@ impl Service {
                 return;
             }
         };
+        // Their checkpoints are about to point at nothing: no retry may resume from them.
+        let ids: Vec<i64> = cancelled.iter().map(|old| old.id).collect();
+        if let Err(e) = self.store.files_removed(&ids).await {
+            tracing::warn!(job = job.id, error = %e, "marking the output's earlier jobs failed; their files stay");
+            return;
+        }
         // One pass per output those jobs wrote to, for all of them.
         let mut by_output: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
         for old in &cancelled {
@@ -508,9 +514,15 @@ impl Service {
 
     pub async fn retry(&self, id_or_name: &str) -> Result<JobView, ApiError> {
         let job = self.find(id_or_name).await?;
-        let job = self.store.retry_job(job.id).await?;
+        let queued = self.max_running_jobs.is_some();
+        let job = self.store.retry_job(job.id, queued).await?;
         if job.planning {
             self.plan_wanted.notify_one();
+        }
+        if queued {
+            // Past the running limit it waits like a new submission; the finalizer loop
+            // starts it when there is room.
+            self.shard_done.notify_one();
         }
         tracing::info!(job = job.id, "job retried");
         self.view(&job).await

@@ -67,6 +67,11 @@ pub enum StoreError {
         state: JobState,
         action: &'static str,
     },
+    #[error(
+        "job {0} cannot be retried: its files were removed when a later job took its output; \
+         submit it again"
+    )]
+    FilesRemoved(i64),
     #[error("a schedule named `{0}` exists already")]
     ScheduleExists(String),
     #[error("database: {0}")]
@@ -324,9 +329,15 @@ pub trait Metastore: Send + Sync + 'static {
     async fn cancel_job(&self, id: i64) -> Result<JobRecord>;
     /// A failed or cancelled job runs again: dead shards go back to pending with fresh
     /// attempts; committed checkpoints stay; a finalizer's claim is dropped; its callback goes
-    /// again when it ends again. A cancelled job
-    /// whose output another job has taken meanwhile is refused (`OutputTaken`).
-    async fn retry_job(&self, id: i64) -> Result<JobRecord>;
+    /// again when it ends again. It runs at once, or, `queued`, waits for `start_queued` as a
+    /// job submitted past the running limit does. A cancelled job whose output another job
+    /// has taken meanwhile is refused (`OutputTaken`), and so is one whose files were removed
+    /// since (`FilesRemoved`).
+    async fn retry_job(&self, id: i64, queued: bool) -> Result<JobRecord>;
+    /// Notes, before they go, that the files of these cancelled jobs are removed (a later job
+    /// took their output): none of them may be retried from its checkpoints any more. A job
+    /// not cancelled is left alone.
+    async fn files_removed(&self, job_ids: &[i64]) -> Result<()>;
     /// Starts queued jobs, by priority then submission order, until `max_running` jobs run;
     /// answers the ids started. Replicas doing it at once never pass the limit.
     async fn start_queued(&self, max_running: u32) -> Result<Vec<i64>>;

@@ -31,6 +31,7 @@ pub fn sqlite() -> Migrator {
             10 => "0010_planning.sql",
             11 => "0011_copies.sql",
             12 => "0012_merge_files.sql",
+            13 => "0013_files_removed.sql",
         )),
         ..Migrator::DEFAULT
     }
@@ -51,6 +52,7 @@ pub fn postgres() -> Migrator {
             10 => "0010_planning.sql",
             11 => "0011_copies.sql",
             12 => "0012_merge_files.sql",
+            13 => "0013_files_removed.sql",
         )),
         ..Migrator::DEFAULT
     }

@@ -13,7 +13,8 @@ use crate::{LeaseHolder, StoreError};
 /// The columns `JobRecord` reads.
 pub(crate) const JOB_COLUMNS: &str = "id, uid, name, idempotency_key, spec_json, spec_hash, \
      state, priority, rows_total, output_uri, error, created_at_ms, started_at_ms, \
-     finished_at_ms, batch_rows, planning, files_planned, files_listed, output_schema";
+     finished_at_ms, batch_rows, planning, files_planned, files_listed, output_schema, \
+     files_removed_at_ms";
 
 /// The columns of `shards` that `ShardRow` reads.
 pub(crate) const SHARD_COLUMNS: &str = "id, job_id, file_index, rows, state, token, attempts, \
@@ -62,6 +63,8 @@ pub struct JobRecord {
     pub files_planned: u64,
     /// Input files the background listing found, once it is done.
     pub files_listed: Option<i64>,
+    /// When its files were removed (it was cancelled, and a later job took its output).
+    pub files_removed_at_ms: Option<i64>,
 }
 
 impl JobRecord {

@@ -114,6 +114,7 @@ contract!(
     jobs::large_job,
     jobs::outputs_are_owned,
     jobs::retry_drops_a_stale_finalizer_claim,
+    jobs::a_cancelled_job_whose_files_were_removed_is_not_retried,
     jobs::jobs_are_listed_a_page_at_a_time_and_filtered,
     jobs::queued_jobs_start_by_priority_then_submission_up_to_the_limit,
     lease::claim_grants_each_shard_once,

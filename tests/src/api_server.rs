@@ -144,4 +144,11 @@ impl Api {
         let resp = req.send().await.unwrap();
         (resp.status(), resp.text().await.unwrap())
     }
+
+    /// A POST without a body (cancel, retry) under `token`.
+    pub async fn post(&self, token: &str, path: &str) -> (StatusCode, String) {
+        let url = format!("{}{path}", self.url);
+        let resp = self.http.post(url).bearer_auth(token).send().await.unwrap();
+        (resp.status(), resp.text().await.unwrap())
+    }
 }

@@ -485,6 +485,11 @@ async fn past_max_running_jobs_a_job_waits_queued_and_starts_when_one_ends() {
         .unwrap();
     assert_eq!(cancel.status(), StatusCode::OK);
     wait_for("second", "running").await;
+    // A retried job counts against the limit like a new one.
+    let (s, body) = api.post("S", "/v1/jobs/first/retry").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(state("first").await, "queued", "one job runs at a time");
 }
 
 /// The dashboard's login: only a submit token makes a cookie, and the cookie opens only the

@@ -91,14 +91,8 @@ async fn a_job_taking_a_cancelled_jobs_output_is_not_blocked_by_its_files() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let cancel = api
-        .http
-        .post(format!("{}/v1/jobs/first/cancel", api.url))
-        .bearer_auth("S")
-        .send()
-        .await
-        .unwrap();
-    assert!(cancel.status().is_success(), "{}", cancel.status());
+    let (s, body) = api.post("S", "/v1/jobs/first/cancel").await;
+    assert!(s.is_success(), "{s}: {body}");
     stop.cancel();
     running.await.expect("worker");
     let left: Vec<_> = data_files(&out).iter().filter_map(|p| owner(p)).collect();
@@ -127,4 +121,33 @@ async fn a_job_taking_a_cancelled_jobs_output_is_not_blocked_by_its_files() {
             file.display()
         );
     }
+}
+
+/// A cancelled job whose files went when a later job took its output cannot be retried, even
+/// once that job is cancelled too and the output is free again: its checkpoints name parts
+/// that no longer exist. The refusal says so (409) and the job stays cancelled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_job_whose_files_were_removed_is_not_retried() {
+    let f = Fixture::new();
+    let data = f.data("in", &["--rows", "2000", "--files", "1"]);
+    let model = f.model("m.onnx", &[]);
+    let input = format!("{}/*.parquet", data.display());
+    let out = f.path("out");
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    for name in ["first", "second"] {
+        let (s, body) = api
+            .submit(Some("S"), None, &spec_toml(name, &input, &model, &out, ""))
+            .await;
+        assert_eq!(s, reqwest::StatusCode::CREATED, "{body}");
+        let (s, body) = api.post("S", &format!("/v1/jobs/{name}/cancel")).await;
+        assert!(s.is_success(), "{s}: {body}");
+    }
+    let (s, body) = api.post("S", "/v1/jobs/first/retry").await;
+    assert_eq!(s, reqwest::StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("files were removed"), "{body}");
+    let (_, view) = api.get(Some("S"), "/v1/jobs/first").await;
+    assert!(view.contains("\"state\":\"cancelled\""), "{view}");
+    // The later job's own files are still there to retry from.
+    let (s, body) = api.post("S", "/v1/jobs/second/retry").await;
+    assert!(s.is_success(), "{s}: {body}");
 }

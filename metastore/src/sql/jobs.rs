@@ -354,6 +354,22 @@ where
         }
     }
 
+    pub(super) async fn files_removed(&self, job_ids: &[i64]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for id in job_ids {
+            sqlx::query(D::sql(
+                "UPDATE jobs SET files_removed_at_ms = {now} \
+                 WHERE id = $1 AND state = $2 AND files_removed_at_ms IS NULL",
+            ))
+            .bind(id)
+            .bind(JobState::Cancelled.as_str())
+            .execute(D::ex(&mut tx))
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Starts queued jobs, by priority then submission, until `max_running` run; answers
     /// their ids in id order. Under the output lock, so replicas doing it at once cannot pass the limit.
     pub(super) async fn start_queued(&self, max_running: u32) -> Result<Vec<i64>> {
@@ -377,8 +393,8 @@ where
     }
 
     /// Dead shards go back to pending with fresh attempts; checkpoints stay; a finalizer's
-    /// claim is dropped.
-    pub(super) async fn retry_job(&self, id: i64) -> Result<JobRecord> {
+    /// claim is dropped. The job runs again, or waits `queued` for `start_queued`.
+    pub(super) async fn retry_job(&self, id: i64, queued: bool) -> Result<JobRecord> {
         let mut tx = self.pool.begin().await?;
         let sql = D::sql("SELECT {job} FROM jobs WHERE id = $1{lock_row}");
         let job: JobRecord = sqlx::query_as(sql)
@@ -392,6 +408,9 @@ where
                 state: job.state,
                 action: "retry",
             });
+        }
+        if job.files_removed_at_ms.is_some() {
+            return Err(StoreError::FilesRemoved(id));
         }
         if job.state == JobState::Cancelled {
             D::lock_outputs(&mut tx).await?;
@@ -413,9 +432,14 @@ where
             "UPDATE jobs SET state = $2, error = NULL, finished_at_ms = NULL, \
              finalizer_owner = NULL, finalizer_expires_at_ms = NULL WHERE id = $1 RETURNING {job}",
         );
+        let state = if queued {
+            JobState::Queued
+        } else {
+            JobState::Running
+        };
         let job = sqlx::query_as(sql)
             .bind(id)
-            .bind(JobState::Running.as_str())
+            .bind(state.as_str())
             .fetch_one(D::ex(&mut tx))
             .await?;
         tx.commit().await?;

@@ -232,8 +232,12 @@ where
         self.cancel_job(id).await
     }
 
-    async fn retry_job(&self, id: i64) -> Result<JobRecord> {
-        self.retry_job(id).await
+    async fn retry_job(&self, id: i64, queued: bool) -> Result<JobRecord> {
+        self.retry_job(id, queued).await
+    }
+
+    async fn files_removed(&self, job_ids: &[i64]) -> Result<()> {
+        self.files_removed(job_ids).await
     }
 
     async fn start_queued(&self, max_running: u32) -> Result<Vec<i64>> {

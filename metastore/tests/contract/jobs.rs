@@ -154,7 +154,7 @@ pub async fn racing_idempotent_creates_make_one_job(store: DynMetastore) {
 pub async fn cancel_and_retry(store: DynMetastore) {
     let id = create(&store, "cancel", "", 2).await;
     assert_err!(
-        store.retry_job(id).await,
+        store.retry_job(id, false).await,
         StoreError::BadTransition {
             state: JobState::Running,
             ..
@@ -179,7 +179,7 @@ pub async fn cancel_and_retry(store: DynMetastore) {
     assert!(store.claim("w1", 5, long()).await.unwrap().is_empty());
 
     // Retry: running again, the dead shard pending with fresh attempts, its checkpoint kept.
-    let retried = store.retry_job(id).await.unwrap();
+    let retried = store.retry_job(id, false).await.unwrap();
     assert_eq!(retried.state, JobState::Running);
     assert_eq!(retried.finished_at_ms, None);
     assert_eq!(retried.error, None);
@@ -223,7 +223,10 @@ pub async fn cancel_and_retry(store: DynMetastore) {
         store.cancel_job(id + 1000).await,
         StoreError::JobNotFound(_)
     );
-    assert_err!(store.retry_job(id + 1000).await, StoreError::JobNotFound(_));
+    assert_err!(
+        store.retry_job(id + 1000, false).await,
+        StoreError::JobNotFound(_)
+    );
 }
 
 pub async fn delete_removes_everything(store: DynMetastore) {
@@ -310,7 +313,7 @@ pub async fn outputs_are_owned(store: DynMetastore) {
         .job()
         .clone();
     assert_err!(
-        store.retry_job(owner.id).await,
+        store.retry_job(owner.id, false).await,
         StoreError::OutputTaken { job_id, .. } if job_id == successor.id
     );
     // Failed and finished jobs keep theirs.
@@ -334,6 +337,32 @@ pub async fn outputs_are_owned(store: DynMetastore) {
     );
 }
 
+/// A cancelled job whose files went when a later job took its output is never retried, even
+/// once that job has ended too: its checkpoints name parts that are gone.
+pub async fn a_cancelled_job_whose_files_were_removed_is_not_retried(store: DynMetastore) {
+    let first = create(&store, "first", "", 1).await;
+    let lease = store.claim("w1", 1, long()).await.unwrap().remove(0);
+    let l = lease_ref(&lease);
+    store.checkpoint(l, &part(l, 0, 4)).await.unwrap();
+    store.cancel_job(first).await.unwrap();
+    let running = create(&store, "running", "", 1).await;
+    store.files_removed(&[first, running]).await.unwrap();
+    store.cancel_job(running).await.unwrap();
+    assert_err!(
+        store.retry_job(first, false).await,
+        StoreError::FilesRemoved(id) if id == first
+    );
+    let job = store.job(first).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Cancelled);
+    assert!(job.files_removed_at_ms.is_some());
+    // Only cancelled jobs are marked: the one running then retries as before.
+    let retried = store.retry_job(running, false).await.unwrap();
+    assert_eq!(
+        (retried.state, retried.files_removed_at_ms),
+        (JobState::Running, None)
+    );
+}
+
 pub async fn retry_drops_a_stale_finalizer_claim(store: DynMetastore) {
     let id = create(&store, "reclaimed", "", 1).await;
     let lease = store.claim("w1", 1, long()).await.unwrap().remove(0);
@@ -347,7 +376,7 @@ pub async fn retry_drops_a_stale_finalizer_claim(store: DynMetastore) {
         .unwrap();
     // The retried job settles again and any finalizer may take it at once: the failed
     // commit's claim does not outlive the retry.
-    store.retry_job(id).await.unwrap();
+    store.retry_job(id, false).await.unwrap();
     store.settle_jobs().await.unwrap();
     let taken = store.claim_finalize("next", 60_000).await.unwrap();
     assert_eq!(taken.map(|j| j.id), Some(id));
@@ -450,4 +479,12 @@ pub async fn queued_jobs_start_by_priority_then_submission_up_to_the_limit(store
     store.cancel_job(ids[2]).await.unwrap();
     assert_eq!(store.start_queued(2).await.unwrap(), [ids[0]]);
     assert_eq!(store.claim("w", 10, long()).await.unwrap().len(), 2);
+    // A job retried past the limit waits queued too, and starts when one ends.
+    let retried = store.retry_job(ids[1], true).await.unwrap();
+    assert_eq!(retried.state, JobState::Queued);
+    assert!(store.start_queued(2).await.unwrap().is_empty(), "two run");
+    assert!(store.claim("w", 10, long()).await.unwrap().is_empty());
+    store.cancel_job(ids[0]).await.unwrap();
+    assert_eq!(store.start_queued(2).await.unwrap(), [ids[1]]);
+    assert_eq!(store.claim("w", 10, long()).await.unwrap().len(), 1);
 }

@@ -182,7 +182,7 @@ pub async fn error_threshold_fails_the_job(store: DynMetastore) {
     assert_eq!(store.settle_jobs().await.unwrap(), 0);
 
     // Retried, it runs to the end and fails again at settling: the poison rows stay committed.
-    store.retry_job(id).await.unwrap();
+    store.retry_job(id, false).await.unwrap();
     for l in [a, b] {
         store.checkpoint(l, &part(l, 5, ROWS - 5)).await.unwrap();
         store.complete(l).await.unwrap();
@@ -674,7 +674,7 @@ pub async fn callbacks_go_once_a_job_ends_and_again_after_a_retry(store: DynMeta
     );
     assert!(store.claim_notifications(10, 0).await.unwrap().is_empty());
     // A retried job calls again when it ends again; an answer to an older try settles nothing.
-    store.retry_job(id).await.unwrap();
+    store.retry_job(id, false).await.unwrap();
     assert!(
         store
             .claim_notifications(10, 60_000)

@@ -139,7 +139,7 @@ pub async fn a_planning_failure_fails_the_job_and_a_retry_plans_on(store: DynMet
     assert!(!store.append_plan(id, &piece(1, 2, 3)).await.unwrap());
 
     // Retried, it is planned on from the file after the last one recorded.
-    store.retry_job(id).await.unwrap();
+    store.retry_job(id, false).await.unwrap();
     let again = store.planning_jobs().await.unwrap();
     assert_eq!(
         again
