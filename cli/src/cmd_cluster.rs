@@ -25,6 +25,12 @@ pub struct CoordinatorArgs {
     /// postgres://... (or a SQLite file for one machine).
     #[arg(long, env = "NIGHTSHIFT_DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+    /// Database connections this replica may hold open at once (PostgreSQL), in all: size it
+    /// so that every replica's fit the server's `max_connections`.
+    #[arg(long, env = "NIGHTSHIFT_DB_CONNECTIONS",
+          default_value_t = nightshift_metastore::postgres::DEFAULT_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(i64::from(nightshift_metastore::postgres::MIN_CONNECTIONS)..))]
+    pub db_connections: u32,
     #[arg(long, default_value = "0.0.0.0:7070")]
     pub listen: SocketAddr,
     /// Tokens that may submit and manage jobs (repeat, or comma-separated in the env).
@@ -205,7 +211,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<ExitCode> {
             "give at least one --submit-token and one --worker-token (or NIGHTSHIFT_SUBMIT_TOKENS / NIGHTSHIFT_WORKER_TOKENS, or --submit-token-file / --worker-token-file)"
         );
     }
-    let store = nightshift_metastore::open(&args.database_url).await?;
+    let store = nightshift_metastore::open_with(&args.database_url, args.db_connections).await?;
     let stores = Arc::new(Stores::new(
         nightshift_storage::s3::S3Settings::load().await,
     ));

@@ -530,9 +530,15 @@ pub type DynMetastore = Arc<dyn Metastore>;
 /// Opens the store a URL names: `sqlite://path` (or a bare path ending in `.db`) or
 /// `postgres://...`, and migrates it.
 pub async fn open(url: &str) -> Result<DynMetastore> {
+    open_with(url, postgres::DEFAULT_CONNECTIONS).await
+}
+
+/// `open`, with at most `connections` database connections at once on PostgreSQL (SQLite
+/// keeps its one).
+pub async fn open_with(url: &str, connections: u32) -> Result<DynMetastore> {
     let store: DynMetastore = if url.starts_with("postgres://") || url.starts_with("postgresql://")
     {
-        Arc::new(postgres::PgStore::connect(url).await?)
+        Arc::new(postgres::PgStore::connect_with(url, connections).await?)
     } else {
         let path = url.strip_prefix("sqlite://").unwrap_or(url);
         Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path)).await?)

@@ -23,22 +23,26 @@ use crate::{
     new_lease_secret, rules,
 };
 
-/// Connections per coordinator replica. Every statement is short, so a few go a long way.
-const POOL_SIZE: u32 = 16;
-/// Connections per replica for relaxed writes (`SqlStore::relaxed`): lease extensions,
-/// checkpoints and completions. Their commits do not wait for the write-ahead log to reach
-/// the disk, so a slow flush (hundreds of milliseconds at times on a cloud disk) no longer
-/// stalls every worker's call. A crash of the database may lose the last few hundred
-/// milliseconds of them, never a part of one, and never one that a later durable commit
-/// (a claim, a job's commit) followed. What is lost is fenced work: a worker whose
-/// checkpoint or completion was lost is refused at its next write (its checkpoint no longer
-/// matches, or its lease expired and was granted anew under a higher token) and the shard is
-/// redone from its last durable checkpoint; parts that were never durably recorded are never
-/// in a manifest. Claims stay durable: a lost claim could hand its token out twice.
-const RELAXED_POOL_SIZE: u32 = 8;
-/// Connections per replica for claims (`SqlStore::claims`): as many as the coordinator has
-/// claim calls in flight.
-const CLAIMS_POOL_SIZE: u32 = 4;
+/// Connections per coordinator replica unless its `--db-connections` says otherwise: those of
+/// the three pools below together. Every statement is short, so a few go a long way; a
+/// database serving several replicas (or behind a server's `max_connections`) may want fewer.
+pub const DEFAULT_CONNECTIONS: u32 = 28;
+/// The fewest connections a replica can work with: one per pool.
+pub const MIN_CONNECTIONS: u32 = 3;
+/// Of every 7 connections, 4 are the general pool's, 2 the relaxed pool's and 1 the claims'.
+/// The relaxed pool (`SqlStore::relaxed`) is for lease extensions, checkpoints and
+/// completions. Their commits do not wait for the write-ahead log to reach the disk, so a slow
+/// flush (hundreds of milliseconds at times on a cloud disk) no longer stalls every worker's
+/// call. A crash of the database may lose the last few hundred milliseconds of them, never a
+/// part of one, and never one that a later durable commit (a claim, a job's commit) followed.
+/// What is lost is fenced work: a worker whose checkpoint or completion was lost is refused at
+/// its next write (its checkpoint no longer matches, or its lease expired and was granted anew
+/// under a higher token) and the shard is redone from its last durable checkpoint; parts that
+/// were never durably recorded are never in a manifest. Claims stay durable (a lost claim
+/// could hand its token out twice); their pool (`SqlStore::claims`) wants as many as the
+/// coordinator has claim calls in flight.
+const POOL_SHARES: (u32, u32, u32) = (4, 2, 1);
+
 /// Statements on the relaxed and claim connections find their rows by id from arrays of
 /// requests or through an index whatever the parameters, so one generic plan serves every
 /// call as well as a custom one would. Left to choose, PostgreSQL planned each call afresh
@@ -55,14 +59,34 @@ const ANALYZE_MIN_SHARDS: usize = 1_000;
 /// (autovacuum's own default threshold for analysing a table).
 const ANALYZE_FRACTION: f64 = 0.1;
 
+/// The sizes of the general, relaxed and claims pools within `total` connections: each its
+/// share, and at least one.
+pub fn pool_sizes(total: u32) -> (u32, u32, u32) {
+    let (general, relaxed, claims) = POOL_SHARES;
+    let share = |n: u32| {
+        let part = u64::from(total) * u64::from(n) / u64::from(general + relaxed + claims);
+        u32::try_from(part).unwrap_or(u32::MAX).max(1)
+    };
+    let (relaxed, claims) = (share(relaxed), share(claims));
+    let general = total.saturating_sub(relaxed + claims).max(1);
+    (general, relaxed, claims)
+}
+
 /// The PostgreSQL dialect.
 pub struct Postgres;
 
 pub type PgStore = SqlStore<Postgres>;
 
 impl SqlStore<Postgres> {
-    /// Connects to the database a `postgres://` URL names. Does not migrate.
+    /// Connects to the database a `postgres://` URL names, with `DEFAULT_CONNECTIONS`. Does
+    /// not migrate.
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, DEFAULT_CONNECTIONS).await
+    }
+
+    /// Connects with at most `connections` connections open at once (`pool_sizes`).
+    pub async fn connect_with(url: &str, connections: u32) -> Result<Self> {
+        let (general, relaxed, claims) = pool_sizes(connections);
         // Every statement here is short and reaches few rows; JIT compiling one whose estimate
         // passes `jit_above_cost` (a bulk insert, a scan over a stale estimate) costs tens or
         // hundreds of milliseconds of CPU for nothing.
@@ -70,12 +94,12 @@ impl SqlStore<Postgres> {
             .application_name("nightshift-coordinator")
             .options([("jit", "off")]);
         let pool = PgPoolOptions::new()
-            .max_connections(POOL_SIZE)
+            .max_connections(general)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(opts.clone())
             .await?;
         let relaxed = PgPoolOptions::new()
-            .max_connections(RELAXED_POOL_SIZE)
+            .max_connections(relaxed)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(
                 opts.clone()
@@ -83,7 +107,7 @@ impl SqlStore<Postgres> {
             )
             .await?;
         let claims = PgPoolOptions::new()
-            .max_connections(CLAIMS_POOL_SIZE)
+            .max_connections(claims)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(opts.options([GENERIC_PLANS]))
             .await?;
@@ -595,4 +619,26 @@ fn per_lease(before: &str, (ids, tokens): (&str, &str), update: &str) -> String 
 /// Shard ids and tokens of leases, as two arrays.
 fn columns(leases: &[LeaseRef]) -> (Vec<i64>, Vec<i64>) {
     leases.iter().map(|l| (l.shard_id, l.token)).unzip()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connections_are_shared_among_the_pools_each_with_at_least_one() {
+        assert_eq!(pool_sizes(DEFAULT_CONNECTIONS), (16, 8, 4));
+        assert_eq!(pool_sizes(7), (4, 2, 1));
+        assert_eq!(pool_sizes(MIN_CONNECTIONS), (1, 1, 1));
+        for total in MIN_CONNECTIONS..200 {
+            let (general, relaxed, claims) = pool_sizes(total);
+            assert_eq!(general + relaxed + claims, total, "{total}");
+            assert!(
+                general >= relaxed && relaxed >= claims && claims >= 1,
+                "{total}"
+            );
+        }
+        let (general, _, _) = pool_sizes(u32::MAX);
+        assert!(general > 0);
+    }
 }

@@ -179,6 +179,51 @@ async fn postgres_is_not_ready_before_migrating() {
     assert!(store.ready().await.unwrap());
 }
 
+/// Connections the coordinator's pools hold open on the database `url` names.
+async fn coordinator_connections(url: &str) -> i64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query_scalar(
+        "SELECT COUNT(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'nightshift-coordinator'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap()
+}
+
+/// A burst of concurrent reads, claims and heartbeats (every pool) never opens more
+/// connections than the store was given; the default opens more for the same burst.
+#[tokio::test]
+async fn postgres_holds_no_more_connections_than_it_is_given() {
+    let pg = PgServer::start().await.unwrap();
+    use nightshift_metastore::postgres::{DEFAULT_CONNECTIONS, MIN_CONNECTIONS};
+    for (connections, most) in [(MIN_CONNECTIONS, 3), (DEFAULT_CONNECTIONS, 28)] {
+        let url = pg.fresh_database().await.unwrap();
+        let store: DynMetastore = nightshift_metastore::open_with(&url, connections)
+            .await
+            .unwrap();
+        let id = create(&store, "burst", "", 4).await;
+        let calls = (0..32).map(|i| {
+            let store = store.clone();
+            async move {
+                let worker = format!("w{i}");
+                let leases = store.claim(&worker, 1, long()).await.unwrap();
+                let refs: Vec<LeaseRef> = leases.iter().map(lease_ref).collect();
+                store.heartbeat(&worker, &refs, long()).await.unwrap();
+                store.job(id).await.unwrap().unwrap();
+            }
+        });
+        futures::future::join_all(calls).await;
+        let open = coordinator_connections(&url).await;
+        assert!((1..=most).contains(&open), "{open} open of {connections}");
+        if connections == MIN_CONNECTIONS {
+            continue;
+        }
+        assert!(open > 3, "the burst wants more than three: {open}");
+    }
+}
+
 // Helpers shared by the cases.
 
 static NEXT_UID: AtomicU64 = AtomicU64::new(0);

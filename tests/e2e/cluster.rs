@@ -437,3 +437,19 @@ fn the_coordinator_takes_its_settings_from_the_environment() {
         "tokens must not be logged:\n{log}"
     );
 }
+
+#[test]
+fn the_coordinator_refuses_fewer_database_connections_than_its_pools() {
+    let f = Fixture::new();
+    let mut cmd = nightshift(Path::new(BIN));
+    cmd.args(["coordinator", "--db-connections", "2", "--database-url"])
+        .arg(f.path("coordinator.db"))
+        .args(["--submit-token", "s", "--worker-token", "w"]);
+    let o = run(cmd, Duration::from_secs(30));
+    let text = output_text(&o);
+    assert_eq!(o.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("--db-connections") && text.contains("3.."),
+        "{text}"
+    );
+}
