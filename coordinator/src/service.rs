@@ -262,22 +262,24 @@ impl Service {
         self
     }
 
-    /// A new job holds an output that cancelled jobs held before it; none of them can be
-    /// retried now, nor after this job ends (`files_removed`), so the files their merge work wrote in place there (which would block this
-    /// job's own) go. A failure is logged: the job's merge work then names the file in its way.
-    async fn clear_released_output(&self, job: &JobRecord) {
-        let cancelled = match self.store.cancelled_at(&job.output_uri).await {
+    /// The job `own_uid` holds `output_uri`, which cancelled jobs held before it. None of them
+    /// can be retried now, nor after this job ends (`files_removed`), so the files their merge
+    /// work wrote in place there (which would block this job's own) go. Answers how many went;
+    /// a failure is logged, and the job's merge work then names the file in its way.
+    async fn clear_released_output(&self, own_uid: &str, output_uri: &str) -> usize {
+        let cancelled = match self.store.cancelled_at(output_uri).await {
             Ok(jobs) => jobs,
             Err(e) => {
-                tracing::warn!(job = job.id, error = %e, "reading the output's earlier jobs failed");
-                return;
+                tracing::warn!(output = output_uri, error = %e, "reading the output's earlier jobs failed");
+                return 0;
             }
         };
+        let cancelled: Vec<&JobRecord> = cancelled.iter().filter(|j| j.uid != own_uid).collect();
         // Their checkpoints are about to point at nothing: no retry may resume from them.
         let ids: Vec<i64> = cancelled.iter().map(|old| old.id).collect();
         if let Err(e) = self.store.files_removed(&ids).await {
-            tracing::warn!(job = job.id, error = %e, "marking the output's earlier jobs failed; their files stay");
-            return;
+            tracing::warn!(output = output_uri, error = %e, "marking the output's earlier jobs failed; their files stay");
+            return 0;
         }
         // One pass per output those jobs wrote to, for all of them.
         let mut by_output: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
@@ -287,6 +289,7 @@ impl Service {
                 .or_default()
                 .insert(old.uid.as_str());
         }
+        let mut total = 0;
         for (output_uri, uids) in by_output {
             let removed = match self.stores.locate(output_uri) {
                 Ok(out) => remove_job_files(&out, &uids).await,
@@ -294,15 +297,38 @@ impl Service {
             };
             match removed {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    job = job.id,
-                    output = output_uri,
-                    files = n,
-                    "cancelled jobs' files removed"
-                ),
-                Err(e) => {
-                    tracing::warn!(job = job.id, output = output_uri, error = %e, "removing cancelled jobs' files failed")
+                Ok(n) => {
+                    total += n;
+                    tracing::info!(
+                        output = output_uri,
+                        files = n,
+                        "cancelled jobs' files removed"
+                    );
                 }
+                Err(e) => {
+                    tracing::warn!(output = output_uri, error = %e, "removing cancelled jobs' files failed")
+                }
+            }
+        }
+        total
+    }
+
+    /// Merge work that failed for good may have met a file that a cancelled job's worker
+    /// finished writing at its output name after this job's submission cleared that job's
+    /// files (the worker learns of the cancel at its next call). Such files go now; if any
+    /// did, the merge is tried again instead of dying.
+    async fn merge_failure_class(&self, holder: &LeaseHolder, class: FailureClass) -> FailureClass {
+        if class != FailureClass::Permanent || holder.merge_files.is_none() {
+            return class;
+        }
+        match self
+            .clear_released_output(&holder.job_uid, &holder.output_uri)
+            .await
+        {
+            0 => class,
+            _ => {
+                tracing::info!(job = %holder.job_uid, shard = holder.shard_id, "merge work met a cancelled job's file, now removed: it is tried again");
+                FailureClass::Retryable
             }
         }
     }
@@ -385,7 +411,8 @@ impl Service {
             .await?;
         let created = matches!(submitted, Submitted::Created(_));
         if created {
-            self.clear_released_output(submitted.job()).await;
+            let job = submitted.job();
+            self.clear_released_output(&job.uid, &job.output_uri).await;
         }
         if created && planning.is_some() {
             self.plan_wanted.notify_one();
@@ -766,9 +793,10 @@ impl Service {
     ) -> Result<(), ApiError> {
         let message: String = message.chars().take(MAX_FAIL_MESSAGE_CHARS).collect();
         check_free_text("message", &message)?;
-        self.holder(worker, lease).await?;
+        let holder = self.holder(worker, lease).await?;
         // Debug formatting escapes the worker's text: it cannot forge log lines.
         tracing::warn!(shard = lease.shard_id, worker = ?worker, %class, error = ?message, "shard failed");
+        let class = self.merge_failure_class(&holder, class).await;
         Ok(self.store.fail(lease, class, &message, self.timing).await?)
     }
 

@@ -3,12 +3,12 @@
 //! blocked by those files, and must not adopt them: at its submission the cancelled job's files
 //! go, and the new job's output is its own and exact.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nightshift_coordinator::AllowList;
 use nightshift_proto::layout::JOB_UID_KEY;
-use nightshift_tests::api_server::start;
+use nightshift_tests::api_server::{Api, start};
 use nightshift_tests::fixtures::{Fixture, spec_toml};
 use nightshift_tests::python::ort_library;
 use nightshift_tests::verify::verify_output;
@@ -38,89 +38,155 @@ fn data_files(out: &Path) -> Vec<std::path::PathBuf> {
     files
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_job_taking_a_cancelled_jobs_output_is_not_blocked_by_its_files() {
-    let f = Fixture::new();
-    // ~1 MB of parts per shard (the features pass through), one file per shard or so.
-    let data = f.data(
-        "in",
-        &[
-            "--rows",
-            "96000",
-            "--files",
-            "4",
-            "--row-group-rows",
-            "2000",
-            "--dim",
-            "64",
-        ],
-    );
-    let model = f.model("m.onnx", &["--hidden", "16", "--dim", "64"]);
-    let input = format!("{}/*.parquet", data.display());
-    let out = f.path("out");
-    let toml = |name: &str| {
-        spec_toml(
+/// Jobs over the same inputs and output, whose merge work writes ~1 MB files in place.
+struct Case {
+    api: Api,
+    input: String,
+    model: PathBuf,
+    out: PathBuf,
+    models: PathBuf,
+}
+
+impl Case {
+    async fn new(f: &Fixture) -> Self {
+        // ~1 MB of parts per shard (the features pass through), one file per shard or so.
+        let data = f.data(
+            "in",
+            &[
+                "--rows",
+                "96000",
+                "--files",
+                "4",
+                "--row-group-rows",
+                "2000",
+                "--dim",
+                "64",
+            ],
+        );
+        Self {
+            api: start(f, AllowList::everything(), 30_000).await,
+            input: format!("{}/*.parquet", data.display()),
+            model: f.model("m.onnx", &["--hidden", "16", "--dim", "64"]),
+            out: f.path("out"),
+            models: f.path("models"),
+        }
+    }
+
+    async fn submit(&self, name: &str) {
+        let toml = spec_toml(
             name,
-            &input,
-            &model,
-            &out,
+            &self.input,
+            &self.model,
+            &self.out,
             "[shards]\nrows = 4000\ncheckpoint_rows = 4000\n",
         )
         .replace(
             "passthrough = [\"id\"]",
             "passthrough = [\"id\", \"features\"]\ntarget_file_mb = 1",
-        )
-    };
-    let api = start(&f, AllowList::everything(), 30_000).await;
-    let worker = || {
-        let mut config = WorkerConfig::new(&api.url, "W");
-        config.ort_lib = Some(ort_library());
-        config.cache_dir = f.path("models");
-        Worker::build(config, Default::default()).expect("worker")
-    };
-    let (s, body) = api.submit(Some("S"), None, &toml("first")).await;
-    assert_eq!(s, reqwest::StatusCode::CREATED, "{body}");
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(worker().run(stop.clone()));
-    // Cancel the first job as soon as its merge work has written a file in place.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while data_files(&out).is_empty() {
-        if Instant::now() > deadline {
-            let (_, view) = api.get(Some("S"), "/v1/jobs/first").await;
-            panic!("no merged file appeared: {view}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let (s, body) = api.post("S", "/v1/jobs/first/cancel").await;
-    assert!(s.is_success(), "{s}: {body}");
-    stop.cancel();
-    running.await.expect("worker");
-    let left: Vec<_> = data_files(&out).iter().filter_map(|p| owner(p)).collect();
-    assert!(
-        !left.is_empty(),
-        "the cancelled job left files at output names"
-    );
-
-    let (s, body) = api.submit(Some("S"), None, &toml("second")).await;
-    assert_eq!(s, reqwest::StatusCode::CREATED, "{body}");
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(worker().run(stop.clone()));
-    api.wait_succeeded("second", Duration::from_secs(180)).await;
-    stop.cancel();
-    running.await.expect("worker");
-    verify_output(out.to_str().unwrap(), &input, &model, 0, &[]).assert_exact(&[]);
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("_manifest.json")).unwrap()).unwrap();
-    let second_uid = manifest["job_uid"].as_str().expect("job_uid").to_string();
-    assert!(!left.contains(&second_uid), "{left:?}");
-    for file in data_files(&out) {
-        assert_eq!(
-            owner(&file).as_deref(),
-            Some(second_uid.as_str()),
-            "{} is not the second job's",
-            file.display()
         );
+        let (s, body) = self.api.submit(Some("S"), None, &toml).await;
+        assert_eq!(s, reqwest::StatusCode::CREATED, "{body}");
     }
+
+    /// A worker running until `stop`.
+    fn worker(
+        &self,
+        stop: &CancellationToken,
+    ) -> tokio::task::JoinHandle<nightshift_worker::WorkerReport> {
+        let mut config = WorkerConfig::new(&self.api.url, "W");
+        config.ort_lib = Some(ort_library());
+        config.cache_dir = self.models.clone();
+        let worker = Worker::build(config, Default::default()).expect("worker");
+        tokio::spawn(worker.run(stop.clone()))
+    }
+
+    /// Runs job `name` until its merge work has written a file in place, then cancels it and
+    /// stops the worker: the job leaves files at output names.
+    async fn cancelled_midway(&self, name: &str) -> Vec<String> {
+        self.submit(name).await;
+        let stop = CancellationToken::new();
+        let running = self.worker(&stop);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while data_files(&self.out).is_empty() {
+            if Instant::now() > deadline {
+                let (_, view) = self.api.get(Some("S"), &format!("/v1/jobs/{name}")).await;
+                panic!("no merged file appeared: {view}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (s, body) = self.api.post("S", &format!("/v1/jobs/{name}/cancel")).await;
+        assert!(s.is_success(), "{s}: {body}");
+        stop.cancel();
+        running.await.expect("worker");
+        let left: Vec<_> = data_files(&self.out)
+            .iter()
+            .filter_map(|p| owner(p))
+            .collect();
+        assert!(
+            !left.is_empty(),
+            "the cancelled job left files at output names"
+        );
+        left
+    }
+
+    /// Runs job `name`, submitted already, to success; checks that its output is exact and
+    /// that every file at an output name is its own, none of `others`'.
+    async fn succeeds_alone(&self, name: &str, others: &[String]) {
+        let stop = CancellationToken::new();
+        let running = self.worker(&stop);
+        self.api
+            .wait_succeeded(name, Duration::from_secs(180))
+            .await;
+        stop.cancel();
+        running.await.expect("worker");
+        let out = self.out.to_str().unwrap();
+        verify_output(out, &self.input, &self.model, 0, &[]).assert_exact(&[]);
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.out.join("_manifest.json")).unwrap())
+                .unwrap();
+        let uid = manifest["job_uid"].as_str().expect("job_uid").to_string();
+        assert!(!others.contains(&uid), "{others:?}");
+        for file in data_files(&self.out) {
+            assert_eq!(
+                owner(&file).as_deref(),
+                Some(uid.as_str()),
+                "{} is not the job's own",
+                file.display()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_taking_a_cancelled_jobs_output_is_not_blocked_by_its_files() {
+    let f = Fixture::new();
+    let case = Case::new(&f).await;
+    let left = case.cancelled_midway("first").await;
+    case.submit("second").await;
+    case.succeeds_alone("second", &left).await;
+}
+
+/// The cancelled job's worker may finish a merged file after the next job's submission
+/// cleared the output (it learns of the cancel at its next call). The next job's merge work
+/// then meets that file at its own output name: the file goes and the merge is tried again,
+/// so the job still succeeds with an output of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_a_cancelled_jobs_worker_finishes_late_does_not_fail_the_next_job() {
+    let f = Fixture::new();
+    let case = Case::new(&f).await;
+    let left = case.cancelled_midway("first").await;
+    let aside = f.path("aside");
+    std::fs::create_dir_all(&aside).unwrap();
+    let late: Vec<PathBuf> = data_files(&case.out);
+    for file in &late {
+        std::fs::rename(file, aside.join(file.file_name().unwrap())).unwrap();
+    }
+    case.submit("second").await;
+    // The late writes land after the submission's clean-up.
+    for file in &late {
+        std::fs::rename(aside.join(file.file_name().unwrap()), file).unwrap();
+    }
+    case.succeeds_alone("second", &left).await;
 }
 
 /// A cancelled job whose files went when a later job took its output cannot be retried, even
