@@ -13,6 +13,7 @@ mod fleet;
 mod fleet_api;
 mod insight;
 mod job_check;
+mod job_view;
 mod lease_check;
 mod loops;
 mod metrics;

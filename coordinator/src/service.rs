@@ -443,7 +443,7 @@ impl Service {
     pub async fn view(&self, job: &JobRecord) -> Result<JobView, ApiError> {
         let (counts, done, errors) = self.store.shard_counts(job.id).await?;
         let now = self.store.now_ms().await?;
-        let mut view = job.view(counts, done, errors, now);
+        let mut view = crate::job_view::job_view(job, counts, done, errors, now);
         if !job.state.is_terminal() {
             view.model_held_by = self.metrics.model_holders(&job.spec.model.uri);
         }

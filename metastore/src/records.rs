@@ -3,8 +3,8 @@
 //! a negative one is an error, not a wrapped number.
 
 use nightshift_proto::wire::{
-    InputFile, JobView, LeaseGrant, LeaseSecret, MergeFiles, PartRecord, PlanningView, ShardCounts,
-    ShardLease, ShardPlan, TokenCounts,
+    InputFile, LeaseGrant, LeaseSecret, MergeFiles, PartRecord, ShardCounts, ShardLease, ShardPlan,
+    TokenCounts,
 };
 use nightshift_proto::{CatchUp, JobSpec, JobState, ShardState};
 
@@ -73,55 +73,6 @@ impl JobRecord {
         match self.state {
             JobState::Running if self.planning => JobState::Planning,
             state => state,
-        }
-    }
-
-    /// How far background planning has come, while it goes on.
-    fn planning_view(&self) -> Option<PlanningView> {
-        (self.planning && !self.state.is_terminal()).then(|| PlanningView {
-            files_planned: self.files_planned,
-            files_listed: self.files_listed.and_then(|n| u64::try_from(n).ok()),
-        })
-    }
-
-    /// The API view, given the shard counts, rows done and error rows, and the database clock.
-    pub fn view(
-        &self,
-        counts: ShardCounts,
-        rows_done: u64,
-        error_rows: u64,
-        now_ms: i64,
-    ) -> JobView {
-        let start = self.started_at_ms.unwrap_or(self.created_at_ms);
-        let end = self.finished_at_ms.unwrap_or(now_ms);
-        let secs = ((end - start).max(1)) as f64 / 1000.0;
-        let rows_per_s = rows_done as f64 / secs;
-        let left = self.rows_total.saturating_sub(rows_done);
-        let eta_s =
-            (!self.state.is_terminal() && rows_per_s > 0.0).then(|| left as f64 / rows_per_s);
-        JobView {
-            id: self.id,
-            name: self.name.clone(),
-            state: self.shown_state(),
-            priority: self.priority,
-            spec_hash: self.spec_hash.clone(),
-            idempotency_key: self.idempotency_key.clone(),
-            output_uri: self.output_uri.clone(),
-            rows_total: self.rows_total,
-            rows_done,
-            error_rows,
-            shards: counts,
-            rows_per_s,
-            eta_s,
-            error: self.error.clone(),
-            created_at_ms: self.created_at_ms,
-            finished_at_ms: self.finished_at_ms,
-            model_held_by: Vec::new(),
-            notify: None,
-            text: None,
-            cost: None,
-            batch_rows: self.batch_rows.and_then(|n| u64::try_from(n).ok()),
-            planning: self.planning_view(),
         }
     }
 }
