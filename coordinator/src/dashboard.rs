@@ -19,6 +19,8 @@ use crate::openapi::{JobPath, SubmitErrors};
 
 /// The login cookie's name.
 pub const COOKIE: &str = "nightshift_session";
+/// The header a TLS-terminating proxy names the client's scheme in.
+const FORWARDED_PROTO: &str = "x-forwarded-proto";
 /// How long a login lasts.
 const SESSION_MAX_AGE: cookie::time::Duration = cookie::time::Duration::hours(12);
 /// Where a refused login lands: the page shows "wrong token".
@@ -87,14 +89,15 @@ pub(crate) struct Login {
 #[utoipa::path(post, path = "/ui/login", tag = "dashboard",
     request_body(content = Login, content_type = "application/x-www-form-urlencoded"),
     responses((status = 303, description = "To `/` with the cookie set, or to `/?login=refused`")))]
-pub(crate) async fn login(State(state): State<ApiState>, Form(form): Form<Login>) -> Response {
+pub(crate) async fn login(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Form(form): Form<Login>,
+) -> Response {
     if authorize_token(&state, form.token.trim(), Role::Submit).is_err() {
         return redirect(REFUSED, None);
     }
-    let cookie = Cookie::build((COOKIE, hex::encode(form.token.trim())))
-        .http_only(true)
-        .same_site(SameSite::Strict)
-        .path("/")
+    let cookie = session_cookie(hex::encode(form.token.trim()), &headers)
         .max_age(SESSION_MAX_AGE)
         .build();
     redirect("/", Some(cookie))
@@ -103,14 +106,28 @@ pub(crate) async fn login(State(state): State<ApiState>, Form(form): Form<Login>
 /// Clears the login cookie.
 #[utoipa::path(post, path = "/ui/logout", tag = "dashboard",
     responses((status = 303, description = "To `/`, the cookie cleared")))]
-pub(crate) async fn logout() -> Response {
-    let cookie = Cookie::build((COOKIE, ""))
-        .http_only(true)
-        .same_site(SameSite::Strict)
-        .path("/")
+pub(crate) async fn logout(headers: HeaderMap) -> Response {
+    let cookie = session_cookie(String::new(), &headers)
         .max_age(cookie::time::Duration::ZERO)
         .build();
     redirect("/", Some(cookie))
+}
+
+/// The login cookie holding `value`: HttpOnly, SameSite=Strict, and `Secure` when the request
+/// came over HTTPS through a proxy that terminates TLS (`X-Forwarded-Proto: https`), so a
+/// browser never sends it, and the token in it, over plain HTTP. A coordinator reached over
+/// plain HTTP (a laptop, a private network) still gets a cookie its browser keeps.
+fn session_cookie(value: String, headers: &HeaderMap) -> cookie::CookieBuilder<'static> {
+    let https = headers
+        .get(FORWARDED_PROTO)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"));
+    Cookie::build((COOKIE, value))
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .secure(https)
+        .path("/")
 }
 
 fn redirect(to: &'static str, cookie: Option<Cookie<'static>>) -> Response {

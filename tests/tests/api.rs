@@ -524,6 +524,18 @@ async fn the_dashboard_cookie_opens_reads_only() {
     for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(set.contains(attr), "{set}");
     }
+    // Over plain HTTP the browser must still keep it; behind an HTTPS proxy it is Secure.
+    assert!(!set.contains("Secure"), "{set}");
+    let proxied = no_redirects
+        .post(format!("{}/ui/login", api.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .body("token=S")
+        .send()
+        .await
+        .unwrap();
+    let secure = proxied.headers()["set-cookie"].to_str().unwrap();
+    assert!(secure.contains("; Secure"), "{secure}");
     let cookie = set.split(';').next().unwrap().to_string();
     let with_cookie = |method: reqwest::Method, path: &str| {
         api.http
