@@ -275,6 +275,9 @@ impl Service {
             }
         };
         let cancelled: Vec<&JobRecord> = cancelled.iter().filter(|j| j.uid != own_uid).collect();
+        if cancelled.is_empty() {
+            return 0;
+        }
         // Their checkpoints are about to point at nothing: no retry may resume from them.
         let ids: Vec<i64> = cancelled.iter().map(|old| old.id).collect();
         if let Err(e) = self.store.files_removed(&ids).await {

@@ -41,6 +41,20 @@ pub(crate) fn can_retry(state: JobState) -> bool {
     matches!(state, JobState::Failed | JobState::Cancelled)
 }
 
+/// Why `job` may not run again, if it may not: it has not ended badly, or its files were
+/// removed when a later job took its output (its checkpoints name parts that are gone).
+pub(crate) fn retry_refusal(job: &JobRecord) -> Option<StoreError> {
+    if !can_retry(job.state) {
+        return Some(StoreError::BadTransition {
+            job_id: job.id,
+            state: job.state,
+            action: "retry",
+        });
+    }
+    job.files_removed_at_ms
+        .map(|_| StoreError::FilesRemoved(job.id))
+}
+
 /// Why a guarded lease write touched nothing, when the lease itself is the reason: it is no
 /// longer held under this token (fencing), or its job stopped running. `None` means the lease
 /// is fine and the write was refused for its own reason.

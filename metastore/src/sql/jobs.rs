@@ -402,15 +402,8 @@ where
             .fetch_optional(D::ex(&mut tx))
             .await?
             .ok_or(StoreError::JobNotFound(id))?;
-        if !rules::can_retry(job.state) {
-            return Err(StoreError::BadTransition {
-                job_id: id,
-                state: job.state,
-                action: "retry",
-            });
-        }
-        if job.files_removed_at_ms.is_some() {
-            return Err(StoreError::FilesRemoved(id));
+        if let Some(refusal) = rules::retry_refusal(&job) {
+            return Err(refusal);
         }
         if job.state == JobState::Cancelled {
             D::lock_outputs(&mut tx).await?;
