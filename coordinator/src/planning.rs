@@ -2,7 +2,7 @@
 //! (`INLINE_PLAN_FILES`) is checked on one file and the job is recorded as planning; this
 //! loop then lists the input, reads its footers in pieces of `PIECE_FILES` (at most
 //! `FOOTER_CONCURRENCY` at once) and records each piece's files and shards as soon as they
-//! are cut (`Metastore::append_plan`), so workers lease the first shards while the rest is
+//! are cut (`Jobs::append_plan`), so workers lease the first shards while the rest is
 //! planned. An object store's listing is read a page at a time as planning goes (it comes in
 //! key order), so the coordinator holds two pieces of it; a local directory, which lists in
 //! no order, is read whole and sorted first.

@@ -1,8 +1,10 @@
 //! The metastore: the single source of truth for jobs, shards, parts and the lease protocol,
-//! behind one trait (`Metastore`). It is written once over SQL (`sql/`), for two dialects
-//! (`sqlite.rs` embedded, `postgres.rs` in production) that add only what they do their own
-//! way; the lease rules are in `rules.rs`, the merge rule in `merges.rs`. Lease times come
-//! from the database clock only. Every lease write is guarded by `(shard, fencing token)`.
+//! behind one trait (`Metastore`) made of parts by concern (`Jobs`, `Leases`, `Copies`,
+//! `Loops`, `Callbacks`, `Schedules`, `Views`, `Fleet`), each implemented once, in its file of
+//! `sql/`. It is written once over SQL, for two dialects (`sqlite.rs` embedded, `postgres.rs`
+//! in production) that add only what they do their own way; the lease rules are in
+//! `rules.rs`, the merge rule in `merges.rs`. Lease times come from the database clock only.
+//! Every lease write is guarded by `(shard, fencing token)`.
 
 pub mod merges;
 mod migrations;
@@ -286,15 +288,23 @@ pub enum JobOutcome {
     Failed(String),
 }
 
+/// The metastore: every part below, and its schema. A `dyn Metastore` answers every part's
+/// operations.
 #[async_trait]
-pub trait Metastore: Send + Sync + 'static {
+pub trait Metastore:
+    Send + Sync + 'static + Jobs + Leases + Copies + Loops + Callbacks + Schedules + Views + Fleet
+{
     /// Brings the schema up to date.
     async fn migrate(&self) -> Result<()>;
     /// The database answers and every migration is applied.
     async fn ready(&self) -> Result<bool>;
+    /// The database clock.
+    async fn now_ms(&self) -> Result<i64>;
+}
 
-    // Jobs.
-
+/// Jobs: submission, reads, cancel, retry and delete (`sql/jobs.rs`).
+#[async_trait]
+pub trait Jobs: Send + Sync {
     /// Inserts a planned job, its input snapshot and its shards in one transaction, ready to
     /// run. With an idempotency key: the same key and spec returns the existing job; the same
     /// key with another spec is refused. An output that overlaps the output of a job that is
@@ -318,12 +328,15 @@ pub trait Metastore: Send + Sync + 'static {
     async fn job_by_name(&self, name: &str) -> Result<Option<JobRecord>>;
     /// Jobs that pass `filter`, newest first.
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>>;
+    /// Running jobs, oldest first.
+    async fn running_jobs(&self) -> Result<Vec<JobRecord>>;
     /// The cancelled jobs whose output overlaps `uri`'s (a job there now holds it, so none of
     /// them can be retried), oldest first.
     async fn cancelled_at(&self, uri: &str) -> Result<Vec<JobRecord>>;
     async fn shard_counts(&self, job_id: i64) -> Result<ShardTally>;
     async fn shards(&self, job_id: i64) -> Result<Vec<ShardRow>>;
     async fn input_files(&self, job_id: i64) -> Result<Vec<InputFile>>;
+    async fn parts(&self, job_id: i64) -> Result<Vec<PartRow>>;
     /// Cancels a job that has not ended, finalizing included (its commit then stops before
     /// `_SUCCESS`); a cancelled job answers as it is.
     async fn cancel_job(&self, id: i64) -> Result<JobRecord>;
@@ -343,9 +356,15 @@ pub trait Metastore: Send + Sync + 'static {
     async fn start_queued(&self, max_running: u32) -> Result<Vec<i64>>;
     /// Removes a job and everything it owns.
     async fn delete_job(&self, id: i64) -> Result<()>;
+    /// Notes the rows per model call a worker of the job `job_uid` reports.
+    async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<()>;
+    /// Notes the output schema (`schema`, JSON) of the job `job_uid` unless it has one.
+    async fn note_output_schema(&self, job_uid: &str, schema: &str) -> Result<()>;
+}
 
-    // Lease protocol.
-
+/// The lease protocol: every write guarded by `(shard, fencing token)` (`sql/lease.rs`).
+#[async_trait]
+pub trait Leases: Send + Sync {
     /// Grants up to `max` pending shards of running jobs, highest priority first.
     async fn claim(&self, worker: &str, max: u32, timing: LeaseTiming) -> Result<Vec<ShardLease>>;
     /// Several workers' claims at once (a coordinator coalescing concurrent lease requests):
@@ -373,10 +392,6 @@ pub trait Metastore: Send + Sync + 'static {
         requests: &[HeartbeatLot],
         timing: LeaseTiming,
     ) -> Result<Vec<Vec<LeaseStatus>>>;
-    /// Notes the rows per model call a worker of the job `job_uid` reports.
-    async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<()>;
-    /// Notes the output schema (`schema`, JSON) of the job `job_uid` unless it has one.
-    async fn note_output_schema(&self, job_uid: &str, schema: &str) -> Result<()>;
     /// Records a durably written part and moves the checkpoint past it.
     async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()>;
     /// Several checkpoints in one transaction (a coordinator coalescing concurrent ones): one
@@ -400,11 +415,11 @@ pub trait Metastore: Send + Sync + 'static {
     ) -> Result<()>;
     /// Gives a shard back with its progress; does not count as an attempt.
     async fn release(&self, lease: LeaseRef) -> Result<()>;
+}
 
-    // Background loops; each safe to run on several replicas at once.
-
-    /// Expired leases go back to pending after a backoff, or dead past max attempts.
-    async fn reap_expired(&self, timing: LeaseTiming) -> Result<u64>;
+/// Speculative copies of stragglers (`sql/copies.rs`).
+#[async_trait]
+pub trait Copies: Send + Sync {
     /// Copies of stragglers for a worker with `max` free slots that found no pending shard
     /// (`speculation.rs` has the rule): at most `max`, never of a shard the worker holds, each
     /// from its original's checkpoint under a lease of its own.
@@ -419,6 +434,13 @@ pub trait Metastore: Send + Sync + 'static {
     /// wins, the other's parts past the copy's first row never count, and the loser's lease is
     /// lost. A job with a copy is not settled until its race is decided.
     async fn resolve_copies(&self) -> Result<CopyOutcome>;
+}
+
+/// What the background loops ask; each safe to run on several replicas at once (`sql/loops.rs`).
+#[async_trait]
+pub trait Loops: Send + Sync {
+    /// Expired leases go back to pending after a backoff, or dead past max attempts.
+    async fn reap_expired(&self, timing: LeaseTiming) -> Result<u64>;
     /// Running jobs with no open shards move on: to finalizing, or to failed when shards died
     /// or too many rows were poison.
     async fn settle_jobs(&self) -> Result<u64>;
@@ -429,22 +451,27 @@ pub trait Metastore: Send + Sync + 'static {
     /// replica may take it at its next pass). False when `owner` no longer holds it or the job
     /// is no longer finalizing (cancelled meanwhile).
     async fn extend_finalize(&self, job_id: i64, owner: &str, ttl_ms: i64) -> Result<bool>;
-    async fn parts(&self, job_id: i64) -> Result<Vec<PartRow>>;
-    /// The files merge work wrote for a job (its output files), in row order.
-    async fn merged_parts(&self, job_id: i64) -> Result<Vec<PartRow>>;
-    /// Running jobs, oldest first.
-    async fn running_jobs(&self) -> Result<Vec<JobRecord>>;
+    /// Ends a finalizing job (only its finalizer's claim may).
+    async fn finish_job(&self, job_id: i64, owner: &str, outcome: JobOutcome) -> Result<()>;
     /// A job's row shards from the first one no merge covers, in order, up to and with the
     /// first that is not done: all the merge rule reads (`merges.rs`).
     async fn merge_candidates(&self, job_id: i64) -> Result<Vec<MergeCandidate>>;
     /// Creates merge work for `groups` of a running job; a group already made is skipped.
     /// Answers how many were made.
     async fn create_merges(&self, job_id: i64, groups: &[MergeGroup]) -> Result<u64>;
-    /// Ends a finalizing job (only its finalizer's claim may).
-    async fn finish_job(&self, job_id: i64, owner: &str, outcome: JobOutcome) -> Result<()>;
+    /// The files merge work wrote for a job (its output files), in row order.
+    async fn merged_parts(&self, job_id: i64) -> Result<Vec<PartRow>>;
+    async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics>;
+    /// For a database no other process uses (local mode, after a crash; the run holds its lock
+    /// file): every lease and finalizer claim still marked held is from the dead run, so all
+    /// expire now instead of waiting out their TTL; the reaper returns the shards to the queue
+    /// and the finalizer takes the job again. Returns the shards freed.
+    async fn recover_after_crash(&self) -> Result<u64>;
+}
 
-    // Completion callbacks (a job's `[notify] url`), made with the job.
-
+/// Completion callbacks (a job's `[notify] url`), made with the job (`sql/notify.rs`).
+#[async_trait]
+pub trait Callbacks: Send + Sync {
     /// Takes up to `limit` callbacks of ended jobs that are due, each for one try that holds it
     /// for `hold_ms` (no other replica takes it meanwhile).
     async fn claim_notifications(&self, limit: u32, hold_ms: i64) -> Result<Vec<DueNotification>>;
@@ -458,9 +485,11 @@ pub trait Metastore: Send + Sync + 'static {
     ) -> Result<bool>;
     /// The job's callback and its last attempt, if it has one.
     async fn notification(&self, job_id: i64) -> Result<Option<NotifyView>>;
+}
 
-    // Schedules.
-
+/// Schedules and what their fire times made (`sql/schedules.rs`).
+#[async_trait]
+pub trait Schedules: Send + Sync {
     /// A new schedule; a name already taken is refused (`ScheduleExists`).
     async fn create_schedule(&self, schedule: NewSchedule) -> Result<ScheduleRecord>;
     /// Every schedule, by name.
@@ -489,8 +518,11 @@ pub trait Metastore: Send + Sync + 'static {
     ) -> Result<()>;
     /// The latest `limit` fire times of a schedule, newest first.
     async fn fires(&self, schedule_id: i64, limit: u32) -> Result<Vec<FireRecord>>;
+}
 
-    async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics>;
+/// What the dashboard reads beyond jobs (`sql/views.rs`).
+#[async_trait]
+pub trait Views: Send + Sync {
     /// Rows a job committed per `bucket_ms` of the database clock, oldest first.
     async fn rows_over_time(&self, job_id: i64, bucket_ms: i64) -> Result<Vec<RowsAt>>;
     /// Workers that claimed within `window_ms`, or hold a lease now, with the rows their
@@ -503,9 +535,11 @@ pub trait Metastore: Send + Sync + 'static {
     /// The spec of the newest job with `hash` that has not ended (lease answers name specs
     /// by hash).
     async fn spec_by_hash(&self, hash: &str) -> Result<Option<JobSpec>>;
-    /// The database clock.
-    async fn now_ms(&self) -> Result<i64>;
+}
 
+/// Workers' machines, draining and lease time by machine (`sql/fleet.rs`).
+#[async_trait]
+pub trait Fleet: Send + Sync {
     /// Records what a worker says about its machine (and that it was seen now).
     async fn note_machine(&self, worker: &str, machine: &WorkerMachine) -> Result<()>;
     /// Marks a worker to drain; false when no such worker is known.
@@ -517,12 +551,6 @@ pub trait Metastore: Send + Sync + 'static {
     async fn draining_workers(&self, window_ms: i64) -> Result<Vec<String>>;
     /// A job's lease time by kind of machine, ended leases and held ones.
     async fn job_usage(&self, job_id: i64) -> Result<Vec<UsageSum>>;
-
-    /// For a database no other process uses (local mode, after a crash; the run holds its lock
-    /// file): every lease and finalizer claim still marked held is from the dead run, so all
-    /// expire now instead of waiting out their TTL; the reaper returns the shards to the queue
-    /// and the finalizer takes the job again. Returns the shards freed.
-    async fn recover_after_crash(&self) -> Result<u64>;
 }
 
 pub type DynMetastore = Arc<dyn Metastore>;

@@ -1,59 +1,66 @@
-//! The numbered SQL files in `migrations/`, embedded at build time.
+//! The numbered SQL files in `migrations/`, embedded at build time. Both dialects have the
+//! same files, listed once.
 
 use std::borrow::Cow;
 
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 
-macro_rules! migrations {
-    ($dir:literal: $($version:literal => $file:literal),+ $(,)?) => {
-        vec![$(Migration::new(
-            $version,
-            Cow::Borrowed($file),
-            MigrationType::Simple,
-            sqlx::SqlSafeStr::into_sql_str(include_str!(concat!("../../migrations/", $dir, "/", $file))),
-            false,
-        )),+]
+/// One migration: its version, its file, and the file's SQL in each dialect's folder.
+struct File {
+    version: i64,
+    name: &'static str,
+    sqlite: &'static str,
+    postgres: &'static str,
+}
+
+macro_rules! files {
+    ($($version:literal => $name:literal),+ $(,)?) => {
+        [$(File {
+            version: $version,
+            name: $name,
+            sqlite: include_str!(concat!("../../migrations/sqlite/", $name)),
+            postgres: include_str!(concat!("../../migrations/postgres/", $name)),
+        }),+]
     };
 }
 
+const FILES: &[File] = &files! {
+    1 => "0001_initial.sql",
+    2 => "0002_claim_order.sql",
+    3 => "0003_ownership.sql",
+    4 => "0004_merges.sql",
+    5 => "0005_notify.sql",
+    6 => "0006_schedules.sql",
+    7 => "0007_parts_time.sql",
+    8 => "0008_part_tokens.sql",
+    9 => "0009_fleet.sql",
+    10 => "0010_planning.sql",
+    11 => "0011_copies.sql",
+    12 => "0012_merge_files.sql",
+    13 => "0013_files_removed.sql",
+};
+
 pub fn sqlite() -> Migrator {
-    Migrator {
-        migrations: Cow::Owned(migrations!("sqlite":
-            1 => "0001_initial.sql",
-            2 => "0002_claim_order.sql",
-            3 => "0003_ownership.sql",
-            4 => "0004_merges.sql",
-            5 => "0005_notify.sql",
-            6 => "0006_schedules.sql",
-            7 => "0007_parts_time.sql",
-            8 => "0008_part_tokens.sql",
-            9 => "0009_fleet.sql",
-            10 => "0010_planning.sql",
-            11 => "0011_copies.sql",
-            12 => "0012_merge_files.sql",
-            13 => "0013_files_removed.sql",
-        )),
-        ..Migrator::DEFAULT
-    }
+    migrator(|f| f.sqlite)
 }
 
 pub fn postgres() -> Migrator {
+    migrator(|f| f.postgres)
+}
+
+/// Every migration, with its SQL in one dialect.
+fn migrator(sql: fn(&File) -> &'static str) -> Migrator {
+    let migrations = FILES.iter().map(|f| {
+        Migration::new(
+            f.version,
+            Cow::Borrowed(f.name),
+            MigrationType::Simple,
+            sqlx::SqlSafeStr::into_sql_str(sql(f)),
+            false,
+        )
+    });
     Migrator {
-        migrations: Cow::Owned(migrations!("postgres":
-            1 => "0001_initial.sql",
-            2 => "0002_claim_order.sql",
-            3 => "0003_ownership.sql",
-            4 => "0004_merges.sql",
-            5 => "0005_notify.sql",
-            6 => "0006_schedules.sql",
-            7 => "0007_parts_time.sql",
-            8 => "0008_part_tokens.sql",
-            9 => "0009_fleet.sql",
-            10 => "0010_planning.sql",
-            11 => "0011_copies.sql",
-            12 => "0012_merge_files.sql",
-            13 => "0013_files_removed.sql",
-        )),
+        migrations: Cow::Owned(migrations.collect()),
         ..Migrator::DEFAULT
     }
 }

@@ -5,7 +5,7 @@
 //! row over its recently done shards). A worker with a free slot that finds no pending shard
 //! gets a copy of a straggler it does not hold: the rest of the shard, from the original's
 //! checkpoint, under a lease of its own (a shard of kind `copy`, fenced like any other). The
-//! first of the two to complete wins (`Metastore::resolve_copies`): the original's parts past
+//! first of the two to complete wins (`Copies::resolve_copies`): the original's parts past
 //! the copy's first row are dropped and the copy's parts take their place, or the copy is
 //! dropped with its parts. The loser's next heartbeat finds its lease lost.
 

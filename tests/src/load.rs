@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use nightshift_metastore::postgres::PgStore;
-use nightshift_metastore::{Metastore, NewJob};
+use nightshift_metastore::{Jobs, Metastore, NewJob};
 use nightshift_proto::wire::{
     CheckpointRequest, CompleteRequest, HeartbeatRequest, HeartbeatResponse, InputFile, JobPlan,
     LeaseGrant, LeaseRef, LeaseRequest, LeaseResponse, ReleaseRequest, ShardLease, ShardPlan,

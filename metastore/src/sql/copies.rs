@@ -1,11 +1,13 @@
 //! Speculative copies of stragglers (`speculation.rs` has the rule): finding stragglers,
 //! granting a copy, and deciding each race once one side has finished.
 
+use async_trait::async_trait;
 use nightshift_proto::wire::ShardLease;
 use nightshift_proto::{JobState, ShardState};
 use sqlx::{ColumnIndex, Encode, Type};
 
 use super::{Conn, Dialect, RowOf, SqlStore, Value};
+use crate::Copies;
 use crate::rules::ShardKind;
 use crate::speculation::{MEDIAN_SAMPLE, ShardTiming, SpeculationPolicy, stragglers};
 use crate::{CopyOutcome, LeaseTiming, Result, new_lease_secret};
@@ -21,17 +23,19 @@ struct Race {
     original: ShardState,
 }
 
-impl<D: Dialect> SqlStore<D>
+#[async_trait]
+impl<D: Dialect> Copies for SqlStore<D>
 where
     for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
     for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    for<'r> Option<i64>: Encode<'r, D::DB>,
     usize: ColumnIndex<RowOf<D>>,
     i64: Value<D::DB>,
     String: Value<D::DB>,
     bool: Value<D::DB>,
 {
     /// Copies of stragglers for `worker`, at most `max`, none of a shard it holds.
-    pub(super) async fn speculate(
+    async fn speculate(
         &self,
         worker: &str,
         max: u32,
@@ -59,6 +63,54 @@ where
         Ok(leases)
     }
 
+    /// Decides every race that is over: a copy that completed while its original still runs
+    /// (or waits) wins; a copy whose original finished first, or that stopped (expired,
+    /// released, failed), is dropped with its parts.
+    async fn resolve_copies(&self) -> Result<CopyOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let races: Vec<Race> = sqlx::query_as(
+            "SELECT c.id, c.copy_of, c.state, s.state AS original FROM shards c \
+             JOIN shards s ON s.id = c.copy_of \
+             WHERE c.kind = $1 AND (c.state <> $2 OR s.state IN ($3, $4)) ORDER BY c.id",
+        )
+        .bind(ShardKind::Copy.as_str())
+        .bind(ShardState::Leased.as_str())
+        .bind(ShardState::Done.as_str())
+        .bind(ShardState::Dead.as_str())
+        .fetch_all(D::ex(&mut tx))
+        .await?;
+        let mut outcome = CopyOutcome::default();
+        for race in races {
+            let open = matches!(race.original, ShardState::Leased | ShardState::Pending);
+            if race.state == ShardState::Done && open && Self::adopt_copy(&mut tx, &race).await? {
+                outcome.won += 1;
+            } else {
+                outcome.dropped += 1;
+            }
+            sqlx::query("DELETE FROM parts WHERE shard_id = $1")
+                .bind(race.id)
+                .execute(D::ex(&mut tx))
+                .await?;
+            sqlx::query("DELETE FROM shards WHERE id = $1")
+                .bind(race.id)
+                .execute(D::ex(&mut tx))
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(outcome)
+    }
+}
+
+impl<D: Dialect> SqlStore<D>
+where
+    for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
+    for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    for<'r> Option<i64>: Encode<'r, D::DB>,
+    usize: ColumnIndex<RowOf<D>>,
+    i64: Value<D::DB>,
+    String: Value<D::DB>,
+    bool: Value<D::DB>,
+{
     /// Running jobs, planned whole, with no pending row shard and a few leased ones.
     async fn tail_jobs(conn: &mut Conn<D>, policy: &SpeculationPolicy) -> Result<Vec<i64>> {
         Ok(sqlx::query_scalar(
@@ -134,43 +186,6 @@ where
         .bind(ShardKind::Rows.as_str())
         .fetch_optional(D::ex(conn))
         .await?)
-    }
-
-    /// Decides every race that is over: a copy that completed while its original still runs
-    /// (or waits) wins; a copy whose original finished first, or that stopped (expired,
-    /// released, failed), is dropped with its parts.
-    pub(super) async fn resolve_copies(&self) -> Result<CopyOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let races: Vec<Race> = sqlx::query_as(
-            "SELECT c.id, c.copy_of, c.state, s.state AS original FROM shards c \
-             JOIN shards s ON s.id = c.copy_of \
-             WHERE c.kind = $1 AND (c.state <> $2 OR s.state IN ($3, $4)) ORDER BY c.id",
-        )
-        .bind(ShardKind::Copy.as_str())
-        .bind(ShardState::Leased.as_str())
-        .bind(ShardState::Done.as_str())
-        .bind(ShardState::Dead.as_str())
-        .fetch_all(D::ex(&mut tx))
-        .await?;
-        let mut outcome = CopyOutcome::default();
-        for race in races {
-            let open = matches!(race.original, ShardState::Leased | ShardState::Pending);
-            if race.state == ShardState::Done && open && Self::adopt_copy(&mut tx, &race).await? {
-                outcome.won += 1;
-            } else {
-                outcome.dropped += 1;
-            }
-            sqlx::query("DELETE FROM parts WHERE shard_id = $1")
-                .bind(race.id)
-                .execute(D::ex(&mut tx))
-                .await?;
-            sqlx::query("DELETE FROM shards WHERE id = $1")
-                .bind(race.id)
-                .execute(D::ex(&mut tx))
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(outcome)
     }
 
     /// The original of a copy that won is done, fenced (its holder's token is stale), and

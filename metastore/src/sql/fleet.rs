@@ -2,23 +2,27 @@
 //! workers, and each job's lease time by kind of machine (for its cost). Lease times are kept
 //! by the migration's triggers on `shards`, whatever statement grants or ends a lease.
 
+use async_trait::async_trait;
 use nightshift_proto::ShardState;
 use sqlx::{ColumnIndex, Encode, Type};
 
 use super::{Dialect, RowOf, SqlStore, Value};
+use crate::Fleet;
 use crate::Result;
 use crate::records::{UsageSum, WorkerMachine};
 
-impl<D: Dialect> SqlStore<D>
+#[async_trait]
+impl<D: Dialect> Fleet for SqlStore<D>
 where
     for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
     for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    for<'r> Option<i64>: Encode<'r, D::DB>,
     usize: ColumnIndex<RowOf<D>>,
     i64: Value<D::DB>,
     String: Value<D::DB>,
     bool: Value<D::DB>,
 {
-    pub(super) async fn note_machine(&self, worker: &str, machine: &WorkerMachine) -> Result<()> {
+    async fn note_machine(&self, worker: &str, machine: &WorkerMachine) -> Result<()> {
         let instance = machine.instance.as_ref();
         let sql = D::sql(
             "INSERT INTO workers (id, last_seen_ms, instance_id, instance_type, capacity_type, \
@@ -39,7 +43,7 @@ where
         Ok(())
     }
 
-    pub(super) async fn request_drain(&self, worker: &str) -> Result<bool> {
+    async fn request_drain(&self, worker: &str) -> Result<bool> {
         let sql = D::sql(
             "UPDATE workers SET drain_requested_at_ms = COALESCE(drain_requested_at_ms, {now}) \
              WHERE id = $1",
@@ -51,7 +55,7 @@ where
         Ok(D::affected(&done) > 0)
     }
 
-    pub(super) async fn drain_told(&self, worker: &str) -> Result<()> {
+    async fn drain_told(&self, worker: &str) -> Result<()> {
         let sql = D::sql(
             "UPDATE workers SET drain_told_at_ms = COALESCE(drain_told_at_ms, {now}) \
              WHERE id = $1 AND drain_requested_at_ms IS NOT NULL",
@@ -63,7 +67,7 @@ where
         Ok(())
     }
 
-    pub(super) async fn draining_workers(&self, window_ms: i64) -> Result<Vec<String>> {
+    async fn draining_workers(&self, window_ms: i64) -> Result<Vec<String>> {
         let sql = D::sql(
             "SELECT id FROM workers WHERE drain_requested_at_ms IS NOT NULL \
              AND last_seen_ms > {now} - $1 ORDER BY id",
@@ -76,7 +80,7 @@ where
 
     /// Ended leases from `lease_usage`, plus the leases held now up to the database clock,
     /// summed by the kind of machine they ran on.
-    pub(super) async fn job_usage(&self, job_id: i64) -> Result<Vec<UsageSum>> {
+    async fn job_usage(&self, job_id: i64) -> Result<Vec<UsageSum>> {
         let sql = D::sql(
             "SELECT instance_type, capacity_type, slots, gpus, \
              CAST(SUM(held_ms) AS BIGINT) AS held_ms, CAST(SUM(lost_ms) AS BIGINT) AS lost_ms \

@@ -1,10 +1,12 @@
 //! Jobs: submission (idempotent, one owner per output), reads, cancel, retry and delete.
 
+use async_trait::async_trait;
 use nightshift_proto::wire::{InputFile, JobPlan};
 use nightshift_proto::{JobState, ShardState};
 use sqlx::{ColumnIndex, Encode, Type};
 
 use super::{Conn, Dialect, RowOf, SqlStore, Value};
+use crate::Jobs;
 use crate::records::{FileRow, ShardTally, StateTally, tally};
 use crate::rules::{self, CANCELLABLE, ShardKind};
 use crate::{
@@ -39,10 +41,12 @@ fn same_key(existing: JobRecord, key: &str, hash: &str) -> Result<Submitted> {
     }
 }
 
-impl<D: Dialect> SqlStore<D>
+#[async_trait]
+impl<D: Dialect> Jobs for SqlStore<D>
 where
     for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
     for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    for<'r> Option<i64>: Encode<'r, D::DB>,
     usize: ColumnIndex<RowOf<D>>,
     i64: Value<D::DB>,
     String: Value<D::DB>,
@@ -51,7 +55,7 @@ where
     /// Inserts a job with its input files and shards in one transaction, under the output
     /// lock: a racing submission of the same key has committed or not begun, so the key and
     /// the output are judged on what is there.
-    pub(super) async fn create_job(&self, job: NewJob) -> Result<Submitted> {
+    async fn create_job(&self, job: NewJob) -> Result<Submitted> {
         let hash = job.spec.hash();
         let spec_json = serde_json::to_string(&job.spec)
             .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
@@ -85,6 +89,315 @@ where
         )))
     }
 
+    /// Fails a job whose background planning found a problem; it stays `planning`, so that a
+    /// retry plans on from where it stopped.
+    async fn fail_planning(&self, job_id: i64, message: &str) -> Result<()> {
+        sqlx::query(D::sql(
+            "UPDATE jobs SET state = $2, error = $3, finished_at_ms = {now} \
+             WHERE id = $1 AND planning AND state IN ($4, $5)",
+        ))
+        .bind(job_id)
+        .bind(JobState::Failed.as_str())
+        .bind(message)
+        .bind(JobState::Running.as_str())
+        .bind(JobState::Queued.as_str())
+        .execute(D::ex(&mut *self.conn().await?))
+        .await?;
+        Ok(())
+    }
+
+    /// Jobs still being planned that have not ended.
+    async fn planning_jobs(&self) -> Result<Vec<JobRecord>> {
+        let sql = D::sql("SELECT {job} FROM jobs WHERE planning AND state IN ($1, $2) ORDER BY id");
+        Ok(sqlx::query_as(sql)
+            .bind(JobState::Running.as_str())
+            .bind(JobState::Queued.as_str())
+            .fetch_all(D::ex(&mut *self.conn().await?))
+            .await?)
+    }
+
+    /// The cancelled jobs whose output overlaps `uri`'s, oldest first.
+    async fn cancelled_at(&self, uri: &str) -> Result<Vec<JobRecord>> {
+        let sql = D::sql(&format!(
+            "SELECT {{job}} FROM jobs WHERE state = $2 AND {OVERLAPS} ORDER BY id"
+        ));
+        Ok(sqlx::query_as(sql)
+            .bind(output_key(uri))
+            .bind(JobState::Cancelled.as_str())
+            .fetch_all(D::ex(&mut *self.conn().await?))
+            .await?)
+    }
+
+    async fn job_by_name(&self, name: &str) -> Result<Option<JobRecord>> {
+        let sql = D::sql("SELECT {job} FROM jobs WHERE name = $1 ORDER BY id DESC LIMIT 1");
+        Ok(sqlx::query_as(sql)
+            .bind(name)
+            .fetch_optional(D::ex(&mut *self.conn().await?))
+            .await?)
+    }
+
+    /// Jobs that pass `filter`, newest first. Prefixes are compared as text, not as patterns.
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>> {
+        let sql = D::sql(
+            "SELECT {job} FROM jobs WHERE id < $2 \
+               AND ($3 IS NULL OR state = $3) \
+               AND ($4 IS NULL OR substr(name, 1, length($4)) = $4) \
+               AND ($5 IS NULL OR substr(idempotency_key, 1, length($5)) = $5) \
+             ORDER BY id DESC LIMIT $1",
+        );
+        let schedule = filter.schedule.as_deref().map(crate::schedule_key_prefix);
+        Ok(sqlx::query_as(sql)
+            .bind(i64::from(filter.limit))
+            .bind(filter.before_id.unwrap_or(i64::MAX))
+            .bind(filter.state.map(JobState::as_str))
+            .bind(filter.name_prefix.as_deref())
+            .bind(schedule.as_deref())
+            .fetch_all(D::ex(&mut *self.conn().await?))
+            .await?)
+    }
+
+    /// Running jobs, oldest first.
+    async fn running_jobs(&self) -> Result<Vec<JobRecord>> {
+        let sql = D::sql("SELECT {job} FROM jobs WHERE state = $1 ORDER BY id");
+        Ok(sqlx::query_as(sql)
+            .bind(JobState::Running.as_str())
+            .fetch_all(D::ex(&mut *self.conn().await?))
+            .await?)
+    }
+
+    async fn shard_counts(&self, job_id: i64) -> Result<ShardTally> {
+        let rows: Vec<StateTally> = sqlx::query_as(
+            "SELECT state, kind = $3 AS copies, COUNT(*) AS n, \
+             CAST(COALESCE(SUM(checkpoint_rows), 0) AS BIGINT) AS done, \
+             CAST(COALESCE(SUM(error_rows), 0) AS BIGINT) AS errors \
+             FROM shards WHERE job_id = $1 AND kind IN ($2, $3) GROUP BY state, kind",
+        )
+        .bind(job_id)
+        .bind(ShardKind::Rows.as_str())
+        .bind(ShardKind::Copy.as_str())
+        .fetch_all(D::ex(&mut *self.conn().await?))
+        .await?;
+        Ok(tally(rows))
+    }
+
+    async fn shards(&self, job_id: i64) -> Result<Vec<ShardRow>> {
+        let sql = D::sql("SELECT {shard} FROM shards WHERE job_id = $1 AND kind = $2 ORDER BY id");
+        Ok(sqlx::query_as(sql)
+            .bind(job_id)
+            .bind(ShardKind::Rows.as_str())
+            .fetch_all(D::ex(&mut *self.conn().await?))
+            .await?)
+    }
+
+    async fn input_files(&self, job_id: i64) -> Result<Vec<InputFile>> {
+        let rows: Vec<FileRow> = sqlx::query_as(
+            "SELECT uri, size, etag FROM input_files WHERE job_id = $1 ORDER BY idx",
+        )
+        .bind(job_id)
+        .fetch_all(D::ex(&mut *self.conn().await?))
+        .await?;
+        Ok(rows.into_iter().map(InputFile::from).collect())
+    }
+
+    async fn parts(&self, job_id: i64) -> Result<Vec<PartRow>> {
+        let sql = D::sql(
+            "SELECT {part} FROM parts p WHERE p.job_id = $1 ORDER BY p.shard_id, p.row_start",
+        );
+        Ok(sqlx::query_as(sql)
+            .bind(job_id)
+            .fetch_all(D::ex(&mut *self.conn().await?))
+            .await?)
+    }
+
+    /// One guarded statement; a job already cancelled answers as it is.
+    async fn cancel_job(&self, id: i64) -> Result<JobRecord> {
+        let mut conn = self.conn().await?;
+        let sql = D::sql(
+            "UPDATE jobs SET state = $2, finished_at_ms = {now}, finalizer_owner = NULL, \
+             finalizer_expires_at_ms = NULL \
+             WHERE id = $1 AND state IN ($3, $4, $5, $6, $7) RETURNING {job}",
+        );
+        let mut query = sqlx::query_as(sql)
+            .bind(id)
+            .bind(JobState::Cancelled.as_str());
+        for state in CANCELLABLE {
+            query = query.bind(state.as_str());
+        }
+        if let Some(job) = query.fetch_optional(D::ex(&mut conn)).await? {
+            return Ok(job);
+        }
+        let job = Self::job_in(&mut conn, id)
+            .await?
+            .ok_or(StoreError::JobNotFound(id))?;
+        match job.state {
+            JobState::Cancelled => Ok(job),
+            state => Err(StoreError::BadTransition {
+                job_id: id,
+                state,
+                action: "cancel",
+            }),
+        }
+    }
+
+    async fn files_removed(&self, job_ids: &[i64]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for id in job_ids {
+            sqlx::query(D::sql(
+                "UPDATE jobs SET files_removed_at_ms = {now} \
+                 WHERE id = $1 AND state = $2 AND files_removed_at_ms IS NULL",
+            ))
+            .bind(id)
+            .bind(JobState::Cancelled.as_str())
+            .execute(D::ex(&mut tx))
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Starts queued jobs, by priority then submission, until `max_running` run; answers
+    /// their ids in id order. Under the output lock, so replicas doing it at once cannot pass the limit.
+    async fn start_queued(&self, max_running: u32) -> Result<Vec<i64>> {
+        let mut tx = self.pool.begin().await?;
+        D::lock_outputs(&mut tx).await?;
+        let mut started: Vec<i64> = sqlx::query_scalar(D::sql(
+            "UPDATE jobs SET state = $2, started_at_ms = {now} \
+             WHERE id IN (SELECT id FROM jobs WHERE state = $3 ORDER BY priority DESC, id \
+               LIMIT (SELECT CASE WHEN COUNT(*) < $1 THEN $1 - COUNT(*) ELSE 0 END \
+                      FROM jobs WHERE state = $2)) \
+             RETURNING id",
+        ))
+        .bind(i64::from(max_running))
+        .bind(JobState::Running.as_str())
+        .bind(JobState::Queued.as_str())
+        .fetch_all(D::ex(&mut tx))
+        .await?;
+        tx.commit().await?;
+        started.sort_unstable();
+        Ok(started)
+    }
+
+    /// Dead shards go back to pending with fresh attempts; checkpoints stay; a finalizer's
+    /// claim is dropped. The job runs again, or waits `queued` for `start_queued`.
+    async fn retry_job(&self, id: i64, queued: bool) -> Result<JobRecord> {
+        let mut tx = self.pool.begin().await?;
+        let sql = D::sql("SELECT {job} FROM jobs WHERE id = $1{lock_row}");
+        let job: JobRecord = sqlx::query_as(sql)
+            .bind(id)
+            .fetch_optional(D::ex(&mut tx))
+            .await?
+            .ok_or(StoreError::JobNotFound(id))?;
+        if let Some(refusal) = rules::retry_refusal(&job) {
+            return Err(refusal);
+        }
+        if job.state == JobState::Cancelled {
+            D::lock_outputs(&mut tx).await?;
+            if let Some(taken) = Self::output_conflict(&mut tx, &job.output_uri, id).await? {
+                return Err(taken);
+            }
+        }
+        sqlx::query(
+            "UPDATE shards SET state = $2, attempts = 0, not_before_ms = 0, error = NULL, \
+             error_class = NULL WHERE job_id = $1 AND state = $3",
+        )
+        .bind(id)
+        .bind(ShardState::Pending.as_str())
+        .bind(ShardState::Dead.as_str())
+        .execute(D::ex(&mut tx))
+        .await?;
+        Self::reset_notification(&mut tx, id).await?;
+        let sql = D::sql(
+            "UPDATE jobs SET state = $2, error = NULL, finished_at_ms = NULL, \
+             finalizer_owner = NULL, finalizer_expires_at_ms = NULL WHERE id = $1 RETURNING {job}",
+        );
+        let state = if queued {
+            JobState::Queued
+        } else {
+            JobState::Running
+        };
+        let job = sqlx::query_as(sql)
+            .bind(id)
+            .bind(state.as_str())
+            .fetch_one(D::ex(&mut tx))
+            .await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    async fn delete_job(&self, id: i64) -> Result<()> {
+        sqlx::query("DELETE FROM jobs WHERE id = $1")
+            .bind(id)
+            .execute(D::ex(&mut *self.conn().await?))
+            .await?;
+        Ok(())
+    }
+
+    async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET batch_rows = $1 WHERE uid = $2 AND batch_rows IS DISTINCT FROM $1",
+        )
+        .bind(count(rows))
+        .bind(job_uid)
+        .execute(D::ex(&mut *self.conn().await?))
+        .await?;
+        Ok(())
+    }
+
+    async fn note_output_schema(&self, job_uid: &str, schema: &str) -> Result<()> {
+        sqlx::query("UPDATE jobs SET output_schema = $1 WHERE uid = $2 AND output_schema IS NULL")
+            .bind(schema)
+            .bind(job_uid)
+            .execute(D::ex(&mut *self.conn().await?))
+            .await?;
+        Ok(())
+    }
+
+    /// Records the next piece of a job planned in the background (see the trait).
+    async fn append_plan(&self, job_id: i64, piece: &PlanPiece) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE jobs SET files_planned = files_planned + $2, rows_total = rows_total + $3, \
+               files_listed = $4, planning = $5 \
+             WHERE id = $1 AND planning AND files_planned = $6 AND state IN ($7, $8)",
+        )
+        .bind(job_id)
+        .bind(count(piece.plan.files.len() as u64))
+        .bind(count(piece.plan.rows_total))
+        .bind(piece.listed.map(count))
+        .bind(!piece.last)
+        .bind(count(piece.after))
+        .bind(JobState::Running.as_str())
+        .bind(JobState::Queued.as_str())
+        .execute(D::ex(&mut tx))
+        .await?;
+        if D::affected(&moved) == 0 {
+            return Ok(false);
+        }
+        D::insert_plan(&mut tx, job_id, &piece.plan, piece.after).await?;
+        tx.commit().await?;
+        D::after_create(self, piece.plan.shards.len()).await;
+        Ok(true)
+    }
+
+    async fn job_by_key(&self, key: &str) -> Result<Option<JobRecord>> {
+        Self::job_by_key_in(&mut *self.conn().await?, key).await
+    }
+
+    async fn job(&self, id: i64) -> Result<Option<JobRecord>> {
+        Self::job_in(&mut *self.conn().await?, id).await
+    }
+}
+
+impl<D: Dialect> SqlStore<D>
+where
+    for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
+    for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    for<'r> Option<i64>: Encode<'r, D::DB>,
+    usize: ColumnIndex<RowOf<D>>,
+    i64: Value<D::DB>,
+    String: Value<D::DB>,
+    bool: Value<D::DB>,
+{
     async fn insert_job(
         conn: &mut Conn<D>,
         job: &NewJob,
@@ -163,33 +476,6 @@ where
         Ok(())
     }
 
-    /// Fails a job whose background planning found a problem; it stays `planning`, so that a
-    /// retry plans on from where it stopped.
-    pub(super) async fn fail_planning(&self, job_id: i64, message: &str) -> Result<()> {
-        sqlx::query(D::sql(
-            "UPDATE jobs SET state = $2, error = $3, finished_at_ms = {now} \
-             WHERE id = $1 AND planning AND state IN ($4, $5)",
-        ))
-        .bind(job_id)
-        .bind(JobState::Failed.as_str())
-        .bind(message)
-        .bind(JobState::Running.as_str())
-        .bind(JobState::Queued.as_str())
-        .execute(D::ex(&mut *self.conn().await?))
-        .await?;
-        Ok(())
-    }
-
-    /// Jobs still being planned that have not ended.
-    pub(super) async fn planning_jobs(&self) -> Result<Vec<JobRecord>> {
-        let sql = D::sql("SELECT {job} FROM jobs WHERE planning AND state IN ($1, $2) ORDER BY id");
-        Ok(sqlx::query_as(sql)
-            .bind(JobState::Running.as_str())
-            .bind(JobState::Queued.as_str())
-            .fetch_all(D::ex(&mut *self.conn().await?))
-            .await?)
-    }
-
     /// The first job, other than `except`, that is not cancelled and owns an output
     /// overlapping `uri`'s (see `output_key`), as the refusal to give. Call under the output
     /// lock.
@@ -215,18 +501,6 @@ where
         }))
     }
 
-    /// The cancelled jobs whose output overlaps `uri`'s, oldest first.
-    pub(super) async fn cancelled_at(&self, uri: &str) -> Result<Vec<JobRecord>> {
-        let sql = D::sql(&format!(
-            "SELECT {{job}} FROM jobs WHERE state = $2 AND {OVERLAPS} ORDER BY id"
-        ));
-        Ok(sqlx::query_as(sql)
-            .bind(output_key(uri))
-            .bind(JobState::Cancelled.as_str())
-            .fetch_all(D::ex(&mut *self.conn().await?))
-            .await?)
-    }
-
     pub(super) async fn job_in(conn: &mut Conn<D>, id: i64) -> Result<Option<JobRecord>> {
         let sql = D::sql("SELECT {job} FROM jobs WHERE id = $1");
         Ok(sqlx::query_as(sql)
@@ -241,267 +515,6 @@ where
             .bind(key)
             .fetch_optional(D::ex(conn))
             .await?)
-    }
-
-    pub(super) async fn job_by_name(&self, name: &str) -> Result<Option<JobRecord>> {
-        let sql = D::sql("SELECT {job} FROM jobs WHERE name = $1 ORDER BY id DESC LIMIT 1");
-        Ok(sqlx::query_as(sql)
-            .bind(name)
-            .fetch_optional(D::ex(&mut *self.conn().await?))
-            .await?)
-    }
-
-    /// Jobs that pass `filter`, newest first. Prefixes are compared as text, not as patterns.
-    pub(super) async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>> {
-        let sql = D::sql(
-            "SELECT {job} FROM jobs WHERE id < $2 \
-               AND ($3 IS NULL OR state = $3) \
-               AND ($4 IS NULL OR substr(name, 1, length($4)) = $4) \
-               AND ($5 IS NULL OR substr(idempotency_key, 1, length($5)) = $5) \
-             ORDER BY id DESC LIMIT $1",
-        );
-        let schedule = filter.schedule.as_deref().map(crate::schedule_key_prefix);
-        Ok(sqlx::query_as(sql)
-            .bind(i64::from(filter.limit))
-            .bind(filter.before_id.unwrap_or(i64::MAX))
-            .bind(filter.state.map(JobState::as_str))
-            .bind(filter.name_prefix.as_deref())
-            .bind(schedule.as_deref())
-            .fetch_all(D::ex(&mut *self.conn().await?))
-            .await?)
-    }
-
-    /// Running jobs, oldest first.
-    pub(super) async fn running_jobs(&self) -> Result<Vec<JobRecord>> {
-        let sql = D::sql("SELECT {job} FROM jobs WHERE state = $1 ORDER BY id");
-        Ok(sqlx::query_as(sql)
-            .bind(JobState::Running.as_str())
-            .fetch_all(D::ex(&mut *self.conn().await?))
-            .await?)
-    }
-
-    pub(super) async fn shard_counts(&self, job_id: i64) -> Result<ShardTally> {
-        let rows: Vec<StateTally> = sqlx::query_as(
-            "SELECT state, kind = $3 AS copies, COUNT(*) AS n, \
-             CAST(COALESCE(SUM(checkpoint_rows), 0) AS BIGINT) AS done, \
-             CAST(COALESCE(SUM(error_rows), 0) AS BIGINT) AS errors \
-             FROM shards WHERE job_id = $1 AND kind IN ($2, $3) GROUP BY state, kind",
-        )
-        .bind(job_id)
-        .bind(ShardKind::Rows.as_str())
-        .bind(ShardKind::Copy.as_str())
-        .fetch_all(D::ex(&mut *self.conn().await?))
-        .await?;
-        Ok(tally(rows))
-    }
-
-    pub(super) async fn shards(&self, job_id: i64) -> Result<Vec<ShardRow>> {
-        let sql = D::sql("SELECT {shard} FROM shards WHERE job_id = $1 AND kind = $2 ORDER BY id");
-        Ok(sqlx::query_as(sql)
-            .bind(job_id)
-            .bind(ShardKind::Rows.as_str())
-            .fetch_all(D::ex(&mut *self.conn().await?))
-            .await?)
-    }
-
-    pub(super) async fn input_files(&self, job_id: i64) -> Result<Vec<InputFile>> {
-        let rows: Vec<FileRow> = sqlx::query_as(
-            "SELECT uri, size, etag FROM input_files WHERE job_id = $1 ORDER BY idx",
-        )
-        .bind(job_id)
-        .fetch_all(D::ex(&mut *self.conn().await?))
-        .await?;
-        Ok(rows.into_iter().map(InputFile::from).collect())
-    }
-
-    pub(super) async fn parts(&self, job_id: i64) -> Result<Vec<PartRow>> {
-        let sql = D::sql(
-            "SELECT {part} FROM parts p WHERE p.job_id = $1 ORDER BY p.shard_id, p.row_start",
-        );
-        Ok(sqlx::query_as(sql)
-            .bind(job_id)
-            .fetch_all(D::ex(&mut *self.conn().await?))
-            .await?)
-    }
-
-    /// One guarded statement; a job already cancelled answers as it is.
-    pub(super) async fn cancel_job(&self, id: i64) -> Result<JobRecord> {
-        let mut conn = self.conn().await?;
-        let sql = D::sql(
-            "UPDATE jobs SET state = $2, finished_at_ms = {now}, finalizer_owner = NULL, \
-             finalizer_expires_at_ms = NULL \
-             WHERE id = $1 AND state IN ($3, $4, $5, $6, $7) RETURNING {job}",
-        );
-        let mut query = sqlx::query_as(sql)
-            .bind(id)
-            .bind(JobState::Cancelled.as_str());
-        for state in CANCELLABLE {
-            query = query.bind(state.as_str());
-        }
-        if let Some(job) = query.fetch_optional(D::ex(&mut conn)).await? {
-            return Ok(job);
-        }
-        let job = Self::job_in(&mut conn, id)
-            .await?
-            .ok_or(StoreError::JobNotFound(id))?;
-        match job.state {
-            JobState::Cancelled => Ok(job),
-            state => Err(StoreError::BadTransition {
-                job_id: id,
-                state,
-                action: "cancel",
-            }),
-        }
-    }
-
-    pub(super) async fn files_removed(&self, job_ids: &[i64]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        for id in job_ids {
-            sqlx::query(D::sql(
-                "UPDATE jobs SET files_removed_at_ms = {now} \
-                 WHERE id = $1 AND state = $2 AND files_removed_at_ms IS NULL",
-            ))
-            .bind(id)
-            .bind(JobState::Cancelled.as_str())
-            .execute(D::ex(&mut tx))
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Starts queued jobs, by priority then submission, until `max_running` run; answers
-    /// their ids in id order. Under the output lock, so replicas doing it at once cannot pass the limit.
-    pub(super) async fn start_queued(&self, max_running: u32) -> Result<Vec<i64>> {
-        let mut tx = self.pool.begin().await?;
-        D::lock_outputs(&mut tx).await?;
-        let mut started: Vec<i64> = sqlx::query_scalar(D::sql(
-            "UPDATE jobs SET state = $2, started_at_ms = {now} \
-             WHERE id IN (SELECT id FROM jobs WHERE state = $3 ORDER BY priority DESC, id \
-               LIMIT (SELECT CASE WHEN COUNT(*) < $1 THEN $1 - COUNT(*) ELSE 0 END \
-                      FROM jobs WHERE state = $2)) \
-             RETURNING id",
-        ))
-        .bind(i64::from(max_running))
-        .bind(JobState::Running.as_str())
-        .bind(JobState::Queued.as_str())
-        .fetch_all(D::ex(&mut tx))
-        .await?;
-        tx.commit().await?;
-        started.sort_unstable();
-        Ok(started)
-    }
-
-    /// Dead shards go back to pending with fresh attempts; checkpoints stay; a finalizer's
-    /// claim is dropped. The job runs again, or waits `queued` for `start_queued`.
-    pub(super) async fn retry_job(&self, id: i64, queued: bool) -> Result<JobRecord> {
-        let mut tx = self.pool.begin().await?;
-        let sql = D::sql("SELECT {job} FROM jobs WHERE id = $1{lock_row}");
-        let job: JobRecord = sqlx::query_as(sql)
-            .bind(id)
-            .fetch_optional(D::ex(&mut tx))
-            .await?
-            .ok_or(StoreError::JobNotFound(id))?;
-        if let Some(refusal) = rules::retry_refusal(&job) {
-            return Err(refusal);
-        }
-        if job.state == JobState::Cancelled {
-            D::lock_outputs(&mut tx).await?;
-            if let Some(taken) = Self::output_conflict(&mut tx, &job.output_uri, id).await? {
-                return Err(taken);
-            }
-        }
-        sqlx::query(
-            "UPDATE shards SET state = $2, attempts = 0, not_before_ms = 0, error = NULL, \
-             error_class = NULL WHERE job_id = $1 AND state = $3",
-        )
-        .bind(id)
-        .bind(ShardState::Pending.as_str())
-        .bind(ShardState::Dead.as_str())
-        .execute(D::ex(&mut tx))
-        .await?;
-        Self::reset_notification(&mut tx, id).await?;
-        let sql = D::sql(
-            "UPDATE jobs SET state = $2, error = NULL, finished_at_ms = NULL, \
-             finalizer_owner = NULL, finalizer_expires_at_ms = NULL WHERE id = $1 RETURNING {job}",
-        );
-        let state = if queued {
-            JobState::Queued
-        } else {
-            JobState::Running
-        };
-        let job = sqlx::query_as(sql)
-            .bind(id)
-            .bind(state.as_str())
-            .fetch_one(D::ex(&mut tx))
-            .await?;
-        tx.commit().await?;
-        Ok(job)
-    }
-
-    pub(super) async fn delete_job(&self, id: i64) -> Result<()> {
-        sqlx::query("DELETE FROM jobs WHERE id = $1")
-            .bind(id)
-            .execute(D::ex(&mut *self.conn().await?))
-            .await?;
-        Ok(())
-    }
-
-    pub(super) async fn note_batch_rows(&self, job_uid: &str, rows: u64) -> Result<()> {
-        sqlx::query(
-            "UPDATE jobs SET batch_rows = $1 WHERE uid = $2 AND batch_rows IS DISTINCT FROM $1",
-        )
-        .bind(count(rows))
-        .bind(job_uid)
-        .execute(D::ex(&mut *self.conn().await?))
-        .await?;
-        Ok(())
-    }
-
-    pub(super) async fn note_output_schema(&self, job_uid: &str, schema: &str) -> Result<()> {
-        sqlx::query("UPDATE jobs SET output_schema = $1 WHERE uid = $2 AND output_schema IS NULL")
-            .bind(schema)
-            .bind(job_uid)
-            .execute(D::ex(&mut *self.conn().await?))
-            .await?;
-        Ok(())
-    }
-}
-
-impl<D: Dialect> SqlStore<D>
-where
-    for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
-    for<'r> Option<i64>: Encode<'r, D::DB>,
-    usize: ColumnIndex<RowOf<D>>,
-    i64: Value<D::DB>,
-    String: Value<D::DB>,
-    bool: Value<D::DB>,
-{
-    /// Records the next piece of a job planned in the background (see the trait).
-    pub(super) async fn append_plan(&self, job_id: i64, piece: &PlanPiece) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        let moved = sqlx::query(
-            "UPDATE jobs SET files_planned = files_planned + $2, rows_total = rows_total + $3, \
-               files_listed = $4, planning = $5 \
-             WHERE id = $1 AND planning AND files_planned = $6 AND state IN ($7, $8)",
-        )
-        .bind(job_id)
-        .bind(count(piece.plan.files.len() as u64))
-        .bind(count(piece.plan.rows_total))
-        .bind(piece.listed.map(count))
-        .bind(!piece.last)
-        .bind(count(piece.after))
-        .bind(JobState::Running.as_str())
-        .bind(JobState::Queued.as_str())
-        .execute(D::ex(&mut tx))
-        .await?;
-        if D::affected(&moved) == 0 {
-            return Ok(false);
-        }
-        D::insert_plan(&mut tx, job_id, &piece.plan, piece.after).await?;
-        tx.commit().await?;
-        D::after_create(self, piece.plan.shards.len()).await;
-        Ok(true)
     }
 }
 

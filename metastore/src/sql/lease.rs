@@ -4,12 +4,14 @@
 
 use std::collections::HashMap;
 
-use nightshift_proto::wire::{LeaseRef, LeaseStatus, PartRecord, ShardLease};
+use async_trait::async_trait;
+use nightshift_proto::wire::{HeartbeatResponse, LeaseRef, LeaseStatus, PartRecord, ShardLease};
 use nightshift_proto::{FailureClass, JobSpec, JobState, LeaseState, ShardState};
 use sqlx::{ColumnIndex, Encode, Type};
 
 use super::jobs::count;
 use super::{Conn, Dialect, RowOf, SqlStore, Value};
+use crate::Leases;
 use crate::records::{Granted, HolderRow, LeaseRow, PartRow, parse_spec};
 use crate::rules::{self, ShardKind};
 use crate::{
@@ -21,10 +23,155 @@ pub(crate) const HOLDER: &str = "SELECT s.id, s.token, s.worker_id, s.lease_secr
      s.output_file, s.error_file, j.uid, j.output_uri \
      FROM shards s JOIN jobs j ON j.id = s.job_id";
 
+#[async_trait]
+impl<D: Dialect> Leases for SqlStore<D>
+where
+    for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
+    for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    for<'r> Option<i64>: Encode<'r, D::DB>,
+    usize: ColumnIndex<RowOf<D>>,
+    i64: Value<D::DB>,
+    String: Value<D::DB>,
+    bool: Value<D::DB>,
+{
+    async fn claim(&self, worker: &str, max: u32, timing: LeaseTiming) -> Result<Vec<ShardLease>> {
+        let request = ClaimRequest {
+            worker: worker.to_string(),
+            max,
+        };
+        let mut answers = D::claim_many(self, std::slice::from_ref(&request), timing).await?;
+        Ok(answers.pop().unwrap_or_default())
+    }
+
+    async fn claim_many(
+        &self,
+        requests: &[ClaimRequest],
+        timing: LeaseTiming,
+    ) -> Result<Vec<Result<Vec<ShardLease>>>> {
+        let answers = D::claim_many(self, requests, timing).await?;
+        Ok(answers.into_iter().map(Ok).collect())
+    }
+
+    async fn lease_holders(&self, shard_ids: &[i64]) -> Result<Vec<LeaseHolder>> {
+        D::lease_holders(self, shard_ids).await
+    }
+
+    async fn heartbeat(
+        &self,
+        worker: &str,
+        leases: &[LeaseRef],
+        timing: LeaseTiming,
+    ) -> Result<HeartbeatResponse> {
+        let lot = HeartbeatLot {
+            worker: worker.to_string(),
+            leases: leases.to_vec(),
+        };
+        let mut answers = D::heartbeat_many(self, std::slice::from_ref(&lot), timing).await?;
+        Ok(HeartbeatResponse {
+            leases: answers.pop().unwrap_or_default(),
+            drain: false,
+        })
+    }
+
+    async fn heartbeat_many(
+        &self,
+        requests: &[HeartbeatLot],
+        timing: LeaseTiming,
+    ) -> Result<Vec<Vec<LeaseStatus>>> {
+        D::heartbeat_many(self, requests, timing).await
+    }
+
+    /// Moves the checkpoint past `part` and records it, in one transaction. The part must
+    /// start exactly at the checkpoint and stay inside the shard.
+    async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()> {
+        let mut answers = D::checkpoint_many(self, &[(lease, part.clone())]).await?;
+        answers.pop().unwrap_or(Ok(()))
+    }
+
+    async fn checkpoint_many(
+        &self,
+        checkpoints: &[(LeaseRef, PartRecord)],
+    ) -> Result<Vec<Result<()>>> {
+        D::checkpoint_many(self, checkpoints).await
+    }
+
+    /// A shard is done once every row is checkpointed.
+    async fn complete(&self, lease: LeaseRef) -> Result<()> {
+        let mut conn = self.conn().await?;
+        let done = sqlx::query(
+            "UPDATE shards SET state = $3, lease_expires_at_ms = NULL, worker_id = NULL \
+             WHERE id = $1 AND token = $2 AND state = $4 AND checkpoint_rows = rows",
+        )
+        .bind(lease.shard_id)
+        .bind(lease.token)
+        .bind(ShardState::Done.as_str())
+        .bind(ShardState::Leased.as_str())
+        .execute(D::ex(&mut conn))
+        .await?;
+        if D::affected(&done) > 0 {
+            return Ok(());
+        }
+        rules::completion_refused(
+            Self::lease_row(&mut conn, lease.shard_id).await?.as_ref(),
+            lease,
+        )
+    }
+
+    async fn complete_many(&self, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {
+        D::complete_many(self, leases).await
+    }
+
+    /// Retryable failures go back to pending after a backoff, until the job's max attempts;
+    /// permanent ones are dead at once.
+    async fn fail(
+        &self,
+        lease: LeaseRef,
+        class: FailureClass,
+        message: &str,
+        timing: LeaseTiming,
+    ) -> Result<()> {
+        let sql = format!(
+            "UPDATE shards AS s SET {} FROM jobs AS j \
+             WHERE s.id = $6 AND s.token = $7 AND s.state = $8 AND j.id = s.job_id",
+            rules::end_grant_sql(timing)
+        );
+        let failed = sqlx::query(D::sql(&sql))
+            .bind(class == FailureClass::Permanent)
+            .bind(ShardState::Dead.as_str())
+            .bind(ShardState::Pending.as_str())
+            .bind(message)
+            .bind(class.as_str())
+            .bind(lease.shard_id)
+            .bind(lease.token)
+            .bind(ShardState::Leased.as_str())
+            .execute(D::ex(&mut *self.conn().await?))
+            .await?;
+        lost_unless(D::affected(&failed), lease)
+    }
+
+    /// Gives the shard back with its checkpoint; the grant does not count as an attempt.
+    async fn release(&self, lease: LeaseRef) -> Result<()> {
+        let released = sqlx::query(
+            "UPDATE shards SET state = $3, \
+               attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
+               worker_id = NULL, lease_expires_at_ms = NULL, not_before_ms = 0 \
+             WHERE id = $1 AND token = $2 AND state = $4",
+        )
+        .bind(lease.shard_id)
+        .bind(lease.token)
+        .bind(ShardState::Pending.as_str())
+        .bind(ShardState::Leased.as_str())
+        .execute(D::ex(&mut *self.conn().await?))
+        .await?;
+        lost_unless(D::affected(&released), lease)
+    }
+}
+
 impl<D: Dialect> SqlStore<D>
 where
     for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
     for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    for<'r> Option<i64>: Encode<'r, D::DB>,
     usize: ColumnIndex<RowOf<D>>,
     i64: Value<D::DB>,
     String: Value<D::DB>,
@@ -229,13 +376,6 @@ where
         Ok(answers)
     }
 
-    /// Moves the checkpoint past `part` and records it, in one transaction. The part must
-    /// start exactly at the checkpoint and stay inside the shard.
-    pub(super) async fn checkpoint(&self, lease: LeaseRef, part: &PartRecord) -> Result<()> {
-        let mut answers = D::checkpoint_many(self, &[(lease, part.clone())]).await?;
-        answers.pop().unwrap_or(Ok(()))
-    }
-
     /// Several checkpoints in one transaction, one after the other: one answer each, in
     /// order, each what `checkpoint` alone would give (a refused one changes nothing). Only a
     /// failure of the store itself fails the whole call, and then none is recorded.
@@ -350,28 +490,6 @@ where
         Ok(D::affected(&done))
     }
 
-    /// A shard is done once every row is checkpointed.
-    pub(super) async fn complete(&self, lease: LeaseRef) -> Result<()> {
-        let mut conn = self.conn().await?;
-        let done = sqlx::query(
-            "UPDATE shards SET state = $3, lease_expires_at_ms = NULL, worker_id = NULL \
-             WHERE id = $1 AND token = $2 AND state = $4 AND checkpoint_rows = rows",
-        )
-        .bind(lease.shard_id)
-        .bind(lease.token)
-        .bind(ShardState::Done.as_str())
-        .bind(ShardState::Leased.as_str())
-        .execute(D::ex(&mut conn))
-        .await?;
-        if D::affected(&done) > 0 {
-            return Ok(());
-        }
-        rules::completion_refused(
-            Self::lease_row(&mut conn, lease.shard_id).await?.as_ref(),
-            lease,
-        )
-    }
-
     /// Completes each lease in turn; only a failure of the store fails the whole call.
     pub(crate) async fn complete_each(&self, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {
         let mut answers = Vec::with_capacity(leases.len());
@@ -382,51 +500,6 @@ where
             }
         }
         Ok(answers)
-    }
-
-    /// Retryable failures go back to pending after a backoff, until the job's max attempts;
-    /// permanent ones are dead at once.
-    pub(super) async fn fail(
-        &self,
-        lease: LeaseRef,
-        class: FailureClass,
-        message: &str,
-        timing: LeaseTiming,
-    ) -> Result<()> {
-        let sql = format!(
-            "UPDATE shards AS s SET {} FROM jobs AS j \
-             WHERE s.id = $6 AND s.token = $7 AND s.state = $8 AND j.id = s.job_id",
-            rules::end_grant_sql(timing)
-        );
-        let failed = sqlx::query(D::sql(&sql))
-            .bind(class == FailureClass::Permanent)
-            .bind(ShardState::Dead.as_str())
-            .bind(ShardState::Pending.as_str())
-            .bind(message)
-            .bind(class.as_str())
-            .bind(lease.shard_id)
-            .bind(lease.token)
-            .bind(ShardState::Leased.as_str())
-            .execute(D::ex(&mut *self.conn().await?))
-            .await?;
-        lost_unless(D::affected(&failed), lease)
-    }
-
-    /// Gives the shard back with its checkpoint; the grant does not count as an attempt.
-    pub(super) async fn release(&self, lease: LeaseRef) -> Result<()> {
-        let released = sqlx::query(
-            "UPDATE shards SET state = $3, \
-               attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
-               worker_id = NULL, lease_expires_at_ms = NULL, not_before_ms = 0 \
-             WHERE id = $1 AND token = $2 AND state = $4",
-        )
-        .bind(lease.shard_id)
-        .bind(lease.token)
-        .bind(ShardState::Pending.as_str())
-        .bind(ShardState::Leased.as_str())
-        .execute(D::ex(&mut *self.conn().await?))
-        .await?;
-        lost_unless(D::affected(&released), lease)
     }
 }
 

@@ -2,10 +2,12 @@
 //! metrics. Each is safe when several replicas run it at once: rows are taken with
 //! `{skip_locked}`, and every transition is guarded by the state it leaves.
 
+use async_trait::async_trait;
 use nightshift_proto::{JobState, ShardState};
 use sqlx::{ColumnIndex, Encode, Type};
 
 use super::{Conn, Dialect, RowOf, SqlStore, Value};
+use crate::Loops;
 use crate::merges::{FileCounts, FileNumbers, MergeCandidate, MergeGroup, number_files};
 use crate::records::StoreMetrics;
 use crate::rules::{self, ShardKind};
@@ -30,7 +32,8 @@ struct Settling {
     unmerged: bool,
 }
 
-impl<D: Dialect> SqlStore<D>
+#[async_trait]
+impl<D: Dialect> Loops for SqlStore<D>
 where
     for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
     for<'r> Option<&'r str>: Encode<'r, D::DB>,
@@ -41,7 +44,7 @@ where
     bool: Value<D::DB>,
 {
     /// Expired leases go back to pending after a backoff, or dead past max attempts.
-    pub(super) async fn reap_expired(&self, timing: LeaseTiming) -> Result<u64> {
+    async fn reap_expired(&self, timing: LeaseTiming) -> Result<u64> {
         let sql = format!(
             "UPDATE shards AS s SET {} FROM jobs AS j \
              WHERE j.id = s.job_id AND s.state = $6 AND s.lease_expires_at_ms < {{now}} \
@@ -74,7 +77,7 @@ where
     /// Running jobs with no pending or leased shard move on. A shard cannot reopen while its
     /// job runs, so deciding first and updating under a `running` guard is safe; of two
     /// replicas settling the same job, one update wins and only it is counted.
-    pub(super) async fn settle_jobs(&self) -> Result<u64> {
+    async fn settle_jobs(&self) -> Result<u64> {
         let mut conn = self.conn().await?;
         // Jobs without shards count too: with nothing to run they have nothing to wait for.
         let jobs: Vec<Settling> = sqlx::query_as(D::sql(
@@ -135,11 +138,7 @@ where
 
     /// Takes the finalizing job whose last claim is oldest (never-claimed ones first) that no
     /// live finalizer holds and that waits out no backoff.
-    pub(super) async fn claim_finalize(
-        &self,
-        owner: &str,
-        ttl_ms: i64,
-    ) -> Result<Option<JobRecord>> {
+    async fn claim_finalize(&self, owner: &str, ttl_ms: i64) -> Result<Option<JobRecord>> {
         Ok(sqlx::query_as(D::sql(
             "UPDATE jobs SET finalizer_owner = $1, finalizer_expires_at_ms = {now} + $2 \
              WHERE id = (SELECT id FROM jobs WHERE state = $3 \
@@ -154,12 +153,7 @@ where
         .await?)
     }
 
-    pub(super) async fn extend_finalize(
-        &self,
-        job_id: i64,
-        owner: &str,
-        ttl_ms: i64,
-    ) -> Result<bool> {
+    async fn extend_finalize(&self, job_id: i64, owner: &str, ttl_ms: i64) -> Result<bool> {
         let extended = sqlx::query(D::sql(
             "UPDATE jobs SET finalizer_expires_at_ms = {now} + $3 \
              WHERE id = $1 AND finalizer_owner = $2 AND state = $4",
@@ -174,12 +168,7 @@ where
     }
 
     /// Only the finalizer that holds the job may end it.
-    pub(super) async fn finish_job(
-        &self,
-        job_id: i64,
-        owner: &str,
-        outcome: JobOutcome,
-    ) -> Result<()> {
+    async fn finish_job(&self, job_id: i64, owner: &str, outcome: JobOutcome) -> Result<()> {
         let (state, error) = match outcome {
             JobOutcome::Succeeded => (JobState::Succeeded, None),
             JobOutcome::Failed(e) => (JobState::Failed, Some(e)),
@@ -214,7 +203,7 @@ where
     /// with the first that is not done: the merge rule looks no further, so a pass reads the
     /// run of finished shards waiting for a merge, not the whole job. (Two statements: the
     /// bounds first, so the second is a plain range over the primary key.)
-    pub(super) async fn merge_candidates(&self, job_id: i64) -> Result<Vec<MergeCandidate>> {
+    async fn merge_candidates(&self, job_id: i64) -> Result<Vec<MergeCandidate>> {
         let mut conn = self.conn().await?;
         let (after, upto): (i64, Option<i64>) = sqlx::query_as(
             "SELECT a.after, (SELECT MIN(o.id) FROM shards o WHERE o.job_id = $1 \
@@ -246,7 +235,7 @@ where
 
     /// Merge work for `groups` of a running job, once per first shard whichever replica
     /// plans it, each numbering its files after the merge before it (`merges::number_files`).
-    pub(super) async fn create_merges(&self, job_id: i64, groups: &[MergeGroup]) -> Result<u64> {
+    async fn create_merges(&self, job_id: i64, groups: &[MergeGroup]) -> Result<u64> {
         let mut conn = self.conn().await?;
         let mut made = 0;
         for g in groups {
@@ -279,6 +268,68 @@ where
         Ok(made)
     }
 
+    /// The parts merge work wrote: the job's output files, in row order.
+    async fn merged_parts(&self, job_id: i64) -> Result<Vec<PartRow>> {
+        Ok(sqlx::query_as(D::sql(
+            "SELECT {part} FROM parts p JOIN shards s ON s.id = p.shard_id \
+             WHERE s.job_id = $1 AND s.kind = $2 ORDER BY s.merge_first, p.row_start",
+        ))
+        .bind(job_id)
+        .bind(ShardKind::Merge.as_str())
+        .fetch_all(D::ex(&mut *self.conn().await?))
+        .await?)
+    }
+
+    async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics> {
+        Ok(sqlx::query_as(D::sql(
+            "SELECT \
+               (SELECT COUNT(*) FROM shards s JOIN jobs j ON j.id = s.job_id \
+                  WHERE s.state = $1 AND j.state = $2 AND s.kind = $3) AS pending, \
+               (SELECT CAST(COALESCE(SUM(s.rows - s.checkpoint_rows), 0) AS BIGINT) \
+                  FROM shards s JOIN jobs j ON j.id = s.job_id \
+                  WHERE s.state = $1 AND j.state = $2 AND s.kind = $3) AS pending_rows, \
+               (SELECT COUNT(*) FROM shards WHERE state = $4) AS leased, \
+               (SELECT COUNT(*) FROM jobs WHERE state = $2) AS running, \
+               (SELECT COUNT(*) FROM workers WHERE last_seen_ms > {now} - $5) AS workers, \
+               (SELECT COUNT(*) FROM shards WHERE state = $4 AND kind = $6) AS copies",
+        ))
+        .bind(ShardState::Pending.as_str())
+        .bind(JobState::Running.as_str())
+        .bind(ShardKind::Rows.as_str())
+        .bind(ShardState::Leased.as_str())
+        .bind(workers_window_ms)
+        .bind(ShardKind::Copy.as_str())
+        .fetch_one(D::ex(&mut *self.conn().await?))
+        .await?)
+    }
+
+    /// For a database no other process uses: every claim still marked held expires now.
+    async fn recover_after_crash(&self) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE jobs SET finalizer_expires_at_ms = 0 WHERE finalizer_owner IS NOT NULL",
+        )
+        .execute(D::ex(&mut tx))
+        .await?;
+        let freed = sqlx::query("UPDATE shards SET lease_expires_at_ms = 0 WHERE state = $1")
+            .bind(ShardState::Leased.as_str())
+            .execute(D::ex(&mut tx))
+            .await?;
+        tx.commit().await?;
+        Ok(D::affected(&freed))
+    }
+}
+
+impl<D: Dialect> SqlStore<D>
+where
+    for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
+    for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    for<'r> Option<i64>: Encode<'r, D::DB>,
+    usize: ColumnIndex<RowOf<D>>,
+    i64: Value<D::DB>,
+    String: Value<D::DB>,
+    bool: Value<D::DB>,
+{
     /// The indexes of the files merge work for `g` writes, after the merge before it.
     async fn number_merge(conn: &mut Conn<D>, job_id: i64, g: &MergeGroup) -> Result<FileNumbers> {
         let before: FileCounts = sqlx::query_as(
@@ -306,56 +357,5 @@ where
         .await?;
         let count = |n: i64| n.max(0) as u64;
         Ok(number_files(before, count(output_rows), count(error_rows)))
-    }
-
-    /// The parts merge work wrote: the job's output files, in row order.
-    pub(super) async fn merged_parts(&self, job_id: i64) -> Result<Vec<PartRow>> {
-        Ok(sqlx::query_as(D::sql(
-            "SELECT {part} FROM parts p JOIN shards s ON s.id = p.shard_id \
-             WHERE s.job_id = $1 AND s.kind = $2 ORDER BY s.merge_first, p.row_start",
-        ))
-        .bind(job_id)
-        .bind(ShardKind::Merge.as_str())
-        .fetch_all(D::ex(&mut *self.conn().await?))
-        .await?)
-    }
-
-    pub(super) async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics> {
-        Ok(sqlx::query_as(D::sql(
-            "SELECT \
-               (SELECT COUNT(*) FROM shards s JOIN jobs j ON j.id = s.job_id \
-                  WHERE s.state = $1 AND j.state = $2 AND s.kind = $3) AS pending, \
-               (SELECT CAST(COALESCE(SUM(s.rows - s.checkpoint_rows), 0) AS BIGINT) \
-                  FROM shards s JOIN jobs j ON j.id = s.job_id \
-                  WHERE s.state = $1 AND j.state = $2 AND s.kind = $3) AS pending_rows, \
-               (SELECT COUNT(*) FROM shards WHERE state = $4) AS leased, \
-               (SELECT COUNT(*) FROM jobs WHERE state = $2) AS running, \
-               (SELECT COUNT(*) FROM workers WHERE last_seen_ms > {now} - $5) AS workers, \
-               (SELECT COUNT(*) FROM shards WHERE state = $4 AND kind = $6) AS copies",
-        ))
-        .bind(ShardState::Pending.as_str())
-        .bind(JobState::Running.as_str())
-        .bind(ShardKind::Rows.as_str())
-        .bind(ShardState::Leased.as_str())
-        .bind(workers_window_ms)
-        .bind(ShardKind::Copy.as_str())
-        .fetch_one(D::ex(&mut *self.conn().await?))
-        .await?)
-    }
-
-    /// For a database no other process uses: every claim still marked held expires now.
-    pub(super) async fn recover_after_crash(&self) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE jobs SET finalizer_expires_at_ms = 0 WHERE finalizer_owner IS NOT NULL",
-        )
-        .execute(D::ex(&mut tx))
-        .await?;
-        let freed = sqlx::query("UPDATE shards SET lease_expires_at_ms = 0 WHERE state = $1")
-            .bind(ShardState::Leased.as_str())
-            .execute(D::ex(&mut tx))
-            .await?;
-        tx.commit().await?;
-        Ok(D::affected(&freed))
     }
 }

@@ -3,11 +3,13 @@
 //! per attempt. A retried job's callback is pending again, and an answer to a try made before
 //! the retry no longer settles it (the attempt number fences it).
 
+use async_trait::async_trait;
 use nightshift_proto::wire::NotifyView;
 use nightshift_proto::{JobSpec, JobState, NotifyState};
 use sqlx::{ColumnIndex, Encode, Type};
 
 use super::{Conn, Dialect, RowOf, SqlStore, Value};
+use crate::Callbacks;
 use crate::{DueNotification, NotifyOutcome, Result};
 
 /// Jobs in these states have ended: their callback may go.
@@ -28,52 +30,20 @@ struct NotifyRow {
     last_error: Option<String>,
 }
 
-impl<D: Dialect> SqlStore<D>
+#[async_trait]
+impl<D: Dialect> Callbacks for SqlStore<D>
 where
     for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
     for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    for<'r> Option<i64>: Encode<'r, D::DB>,
     usize: ColumnIndex<RowOf<D>>,
     i64: Value<D::DB>,
     String: Value<D::DB>,
     bool: Value<D::DB>,
 {
-    /// Makes the callback of a new job that names one.
-    pub(super) async fn insert_notification(
-        conn: &mut Conn<D>,
-        job_id: i64,
-        spec: &JobSpec,
-    ) -> Result<()> {
-        let Some(notify) = &spec.notify else {
-            return Ok(());
-        };
-        sqlx::query("INSERT INTO notifications (job_id, url, state) VALUES ($1, $2, $3)")
-            .bind(job_id)
-            .bind(notify.url.as_str())
-            .bind(NotifyState::Pending.as_str())
-            .execute(D::ex(conn))
-            .await?;
-        Ok(())
-    }
-
-    /// A retried job's callback goes again when the job ends again.
-    pub(super) async fn reset_notification(conn: &mut Conn<D>, job_id: i64) -> Result<()> {
-        sqlx::query(
-            "UPDATE notifications SET state = $2, attempts = 0, next_at_ms = 0 WHERE job_id = $1",
-        )
-        .bind(job_id)
-        .bind(NotifyState::Pending.as_str())
-        .execute(D::ex(conn))
-        .await?;
-        Ok(())
-    }
-
     /// Takes up to `limit` callbacks of ended jobs that are due, each for one try held for
     /// `hold_ms`, oldest due first.
-    pub(super) async fn claim_notifications(
-        &self,
-        limit: u32,
-        hold_ms: i64,
-    ) -> Result<Vec<DueNotification>> {
+    async fn claim_notifications(&self, limit: u32, hold_ms: i64) -> Result<Vec<DueNotification>> {
         let mut query = sqlx::query_as(D::sql(
             "UPDATE notifications SET attempts = attempts + 1, next_at_ms = {now} + $1 \
              WHERE job_id IN (SELECT n.job_id FROM notifications n \
@@ -93,7 +63,7 @@ where
 
     /// Records a try's answer and settles the callback by it, unless the job was retried since
     /// the try was taken. Answers whether it settled.
-    pub(super) async fn record_notification(
+    async fn record_notification(
         &self,
         job_id: i64,
         attempt: u32,
@@ -138,7 +108,7 @@ where
     }
 
     /// The job's callback and its last attempt, if it has one.
-    pub(super) async fn notification(&self, job_id: i64) -> Result<Option<NotifyView>> {
+    async fn notification(&self, job_id: i64) -> Result<Option<NotifyView>> {
         let row: Option<NotifyRow> = sqlx::query_as(
             "SELECT n.url, n.state, n.attempts, a.status AS last_status, a.error AS last_error \
              FROM notifications n LEFT JOIN notification_attempts a ON a.id = \
@@ -155,5 +125,46 @@ where
             last_status: r.last_status.and_then(|s| u16::try_from(s).ok()),
             last_error: r.last_error,
         }))
+    }
+}
+
+impl<D: Dialect> SqlStore<D>
+where
+    for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
+    for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    for<'r> Option<i64>: Encode<'r, D::DB>,
+    usize: ColumnIndex<RowOf<D>>,
+    i64: Value<D::DB>,
+    String: Value<D::DB>,
+    bool: Value<D::DB>,
+{
+    /// Makes the callback of a new job that names one.
+    pub(super) async fn insert_notification(
+        conn: &mut Conn<D>,
+        job_id: i64,
+        spec: &JobSpec,
+    ) -> Result<()> {
+        let Some(notify) = &spec.notify else {
+            return Ok(());
+        };
+        sqlx::query("INSERT INTO notifications (job_id, url, state) VALUES ($1, $2, $3)")
+            .bind(job_id)
+            .bind(notify.url.as_str())
+            .bind(NotifyState::Pending.as_str())
+            .execute(D::ex(conn))
+            .await?;
+        Ok(())
+    }
+
+    /// A retried job's callback goes again when the job ends again.
+    pub(super) async fn reset_notification(conn: &mut Conn<D>, job_id: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE notifications SET state = $2, attempts = 0, next_at_ms = 0 WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .bind(NotifyState::Pending.as_str())
+        .execute(D::ex(conn))
+        .await?;
+        Ok(())
     }
 }

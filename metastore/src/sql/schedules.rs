@@ -2,9 +2,11 @@
 //! store keeps each schedule's next fire time, moved on only from the value a pass read (so of
 //! two replicas handling the same fire, one moves it), and what each fire time made, once.
 
+use async_trait::async_trait;
 use sqlx::{ColumnIndex, Encode, Type};
 
 use super::{Dialect, RowOf, SqlStore, Value};
+use crate::Schedules;
 use crate::records::{FireRecord, ScheduleRecord};
 use crate::{NewSchedule, Result, StoreError};
 
@@ -16,17 +18,19 @@ fn select(tail: &str) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE} FROM schedules {tail}"))
 }
 
-impl<D: Dialect> SqlStore<D>
+#[async_trait]
+impl<D: Dialect> Schedules for SqlStore<D>
 where
     for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
     for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    for<'r> Option<i64>: Encode<'r, D::DB>,
     usize: ColumnIndex<RowOf<D>>,
     i64: Value<D::DB>,
     String: Value<D::DB>,
     bool: Value<D::DB>,
 {
     /// A new schedule; its name must be free.
-    pub(super) async fn create_schedule(&self, s: NewSchedule) -> Result<ScheduleRecord> {
+    async fn create_schedule(&self, s: NewSchedule) -> Result<ScheduleRecord> {
         let sql = D::sql(&format!(
             "INSERT INTO schedules (name, cron, timezone, catch_up, spec, next_fire_at_ms, \
              created_at_ms) SELECT $1, $2, $3, $4, $5, $6, {{now}} WHERE true \
@@ -44,13 +48,13 @@ where
         made.ok_or(StoreError::ScheduleExists(s.name))
     }
 
-    pub(super) async fn schedules(&self) -> Result<Vec<ScheduleRecord>> {
+    async fn schedules(&self) -> Result<Vec<ScheduleRecord>> {
         Ok(sqlx::query_as(select("ORDER BY name"))
             .fetch_all(D::ex(&mut *self.conn().await?))
             .await?)
     }
 
-    pub(super) async fn schedule(&self, name: &str) -> Result<Option<ScheduleRecord>> {
+    async fn schedule(&self, name: &str) -> Result<Option<ScheduleRecord>> {
         Ok(sqlx::query_as(select("WHERE name = $1"))
             .bind(name)
             .fetch_optional(D::ex(&mut *self.conn().await?))
@@ -58,7 +62,7 @@ where
     }
 
     /// Pauses a schedule, or resumes it from `next_fire_at_ms`.
-    pub(super) async fn set_schedule_paused(
+    async fn set_schedule_paused(
         &self,
         name: &str,
         paused: bool,
@@ -76,7 +80,7 @@ where
             .await?)
     }
 
-    pub(super) async fn delete_schedule(&self, name: &str) -> Result<bool> {
+    async fn delete_schedule(&self, name: &str) -> Result<bool> {
         let deleted = sqlx::query("DELETE FROM schedules WHERE name = $1")
             .bind(name)
             .execute(D::ex(&mut *self.conn().await?))
@@ -85,7 +89,7 @@ where
     }
 
     /// Schedules not paused whose next fire time has come, by the database clock.
-    pub(super) async fn due_schedules(&self) -> Result<Vec<ScheduleRecord>> {
+    async fn due_schedules(&self) -> Result<Vec<ScheduleRecord>> {
         Ok(sqlx::query_as(D::sql(&format!(
             "SELECT {SCHEDULE} FROM schedules WHERE NOT paused AND next_fire_at_ms <= {{now}} \
              ORDER BY next_fire_at_ms"
@@ -96,7 +100,7 @@ where
 
     /// Moves a schedule's next fire time from `from_ms` (as a pass read it) to `to_ms`;
     /// false when another pass moved it first.
-    pub(super) async fn advance_schedule(&self, id: i64, from_ms: i64, to_ms: i64) -> Result<bool> {
+    async fn advance_schedule(&self, id: i64, from_ms: i64, to_ms: i64) -> Result<bool> {
         let moved = sqlx::query(
             "UPDATE schedules SET next_fire_at_ms = $3 WHERE id = $1 AND next_fire_at_ms = $2",
         )
@@ -109,7 +113,7 @@ where
     }
 
     /// Records what a fire time made, once: the first record of a fire time stands.
-    pub(super) async fn record_fire(
+    async fn record_fire(
         &self,
         schedule_id: i64,
         fire_at_ms: i64,
@@ -134,7 +138,7 @@ where
     }
 
     /// The latest `limit` fire times of a schedule, newest first.
-    pub(super) async fn fires(&self, schedule_id: i64, limit: u32) -> Result<Vec<FireRecord>> {
+    async fn fires(&self, schedule_id: i64, limit: u32) -> Result<Vec<FireRecord>> {
         Ok(sqlx::query_as(
             "SELECT fire_at_ms, job_id, error FROM schedule_fires WHERE schedule_id = $1 \
              ORDER BY fire_at_ms DESC LIMIT $2",

@@ -1,23 +1,27 @@
 //! What the dashboard reads beyond jobs: a job's rows over time, and the workers with the
 //! shards they hold.
 
+use async_trait::async_trait;
 use nightshift_proto::{JobSpec, JobState, ShardState};
 use sqlx::{ColumnIndex, Encode, Type};
 
 use super::{Dialect, RowOf, SqlStore, Value};
 use crate::Result;
+use crate::Views;
 use crate::records::{LeasedShard, RowsAt, TokenSums, WorkerSeen};
 
-impl<D: Dialect> SqlStore<D>
+#[async_trait]
+impl<D: Dialect> Views for SqlStore<D>
 where
     for<'r> &'r str: ColumnIndex<RowOf<D>> + Encode<'r, D::DB> + Type<D::DB>,
     for<'r> Option<&'r str>: Encode<'r, D::DB>,
+    for<'r> Option<i64>: Encode<'r, D::DB>,
     usize: ColumnIndex<RowOf<D>>,
     i64: Value<D::DB>,
     String: Value<D::DB>,
     bool: Value<D::DB>,
 {
-    pub(super) async fn rows_over_time(&self, job_id: i64, bucket_ms: i64) -> Result<Vec<RowsAt>> {
+    async fn rows_over_time(&self, job_id: i64, bucket_ms: i64) -> Result<Vec<RowsAt>> {
         Ok(sqlx::query_as(
             "SELECT (created_at_ms / $2) * $2 AS at_ms, CAST(SUM(rows) AS BIGINT) AS rows \
              FROM parts WHERE job_id = $1 AND created_at_ms > 0 GROUP BY 1 ORDER BY 1",
@@ -28,7 +32,7 @@ where
         .await?)
     }
 
-    pub(super) async fn workers_seen(&self, window_ms: i64) -> Result<Vec<WorkerSeen>> {
+    async fn workers_seen(&self, window_ms: i64) -> Result<Vec<WorkerSeen>> {
         let sql = D::sql(
             "SELECT w.id, w.last_seen_ms, CAST(COALESCE(r.rows, 0) AS BIGINT) AS rows_recent, \
              w.instance_id, w.instance_type, w.capacity_type, \
@@ -50,7 +54,7 @@ where
             .await?)
     }
 
-    pub(super) async fn leased_shards(&self) -> Result<Vec<LeasedShard>> {
+    async fn leased_shards(&self) -> Result<Vec<LeasedShard>> {
         Ok(sqlx::query_as(
             "SELECT worker_id, job_id, id AS shard_id, rows, checkpoint_rows, lease_expires_at_ms \
              FROM shards \
@@ -61,7 +65,7 @@ where
         .await?)
     }
 
-    pub(super) async fn token_sums(&self, job_id: i64) -> Result<TokenSums> {
+    async fn token_sums(&self, job_id: i64) -> Result<TokenSums> {
         Ok(sqlx::query_as(
             "SELECT CAST(COALESCE(SUM(real_tokens), 0) AS BIGINT) AS real, \
              CAST(COALESCE(SUM(padded_tokens), 0) AS BIGINT) AS padded, \
@@ -73,7 +77,7 @@ where
         .await?)
     }
 
-    pub(super) async fn spec_by_hash(&self, hash: &str) -> Result<Option<JobSpec>> {
+    async fn spec_by_hash(&self, hash: &str) -> Result<Option<JobSpec>> {
         let ended = [JobState::Succeeded, JobState::Failed, JobState::Cancelled];
         let json: Option<String> = sqlx::query_scalar(
             "SELECT spec_json FROM jobs WHERE spec_hash = $1 AND state NOT IN ($2, $3, $4) \
