@@ -165,44 +165,290 @@ impl Dialect for Postgres {
         Ok(())
     }
 
+    /// Files and shards go in as arrays: one statement each, whatever the shard count, shard ids
+    /// in plan order.
     async fn insert_plan(
         conn: &mut PgConnection,
         job_id: i64,
         plan: &JobPlan,
         first_file: u64,
     ) -> Result<()> {
-        insert_plan(conn, job_id, plan, first_file).await
+        let files = &plan.files;
+        sqlx::query(
+            "INSERT INTO input_files (job_id, idx, uri, size, etag) \
+             SELECT $1, $5 + f.ord - 1, f.uri, f.size, f.etag \
+             FROM unnest($2::TEXT[], $3::BIGINT[], $4::TEXT[]) WITH ORDINALITY \
+                  AS f(uri, size, etag, ord)",
+        )
+        .bind(job_id)
+        .bind(files.iter().map(|f| f.uri.as_str()).collect::<Vec<_>>())
+        .bind(files.iter().map(|f| count(f.size)).collect::<Vec<_>>())
+        .bind(files.iter().map(|f| f.etag.as_deref()).collect::<Vec<_>>())
+        .bind(count(first_file))
+        .execute(&mut *conn)
+        .await?;
+        let column = |f: fn(&ShardPlan) -> i64| -> Vec<i64> { plan.shards.iter().map(f).collect() };
+        sqlx::query(
+            "INSERT INTO shards (job_id, file_index, row_group_start, row_group_end, \
+             file_row_start, rows) \
+             SELECT $1, s.file_index, s.rg_start, s.rg_end, s.row_start, s.rows \
+             FROM unnest($2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[]) \
+                  WITH ORDINALITY AS s(file_index, rg_start, rg_end, row_start, rows, ord) \
+             ORDER BY s.ord",
+        )
+        .bind(job_id)
+        .bind(column(|s| i64::from(s.file_index)))
+        .bind(column(|s| i64::from(s.row_group_start)))
+        .bind(column(|s| i64::from(s.row_group_end)))
+        .bind(column(|s| count(s.file_row_start)))
+        .bind(column(|s| count(s.rows)))
+        .execute(conn)
+        .await?;
+        Ok(())
     }
 
     async fn after_create(store: &PgStore, shards: usize) {
         refresh_statistics(store, shards).await
     }
 
+    /// Claims for several requests in one statement: the shards it takes are handed out in claim
+    /// order, the first request's `max` first, then the next one's.
+    ///
+    /// `slot` numbers the shards wanted, request by request (`$1` the worker and `$2` the request
+    /// of each); `picked` numbers the pending shards taken, in claim order; each slot gets the
+    /// shard of its number. The claim visits the running jobs (few) in the order claims serve them
+    /// (`rules::serve_order`: priority, then the fewest leased shards), and takes each
+    /// one's pending shards in id order from `shards_job (job_id, state, id)` until it has enough,
+    /// so it reads about the shards it takes however many are pending. The job list stays a sorted
+    /// subquery (PostgreSQL does not flatten one with ORDER BY), so the nested loop visits jobs in
+    /// that order and stops. `state` is matched as a range, not an equality, so the planner cannot
+    /// treat it as a constant and drop it from ORDER BY: only `shards_job` yields (state, id)
+    /// order, so no plan can walk the primary key past finished shards when statistics are stale.
+    ///
+    /// The limit is written into the text rather than bound, so that the one plan each text gets
+    /// is made for its limit. Rounded up to a power of two so that few texts exist, each is a
+    /// prepared statement of the claim connections, which keep one generic plan per statement
+    /// (`GENERIC_PLANS`): left to choose, PostgreSQL planned every claim afresh, at more cost than
+    /// running it. Shards locked past the last slot are left as they were. Workers are noted in
+    /// name order, so that two claims never wait on each other's rows in opposite orders. The
+    /// slots are spelled out in Rust rather than in SQL (`generate_series` per request): then the
+    /// generic plan's estimates are close to any call's.
     async fn claim_many(
         store: &PgStore,
         requests: &[ClaimRequest],
         timing: LeaseTiming,
     ) -> Result<Vec<Vec<ShardLease>>> {
-        claim_many(store, requests, timing).await
+        let mut answers: Vec<Vec<ShardLease>> = vec![Vec::new(); requests.len()];
+        let slots: u64 = requests.iter().map(|r| u64::from(r.max)).sum();
+        if slots == 0 {
+            return Ok(answers);
+        }
+        let limit = slots.next_power_of_two();
+        let order = rules::serve_order("$7", "$8");
+        let sql = format!(
+            "WITH slot AS ( \
+               SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $5::TEXT[]) WITH ORDINALITY \
+                 AS u(worker, request, secret, n) \
+             ), seen AS ( \
+               INSERT INTO workers (id, last_seen_ms) \
+               SELECT w, ns_now_ms() FROM unnest($3::TEXT[]) AS w \
+               ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms \
+             ), picked AS ( \
+               SELECT q.id, row_number() OVER () AS n FROM ( \
+                 SELECT p.id FROM ( \
+                   SELECT id FROM jobs WHERE state = $7 ORDER BY {order} \
+                 ) j CROSS JOIN LATERAL ( \
+                   SELECT s.id FROM shards s \
+                   WHERE s.job_id = j.id AND s.state >= $6 AND s.state <= $6 \
+                     AND s.not_before_ms <= (SELECT ns_now_ms()) \
+                   ORDER BY s.state, s.id LIMIT {limit} \
+                   FOR UPDATE SKIP LOCKED \
+                 ) p \
+                 LIMIT {limit} \
+               ) q \
+             ), claimed AS ( \
+               UPDATE shards s SET state = $8, token = s.token + 1, \
+                 attempts = s.attempts + 1, worker_id = slot.worker, \
+                 lease_secret = slot.secret, lease_expires_at_ms = ns_now_ms() + $4 \
+               FROM picked JOIN slot ON slot.n = picked.n \
+               WHERE s.id = picked.id \
+               RETURNING s.*, slot.request, slot.n \
+             ) \
+             SELECT s.*, j.uid, j.spec_json, j.spec_hash, f.uri, f.size, f.etag \
+             FROM claimed s JOIN jobs j ON j.id = s.job_id \
+             JOIN input_files f ON f.job_id = s.job_id AND f.idx = s.file_index \
+             ORDER BY s.n"
+        );
+        let mut slot_workers: Vec<&str> = Vec::with_capacity(slots as usize);
+        let mut slot_requests: Vec<i64> = Vec::with_capacity(slots as usize);
+        let mut slot_secrets: Vec<String> = Vec::with_capacity(slots as usize);
+        for (i, r) in requests.iter().enumerate() {
+            let secret = new_lease_secret().to_hex();
+            for _ in 0..r.max {
+                slot_workers.push(&r.worker);
+                slot_requests.push(i as i64);
+                slot_secrets.push(secret.clone());
+            }
+        }
+        let mut workers: Vec<&str> = requests.iter().map(|r| r.worker.as_str()).collect();
+        workers.sort_unstable();
+        workers.dedup();
+        let mut conn = store.claims.acquire().await?;
+        let rows: Vec<Answer> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(slot_workers)
+            .bind(slot_requests)
+            .bind(workers)
+            .bind(timing.ttl_ms)
+            .bind(slot_secrets)
+            .bind(ShardState::Pending.as_str())
+            .bind(JobState::Running.as_str())
+            .bind(ShardState::Leased.as_str())
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut by_request: Vec<Vec<Granted>> = (0..requests.len()).map(|_| Vec::new()).collect();
+        for a in rows {
+            usize::try_from(a.request)
+                .ok()
+                .and_then(|i| by_request.get_mut(i))
+                .ok_or_else(|| StoreError::Corrupt("claim answered an unknown request".into()))?
+                .push(a.granted);
+        }
+        for (answer, granted) in answers.iter_mut().zip(by_request) {
+            *answer = PgStore::leases(&mut conn, granted).await?;
+        }
+        Ok(answers)
     }
 
+    /// One statement for all the requests' leases, and their workers seen. It changes only
+    /// `lease_expires_at_ms`, which no index holds, so the updates stay HOT. A lease it did not
+    /// extend costs a read, to say why.
     async fn heartbeat_many(
         store: &PgStore,
         requests: &[HeartbeatLot],
         timing: LeaseTiming,
     ) -> Result<Vec<Vec<LeaseStatus>>> {
-        heartbeat_many(store, requests, timing).await
+        // Sorted and once each: rows of `workers` are locked in one order by every statement.
+        let workers: BTreeSet<&str> = requests.iter().map(|r| r.worker.as_str()).collect();
+        let leases: Vec<LeaseRef> = requests
+            .iter()
+            .flat_map(|r| r.leases.iter().copied())
+            .collect();
+        let (ids, tokens) = columns(&leases);
+        let mut conn = store.relaxed.acquire().await?;
+        let extended: Vec<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(per_lease(
+            "seen AS ( \
+               INSERT INTO workers (id, last_seen_ms) SELECT w, ns_now_ms() FROM unnest($1::TEXT[]) AS u(w) \
+               ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms \
+             ), ",
+            ("$2", "$3"),
+            "UPDATE shards s SET lease_expires_at_ms = ns_now_ms() + $4 FROM req r, jobs j \
+             WHERE s.state = (SELECT $5::TEXT) AND j.id = s.job_id AND j.state = $6",
+        )))
+        .bind(workers.into_iter().collect::<Vec<_>>())
+        .bind(ids)
+        .bind(tokens)
+        .bind(timing.ttl_ms)
+        .bind(ShardState::Leased.as_str())
+        .bind(JobState::Running.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut extended = extended.into_iter();
+        let mut answers = Vec::with_capacity(requests.len());
+        for r in requests {
+            let mut statuses = Vec::with_capacity(r.leases.len());
+            for &l in &r.leases {
+                let state = if extended.next().unwrap_or(false) {
+                    LeaseState::Held
+                } else {
+                    rules::unextended(PgStore::lease_row(&mut conn, l.shard_id).await?.as_ref(), l)
+                };
+                statuses.push(LeaseStatus {
+                    shard_id: l.shard_id,
+                    token: l.token,
+                    state,
+                });
+            }
+            answers.push(statuses);
+        }
+        Ok(answers)
     }
 
+    /// `checkpoint_many` in one transaction of one statement per wave: a wave takes each shard
+    /// once (a lot rarely names one twice; a second checkpoint of it goes in the next wave, after
+    /// the first). Poison rows are counted against their jobs' thresholds once the wave is in.
     async fn checkpoint_many(
         store: &PgStore,
         checkpoints: &[(LeaseRef, PartRecord)],
     ) -> Result<Vec<Result<()>>> {
-        checkpoint_many(store, checkpoints).await
+        let mut tx = store.relaxed.begin().await?;
+        let mut answers: Vec<Result<()>> = checkpoints.iter().map(|_| Ok(())).collect();
+        let mut left: Vec<usize> = (0..checkpoints.len()).collect();
+        while !left.is_empty() {
+            let mut named = HashSet::new();
+            let (wave, rest): (Vec<usize>, Vec<usize>) = left
+                .into_iter()
+                .partition(|&i| named.insert(checkpoints[i].0.shard_id));
+            let recorded = record_parts(&mut tx, checkpoints, &wave).await?;
+            let mut poisoned = BTreeSet::new();
+            for (&i, job) in wave.iter().zip(recorded) {
+                let (lease, part) = &checkpoints[i];
+                match job {
+                    Some(job) if part.error_rows > 0 => {
+                        poisoned.insert(job);
+                    }
+                    Some(_) => {}
+                    None => {
+                        let row = PgStore::lease_row(&mut tx, lease.shard_id).await?;
+                        answers[i] = Err(rules::checkpoint_refused(row.as_ref(), *lease, part));
+                    }
+                }
+            }
+            for job in poisoned {
+                PgStore::check_error_rows(&mut tx, job).await?;
+            }
+            left = rest;
+        }
+        tx.commit().await?;
+        Ok(answers)
     }
 
+    /// `complete` for several leases in one statement; only the leases it did not finish cost a
+    /// read each, to say why.
     async fn complete_many(store: &PgStore, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {
-        complete_many(store, leases).await
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, tokens) = columns(leases);
+        let mut conn = store.relaxed.acquire().await?;
+        let finished: Vec<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(per_lease(
+            "",
+            ("$1", "$2"),
+            "UPDATE shards s SET state = $3, lease_expires_at_ms = NULL, worker_id = NULL \
+             FROM req r WHERE s.state = (SELECT $4::TEXT) AND s.checkpoint_rows = s.rows",
+        )))
+        .bind(ids)
+        .bind(tokens)
+        .bind(ShardState::Done.as_str())
+        .bind(ShardState::Leased.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut answers = Vec::with_capacity(leases.len());
+        let mut seen = HashSet::with_capacity(leases.len());
+        for (&lease, finished) in leases.iter().zip(finished) {
+            // A lease named again answers as a second `complete` would: the first one took it.
+            answers.push(match (finished, seen.insert(lease)) {
+                (true, true) => Ok(()),
+                (true, false) => Err(StoreError::LeaseLost {
+                    shard_id: lease.shard_id,
+                    token: lease.token,
+                }),
+                (false, _) => {
+                    let row = PgStore::lease_row(&mut conn, lease.shard_id).await?;
+                    rules::completion_refused(row.as_ref(), lease)
+                }
+            });
+        }
+        Ok(answers)
     }
 
     async fn lease_holders(store: &PgStore, shard_ids: &[i64]) -> Result<Vec<LeaseHolder>> {
@@ -215,48 +461,6 @@ impl Dialect for Postgres {
         .await?;
         rows.into_iter().map(LeaseHolder::try_from).collect()
     }
-}
-
-/// Files and shards go in as arrays: one statement each, whatever the shard count, shard ids
-/// in plan order.
-async fn insert_plan(
-    conn: &mut PgConnection,
-    job_id: i64,
-    plan: &JobPlan,
-    first_file: u64,
-) -> Result<()> {
-    let files = &plan.files;
-    sqlx::query(
-        "INSERT INTO input_files (job_id, idx, uri, size, etag) \
-         SELECT $1, $5 + f.ord - 1, f.uri, f.size, f.etag \
-         FROM unnest($2::TEXT[], $3::BIGINT[], $4::TEXT[]) WITH ORDINALITY \
-              AS f(uri, size, etag, ord)",
-    )
-    .bind(job_id)
-    .bind(files.iter().map(|f| f.uri.as_str()).collect::<Vec<_>>())
-    .bind(files.iter().map(|f| count(f.size)).collect::<Vec<_>>())
-    .bind(files.iter().map(|f| f.etag.as_deref()).collect::<Vec<_>>())
-    .bind(count(first_file))
-    .execute(&mut *conn)
-    .await?;
-    let column = |f: fn(&ShardPlan) -> i64| -> Vec<i64> { plan.shards.iter().map(f).collect() };
-    sqlx::query(
-        "INSERT INTO shards (job_id, file_index, row_group_start, row_group_end, \
-         file_row_start, rows) \
-         SELECT $1, s.file_index, s.rg_start, s.rg_end, s.row_start, s.rows \
-         FROM unnest($2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[]) \
-              WITH ORDINALITY AS s(file_index, rg_start, rg_end, row_start, rows, ord) \
-         ORDER BY s.ord",
-    )
-    .bind(job_id)
-    .bind(column(|s| i64::from(s.file_index)))
-    .bind(column(|s| i64::from(s.row_group_start)))
-    .bind(column(|s| i64::from(s.row_group_end)))
-    .bind(column(|s| count(s.file_row_start)))
-    .bind(column(|s| count(s.rows)))
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// A job that is a large part of the shards table changes what the planner should expect
@@ -282,207 +486,6 @@ async fn refresh_statistics(store: &PgStore, new_shards: usize) {
     if let Err(e) = analyzed.await {
         tracing::warn!(error = %e, "refreshing the shards table's statistics failed");
     }
-}
-
-/// Claims for several requests in one statement: the shards it takes are handed out in claim
-/// order, the first request's `max` first, then the next one's.
-///
-/// `slot` numbers the shards wanted, request by request (`$1` the worker and `$2` the request
-/// of each); `picked` numbers the pending shards taken, in claim order; each slot gets the
-/// shard of its number. The claim visits the running jobs (few) in the order claims serve them
-/// (`rules::serve_order`: priority, then the fewest leased shards), and takes each
-/// one's pending shards in id order from `shards_job (job_id, state, id)` until it has enough,
-/// so it reads about the shards it takes however many are pending. The job list stays a sorted
-/// subquery (PostgreSQL does not flatten one with ORDER BY), so the nested loop visits jobs in
-/// that order and stops. `state` is matched as a range, not an equality, so the planner cannot
-/// treat it as a constant and drop it from ORDER BY: only `shards_job` yields (state, id)
-/// order, so no plan can walk the primary key past finished shards when statistics are stale.
-///
-/// The limit is written into the text rather than bound, so that the one plan each text gets
-/// is made for its limit. Rounded up to a power of two so that few texts exist, each is a
-/// prepared statement of the claim connections, which keep one generic plan per statement
-/// (`GENERIC_PLANS`): left to choose, PostgreSQL planned every claim afresh, at more cost than
-/// running it. Shards locked past the last slot are left as they were. Workers are noted in
-/// name order, so that two claims never wait on each other's rows in opposite orders. The
-/// slots are spelled out in Rust rather than in SQL (`generate_series` per request): then the
-/// generic plan's estimates are close to any call's.
-async fn claim_many(
-    store: &PgStore,
-    requests: &[ClaimRequest],
-    timing: LeaseTiming,
-) -> Result<Vec<Vec<ShardLease>>> {
-    let mut answers: Vec<Vec<ShardLease>> = vec![Vec::new(); requests.len()];
-    let slots: u64 = requests.iter().map(|r| u64::from(r.max)).sum();
-    if slots == 0 {
-        return Ok(answers);
-    }
-    let limit = slots.next_power_of_two();
-    let order = rules::serve_order("$7", "$8");
-    let sql = format!(
-        "WITH slot AS ( \
-           SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $5::TEXT[]) WITH ORDINALITY \
-             AS u(worker, request, secret, n) \
-         ), seen AS ( \
-           INSERT INTO workers (id, last_seen_ms) \
-           SELECT w, ns_now_ms() FROM unnest($3::TEXT[]) AS w \
-           ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms \
-         ), picked AS ( \
-           SELECT q.id, row_number() OVER () AS n FROM ( \
-             SELECT p.id FROM ( \
-               SELECT id FROM jobs WHERE state = $7 ORDER BY {order} \
-             ) j CROSS JOIN LATERAL ( \
-               SELECT s.id FROM shards s \
-               WHERE s.job_id = j.id AND s.state >= $6 AND s.state <= $6 \
-                 AND s.not_before_ms <= (SELECT ns_now_ms()) \
-               ORDER BY s.state, s.id LIMIT {limit} \
-               FOR UPDATE SKIP LOCKED \
-             ) p \
-             LIMIT {limit} \
-           ) q \
-         ), claimed AS ( \
-           UPDATE shards s SET state = $8, token = s.token + 1, \
-             attempts = s.attempts + 1, worker_id = slot.worker, \
-             lease_secret = slot.secret, lease_expires_at_ms = ns_now_ms() + $4 \
-           FROM picked JOIN slot ON slot.n = picked.n \
-           WHERE s.id = picked.id \
-           RETURNING s.*, slot.request, slot.n \
-         ) \
-         SELECT s.*, j.uid, j.spec_json, j.spec_hash, f.uri, f.size, f.etag \
-         FROM claimed s JOIN jobs j ON j.id = s.job_id \
-         JOIN input_files f ON f.job_id = s.job_id AND f.idx = s.file_index \
-         ORDER BY s.n"
-    );
-    let mut slot_workers: Vec<&str> = Vec::with_capacity(slots as usize);
-    let mut slot_requests: Vec<i64> = Vec::with_capacity(slots as usize);
-    let mut slot_secrets: Vec<String> = Vec::with_capacity(slots as usize);
-    for (i, r) in requests.iter().enumerate() {
-        let secret = new_lease_secret().to_hex();
-        for _ in 0..r.max {
-            slot_workers.push(&r.worker);
-            slot_requests.push(i as i64);
-            slot_secrets.push(secret.clone());
-        }
-    }
-    let mut workers: Vec<&str> = requests.iter().map(|r| r.worker.as_str()).collect();
-    workers.sort_unstable();
-    workers.dedup();
-    let mut conn = store.claims.acquire().await?;
-    let rows: Vec<Answer> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(slot_workers)
-        .bind(slot_requests)
-        .bind(workers)
-        .bind(timing.ttl_ms)
-        .bind(slot_secrets)
-        .bind(ShardState::Pending.as_str())
-        .bind(JobState::Running.as_str())
-        .bind(ShardState::Leased.as_str())
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut by_request: Vec<Vec<Granted>> = (0..requests.len()).map(|_| Vec::new()).collect();
-    for a in rows {
-        usize::try_from(a.request)
-            .ok()
-            .and_then(|i| by_request.get_mut(i))
-            .ok_or_else(|| StoreError::Corrupt("claim answered an unknown request".into()))?
-            .push(a.granted);
-    }
-    for (answer, granted) in answers.iter_mut().zip(by_request) {
-        *answer = PgStore::leases(&mut conn, granted).await?;
-    }
-    Ok(answers)
-}
-
-/// One statement for all the requests' leases, and their workers seen. It changes only
-/// `lease_expires_at_ms`, which no index holds, so the updates stay HOT. A lease it did not
-/// extend costs a read, to say why.
-async fn heartbeat_many(
-    store: &PgStore,
-    requests: &[HeartbeatLot],
-    timing: LeaseTiming,
-) -> Result<Vec<Vec<LeaseStatus>>> {
-    // Sorted and once each: rows of `workers` are locked in one order by every statement.
-    let workers: BTreeSet<&str> = requests.iter().map(|r| r.worker.as_str()).collect();
-    let leases: Vec<LeaseRef> = requests
-        .iter()
-        .flat_map(|r| r.leases.iter().copied())
-        .collect();
-    let (ids, tokens) = columns(&leases);
-    let mut conn = store.relaxed.acquire().await?;
-    let extended: Vec<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(per_lease(
-        "seen AS ( \
-           INSERT INTO workers (id, last_seen_ms) SELECT w, ns_now_ms() FROM unnest($1::TEXT[]) AS u(w) \
-           ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms \
-         ), ",
-        ("$2", "$3"),
-        "UPDATE shards s SET lease_expires_at_ms = ns_now_ms() + $4 FROM req r, jobs j \
-         WHERE s.state = (SELECT $5::TEXT) AND j.id = s.job_id AND j.state = $6",
-    )))
-    .bind(workers.into_iter().collect::<Vec<_>>())
-    .bind(ids)
-    .bind(tokens)
-    .bind(timing.ttl_ms)
-    .bind(ShardState::Leased.as_str())
-    .bind(JobState::Running.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut extended = extended.into_iter();
-    let mut answers = Vec::with_capacity(requests.len());
-    for r in requests {
-        let mut statuses = Vec::with_capacity(r.leases.len());
-        for &l in &r.leases {
-            let state = if extended.next().unwrap_or(false) {
-                LeaseState::Held
-            } else {
-                rules::unextended(PgStore::lease_row(&mut conn, l.shard_id).await?.as_ref(), l)
-            };
-            statuses.push(LeaseStatus {
-                shard_id: l.shard_id,
-                token: l.token,
-                state,
-            });
-        }
-        answers.push(statuses);
-    }
-    Ok(answers)
-}
-
-/// `checkpoint_many` in one transaction of one statement per wave: a wave takes each shard
-/// once (a lot rarely names one twice; a second checkpoint of it goes in the next wave, after
-/// the first). Poison rows are counted against their jobs' thresholds once the wave is in.
-async fn checkpoint_many(
-    store: &PgStore,
-    checkpoints: &[(LeaseRef, PartRecord)],
-) -> Result<Vec<Result<()>>> {
-    let mut tx = store.relaxed.begin().await?;
-    let mut answers: Vec<Result<()>> = checkpoints.iter().map(|_| Ok(())).collect();
-    let mut left: Vec<usize> = (0..checkpoints.len()).collect();
-    while !left.is_empty() {
-        let mut named = HashSet::new();
-        let (wave, rest): (Vec<usize>, Vec<usize>) = left
-            .into_iter()
-            .partition(|&i| named.insert(checkpoints[i].0.shard_id));
-        let recorded = record_parts(&mut tx, checkpoints, &wave).await?;
-        let mut poisoned = BTreeSet::new();
-        for (&i, job) in wave.iter().zip(recorded) {
-            let (lease, part) = &checkpoints[i];
-            match job {
-                Some(job) if part.error_rows > 0 => {
-                    poisoned.insert(job);
-                }
-                Some(_) => {}
-                None => {
-                    let row = PgStore::lease_row(&mut tx, lease.shard_id).await?;
-                    answers[i] = Err(rules::checkpoint_refused(row.as_ref(), *lease, part));
-                }
-            }
-        }
-        for job in poisoned {
-            PgStore::check_error_rows(&mut tx, job).await?;
-        }
-        left = rest;
-    }
-    tx.commit().await?;
-    Ok(answers)
 }
 
 /// Moves the checkpoint of each shard of `wave` (indices into `checkpoints`, each shard once)
@@ -553,45 +556,6 @@ async fn record_parts(
     .bind(JobState::Running.as_str())
     .fetch_all(&mut *conn)
     .await?)
-}
-
-/// `complete` for several leases in one statement; only the leases it did not finish cost a
-/// read each, to say why.
-async fn complete_many(store: &PgStore, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {
-    if leases.is_empty() {
-        return Ok(Vec::new());
-    }
-    let (ids, tokens) = columns(leases);
-    let mut conn = store.relaxed.acquire().await?;
-    let finished: Vec<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(per_lease(
-        "",
-        ("$1", "$2"),
-        "UPDATE shards s SET state = $3, lease_expires_at_ms = NULL, worker_id = NULL \
-         FROM req r WHERE s.state = (SELECT $4::TEXT) AND s.checkpoint_rows = s.rows",
-    )))
-    .bind(ids)
-    .bind(tokens)
-    .bind(ShardState::Done.as_str())
-    .bind(ShardState::Leased.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut answers = Vec::with_capacity(leases.len());
-    let mut seen = HashSet::with_capacity(leases.len());
-    for (&lease, finished) in leases.iter().zip(finished) {
-        // A lease named again answers as a second `complete` would: the first one took it.
-        answers.push(match (finished, seen.insert(lease)) {
-            (true, true) => Ok(()),
-            (true, false) => Err(StoreError::LeaseLost {
-                shard_id: lease.shard_id,
-                token: lease.token,
-            }),
-            (false, _) => {
-                let row = PgStore::lease_row(&mut conn, lease.shard_id).await?;
-                rules::completion_refused(row.as_ref(), lease)
-            }
-        });
-    }
-    Ok(answers)
 }
 
 /// A guarded `update` of each lease of the arrays `(ids, tokens)`, over the shard `s` and the

@@ -1,7 +1,7 @@
 //! Jobs: submission (idempotent, one owner per output), reads, cancel, retry and delete.
 
 use async_trait::async_trait;
-use nightshift_proto::wire::{InputFile, JobPlan};
+use nightshift_proto::wire::InputFile;
 use nightshift_proto::{JobState, ShardState};
 use sqlx::{ColumnIndex, Encode, Type};
 
@@ -437,43 +437,6 @@ where
             .bind(count(job.plan.files.len() as u64))
             .fetch_optional(D::ex(conn))
             .await?)
-    }
-
-    /// Inserts a plan's files and shards one row at a time (what SQLite does; PostgreSQL
-    /// inserts each as one array).
-    pub(crate) async fn insert_plan_rows(
-        conn: &mut Conn<D>,
-        job_id: i64,
-        plan: &JobPlan,
-        first_file: u64,
-    ) -> Result<()> {
-        for (idx, f) in (first_file..).zip(&plan.files) {
-            sqlx::query(
-                "INSERT INTO input_files (job_id, idx, uri, size, etag) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(job_id)
-            .bind(count(idx))
-            .bind(f.uri.as_str())
-            .bind(count(f.size))
-            .bind(f.etag.as_deref())
-            .execute(D::ex(conn))
-            .await?;
-        }
-        for s in &plan.shards {
-            sqlx::query(
-                "INSERT INTO shards (job_id, file_index, row_group_start, row_group_end, \
-                 file_row_start, rows) VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(job_id)
-            .bind(i64::from(s.file_index))
-            .bind(i64::from(s.row_group_start))
-            .bind(i64::from(s.row_group_end))
-            .bind(count(s.file_row_start))
-            .bind(count(s.rows))
-            .execute(D::ex(conn))
-            .await?;
-        }
-        Ok(())
     }
 
     /// The first job, other than `except`, that is not cancelled and owns an output

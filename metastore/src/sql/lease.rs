@@ -1,22 +1,20 @@
 //! The lease protocol. Every write is one statement guarded by `(shard, token, leased)`; when
-//! it touches nothing, the shard is read back and `rules` says why. The `*_each` operations
-//! take requests one at a time (what SQLite runs; PostgreSQL runs them set-based).
+//! it touches nothing, the shard is read back and `rules` says why. Several requests at once
+//! are the dialect's own (`Dialect::claim_many` and the others): SQLite takes them one at a
+//! time, PostgreSQL set-based.
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
 use nightshift_proto::wire::{HeartbeatResponse, LeaseRef, LeaseStatus, PartRecord, ShardLease};
-use nightshift_proto::{FailureClass, JobSpec, JobState, LeaseState, ShardState};
+use nightshift_proto::{FailureClass, JobSpec, JobState, ShardState};
 use sqlx::{ColumnIndex, Encode, Type};
 
-use super::jobs::count;
 use super::{Conn, Dialect, RowOf, SqlStore, Value};
 use crate::Leases;
-use crate::records::{Granted, HolderRow, LeaseRow, PartRow, parse_spec};
+use crate::records::{Granted, LeaseRow, PartRow, parse_spec};
 use crate::rules::{self, ShardKind};
-use crate::{
-    ClaimRequest, HeartbeatLot, LeaseHolder, LeaseTiming, Result, StoreError, new_lease_secret,
-};
+use crate::{ClaimRequest, HeartbeatLot, LeaseHolder, LeaseTiming, Result, StoreError};
 
 /// The columns of a held shard the lease check reads, over shard `s` and job `j`.
 pub(crate) const HOLDER: &str = "SELECT s.id, s.token, s.worker_id, s.lease_secret, s.rows, \
@@ -188,18 +186,6 @@ where
         .await?)
     }
 
-    /// Notes that a worker was seen now.
-    async fn note_worker(conn: &mut Conn<D>, worker: &str) -> Result<()> {
-        sqlx::query(D::sql(
-            "INSERT INTO workers (id, last_seen_ms) VALUES ($1, {now}) \
-             ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
-        ))
-        .bind(worker)
-        .execute(D::ex(conn))
-        .await?;
-        Ok(())
-    }
-
     /// The leases to hand out for shards just granted: each job's spec parsed once, and the
     /// parts each merge shard rewrites.
     pub(crate) async fn leases(
@@ -249,62 +235,6 @@ where
         Ok(parts.iter().map(PartRow::record).collect())
     }
 
-    /// Claims for each request in turn, in one transaction: running jobs in the order claims
-    /// serve them (`rules::serve_order`), each one's pending shards in id order.
-    pub(crate) async fn claim_each(
-        &self,
-        requests: &[ClaimRequest],
-        timing: LeaseTiming,
-    ) -> Result<Vec<Vec<ShardLease>>> {
-        let mut tx = self.pool.begin().await?;
-        let mut answers = Vec::with_capacity(requests.len());
-        for r in requests {
-            Self::note_worker(&mut tx, &r.worker).await?;
-            let jobs: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT id FROM jobs WHERE state = $1 ORDER BY {}",
-                rules::serve_order("$1", "$2")
-            )))
-            .bind(JobState::Running.as_str())
-            .bind(ShardState::Leased.as_str())
-            .fetch_all(D::ex(&mut tx))
-            .await?;
-            let secret = new_lease_secret().to_hex();
-            let mut ids: Vec<i64> = Vec::with_capacity(r.max as usize);
-            for job in jobs {
-                let left = i64::from(r.max) - ids.len() as i64;
-                if left <= 0 {
-                    break;
-                }
-                let got: Vec<i64> = sqlx::query_scalar(D::sql(
-                    "UPDATE shards SET state = $1, token = token + 1, attempts = attempts + 1, \
-                     worker_id = $2, lease_secret = $3, lease_expires_at_ms = {now} + $4 \
-                     WHERE id IN (SELECT id FROM shards WHERE job_id = $5 AND state = $6 \
-                       AND not_before_ms <= {now} ORDER BY id LIMIT $7) \
-                     RETURNING id",
-                ))
-                .bind(ShardState::Leased.as_str())
-                .bind(r.worker.as_str())
-                .bind(secret.as_str())
-                .bind(timing.ttl_ms)
-                .bind(job)
-                .bind(ShardState::Pending.as_str())
-                .bind(left)
-                .fetch_all(D::ex(&mut tx))
-                .await?;
-                ids.extend(got);
-            }
-            let mut granted = Vec::with_capacity(ids.len());
-            for id in ids {
-                granted.push(Self::granted(&mut tx, id).await?);
-            }
-            let mut leases = Self::leases(&mut tx, granted).await?;
-            leases.sort_by_key(|l| l.shard_id);
-            answers.push(leases);
-        }
-        tx.commit().await?;
-        Ok(answers)
-    }
-
     /// The grant of a shard just leased, with its job and file.
     pub(crate) async fn granted(conn: &mut Conn<D>, id: i64) -> Result<Granted> {
         Ok(sqlx::query_as(D::sql(
@@ -315,137 +245,6 @@ where
         .bind(id)
         .fetch_one(D::ex(conn))
         .await?)
-    }
-
-    pub(crate) async fn lease_holders_each(&self, shard_ids: &[i64]) -> Result<Vec<LeaseHolder>> {
-        let mut conn = self.conn().await?;
-        let mut holders = Vec::with_capacity(shard_ids.len());
-        for &id in shard_ids {
-            let row: Option<HolderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "{HOLDER} WHERE s.id = $1 AND s.state = $2"
-            )))
-            .bind(id)
-            .bind(ShardState::Leased.as_str())
-            .fetch_optional(D::ex(&mut conn))
-            .await?;
-            if let Some(row) = row {
-                holders.push(row.try_into()?);
-            }
-        }
-        Ok(holders)
-    }
-
-    /// Extends each lease still held, one at a time, in one transaction for all requests.
-    pub(crate) async fn heartbeat_each(
-        &self,
-        requests: &[HeartbeatLot],
-        timing: LeaseTiming,
-    ) -> Result<Vec<Vec<LeaseStatus>>> {
-        let mut tx = self.pool.begin().await?;
-        let mut answers = Vec::with_capacity(requests.len());
-        for lot in requests {
-            Self::note_worker(&mut tx, &lot.worker).await?;
-            let mut statuses = Vec::with_capacity(lot.leases.len());
-            for &l in &lot.leases {
-                let extended = sqlx::query(D::sql(
-                    "UPDATE shards SET lease_expires_at_ms = {now} + $3 \
-                     WHERE id = $1 AND token = $2 AND state = $4 \
-                       AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = shards.job_id AND j.state = $5)",
-                ))
-                .bind(l.shard_id)
-                .bind(l.token)
-                .bind(timing.ttl_ms)
-                .bind(ShardState::Leased.as_str())
-                .bind(JobState::Running.as_str())
-                .execute(D::ex(&mut tx))
-                .await?;
-                let state = if D::affected(&extended) > 0 {
-                    LeaseState::Held
-                } else {
-                    rules::unextended(Self::lease_row(&mut tx, l.shard_id).await?.as_ref(), l)
-                };
-                statuses.push(LeaseStatus {
-                    shard_id: l.shard_id,
-                    token: l.token,
-                    state,
-                });
-            }
-            answers.push(statuses);
-        }
-        tx.commit().await?;
-        Ok(answers)
-    }
-
-    /// Several checkpoints in one transaction, one after the other: one answer each, in
-    /// order, each what `checkpoint` alone would give (a refused one changes nothing). Only a
-    /// failure of the store itself fails the whole call, and then none is recorded.
-    pub(crate) async fn checkpoint_each(
-        &self,
-        checkpoints: &[(LeaseRef, PartRecord)],
-    ) -> Result<Vec<Result<()>>> {
-        let mut tx = self.pool.begin().await?;
-        let mut answers = Vec::with_capacity(checkpoints.len());
-        for (lease, part) in checkpoints {
-            answers.push(Self::record_part(&mut tx, *lease, part).await?);
-        }
-        tx.commit().await?;
-        Ok(answers)
-    }
-
-    /// Moves the checkpoint past `part` and records it, inside `tx`; the inner `Err` is the
-    /// refusal, when the lease may not write this part.
-    async fn record_part(
-        tx: &mut Conn<D>,
-        lease: LeaseRef,
-        part: &PartRecord,
-    ) -> Result<Result<()>> {
-        let job_id: Option<i64> = sqlx::query_scalar(
-            "UPDATE shards SET checkpoint_rows = checkpoint_rows + $3, \
-               error_rows = error_rows + $4 \
-             WHERE id = $1 AND token = $2 AND state = $7 \
-               AND checkpoint_rows = $5 AND $3 > 0 AND $6 <= rows \
-               AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = shards.job_id AND j.state = $8) \
-             RETURNING job_id",
-        )
-        .bind(lease.shard_id)
-        .bind(lease.token)
-        .bind(count(part.rows))
-        .bind(count(part.error_rows))
-        .bind(count(part.row_start))
-        .bind(count(part.row_start.saturating_add(part.rows)))
-        .bind(ShardState::Leased.as_str())
-        .bind(JobState::Running.as_str())
-        .fetch_optional(D::ex(&mut *tx))
-        .await?;
-        let Some(job_id) = job_id else {
-            let row = Self::lease_row(&mut *tx, lease.shard_id).await?;
-            return Ok(Err(rules::checkpoint_refused(row.as_ref(), lease, part)));
-        };
-        let tokens = part.tokens.unwrap_or_default();
-        sqlx::query(D::sql(
-            "INSERT INTO parts (job_id, shard_id, token, row_start, rows, bytes, uri, \
-             error_rows, error_uri, error_bytes, real_tokens, padded_tokens, truncated_rows, \
-             created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, {now})",
-        ))
-        .bind(job_id)
-        .bind(lease.shard_id)
-        .bind(lease.token)
-        .bind(count(part.row_start))
-        .bind(count(part.rows))
-        .bind(count(part.bytes))
-        .bind(part.uri.as_str())
-        .bind(count(part.error_rows))
-        .bind(part.error_uri.as_deref())
-        .bind(count(part.error_bytes))
-        .bind(count(tokens.real))
-        .bind(count(tokens.padded))
-        .bind(count(tokens.truncated_rows))
-        .execute(D::ex(&mut *tx))
-        .await?;
-        if part.error_rows > 0 {
-            Self::check_error_rows(tx, job_id).await?;
-        }
-        Ok(Ok(()))
     }
 
     /// Fails a running job whose poison rows passed its threshold. The job row is locked
@@ -488,18 +287,6 @@ where
         .execute(D::ex(conn))
         .await?;
         Ok(D::affected(&done))
-    }
-
-    /// Completes each lease in turn; only a failure of the store fails the whole call.
-    pub(crate) async fn complete_each(&self, leases: &[LeaseRef]) -> Result<Vec<Result<()>>> {
-        let mut answers = Vec::with_capacity(leases.len());
-        for &lease in leases {
-            match self.complete(lease).await {
-                Err(e) if !e.is_lease_refusal() => return Err(e),
-                answer => answers.push(answer),
-            }
-        }
-        Ok(answers)
     }
 }
 
