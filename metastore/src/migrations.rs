@@ -64,3 +64,29 @@ fn migrator(sql: fn(&File) -> &'static str) -> Migrator {
         ..Migrator::DEFAULT
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::FILES;
+
+    #[test]
+    fn every_migration_file_of_each_dialect_is_listed_in_order() {
+        let listed: Vec<&str> = FILES.iter().map(|f| f.name).collect();
+        for dialect in ["sqlite", "postgres"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../migrations")
+                .join(dialect);
+            let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|name| name.ends_with(".sql"))
+                .collect();
+            on_disk.sort();
+            assert_eq!(on_disk, listed, "{dialect}: a migration file is not listed");
+        }
+        for (n, f) in (1..).zip(FILES) {
+            assert_eq!(f.version, n, "{} is out of order", f.name);
+            assert!(f.name.starts_with(&format!("{n:04}_")), "{}", f.name);
+        }
+    }
+}
