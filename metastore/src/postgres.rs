@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use nightshift_proto::wire::{JobPlan, LeaseRef, LeaseStatus, PartRecord, ShardLease, ShardPlan};
-use nightshift_proto::{JobState, LeaseState, ShardState};
+use nightshift_proto::{JobState, ShardState};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgQueryResult};
 use sqlx::{Pool, Postgres as PgDb};
 
@@ -357,16 +357,8 @@ impl Dialect for Postgres {
         for r in requests {
             let mut statuses = Vec::with_capacity(r.leases.len());
             for &l in &r.leases {
-                let state = if extended.next().unwrap_or(false) {
-                    LeaseState::Held
-                } else {
-                    rules::unextended(PgStore::lease_row(&mut conn, l.shard_id).await?.as_ref(), l)
-                };
-                statuses.push(LeaseStatus {
-                    shard_id: l.shard_id,
-                    token: l.token,
-                    state,
-                });
+                let held = extended.next().unwrap_or(false);
+                statuses.push(PgStore::heartbeat_status(&mut conn, l, held).await?);
             }
             answers.push(statuses);
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use nightshift_proto::wire::{JobPlan, LeaseRef, LeaseStatus, PartRecord, ShardLease};
-use nightshift_proto::{JobState, LeaseState, ShardState};
+use nightshift_proto::{JobState, ShardState};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions,
     SqliteQueryResult, SqliteSynchronous,
@@ -210,19 +210,8 @@ impl Dialect for Sqlite {
                 .bind(JobState::Running.as_str())
                 .execute(&mut *tx)
                 .await?;
-                let state = if extended.rows_affected() > 0 {
-                    LeaseState::Held
-                } else {
-                    rules::unextended(
-                        SqliteStore::lease_row(&mut tx, l.shard_id).await?.as_ref(),
-                        l,
-                    )
-                };
-                statuses.push(LeaseStatus {
-                    shard_id: l.shard_id,
-                    token: l.token,
-                    state,
-                });
+                let held = extended.rows_affected() > 0;
+                statuses.push(SqliteStore::heartbeat_status(&mut tx, l, held).await?);
             }
             answers.push(statuses);
         }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use nightshift_proto::wire::{HeartbeatResponse, LeaseRef, LeaseStatus, PartRecord, ShardLease};
-use nightshift_proto::{FailureClass, JobSpec, JobState, ShardState};
+use nightshift_proto::{FailureClass, JobSpec, JobState, LeaseState, ShardState};
 use sqlx::{ColumnIndex, Encode, Type};
 
 use super::{Conn, Dialect, RowOf, SqlStore, Value};
@@ -175,6 +175,25 @@ where
     String: Value<D::DB>,
     bool: Value<D::DB>,
 {
+    /// A lease's answer to a heartbeat: held when the heartbeat extended it, else why not
+    /// (the shard read back, `rules::unextended`).
+    pub(crate) async fn heartbeat_status(
+        conn: &mut Conn<D>,
+        lease: LeaseRef,
+        extended: bool,
+    ) -> Result<LeaseStatus> {
+        let state = if extended {
+            LeaseState::Held
+        } else {
+            rules::unextended(Self::lease_row(conn, lease.shard_id).await?.as_ref(), lease)
+        };
+        Ok(LeaseStatus {
+            shard_id: lease.shard_id,
+            token: lease.token,
+            state,
+        })
+    }
+
     /// The shard as a refused write finds it.
     pub(crate) async fn lease_row(conn: &mut Conn<D>, shard_id: i64) -> Result<Option<LeaseRow>> {
         Ok(sqlx::query_as(
