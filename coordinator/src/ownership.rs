@@ -105,7 +105,7 @@ pub async fn owned_file(
     match occupant(dest, job_uid, rows).await? {
         Occupant::Free => Ok(None),
         Occupant::Ours { bytes } => Ok(Some(bytes)),
-        Occupant::Foreign { found } => Err(FinalizeError::Foreign {
+        Occupant::Foreign { found, .. } => Err(FinalizeError::Foreign {
             uri: dest.uri(),
             found,
         }),
@@ -115,7 +115,8 @@ pub async fn owned_file(
 /// Deletes the data files at `out`'s output names (`part-*`, `_errors/errors-*`) whose footer
 /// names one of the jobs `job_uids`: their committed output, or what their merge work wrote in
 /// place before they stopped. Files of any other job, or of none, stay. Each file's footer is
-/// read once, however many jobs are named. Answers how many went.
+/// read once, however many jobs are named. Answers how many this call removed (one another
+/// clean-up removed first is not counted, and is no error).
 pub async fn remove_job_files(
     out: &Location,
     job_uids: &HashSet<&str>,
@@ -134,11 +135,12 @@ pub async fn remove_job_files(
             if let Ok((Some(owner), _)) = stamp(&loc, size).await
                 && job_uids.contains(owner.as_str())
             {
-                loc.store()
-                    .delete(loc.path())
-                    .await
-                    .map_err(|e| StorageError::from_store(&loc.uri(), e))?;
-                removed += 1;
+                match loc.store().delete(loc.path()).await {
+                    Ok(()) => removed += 1,
+                    // Another clean-up of the same output removed it first.
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(StorageError::from_store(&loc.uri(), e)),
+                }
             }
         }
     }

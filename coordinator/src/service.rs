@@ -264,25 +264,26 @@ impl Service {
 
     /// The job `own_uid` holds `output_uri`, which cancelled jobs held before it. None of them
     /// can be retried now, nor after this job ends (`files_removed`), so the files their merge
-    /// work wrote in place there (which would block this job's own) go. Answers how many went;
-    /// a failure is logged, and the job's merge work then names the file in its way.
-    async fn clear_released_output(&self, own_uid: &str, output_uri: &str) -> usize {
+    /// work wrote in place there (which would block this job's own) go. Answers the jobs whose
+    /// files are all gone now (removed by this call or before it); a failure is logged, and
+    /// the job's merge work then names the file in its way.
+    async fn clear_released_output(&self, own_uid: &str, output_uri: &str) -> HashSet<String> {
         let cancelled = match self.store.cancelled_at(output_uri).await {
             Ok(jobs) => jobs,
             Err(e) => {
                 tracing::warn!(output = output_uri, error = %e, "reading the output's earlier jobs failed");
-                return 0;
+                return HashSet::new();
             }
         };
         let cancelled: Vec<&JobRecord> = cancelled.iter().filter(|j| j.uid != own_uid).collect();
         if cancelled.is_empty() {
-            return 0;
+            return HashSet::new();
         }
         // Their checkpoints are about to point at nothing: no retry may resume from them.
         let ids: Vec<i64> = cancelled.iter().map(|old| old.id).collect();
         if let Err(e) = self.store.files_removed(&ids).await {
             tracing::warn!(output = output_uri, error = %e, "marking the output's earlier jobs failed; their files stay");
-            return 0;
+            return HashSet::new();
         }
         // One pass per output those jobs wrote to, for all of them.
         let mut by_output: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
@@ -292,48 +293,58 @@ impl Service {
                 .or_default()
                 .insert(old.uid.as_str());
         }
-        let mut total = 0;
+        let mut cleared = HashSet::new();
         for (output_uri, uids) in by_output {
             let removed = match self.stores.locate(output_uri) {
                 Ok(out) => remove_job_files(&out, &uids).await,
                 Err(e) => Err(e),
             };
             match removed {
-                Ok(0) => {}
                 Ok(n) => {
-                    total += n;
-                    tracing::info!(
-                        output = output_uri,
-                        files = n,
-                        "cancelled jobs' files removed"
-                    );
+                    if n > 0 {
+                        tracing::info!(
+                            output = output_uri,
+                            files = n,
+                            "cancelled jobs' files removed"
+                        );
+                    }
+                    cleared.extend(uids.into_iter().map(str::to_string));
                 }
                 Err(e) => {
                     tracing::warn!(output = output_uri, error = %e, "removing cancelled jobs' files failed")
                 }
             }
         }
-        total
+        cleared
     }
 
     /// Merge work that failed for good may have met a file that a cancelled job's worker
     /// finished writing at its output name after this job's submission cleared that job's
-    /// files (the worker learns of the cancel at its next call). Such files go now; if any
-    /// did, the merge is tried again instead of dying.
-    async fn merge_failure_class(&self, holder: &LeaseHolder, class: FailureClass) -> FailureClass {
+    /// files (the worker learns of the cancel at its next call); the report names that job
+    /// (`taken_by`). When it is one of the cancelled jobs whose files are now gone, the merge
+    /// is tried again instead of dying. Whose the file was decides, not whether this call
+    /// removed it: two merges meeting two such files at once both retry, though the first
+    /// report's clean-up removes both files.
+    async fn merge_failure_class(
+        &self,
+        holder: &LeaseHolder,
+        class: FailureClass,
+        taken_by: Option<&str>,
+    ) -> FailureClass {
+        let Some(owner) = taken_by else {
+            return class;
+        };
         if class != FailureClass::Permanent || holder.merge_files.is_none() {
             return class;
         }
-        match self
+        let cleared = self
             .clear_released_output(&holder.job_uid, &holder.output_uri)
-            .await
-        {
-            0 => class,
-            _ => {
-                tracing::info!(job = %holder.job_uid, shard = holder.shard_id, "merge work met a cancelled job's file, now removed: it is tried again");
-                FailureClass::Retryable
-            }
+            .await;
+        if !cleared.contains(owner) {
+            return class;
         }
+        tracing::info!(job = %holder.job_uid, shard = holder.shard_id, "merge work met a cancelled job's file, now removed: it is tried again");
+        FailureClass::Retryable
     }
 
     /// Submits a job. With an idempotency key, the same key and spec return the existing job
@@ -793,13 +804,14 @@ impl Service {
         lease: LeaseRef,
         class: FailureClass,
         message: &str,
+        taken_by: Option<&str>,
     ) -> Result<(), ApiError> {
         let message: String = message.chars().take(MAX_FAIL_MESSAGE_CHARS).collect();
         check_free_text("message", &message)?;
         let holder = self.holder(worker, lease).await?;
         // Debug formatting escapes the worker's text: it cannot forge log lines.
         tracing::warn!(shard = lease.shard_id, worker = ?worker, %class, error = ?message, "shard failed");
-        let class = self.merge_failure_class(&holder, class).await;
+        let class = self.merge_failure_class(&holder, class, taken_by).await;
         Ok(self.store.fail(lease, class, &message, self.timing).await?)
     }
 

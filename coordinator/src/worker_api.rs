@@ -126,7 +126,13 @@ pub(crate) async fn fail(
     let req: FailRequest = parse(&body)?;
     state
         .service
-        .fail(&req.worker_id, req.lease, req.class, &req.message)
+        .fail(
+            &req.worker_id,
+            req.lease,
+            req.class,
+            &req.message,
+            req.taken_by.as_deref(),
+        )
         .await?;
     Ok(Json(Ack { ok: true }))
 }

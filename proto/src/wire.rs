@@ -554,6 +554,11 @@ pub struct FailRequest {
     pub lease: LeaseRef,
     pub class: FailureClass,
     pub message: String,
+    /// Merge work that met a file of another job at one of its output names (never
+    /// overwritten) names that job's uid here. When it is a cancelled job that held the
+    /// output before, its files go and the failure is retried, whatever `class` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

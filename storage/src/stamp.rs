@@ -55,8 +55,12 @@ pub enum Occupant {
     Free,
     /// This job's file of those rows, of this many bytes: an earlier attempt wrote it.
     Ours { bytes: u64 },
-    /// Anything else, described: never adopted, never overwritten.
-    Foreign { found: String },
+    /// Anything else, described: never adopted, never overwritten. `owner` is the other job
+    /// its footer names, if it names one.
+    Foreign {
+        found: String,
+        owner: Option<String>,
+    },
 }
 
 /// Who holds `dest`, for job `job_uid` that would put `rows` rows there.
@@ -66,12 +70,15 @@ pub async fn occupant(dest: &Location, job_uid: &str, rows: u64) -> Result<Occup
         Err(object_store::Error::NotFound { .. }) => return Ok(Occupant::Free),
         Err(e) => return Err(StorageError::from_store(&dest.uri(), e)),
     };
-    let found = match stamp(dest, meta.size).await {
-        Err(e) => format!("not a Parquet file this job wrote: {e}"),
-        Ok(stamp) => match owned_by(stamp, job_uid, rows) {
-            Ok(()) => return Ok(Occupant::Ours { bytes: meta.size }),
-            Err(found) => found,
-        },
+    let (found, owner) = match stamp(dest, meta.size).await {
+        Err(e) => (format!("not a Parquet file this job wrote: {e}"), None),
+        Ok(stamp) => {
+            let owner = stamp.0.clone().filter(|uid| uid != job_uid);
+            match owned_by(stamp, job_uid, rows) {
+                Ok(()) => return Ok(Occupant::Ours { bytes: meta.size }),
+                Err(found) => (found, owner),
+            }
+        }
     };
-    Ok(Occupant::Foreign { found })
+    Ok(Occupant::Foreign { found, owner })
 }

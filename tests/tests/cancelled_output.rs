@@ -7,11 +7,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nightshift_coordinator::AllowList;
+use nightshift_proto::FailureClass;
 use nightshift_proto::layout::JOB_UID_KEY;
-use nightshift_tests::api_server::{Api, start};
+use nightshift_proto::wire::ShardLease;
+use nightshift_tests::api_server::{Api, job, start};
 use nightshift_tests::fixtures::{Fixture, spec_toml};
+use nightshift_tests::parts::write_part;
 use nightshift_tests::python::ort_library;
 use nightshift_tests::verify::verify_output;
+use nightshift_worker::client::CoordinatorClient;
 use nightshift_worker::{Worker, WorkerConfig};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use tokio_util::sync::CancellationToken;
@@ -187,6 +191,93 @@ async fn a_file_a_cancelled_jobs_worker_finishes_late_does_not_fail_the_next_job
         std::fs::rename(aside.join(file.file_name().unwrap()), file).unwrap();
     }
     case.succeeds_alone("second", &left).await;
+}
+
+/// The next lease of `w` for merge work, waiting for the coordinator to plan it.
+async fn merge_lease(w: &CoordinatorClient) -> ShardLease {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let leases = w.lease("hand", 10).await.expect("lease").leases;
+        if let Some(l) = leases.into_iter().find(|l| l.merge_files.is_some()) {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "no merge work was granted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Merge work that met a cancelled job's file at its output name says whose it was
+/// (`taken_by`), and is tried again even when that file is gone by the time its report
+/// arrives: when two merges meet two such files at once, the first report's clean-up removes
+/// both, and the second must not die for finding nothing left to remove. A file of any other
+/// job is never a reason to try again.
+#[tokio::test(flavor = "multi_thread")]
+async fn merge_work_that_met_a_cancelled_jobs_file_is_retried_though_the_file_went_first() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let w = CoordinatorClient::new(&api.url, "W").for_worker("hand");
+    let first = job(&f).replace("api-job", "first");
+    assert_eq!(
+        api.submit(Some("S"), None, &first).await.0,
+        reqwest::StatusCode::CREATED
+    );
+    let cancelled_uid = w.lease("hand", 1).await.unwrap().leases[0].job_uid.clone();
+    let (s, body) = api.post("S", "/v1/jobs/first/cancel").await;
+    assert!(s.is_success(), "{s}: {body}");
+    let second = job(&f).replace("api-job", "second");
+    assert_eq!(
+        api.submit(Some("S"), None, &second).await.0,
+        reqwest::StatusCode::CREATED
+    );
+    let leases = w.lease("hand", 10).await.unwrap().leases;
+    assert_eq!(leases.len(), 4, "the second job's row shards");
+    for l in &leases {
+        w.checkpoint(l.lease_ref(), write_part(l, 0, l.plan.rows), None)
+            .await
+            .unwrap();
+    }
+    let refs = leases.iter().map(|l| l.lease_ref()).collect();
+    assert!(
+        w.complete_many(refs)
+            .await
+            .unwrap()
+            .iter()
+            .all(Result::is_ok)
+    );
+    // No file of the cancelled job is left at the output: the report names it all the same.
+    let merge = merge_lease(&w).await;
+    let met = |by: &str| Some(by.to_string());
+    w.fail_taken(
+        merge.lease_ref(),
+        FailureClass::Permanent,
+        "taken".into(),
+        met(&cancelled_uid),
+    )
+    .await
+    .unwrap();
+    // Tried again (else no merge is granted again); a file of a job that was never cancelled
+    // here is the end of it.
+    let again = merge_lease(&w).await;
+    assert_eq!(again.shard_id, merge.shard_id);
+    w.fail_taken(
+        again.lease_ref(),
+        FailureClass::Permanent,
+        "taken".into(),
+        met("0123456789abcdef"),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, view) = api.get(Some("S"), "/v1/jobs/second").await;
+        let view: serde_json::Value = serde_json::from_str(&view).unwrap();
+        if view["state"] == "failed" {
+            assert!(view["error"].as_str().unwrap().contains("taken"), "{view}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job did not fail: {view}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A cancelled job whose files went when a later job took its output cannot be retried, even

@@ -305,6 +305,18 @@ impl CoordinatorClient {
         class: FailureClass,
         message: String,
     ) -> Result<(), ClientError> {
+        self.fail_taken(lease, class, message, None).await
+    }
+
+    /// As `fail`, naming the job whose file at an output name the merge work met
+    /// (`FailRequest::taken_by`).
+    pub async fn fail_taken(
+        &self,
+        lease: LeaseRef,
+        class: FailureClass,
+        message: String,
+        taken_by: Option<String>,
+    ) -> Result<(), ClientError> {
         let _: Ack = self
             .post(
                 "/v1/worker/fail",
@@ -313,6 +325,7 @@ impl CoordinatorClient {
                     lease,
                     class,
                     message,
+                    taken_by,
                 },
             )
             .await?;

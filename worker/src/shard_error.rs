@@ -36,7 +36,12 @@ pub enum ShardError {
         "`{uri}` already exists and is not this job's ({found}); a job never overwrites a file \
          it did not write: remove it, or choose another output"
     )]
-    Taken { uri: String, found: String },
+    Taken {
+        uri: String,
+        found: String,
+        /// The other job the file's footer names, if it names one.
+        owner: Option<String>,
+    },
     #[error(transparent)]
     Coordinator(#[from] ClientError),
     #[error("internal: {0}")]
@@ -58,6 +63,15 @@ impl ShardError {
             ShardError::Taken { .. } => FailureClass::Permanent,
             ShardError::Coordinator(_) => FailureClass::Retryable,
             ShardError::Internal(_) => FailureClass::Retryable,
+        }
+    }
+
+    /// The other job whose file at an output name this shard's merge work met, as the
+    /// failure report's `taken_by` (the coordinator retries when that job was cancelled).
+    pub fn taken_by(&self) -> Option<&str> {
+        match self {
+            ShardError::Taken { owner, .. } => owner.as_deref(),
+            _ => None,
         }
     }
 

@@ -357,7 +357,8 @@ impl Worker {
                     inc(&m.shards_failed);
                     let class = e.class();
                     tracing::error!(shard = lease.shard_id, %class, error = %e, "shard failed");
-                    if let Err(re) = ctx.client.fail(lease_ref, class, e.to_string()).await {
+                    let taken_by = e.taken_by().map(str::to_string);
+                    if let Err(re) = ctx.client.fail_taken(lease_ref, class, e.to_string(), taken_by).await {
                         tracing::warn!(shard = lease.shard_id, error = %re, "reporting the failure failed");
                     }
                 }

@@ -134,10 +134,11 @@ impl Merger<'_> {
             match occupant(&target.dest, self.job_uid, target.rows).await? {
                 Occupant::Free => {}
                 Occupant::Ours { bytes } => return Ok(Some((target.dest, bytes))),
-                Occupant::Foreign { found } => {
+                Occupant::Foreign { found, owner } => {
                     return Err(ShardError::Taken {
                         uri: target.dest.uri(),
                         found,
+                        owner,
                     });
                 }
             }
