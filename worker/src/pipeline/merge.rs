@@ -11,7 +11,9 @@ use std::sync::atomic::Ordering;
 use futures::StreamExt;
 use nightshift_proto::wire::{PartRecord, ShardLease, part_object};
 use nightshift_storage::location::plain_file_inside;
-use nightshift_storage::{Location, Occupant, PartUpload, occupant, read_all};
+use nightshift_storage::{
+    Location, Occupant, PartUpload, StorageError, Stores, occupant, read_all, storage_cause,
+};
 use parquet::arrow::AsyncArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::properties::WriterProperties;
@@ -61,7 +63,7 @@ pub async fn run_merge(
     };
     let outputs: Vec<(String, u64)> = sources.iter().map(|p| (p.uri.clone(), p.bytes)).collect();
     let m = Merger {
-        ctx,
+        stores: &ctx.stores,
         output: &out,
         job_uid: &lease.job_uid,
         props: &props,
@@ -114,7 +116,7 @@ struct MergeTarget {
 
 /// What every file of one merge lease is written with.
 struct Merger<'a> {
-    ctx: &'a WorkerContext,
+    stores: &'a Stores,
     output: &'a Location,
     job_uid: &'a str,
     props: &'a WriterProperties,
@@ -130,28 +132,60 @@ impl Merger<'_> {
         target: MergeTarget,
         sources: &[(String, u64)],
     ) -> Result<Option<(Location, u64)>, ShardError> {
-        if target.in_place {
-            match occupant(&target.dest, self.job_uid, target.rows).await? {
-                Occupant::Free => {}
-                Occupant::Ours { bytes } => return Ok(Some((target.dest, bytes))),
-                Occupant::Foreign { found, owner } => {
-                    return Err(ShardError::Taken {
-                        uri: target.dest.uri(),
-                        found,
-                        owner,
-                    });
-                }
-            }
+        if target.in_place
+            && let Some(found) = self.claimed(&target).await?
+        {
+            return Ok(Some(found));
         }
-        merge_files(
-            self.ctx,
+        self.write(target, sources).await
+    }
+
+    /// What lies at an output name, for this merge: nothing (`None`), a file of this job and
+    /// these rows to take as it is, or anything else, refused as `Taken` with the job that
+    /// wrote it.
+    async fn claimed(&self, target: &MergeTarget) -> Result<Option<(Location, u64)>, ShardError> {
+        match occupant(&target.dest, self.job_uid, target.rows).await? {
+            Occupant::Free => Ok(None),
+            Occupant::Ours { bytes } => Ok(Some((target.dest.clone(), bytes))),
+            Occupant::Foreign { found, owner } => Err(ShardError::Taken {
+                uri: target.dest.uri(),
+                found,
+                owner,
+            }),
+        }
+    }
+
+    /// Writes the file. A file may come to an output name after `claimed` found it free (a
+    /// cancelled job's late worker, or an earlier lease of this merge): the create-only write
+    /// is then refused, and whose that file is decides as before the write. Where the name is
+    /// free again, the refusal is retried.
+    async fn write(
+        &self,
+        target: MergeTarget,
+        sources: &[(String, u64)],
+    ) -> Result<Option<(Location, u64)>, ShardError> {
+        let dest = target.dest.clone();
+        let written = merge_files(
+            self.stores,
             self.output,
-            target.dest,
+            dest,
             sources,
             self.props,
             self.abort,
         )
-        .await
+        .await;
+        match written {
+            Err(ShardError::Storage(StorageError::AlreadyExists { uri })) if target.in_place => {
+                match self.claimed(&target).await? {
+                    Some(found) => Ok(Some(found)),
+                    None => Err(ShardError::Write {
+                        uri,
+                        message: "a file was at this name when it was written, and is gone".into(),
+                    }),
+                }
+            }
+            other => other,
+        }
     }
 }
 
@@ -182,16 +216,21 @@ async fn check_local_part(loc: &Location, root: String) -> Result<(), ShardError
 /// when `abort` fired first (the upload is abandoned). Parts are small and many (one per
 /// checkpoint), so they are fetched whole, several at once within `MERGE_PREFETCH_BYTES`.
 async fn merge_files(
-    ctx: &WorkerContext,
+    stores: &Stores,
     output: &Location,
     dest: Location,
     sources: &[(String, u64)],
     props: &WriterProperties,
     abort: &CancellationToken,
 ) -> Result<Option<(Location, u64)>, ShardError> {
-    let write_err = |e: parquet::errors::ParquetError| ShardError::Write {
-        uri: dest.uri(),
-        message: e.to_string(),
+    let write_err = |e: parquet::errors::ParquetError| match storage_cause(&e) {
+        Some(StorageError::AlreadyExists { uri }) => {
+            ShardError::Storage(StorageError::AlreadyExists { uri: uri.clone() })
+        }
+        _ => ShardError::Write {
+            uri: dest.uri(),
+            message: e.to_string(),
+        },
     };
     let upload = PartUpload::new(dest.clone());
     let counter = upload.bytes_counter();
@@ -209,7 +248,7 @@ async fn merge_files(
         .map(|(uri, _)| {
             let root = root.clone();
             async move {
-                let loc = ctx.stores.locate(&uri)?;
+                let loc = stores.locate(&uri)?;
                 check_local_part(&loc, root).await?;
                 Ok::<_, ShardError>((uri, read_all(&loc).await?))
             }
@@ -247,5 +286,83 @@ async fn merge_files(
             Ok(Some((dest, counter.load(Ordering::Relaxed))))
         }
         None => Err(ShardError::Internal("merge work without parts".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    use nightshift_storage::s3::S3Settings;
+    use parquet::arrow::ArrowWriter;
+
+    use super::*;
+
+    /// A Parquet file of `rows` rows at `path`, its footer naming `job_uid`; its size.
+    fn parquet_file(path: &std::path::Path, job_uid: &str, rows: i64) -> u64 {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let column = Arc::new(Int64Array::from_iter_values(0..rows));
+        let batch = RecordBatch::try_new(schema.clone(), vec![column]).unwrap();
+        let file = std::fs::File::create(path).unwrap();
+        let mut w = ArrowWriter::try_new(file, schema, Some(writer_properties(job_uid))).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        std::fs::metadata(path).unwrap().len()
+    }
+
+    /// Merges this job's one part of 5 rows into `part-00000.parquet` of its output, as merge
+    /// work that found the name free does once that check is behind it, with `at_name` put
+    /// there first (as if it came after the check); what the write answers.
+    async fn write_after_the_check(at_name: Option<&str>) -> Result<u64, ShardError> {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("out");
+        std::fs::create_dir_all(root.join("_parts")).unwrap();
+        let part = root.join("_parts/p.parquet");
+        let part_bytes = parquet_file(&part, "job-a", 5);
+        if let Some(owner) = at_name {
+            parquet_file(&root.join("part-00000.parquet"), owner, 5);
+        }
+        let stores = Stores::new(S3Settings::default());
+        let output = stores.locate(&root.display().to_string()).unwrap();
+        let props = writer_properties("job-a");
+        let abort = CancellationToken::new();
+        let m = Merger {
+            stores: &stores,
+            output: &output,
+            job_uid: "job-a",
+            props: &props,
+            abort: &abort,
+        };
+        let target = MergeTarget {
+            dest: output.join("part-00000.parquet"),
+            in_place: true,
+            rows: 5,
+        };
+        let sources = [(part.display().to_string(), part_bytes)];
+        let (loc, bytes) = m.write(target, &sources).await?.expect("not aborted");
+        assert_eq!(
+            loc.uri(),
+            root.join("part-00000.parquet").display().to_string()
+        );
+        Ok(bytes)
+    }
+
+    #[tokio::test]
+    async fn a_free_name_gets_the_merged_file() {
+        assert!(write_after_the_check(None).await.unwrap() > 0);
+    }
+
+    #[tokio::test]
+    async fn another_jobs_file_that_came_after_the_check_is_refused_naming_its_job() {
+        let e = write_after_the_check(Some("job-b")).await.unwrap_err();
+        assert_eq!(e.taken_by(), Some("job-b"), "{e}");
+        assert!(matches!(e, ShardError::Taken { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn this_merges_file_that_came_after_the_check_is_taken_as_it_is() {
+        assert!(write_after_the_check(Some("job-a")).await.unwrap() > 0);
     }
 }
