@@ -1,7 +1,9 @@
 //! Streaming upload of one output object that never overwrites: small objects go up in one
-//! create-only PUT; once the data outgrows the buffer it streams as a multipart upload (the
-//! key is unique per shard, row range and fencing token, so no one else writes it). A failed
-//! or abandoned upload is aborted, not left to bill.
+//! create-only PUT; once the data outgrows the buffer it streams as a multipart upload, which
+//! is refused before it completes if an object reached the name meanwhile (a part's key is
+//! unique per shard, row range and fencing token; merge work writes at output names, where a
+//! cancelled job's late worker may write too). A failed or abandoned upload is aborted, not
+//! left to bill.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use object_store::{PutMode, PutOptions, PutPayload, WriteMultipart};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
 use parquet::arrow::async_writer::AsyncFileWriter;
 use parquet::errors::ParquetError;
 
@@ -92,6 +94,12 @@ impl PartUpload {
         let uri = self.location.uri();
         match self.upload.take() {
             Some(w) => {
+                if let Err(e) = refuse_existing(&self.location).await {
+                    if let Err(abort) = w.abort().await {
+                        tracing::warn!(%uri, error = %abort, "aborting multipart upload failed");
+                    }
+                    return Err(e);
+                }
                 w.finish()
                     .await
                     .map_err(|e| StorageError::from_store(&uri, e))?;
@@ -120,6 +128,19 @@ impl PartUpload {
         {
             tracing::warn!(uri = %self.location, error = %e, "aborting multipart upload failed");
         }
+    }
+}
+
+/// `AlreadyExists` when an object is at the name. A multipart upload cannot be made
+/// create-only, so one that a file reached while it ran (merge work writes at output names) is
+/// refused here, before it completes: only in the time between this check and the completion
+/// can it still replace one.
+async fn refuse_existing(location: &Location) -> Result<(), StorageError> {
+    let uri = location.uri();
+    match location.store().head(location.path()).await {
+        Ok(_) => Err(StorageError::AlreadyExists { uri }),
+        Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(StorageError::from_store(&uri, e)),
     }
 }
 
@@ -201,21 +222,52 @@ mod tests {
         assert!(e.to_string().contains("already exists"), "{e}");
     }
 
-    #[tokio::test]
-    async fn large_objects_stream_as_multipart() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A 24 MiB upload to `big.bin` in `dir`, streaming as a multipart upload, not completed.
+    async fn multipart_in(dir: &std::path::Path) -> PartUpload {
         let stores = Stores::new(S3Settings::default());
         let loc = stores
-            .locate(&format!("{}/big.bin", dir.path().display()))
+            .locate(&format!("{}/big.bin", dir.display()))
             .unwrap();
         let mut up = PartUpload::new(loc);
         let block = Bytes::from(vec![7u8; 3 * 1024 * 1024]);
         for _ in 0..8 {
             up.write(block.clone()).await.unwrap();
         }
-        assert!(up.upload.is_some());
-        up.complete().await.unwrap();
+        assert!(up.upload.is_some(), "streams as a multipart upload");
+        up
+    }
+
+    #[tokio::test]
+    async fn large_objects_stream_as_multipart() {
+        let dir = tempfile::tempdir().unwrap();
+        multipart_in(dir.path()).await.complete().await.unwrap();
         let len = std::fs::metadata(dir.path().join("big.bin")).unwrap().len();
         assert_eq!(len, 24 * 1024 * 1024);
+    }
+
+    #[tokio::test]
+    async fn a_multipart_upload_that_an_object_reached_meanwhile_is_refused_and_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut up = multipart_in(dir.path()).await;
+        std::fs::write(dir.path().join("big.bin"), b"another's").unwrap();
+        let e = up.complete().await.unwrap_err();
+        let cause = crate::storage_cause(&e);
+        assert!(
+            matches!(cause, Some(StorageError::AlreadyExists { .. })),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("big.bin")).unwrap(),
+            b"another's"
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names.len(),
+            1,
+            "the upload's staging file is gone: {names:?}"
+        );
     }
 }

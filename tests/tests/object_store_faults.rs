@@ -146,6 +146,23 @@ async fn part_upload_single_put_and_multipart() {
         let root = s3.locate("s3://parts/").unwrap();
         let open = s3.stores().open_uploads(&root).await.unwrap();
         assert!(open.is_empty(), "uploads left open: {open:?}");
+
+        // A multipart upload that an object reached meanwhile is refused before it completes:
+        // the object stays, the upload is aborted.
+        let loc = s3.locate("s3://parts/raced.bin").unwrap();
+        let mut up = PartUpload::new(loc.clone());
+        up.write(data.slice(..17 * 1024 * 1024)).await.unwrap();
+        let theirs = PutPayload::from_static(b"another's");
+        loc.store().put(loc.path(), theirs).await.unwrap();
+        let e = up.complete().await.unwrap_err();
+        let cause = nightshift_storage::storage_cause(&e);
+        assert!(
+            matches!(cause, Some(StorageError::AlreadyExists { uri }) if uri == "s3://parts/raced.bin"),
+            "{e:?}"
+        );
+        assert_eq!(s3.get("s3://parts/raced.bin").await.unwrap(), &b"another's"[..]);
+        let open = s3.stores().open_uploads(&root).await.unwrap();
+        assert!(open.is_empty(), "uploads left open: {open:?}");
     })
     .await
 }
