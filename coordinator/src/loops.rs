@@ -245,6 +245,7 @@ async fn commit(
                 tracing::warn!(job = job.id, error = %e, "collecting the job's garbage failed")
             }
         }
+        service.collect_released_parts(&job).await;
     }
     true
 }

@@ -22,6 +22,7 @@ use crate::allow_list::AllowList;
 use crate::api_error::ApiError;
 use crate::coalescer::{Coalescer, Limits};
 use crate::cost::PriceTable;
+use crate::finalizer::collect_garbage;
 use crate::fleet::FleetState;
 use crate::job_check::{Checked, check_job};
 use crate::lease_check::{Grants, held_by, renew_every};
@@ -285,16 +286,8 @@ impl Service {
             tracing::warn!(output = output_uri, error = %e, "marking the output's earlier jobs failed; their files stay");
             return HashSet::new();
         }
-        // One pass per output those jobs wrote to, for all of them.
-        let mut by_output: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
-        for old in &cancelled {
-            by_output
-                .entry(old.output_uri.as_str())
-                .or_default()
-                .insert(old.uid.as_str());
-        }
         let mut cleared = HashSet::new();
-        for (output_uri, uids) in by_output {
+        for (output_uri, uids) in by_output(&cancelled) {
             let removed = match self.stores.locate(output_uri) {
                 Ok(out) => remove_job_files(&out, &uids).await,
                 Err(e) => Err(e),
@@ -308,6 +301,7 @@ impl Service {
                             "cancelled jobs' files removed"
                         );
                     }
+                    self.collect_parts(output_uri, &uids).await;
                     cleared.extend(uids.into_iter().map(str::to_string));
                 }
                 Err(e) => {
@@ -316,6 +310,46 @@ impl Service {
             }
         }
         cleared
+    }
+
+    /// Removes the parts directories of jobs `uids` at `output_uri`, whose files were removed,
+    /// with the uploads left open under them: nothing may resume from them any more.
+    async fn collect_parts(&self, output_uri: &str, uids: &HashSet<&str>) {
+        for uid in uids {
+            match collect_garbage(&self.stores, output_uri, uid, &[]).await {
+                Ok(g) if g.objects + g.uploads > 0 => tracing::info!(
+                    output = output_uri,
+                    job = uid,
+                    objects = g.objects,
+                    uploads = g.uploads,
+                    "cancelled job's parts removed"
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(output = output_uri, job = uid, error = %e, "removing a cancelled job's parts failed")
+                }
+            }
+        }
+    }
+
+    /// After `job` committed: parts that workers of the cancelled jobs whose files its
+    /// submission removed wrote after that (a worker learns of the cancel at its next call)
+    /// go too.
+    pub(crate) async fn collect_released_parts(&self, job: &JobRecord) {
+        let cancelled = match self.store.cancelled_at(&job.output_uri).await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(output = job.output_uri, error = %e, "reading the output's earlier jobs failed");
+                return;
+            }
+        };
+        let released: Vec<&JobRecord> = cancelled
+            .iter()
+            .filter(|old| old.uid != job.uid && old.files_removed_at_ms.is_some())
+            .collect();
+        for (output_uri, uids) in by_output(&released) {
+            self.collect_parts(output_uri, &uids).await;
+        }
     }
 
     /// Merge work that failed for good may have met a file that a cancelled job's worker
@@ -1145,4 +1179,16 @@ fn check_lease_count(n: usize, max: usize) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// Jobs' uids by the output each wrote to: one pass per output, for all of its jobs.
+fn by_output<'a>(jobs: &[&'a JobRecord]) -> BTreeMap<&'a str, HashSet<&'a str>> {
+    let mut by_output: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
+    for job in jobs {
+        by_output
+            .entry(job.output_uri.as_str())
+            .or_default()
+            .insert(job.uid.as_str());
+    }
+    by_output
 }

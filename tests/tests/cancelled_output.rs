@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nightshift_coordinator::AllowList;
 use nightshift_proto::FailureClass;
-use nightshift_proto::layout::JOB_UID_KEY;
+use nightshift_proto::layout::{JOB_UID_KEY, parts_dir};
 use nightshift_proto::wire::ShardLease;
 use nightshift_tests::api_server::{Api, job, start};
 use nightshift_tests::fixtures::{Fixture, spec_toml};
@@ -133,6 +133,11 @@ impl Case {
         left
     }
 
+    /// The parts directory of the cancelled job that owns the files `left`.
+    fn parts_of(&self, left: &[String]) -> PathBuf {
+        self.out.join(parts_dir(&left[0]))
+    }
+
     /// Runs job `name`, submitted already, to success; checks that its output is exact and
     /// that every file at an output name is its own, none of `others`'.
     async fn succeeds_alone(&self, name: &str, others: &[String]) {
@@ -166,8 +171,17 @@ async fn a_job_taking_a_cancelled_jobs_output_is_not_blocked_by_its_files() {
     let f = Fixture::new();
     let case = Case::new(&f).await;
     let left = case.cancelled_midway("first").await;
+    let parts = case.parts_of(&left);
+    assert!(parts.is_dir(), "the cancelled job's parts are there");
     case.submit("second").await;
+    // Nothing can resume from them: they go with its files.
+    assert!(!parts.exists(), "{} is left", parts.display());
+    // A part its worker writes late (it learns of the cancel at its next call) goes with the
+    // next job's commit.
+    std::fs::create_dir_all(&parts).unwrap();
+    std::fs::write(parts.join("late.parquet"), b"late").unwrap();
     case.succeeds_alone("second", &left).await;
+    assert!(!parts.exists(), "{} is left", parts.display());
 }
 
 /// The cancelled job's worker may finish a merged file after the next job's submission
