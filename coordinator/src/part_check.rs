@@ -132,7 +132,10 @@ fn check_tokens(part: &PartRecord) -> Result<(), PartError> {
 }
 
 /// The part (and error part) are the objects this lease may write (`part_object`), and exist as
-/// reported. Answers the output schema of an output file written in place.
+/// reported. Answers the output schema of an output file written in place. Merge work may also
+/// put a file under the lease's own part name, as workers that predate output names
+/// (`MergeFiles`) do: the commit then publishes it, as it does merge work planned before files
+/// were numbered.
 pub async fn check_objects(
     stores: &Stores,
     holder: &LeaseHolder,
@@ -142,48 +145,38 @@ pub async fn check_objects(
     let out = stores
         .locate(&holder.output_uri)
         .map_err(PartError::Storage)?;
-    let name = |errors| {
-        part_object(
-            &holder.job_uid,
-            lease,
-            part.row_start,
-            errors,
-            holder.merge_files.as_ref(),
-        )
-    };
-    let expect = |field, got: &str, rel: &str| {
-        let expected = out.join(rel).uri();
-        if got == expected {
-            Ok(())
+    let uid = &holder.job_uid;
+    let row_start = part.row_start;
+    let merge_files = holder.merge_files.as_ref();
+    // Where the file may be, relative to the output, and whether that is an output name.
+    let place = |field, got: &str, errors| {
+        let name = part_object(uid, lease, row_start, errors, merge_files);
+        let own = part_object(uid, lease, row_start, errors, None);
+        let in_place = name != own;
+        if got == out.join(&name).uri() {
+            Ok((name, in_place))
+        } else if in_place && got == out.join(&own).uri() {
+            Ok((own, false))
         } else {
             Err(PartError::WrongUri {
                 field,
                 got: nightshift_proto::excerpt(got),
-                expected,
+                expected: out.join(&name).uri(),
             })
         }
     };
-    let main = name(false);
-    expect("part uri", &part.uri, &main)?;
+    let (main, in_place) = place("part uri", &part.uri, false)?;
     verify_object(&out, &main, part.bytes).await?;
-    let in_place = |errors| holder.merge_files.is_some_and(|m| m.name(errors).is_some());
     let mut schema = None;
-    if in_place(false) {
+    if in_place {
         let rows = part.rows - part.error_rows;
-        schema = Some(check_stamp(&out.join(&main), part.bytes, &holder.job_uid, rows).await?);
+        schema = Some(check_stamp(&out.join(&main), part.bytes, uid, rows).await?);
     }
     if let Some(error_uri) = &part.error_uri {
-        let errors = name(true);
-        expect("error_uri", error_uri, &errors)?;
+        let (errors, in_place) = place("error_uri", error_uri, true)?;
         verify_object(&out, &errors, part.error_bytes).await?;
-        if in_place(true) {
-            check_stamp(
-                &out.join(&errors),
-                part.error_bytes,
-                &holder.job_uid,
-                part.error_rows,
-            )
-            .await?;
+        if in_place {
+            check_stamp(&out.join(&errors), part.error_bytes, uid, part.error_rows).await?;
         }
     }
     Ok(schema)

@@ -2,14 +2,17 @@
 //! idempotent submission, roles and tokens, the allow-list, cancel, readiness and metrics, and
 //! stale fencing tokens refused on every lease write.
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use nightshift_coordinator::AllowList;
-use nightshift_proto::wire::LeaseRef;
+use nightshift_proto::layout::{JOB_UID_KEY, OUTPUT_FILE_STEM, data_file};
+use nightshift_proto::wire::{LeaseRef, PartRecord, ShardLease};
 use nightshift_tests::api_server::{job, start};
 use nightshift_tests::fixtures::Fixture;
-use nightshift_tests::parts::write_part;
+use nightshift_tests::parts::{part_path, write_part};
 use nightshift_worker::client::{ClientError, CoordinatorClient};
+use parquet::file::reader::{FileReader, SerializedFileReader};
 use reqwest::StatusCode;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -685,4 +688,112 @@ async fn specs_are_served_to_workers_by_hash_and_only_for_jobs_that_run() {
     assert!(cancelled.status().is_success());
     let resp = get(format!("/v1/worker/specs/{hash}"), "W").await.unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}
+
+/// A real Parquet part of `rows` rows (one `id` column) at `path`, its footer naming the
+/// lease's job as workers' files do; its record, from `row_start`.
+fn stamped_part(lease: &ShardLease, path: &Path, row_start: u64, rows: u64) -> PartRecord {
+    use parquet::data_type::Int64Type;
+    use parquet::file::metadata::KeyValue;
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+
+    let schema =
+        parquet::schema::parser::parse_message_type("message part { required int64 id; }").unwrap();
+    let stamp = KeyValue::new(JOB_UID_KEY.to_string(), lease.job_uid.clone());
+    let props = WriterProperties::builder()
+        .set_key_value_metadata(Some(vec![stamp]))
+        .build();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = SerializedFileWriter::new(file, schema.into(), props.into()).unwrap();
+    let mut group = writer.next_row_group().unwrap();
+    let mut column = group.next_column().unwrap().unwrap();
+    let ids: Vec<i64> = (0..rows as i64).collect();
+    column
+        .typed::<Int64Type>()
+        .write_batch(&ids, None, None)
+        .unwrap();
+    column.close().unwrap();
+    group.close().unwrap();
+    writer.close().unwrap();
+    PartRecord {
+        uri: path.display().to_string(),
+        row_start,
+        rows,
+        bytes: std::fs::metadata(path).unwrap().len(),
+        error_rows: 0,
+        error_uri: None,
+        error_bytes: 0,
+        tokens: None,
+    }
+}
+
+/// A worker older than output names for merge work (`MergeFiles`) ignores them and writes
+/// its merged file under the lease's own part name, as merge work did before them. While a
+/// fleet is upgraded, its checkpoint is taken, and the commit publishes the file.
+#[tokio::test(flavor = "multi_thread")]
+async fn merge_work_of_a_worker_that_predates_output_names_is_committed_from_its_part_name() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let (s, body) = api.submit(Some("S"), None, &job(&f)).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let w = CoordinatorClient::new(&api.url, "W").for_worker("old");
+    let leases = w.lease("old", 10).await.unwrap().leases;
+    assert_eq!(leases.len(), 4, "the row shards");
+    for l in &leases {
+        let part = stamped_part(l, &part_path(l, 0, false), 0, l.plan.rows);
+        w.checkpoint(l.lease_ref(), part, None).await.unwrap();
+    }
+    let refs = leases.iter().map(|l| l.lease_ref()).collect();
+    let done = w.complete_many(refs).await.unwrap();
+    assert!(done.iter().all(Result::is_ok), "{done:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut merged = 0;
+    loop {
+        let (_, view) = api.get(Some("S"), "/v1/jobs/api-job").await;
+        if view.contains("\"state\":\"succeeded\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job did not commit: {view}");
+        for l in w.lease("old", 10).await.unwrap().leases {
+            let files = l.merge_files.expect("merge work, with output names");
+            assert!(files.output.is_some(), "{files:?}");
+            // As the old worker: the merged file under the lease's part name.
+            let rows = l
+                .merge
+                .as_ref()
+                .expect("its parts")
+                .iter()
+                .map(|p| p.rows)
+                .sum();
+            let part = stamped_part(&l, &part_path(&l, 0, false), 0, rows);
+            w.checkpoint(l.lease_ref(), part, None).await.unwrap();
+            w.complete(l.lease_ref()).await.unwrap();
+            merged += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(merged > 0, "no merge work was granted");
+    let out = f.path("out");
+    let published: i64 = (0..merged)
+        .map(|i| {
+            let path = out.join(data_file(OUTPUT_FILE_STEM, i));
+            let file =
+                std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let reader = SerializedFileReader::new(file).unwrap();
+            let meta = reader.metadata().file_metadata();
+            let owner = meta
+                .key_value_metadata()
+                .unwrap()
+                .iter()
+                .find(|kv| kv.key == JOB_UID_KEY);
+            assert_eq!(
+                owner.and_then(|kv| kv.value.as_deref()),
+                Some(leases[0].job_uid.as_str())
+            );
+            meta.num_rows()
+        })
+        .sum();
+    assert_eq!(published, 2000, "every row, in the files the merges made");
 }
