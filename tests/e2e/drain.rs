@@ -170,9 +170,9 @@ fn merges(url: &str) -> Vec<(i64, String, i64)> {
     serde_json::from_str(out.trim()).unwrap_or_default()
 }
 
-/// The merge shard a worker's log says it leased after byte `from`, if any.
-fn merge_leased(log: &str, from: usize) -> Option<i64> {
-    log.get(from..)?.lines().find_map(|line| {
+/// The first merge shard a worker's log says it leased, if any.
+fn merge_leased(log: &str) -> Option<i64> {
+    log.lines().find_map(|line| {
         let (_, fields) = line.split_once("shard leased ")?;
         if !fields.contains("kind=\"merge\"") && !fields.contains("kind=merge") {
             return None;
@@ -252,7 +252,6 @@ fn a_worker_killed_mid_merge_leaves_nothing_and_the_merge_is_redone() {
     let mut killed: Vec<(i64, i64)> = Vec::new();
     let mut logs = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(180);
-    let mut read_from = 0;
     let mut checked = Instant::now();
     while killed.is_empty() {
         assert!(
@@ -261,14 +260,13 @@ fn a_worker_killed_mid_merge_leaves_nothing_and_the_merge_is_redone() {
             worker.log_text()
         );
         let log = worker.log_text();
-        let Some(shard) = merge_leased(&log, read_from) else {
+        let Some(shard) = merge_leased(&log) else {
             if checked.elapsed() > Duration::from_secs(1) {
                 let now = merges(&url);
                 let rows_done = shards(&url).iter().all(|s| s.1 == "done");
                 let all_merged = !now.is_empty() && now.iter().all(|m| m.1 == "done");
                 assert!(
-                    !(rows_done && all_merged)
-                        || merge_leased(&worker.log_text(), read_from).is_some(),
+                    !(rows_done && all_merged) || merge_leased(&worker.log_text()).is_some(),
                     "every merge finished before one was caught: {}",
                     worker.log_text()
                 );
@@ -278,7 +276,6 @@ fn a_worker_killed_mid_merge_leaves_nothing_and_the_merge_is_redone() {
             continue;
         };
         worker.child.kill();
-        read_from = log.len();
         let state = merges(&url).into_iter().find(|m| m.0 == shard);
         if let Some((id, state, token)) = state.filter(|m| m.1 == "leased") {
             eprintln!("killed mid-merge: shard {id} ({state}, token {token})");
