@@ -95,9 +95,8 @@ impl PartUpload {
         match self.upload.take() {
             Some(w) => {
                 if let Err(e) = refuse_existing(&self.location).await {
-                    if let Err(abort) = w.abort().await {
-                        tracing::warn!(%uri, error = %abort, "aborting multipart upload failed");
-                    }
+                    self.upload = Some(w);
+                    self.abort().await;
                     return Err(e);
                 }
                 w.finish()

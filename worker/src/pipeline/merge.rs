@@ -164,11 +164,10 @@ impl Merger<'_> {
         target: MergeTarget,
         sources: &[(String, u64)],
     ) -> Result<Option<(Location, u64)>, ShardError> {
-        let dest = target.dest.clone();
         let written = merge_files(
             self.stores,
             self.output,
-            dest,
+            target.dest.clone(),
             sources,
             self.props,
             self.abort,
