@@ -126,13 +126,27 @@ impl ApiClient {
         self.send::<serde::de::IgnoredAny>(req).await.map(|_| ())
     }
 
-    pub async fn cancel(&self, job: &str) -> Result<JobView> {
-        Ok(self
-            .send(
-                self.http
-                    .post(format!("{}/v1/jobs/{job}/cancel", self.base)),
-            )
-            .await?
-            .1)
+    /// Asks the coordinator to change a job's state (`POST /v1/jobs/{job}/<action>`).
+    pub async fn act(&self, job: &str, action: JobAction) -> Result<JobView> {
+        let url = format!("{}/v1/jobs/{job}/{}", self.base, action.path());
+        Ok(self.send(self.http.post(url)).await?.1)
+    }
+}
+
+/// What a submit token may ask of a job besides reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobAction {
+    /// Stop it; its leases learn it at their next heartbeat.
+    Cancel,
+    /// Run a failed or cancelled job's dead and unfinished shards again.
+    Retry,
+}
+
+impl JobAction {
+    fn path(self) -> &'static str {
+        match self {
+            JobAction::Cancel => "cancel",
+            JobAction::Retry => "retry",
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! `submit`, `jobs`, `status`, `watch`, `cancel`: driving a coordinator over its API.
+//! `submit`, `jobs`, `status`, `watch`, `cancel`, `retry`: driving a coordinator over its API.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,7 +8,7 @@ use anyhow::Result;
 use nightshift_proto::JobState;
 use nightshift_proto::wire::{JobQuery, JobView};
 
-use crate::api_client::{ApiArgs, ApiClient};
+use crate::api_client::{ApiArgs, ApiClient, JobAction};
 use crate::progress::Progress;
 
 #[derive(clap::Args, Debug)]
@@ -140,8 +140,9 @@ pub async fn watch(args: JobArgs) -> Result<ExitCode> {
     follow(&client, &args.job, args.json).await
 }
 
-pub async fn cancel(args: JobArgs) -> Result<ExitCode> {
-    let view = ApiClient::new(&args.api)?.cancel(&args.job).await?;
+/// `cancel` and `retry`: the job's state after the coordinator took the request.
+pub async fn act(args: JobArgs, action: JobAction) -> Result<ExitCode> {
+    let view = ApiClient::new(&args.api)?.act(&args.job, action).await?;
     if args.json {
         println!("{}", serde_json::to_string(&view)?);
     } else {

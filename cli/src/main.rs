@@ -1,5 +1,5 @@
 //! `nightshift`: run a job locally, or run and drive a cluster (coordinator, worker, submit,
-//! jobs, status, watch, cancel).
+//! jobs, status, watch, cancel, retry).
 
 mod api_client;
 mod cmd_cluster;
@@ -18,6 +18,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use crate::api_client::JobAction;
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +50,9 @@ enum Command {
     Watch(cmd_jobs::JobArgs),
     /// Cancel a job.
     Cancel(cmd_jobs::JobArgs),
+    /// Run a failed or cancelled job again: its dead and unfinished shards, keeping its
+    /// committed parts.
+    Retry(cmd_jobs::JobArgs),
     /// Run a job spec on a cron schedule: create, list, show, pause, resume, delete.
     #[command(subcommand)]
     Schedule(cmd_schedule::ScheduleCommand),
@@ -94,7 +99,8 @@ fn main() -> ExitCode {
             Command::Jobs(a) => cmd_jobs::jobs(a).await,
             Command::Status(a) => cmd_jobs::status(a).await,
             Command::Watch(a) => cmd_jobs::watch(a).await,
-            Command::Cancel(a) => cmd_jobs::cancel(a).await,
+            Command::Cancel(a) => cmd_jobs::act(a, JobAction::Cancel).await,
+            Command::Retry(a) => cmd_jobs::act(a, JobAction::Retry).await,
             Command::Schedule(c) => cmd_schedule::run(c).await,
             Command::Gpus(a) => cmd_gpus::gpus(a),
             Command::Scaler(a) => cmd_scaler::scaler(*a).await,

@@ -25,6 +25,14 @@ fn submit(f: &Fixture, coordinator: &str, spec: &Path, extra: &[&str]) -> std::p
     )
 }
 
+/// A coordinator on `url`, allowed the fixture's directory, with `extra` flags.
+fn coordinator(f: &Fixture, url: &str, name: &str, extra: &[&str]) -> CoordinatorProc {
+    let allow = f.allow_uri();
+    let mut args = vec!["--allow-uri", allow.as_str()];
+    args.extend_from_slice(extra);
+    CoordinatorProc::start(Path::new(BIN), f.dir.path(), name, url, &args, &[])
+}
+
 /// Shards as (id, state, token, checkpoint_rows, worker_id).
 fn shards(url: &str) -> Vec<(i64, String, i64, i64, Option<String>)> {
     let out = run_script(
@@ -56,23 +64,8 @@ fn two_coordinators_three_workers_exact_output() {
         &["--hidden", "64"],
         "[batch]\nsize = 500\n[shards]\nrows = 2000\ncheckpoint_rows = 1000\n",
     );
-    let allow = f.allow_uri();
-    let a = CoordinatorProc::start(
-        Path::new(BIN),
-        f.dir.path(),
-        "coord-a",
-        &url,
-        &["--allow-uri", &allow],
-        &[],
-    );
-    let b = CoordinatorProc::start(
-        Path::new(BIN),
-        f.dir.path(),
-        "coord-b",
-        &url,
-        &["--allow-uri", &allow],
-        &[],
-    );
+    let a = coordinator(&f, &url, "coord-a", &[]);
+    let b = coordinator(&f, &url, "coord-b", &[]);
     let workers = [
         WorkerProc::start(Path::new(BIN), f.dir.path(), "w1", &a.url(), &[], &[]),
         WorkerProc::start(Path::new(BIN), f.dir.path(), "w2", &a.url(), &[], &[]),
@@ -163,21 +156,11 @@ fn a_worker_killed_mid_shard_costs_at_most_one_checkpoint_interval() {
         &["--hidden", "1536"],
         &format!("[batch]\nsize = {batch}\n[shards]\nrows = 16000\ncheckpoint_rows = {checkpoint}\n[retry]\nmax_attempts = 10\n"),
     );
-    let allow = f.allow_uri();
-    let c = CoordinatorProc::start(
-        Path::new(BIN),
-        f.dir.path(),
-        "coord",
+    let c = coordinator(
+        &f,
         &url,
-        &[
-            "--allow-uri",
-            &allow,
-            "--lease-ttl",
-            "2s",
-            "--retry-backoff",
-            "100ms",
-        ],
-        &[],
+        "coord",
+        &["--lease-ttl", "2s", "--retry-backoff", "100ms"],
     );
     let debug = [(
         "RUST_LOG".to_string(),
@@ -290,15 +273,7 @@ fn a_coordinator_restart_mid_job_does_not_fail_it() {
         &["--hidden", "1024"],
         "[batch]\nsize = 500\n[shards]\nrows = 4000\ncheckpoint_rows = 2000\n",
     );
-    let allow = f.allow_uri();
-    let mut c = CoordinatorProc::start(
-        Path::new(BIN),
-        f.dir.path(),
-        "coord",
-        &url,
-        &["--allow-uri", &allow, "--lease-ttl", "10s"],
-        &[],
-    );
+    let mut c = coordinator(&f, &url, "coord", &["--lease-ttl", "10s"]);
     let _w = WorkerProc::start(Path::new(BIN), f.dir.path(), "w1", &c.url(), &[], &[]);
     assert!(submit(&f, &c.url(), &job.spec, &[]).status.success());
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -338,15 +313,7 @@ fn cancel_stops_the_workers_shards() {
         &["--hidden", "1536"],
         "[batch]\nsize = 500\n[shards]\nrows = 10000\ncheckpoint_rows = 1000\n",
     );
-    let allow = f.allow_uri();
-    let c = CoordinatorProc::start(
-        Path::new(BIN),
-        f.dir.path(),
-        "coord",
-        &url,
-        &["--allow-uri", &allow, "--lease-ttl", "3s"],
-        &[],
-    );
+    let c = coordinator(&f, &url, "coord", &["--lease-ttl", "3s"]);
     let w = WorkerProc::start(Path::new(BIN), f.dir.path(), "w1", &c.url(), &[], &[]);
     assert!(submit(&f, &c.url(), &job.spec, &[]).status.success());
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -396,6 +363,53 @@ fn cancel_stops_the_workers_shards() {
         "watch exits non-zero unless the job succeeded"
     );
     assert!(!job.out.join("_SUCCESS").exists());
+}
+
+/// `nightshift retry` as a user meets it: refused with the reason while the job runs, then a
+/// cancelled job runs again to an exact output.
+#[test]
+fn a_cancelled_job_is_retried_from_the_cli_and_runs_to_the_end() {
+    let f = Fixture::new();
+    let (_rt, _pg, url) = server_with_database();
+    let job = f.job(
+        "retry-me",
+        &["--rows", "6000", "--files", "2", "--row-group-rows", "1000"],
+        &["--hidden", "16"],
+        "[shards]\nrows = 2000\n",
+    );
+    let c = coordinator(&f, &url, "coord", &[]);
+    assert!(submit(&f, &c.url(), &job.spec, &[]).status.success());
+    let cli = |args: &[&str]| {
+        let mut cmd = nightshift(Path::new(BIN));
+        cmd.args(args)
+            .args(["--coordinator", &c.url(), "--token", SUBMIT_TOKEN]);
+        run(cmd, Duration::from_secs(30))
+    };
+    // No worker yet: the job waits as running, which a retry does not apply to.
+    let refused = cli(&["retry", "retry-me"]);
+    assert!(!refused.status.success(), "{}", output_text(&refused));
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("is running: retry does not apply") && why.contains("409"),
+        "{why}"
+    );
+    let unknown = cli(&["retry", "no-such-job"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no-such-job"),
+        "{}",
+        output_text(&unknown)
+    );
+    assert!(cli(&["cancel", "retry-me"]).status.success());
+    let retried = cli(&["retry", "retry-me", "--json"]);
+    assert!(retried.status.success(), "{}", output_text(&retried));
+    let view: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&retried.stdout).trim()).unwrap();
+    assert_eq!(view["state"], "running", "{view}");
+    let _w = WorkerProc::start(Path::new(BIN), f.dir.path(), "w1", &c.url(), &[], &[]);
+    let watched = cli(&["watch", "retry-me"]);
+    assert!(watched.status.success(), "{}", output_text(&watched));
+    verify_output(job.out.to_str().unwrap(), &job.input, &job.model, 0, &[]).assert_exact(&[]);
 }
 
 #[test]
