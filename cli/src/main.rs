@@ -1,5 +1,5 @@
 //! `nightshift`: run a job locally, or run and drive a cluster (coordinator, worker, submit,
-//! jobs, status, watch, cancel, retry).
+//! jobs, status, watch, cancel, retry, workers, drain).
 
 mod api_client;
 mod cmd_cluster;
@@ -8,6 +8,7 @@ mod cmd_jobs;
 mod cmd_run;
 mod cmd_scaler;
 mod cmd_schedule;
+mod cmd_workers;
 mod logging;
 mod progress;
 mod signals;
@@ -53,6 +54,12 @@ enum Command {
     /// Run a failed or cancelled job again: its dead and unfinished shards, keeping its
     /// committed parts.
     Retry(cmd_jobs::JobArgs),
+    /// List the workers the coordinator saw lately: machine, slots, leases, rows/s, GPU busy,
+    /// drain.
+    Workers(cmd_workers::WorkersArgs),
+    /// Ask a worker to drain: it takes no new shard, finishes and checkpoints what it holds,
+    /// releases it and exits (to take its machine down without losing work).
+    Drain(cmd_workers::DrainArgs),
     /// Run a job spec on a cron schedule: create, list, show, pause, resume, delete.
     #[command(subcommand)]
     Schedule(cmd_schedule::ScheduleCommand),
@@ -101,6 +108,8 @@ fn main() -> ExitCode {
             Command::Watch(a) => cmd_jobs::watch(a).await,
             Command::Cancel(a) => cmd_jobs::act(a, JobAction::Cancel).await,
             Command::Retry(a) => cmd_jobs::act(a, JobAction::Retry).await,
+            Command::Workers(a) => cmd_workers::workers(a).await,
+            Command::Drain(a) => cmd_workers::drain(a).await,
             Command::Schedule(c) => cmd_schedule::run(c).await,
             Command::Gpus(a) => cmd_gpus::gpus(a),
             Command::Scaler(a) => cmd_scaler::scaler(*a).await,

@@ -65,7 +65,11 @@ impl Coordinator {
     async fn drain(&self, worker: &str) -> Result<()> {
         let resp = self
             .http
-            .post(format!("{}/v1/workers/{worker}/drain", self.base))
+            .post(format!(
+                "{}{}",
+                self.base,
+                nightshift_proto::drain_path(worker)
+            ))
             .bearer_auth(&self.token)
             .send()
             .await

@@ -83,3 +83,26 @@ pub struct FleetView {
     /// The next run of each active schedule (ms since the epoch), soonest first.
     pub scheduled_runs_ms: Vec<i64>,
 }
+
+/// The API path that asks a worker to drain (`POST`). A worker names itself (`--worker-id`)
+/// with any printable text, `/`, `?`, `#` and spaces included, so its id goes escaped as one
+/// path segment; the coordinator's router decodes it back.
+pub fn drain_path(worker: &str) -> String {
+    let id = percent_encoding::utf8_percent_encode(worker, percent_encoding::NON_ALPHANUMERIC);
+    format!("/v1/workers/{id}/drain")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_id_is_one_escaped_path_segment() {
+        assert_eq!(drain_path("w1"), "/v1/workers/w1/drain");
+        assert_eq!(
+            drain_path("gpu box/1?a#b%"),
+            "/v1/workers/gpu%20box%2F1%3Fa%23b%25/drain"
+        );
+        assert_eq!(drain_path("é"), "/v1/workers/%C3%A9/drain");
+    }
+}

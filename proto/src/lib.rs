@@ -14,7 +14,7 @@ pub mod wire;
 
 pub use deadline::Deadline;
 pub use error_code::{ErrorBody, ErrorCode};
-pub use fleet::{CapacityType, FleetView, InstanceInfo, JobDemand};
+pub use fleet::{CapacityType, FleetView, InstanceInfo, JobDemand, drain_path};
 pub use spec::{
     AUTO_GPU_ROWS, BatchSize, BatchSpec, DEFAULT_BATCH_ROWS, Device, ErrorSpec, FloatType,
     InputSpec, JobSpec, ModelSpec, NotifySpec, OutputColumn, OutputSpec, OutputTarget, Pool,

@@ -33,6 +33,14 @@ fn coordinator(f: &Fixture, url: &str, name: &str, extra: &[&str]) -> Coordinato
     CoordinatorProc::start(Path::new(BIN), f.dir.path(), name, url, &args, &[])
 }
 
+/// `nightshift ARGS` against coordinator `c` with the submit token.
+fn api_cli(c: &CoordinatorProc, args: &[&str]) -> std::process::Output {
+    let mut cmd = nightshift(Path::new(BIN));
+    cmd.args(args)
+        .args(["--coordinator", &c.url(), "--token", SUBMIT_TOKEN]);
+    run(cmd, Duration::from_secs(30))
+}
+
 /// Shards as (id, state, token, checkpoint_rows, worker_id).
 fn shards(url: &str) -> Vec<(i64, String, i64, i64, Option<String>)> {
     let out = run_script(
@@ -379,12 +387,7 @@ fn a_cancelled_job_is_retried_from_the_cli_and_runs_to_the_end() {
     );
     let c = coordinator(&f, &url, "coord", &[]);
     assert!(submit(&f, &c.url(), &job.spec, &[]).status.success());
-    let cli = |args: &[&str]| {
-        let mut cmd = nightshift(Path::new(BIN));
-        cmd.args(args)
-            .args(["--coordinator", &c.url(), "--token", SUBMIT_TOKEN]);
-        run(cmd, Duration::from_secs(30))
-    };
+    let cli = |args: &[&str]| api_cli(&c, args);
     // No worker yet: the job waits as running, which a retry does not apply to.
     let refused = cli(&["retry", "retry-me"]);
     assert!(!refused.status.success(), "{}", output_text(&refused));
@@ -410,6 +413,91 @@ fn a_cancelled_job_is_retried_from_the_cli_and_runs_to_the_end() {
     let watched = cli(&["watch", "retry-me"]);
     assert!(watched.status.success(), "{}", output_text(&watched));
     verify_output(job.out.to_str().unwrap(), &job.input, &job.model, 0, &[]).assert_exact(&[]);
+}
+
+/// `nightshift workers` and `nightshift drain` as an operator taking a machine down meets
+/// them: the worker is listed with its lease; a drain of an unknown id is refused by name; a
+/// drain of the worker (its id holds a space, `/`, `?` and `#`, so it must go escaped) makes
+/// it release what it holds and exit 0; another worker then ends the job exactly.
+#[test]
+fn a_worker_is_listed_and_drained_from_the_cli() {
+    let f = Fixture::new();
+    let job = f.job(
+        "drain-me",
+        &[
+            "--rows",
+            "60000",
+            "--files",
+            "2",
+            "--row-group-rows",
+            "2000",
+        ],
+        &["--hidden", "4096"],
+        "[shards]\nrows = 10000\n",
+    );
+    let c = coordinator(&f, f.path("coordinator.db").to_str().unwrap(), "coord", &[]);
+    let cli = |args: &[&str]| api_cli(&c, args);
+    let listed = |id: &str| -> Option<serde_json::Value> {
+        let o = cli(&["workers", "--json"]);
+        assert!(o.status.success(), "{}", output_text(&o));
+        let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        list["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["id"] == id)
+            .cloned()
+    };
+    let id = "gpu box/1?#a";
+    let mut first = WorkerProc::start(Path::new(BIN), f.dir.path(), id, &c.url(), &[], &[]);
+    assert!(submit(&f, &c.url(), &job.spec, &[]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while listed(id).is_none_or(|w| w["leases"].as_array().unwrap().is_empty()) {
+        assert!(Instant::now() < deadline, "{}", first.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let table = cli(&["workers"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.lines().any(|l| l.starts_with(id) && l.ends_with('-')),
+        "{text}"
+    );
+
+    let unknown = cli(&["drain", "nobody"]);
+    assert!(!unknown.status.success());
+    let why = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        why.contains("no worker `nobody` is known") && why.contains("404"),
+        "{why}"
+    );
+    let drained = cli(&["drain", id]);
+    assert!(drained.status.success(), "{}", output_text(&drained));
+    let status = first
+        .child
+        .wait_for(Duration::from_secs(30))
+        .expect("the worker exits once told to drain");
+    assert!(status.success(), "exit {status}: {}", first.log_text());
+    let view = listed(id).expect("the drained worker is still listed");
+    assert_eq!(
+        (view["draining"].as_bool(), view["drain_told"].as_bool()),
+        (Some(true), Some(true)),
+        "{view}"
+    );
+    assert!(view["leases"].as_array().unwrap().is_empty(), "{view}");
+    let table = cli(&["workers"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(id) && l.ends_with("told")),
+        "{text}"
+    );
+
+    let _second = WorkerProc::start(Path::new(BIN), f.dir.path(), "w2", &c.url(), &[], &[]);
+    let watched = cli(&["watch", "drain-me"]);
+    assert!(watched.status.success(), "{}", output_text(&watched));
+    // Every row once; the model run again on a sample (a 4096-wide MLP over all rows takes the
+    // verifier minutes).
+    verify_output(job.out.to_str().unwrap(), &job.input, &job.model, 1000, &[]).assert_exact(&[]);
 }
 
 #[test]

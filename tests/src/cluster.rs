@@ -107,6 +107,8 @@ impl WorkerProc {
         extra: &[&str],
         envs: &[(String, String)],
     ) -> Self {
+        // An id may hold `/`; its files stay in `dir`.
+        let file = id.replace('/', "_");
         let mut args: Vec<String> = vec![
             "worker".into(),
             "--coordinator".into(),
@@ -116,10 +118,10 @@ impl WorkerProc {
             "--worker-id".into(),
             id.into(),
             "--cache-dir".into(),
-            dir.join(format!("{id}-cache")).display().to_string(),
+            dir.join(format!("{file}-cache")).display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let log = dir.join(format!("{id}.log"));
+        let log = dir.join(format!("{file}.log"));
         let child = spawn(bin, &args, &log, envs);
         Self {
             id: id.into(),
