@@ -73,7 +73,8 @@ impl Service {
     }
 
     /// Workers that claimed within the window or hold a lease: their shards from the
-    /// metastore, their slots and GPUs from their last heartbeat to this coordinator.
+    /// metastore, their GPUs from their last heartbeat to this coordinator, their slots from it
+    /// or else from their last claim (an idle worker sends no heartbeat).
     pub async fn workers(&self) -> Result<WorkerList, ApiError> {
         let seen = self.store.workers_seen(WORKER_WINDOW_MS).await?;
         let mut leases: BTreeMap<String, Vec<WorkerLease>> = BTreeMap::new();
@@ -101,7 +102,9 @@ impl Service {
                 WorkerView {
                     leases: leases.remove(&w.id).unwrap_or_default(),
                     rows_per_s: w.rows_recent as f64 / window_s,
-                    slots: report.slots,
+                    slots: report
+                        .slots
+                        .or_else(|| w.slots.and_then(|n| u32::try_from(n).ok())),
                     gpus: report.gpus,
                     last_seen_ms: w
                         .last_seen_ms

@@ -120,6 +120,8 @@ pub struct WorkerSeen {
     pub instance_id: Option<String>,
     pub instance_type: Option<String>,
     pub capacity_type: Option<String>,
+    /// Shards it runs at once, as its last claim said (none before it said).
+    pub slots: Option<i64>,
     /// Asked to drain.
     pub draining: bool,
     /// Told to drain by a coordinator's answer.

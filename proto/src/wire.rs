@@ -713,7 +713,8 @@ pub struct WorkerView {
     pub id: String,
     /// Its last claim.
     pub last_seen_ms: i64,
-    /// Shards it runs at once, as its last heartbeat to this coordinator said.
+    /// Shards it runs at once, as its last heartbeat to this coordinator said, or else its last
+    /// claim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slots: Option<u32>,
     /// Rows committed per second over the last minute by the shards it holds.

@@ -63,6 +63,8 @@ async fn the_fleet_view_shows_demand_and_machines_and_a_drain_reaches_the_worker
     assert_eq!(demand.deadline_ms, Some(created + 2 * 3600 * 1000));
     let view: &WorkerView = fleet.workers.iter().find(|w| w.id == "w1").expect("w1");
     assert_eq!(view.instance, Some(spot("i-1")));
+    // No heartbeat yet: its slots are its claim's.
+    assert_eq!(view.slots, Some(2), "{text}");
     assert_eq!(view.leases.len(), 1);
     assert!(!view.draining && !view.drain_told);
 

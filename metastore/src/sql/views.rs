@@ -35,7 +35,7 @@ where
     async fn workers_seen(&self, window_ms: i64) -> Result<Vec<WorkerSeen>> {
         let sql = D::sql(
             "SELECT w.id, w.last_seen_ms, CAST(COALESCE(r.rows, 0) AS BIGINT) AS rows_recent, \
-             w.instance_id, w.instance_type, w.capacity_type, \
+             w.instance_id, w.instance_type, w.capacity_type, w.slots, \
              (w.drain_requested_at_ms IS NOT NULL) AS draining, \
              (w.drain_told_at_ms IS NOT NULL) AS drain_told \
              FROM workers w LEFT JOIN ( \

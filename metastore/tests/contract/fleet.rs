@@ -98,6 +98,7 @@ pub async fn workers_report_machines_and_drains_are_marked(store: DynMetastore) 
     assert_eq!(w1.instance_id.as_deref(), Some("i-1"));
     assert_eq!(w1.instance_type.as_deref(), Some("g5.xlarge"));
     assert_eq!(w1.capacity_type.as_deref(), Some("spot"));
+    assert_eq!(w1.slots, Some(1));
     assert!(w1.draining);
     // A worker that says it moved (a new claim) is updated in place.
     let moved = machine("i-2", CapacityType::OnDemand, 4, 0);
@@ -106,4 +107,5 @@ pub async fn workers_report_machines_and_drains_are_marked(store: DynMetastore) 
     let w1 = seen.iter().find(|w| w.id == "w1").expect("w1 seen");
     assert_eq!(w1.instance_id.as_deref(), Some("i-2"));
     assert_eq!(w1.capacity_type.as_deref(), Some("on-demand"));
+    assert_eq!(w1.slots, Some(4));
 }
