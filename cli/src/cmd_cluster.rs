@@ -292,6 +292,7 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
     }
     let report = worker.run(shutdown).await;
     stop_watching.cancel();
+    let report = report?;
     tracing::info!(
         rows = report.rows,
         shards_completed = report.shards_completed,

@@ -192,7 +192,9 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     // stop the coordinator.
     workers_stop.cancel();
     for w in workers {
-        let _ = w.await;
+        if let Ok(Err(e)) = w.await {
+            tracing::error!(error = %e, "a local worker stopped");
+        }
     }
     let view = service.get(&job_id.to_string()).await?;
     coordinator_stop.cancel();

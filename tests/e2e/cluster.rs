@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nightshift_tests::cluster::{self, CoordinatorProc, SUBMIT_TOKEN, WorkerProc, rows_inferred};
+use nightshift_tests::cluster::{
+    self, CoordinatorProc, SUBMIT_TOKEN, WORKER_TOKEN, WorkerProc, rows_inferred,
+};
 use nightshift_tests::fixtures::Fixture;
 use nightshift_tests::postgres::server_with_database;
 use nightshift_tests::process::{SCHED_BATCH, SCHED_OTHER, nightshift, output_text, run};
@@ -498,6 +500,32 @@ fn a_worker_is_listed_and_drained_from_the_cli() {
     // Every row once; the model run again on a sample (a 4096-wide MLP over all rows takes the
     // verifier minutes).
     verify_output(job.out.to_str().unwrap(), &job.input, &job.model, 1000, &[]).assert_exact(&[]);
+}
+
+/// A worker the coordinator refuses (a wrong token, a submit token, an id it does not
+/// accept) stops at once with the coordinator's reason and a non-zero exit, instead of
+/// claiming in vain for ever and looking alive.
+#[test]
+fn a_worker_the_coordinator_refuses_exits_with_the_reason() {
+    let f = Fixture::new();
+    let c = coordinator(&f, f.path("coordinator.db").to_str().unwrap(), "coord", &[]);
+    for (token, id, why) in [
+        ("not-a-token", "w1", "(401)"),
+        (SUBMIT_TOKEN, "w1", "(403)"),
+        (WORKER_TOKEN, "tab\tid", "control character"),
+    ] {
+        let mut cmd = nightshift(Path::new(BIN));
+        cmd.args(["worker", "--coordinator", &c.url(), "--token", token])
+            .args(["--worker-id", id, "--spot-metadata", "off", "--cache-dir"])
+            .arg(f.path("cache"));
+        let o = run(cmd, Duration::from_secs(30));
+        let text = output_text(&o);
+        assert_eq!(o.status.code(), Some(1), "{text}");
+        assert!(
+            text.contains("error: the coordinator refuses this worker") && text.contains(why),
+            "{why}: {text}"
+        );
+    }
 }
 
 #[test]

@@ -96,7 +96,9 @@ impl Case {
     fn worker(
         &self,
         stop: &CancellationToken,
-    ) -> tokio::task::JoinHandle<nightshift_worker::WorkerReport> {
+    ) -> tokio::task::JoinHandle<
+        Result<nightshift_worker::WorkerReport, nightshift_worker::WorkerError>,
+    > {
         let mut config = WorkerConfig::new(&self.api.url, "W");
         config.ort_lib = Some(ort_library());
         config.cache_dir = self.models.clone();
@@ -121,7 +123,7 @@ impl Case {
         let (s, body) = self.api.post("S", &format!("/v1/jobs/{name}/cancel")).await;
         assert!(s.is_success(), "{s}: {body}");
         stop.cancel();
-        running.await.expect("worker");
+        running.await.expect("worker task").expect("worker");
         let left: Vec<_> = data_files(&self.out)
             .iter()
             .filter_map(|p| owner(p))
@@ -147,7 +149,7 @@ impl Case {
             .wait_succeeded(name, Duration::from_secs(180))
             .await;
         stop.cancel();
-        running.await.expect("worker");
+        running.await.expect("worker task").expect("worker");
         let out = self.out.to_str().unwrap();
         verify_output(out, &self.input, &self.model, 0, &[]).assert_exact(&[]);
         let manifest: serde_json::Value =

@@ -82,7 +82,7 @@ async fn the_commit_fetches_footers_and_no_row_data() {
     let running = tokio::spawn(worker.run(stop.clone()));
     api.wait_succeeded("reads", Duration::from_secs(180)).await;
     stop.cancel();
-    running.await.expect("worker");
+    running.await.expect("worker task").expect("worker");
 
     let manifest: serde_json::Value =
         serde_json::from_slice(&s3.get(&format!("{out}/_manifest.json")).await.unwrap()).unwrap();

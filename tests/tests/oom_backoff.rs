@@ -33,7 +33,7 @@ async fn run_job(f: &Fixture, api: &Api) -> WorkerReport {
     api.wait_succeeded("api-job", Duration::from_secs(120))
         .await;
     stop.cancel();
-    running.await.expect("worker")
+    running.await.expect("worker task").expect("worker")
 }
 
 fn verify(f: &Fixture) {

@@ -61,7 +61,7 @@ async fn run_jobs(model_cache: usize) -> WorkerReport {
         api.wait_succeeded(name, Duration::from_secs(120)).await;
     }
     stop.cancel();
-    let report = running.await.expect("worker");
+    let report = running.await.expect("worker task").expect("worker");
     for (name, model, _) in JOBS {
         let out = f.path(&format!("out-{name}"));
         verify_output(out.to_str().unwrap(), &input, &f.path(model), 0, &[]).assert_exact(&[]);

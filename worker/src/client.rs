@@ -36,6 +36,13 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Of a claim: the coordinator refuses the worker itself, not one request: its token
+    /// (401), its role (403) or what the claim says about it (400: its id, slots, GPUs or
+    /// machine). No retry changes that.
+    pub fn refuses_worker(&self) -> bool {
+        matches!(self, ClientError::Refused { status, .. } if matches!(status, 400 | 401 | 403))
+    }
+
     fn transient(&self) -> bool {
         match self {
             ClientError::Unreachable { .. } => true,

@@ -20,4 +20,4 @@ mod worker;
 
 pub use context::WorkerReport;
 pub use executor::DEFAULT_MODEL_CACHE;
-pub use worker::{Worker, WorkerConfig};
+pub use worker::{Worker, WorkerConfig, WorkerError};

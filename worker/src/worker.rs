@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::client::CoordinatorClient;
+use crate::client::{ClientError, CoordinatorClient};
 use crate::context::{WorkerContext, WorkerMetrics, WorkerReport};
 use crate::executor::{DEFAULT_MODEL_CACHE, Executor, SessionOptions};
 use crate::gpus::GpuMonitor;
@@ -40,6 +40,15 @@ const BUSY_WAIT: Duration = Duration::from_secs(3600);
 /// stop within a couple of batches).
 const HEARTBEATS_PER_TTL: u32 = 3;
 const MAX_HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+
+/// Why a worker stopped on its own rather than when asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot start the inference threads: {0}")]
+    Threads(std::io::Error),
+    #[error("the coordinator refuses this worker, so it stopped ({0}); fix its token or flags")]
+    Refused(ClientError),
+}
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -155,18 +164,14 @@ impl Worker {
         self.ctx.clone()
     }
 
-    /// Runs until `shutdown`, then drains.
-    pub async fn run(self, shutdown: CancellationToken) -> WorkerReport {
+    /// Runs until `shutdown` (or a drain the coordinator asks), then drains. A worker the
+    /// coordinator refuses (`ClientError::refuses_worker`) drains and stops with that error
+    /// rather than claiming in vain for ever.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport, WorkerError> {
         let ctx = self.ctx.clone();
         let held: Held = Arc::new(Mutex::new(HashMap::new()));
         let ttl = Arc::new(Mutex::new(ASSUMED_LEASE_TTL));
-        let mut slots = match self.start_slots() {
-            Ok(slots) => slots,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the inference threads");
-                return ctx.metrics.snapshot();
-            }
-        };
+        let mut slots = self.start_slots().map_err(WorkerError::Threads)?;
         let executors: Vec<Arc<Executor>> = slots.iter().map(|s| s.executor.clone()).collect();
         let heartbeat_stop = CancellationToken::new();
         let heartbeats = tokio::spawn(heartbeat_loop(
@@ -183,6 +188,7 @@ impl Worker {
         let input_read = Arc::new(Notify::new());
         tracing::info!(worker = %ctx.worker_id, slots = self.slots, gpus = ?self.gpus, "worker started");
         let mut idle = self.idle_poll;
+        let mut refused = None;
         while !shutdown.is_cancelled() {
             let ready = ready_slots(&slots);
             let mut granted = 0;
@@ -219,6 +225,11 @@ impl Worker {
                             slot_of.insert(id, i);
                         }
                     }
+                    Err(e) if e.refuses_worker() => {
+                        tracing::error!(error = %e, "the coordinator refuses this worker: stopping");
+                        refused = Some(e);
+                        shutdown.cancel();
+                    }
                     Err(e) => tracing::warn!(error = %e, "lease request failed"),
                 }
             }
@@ -253,7 +264,10 @@ impl Worker {
         let _ = tokio::task::spawn_blocking(move || executors.iter().for_each(|e| e.stop())).await;
         let report = ctx.metrics.snapshot();
         tracing::info!(?report, "worker stopped");
-        report
+        match refused {
+            Some(e) => Err(WorkerError::Refused(e)),
+            None => Ok(report),
+        }
     }
 
     /// A claim of `max` shards, saying what this worker runs on.
