@@ -44,8 +44,11 @@ fn submit(f: &Fixture, coordinator: &str, spec: &Path) {
 #[test]
 fn a_small_job_behind_a_large_one_finishes_before_the_large_one_is_half_done() {
     let f = Fixture::new();
-    // Heavy enough per row that the large job takes a while on one thread per worker.
-    let model = f.model("m.onnx", &["--dim", "8", "--hidden", "256"]);
+    // Heavy enough per row that the large job takes a while on one thread per worker: a shard
+    // of it takes seconds, so the small job's wait is a lease round, not the test's polling.
+    // (At 256 wide a shard took 0.14 s here, and the large job passed half its rows within the
+    // 1 to 2 s of CLI calls that see the small one done.)
+    let model = f.model("m.onnx", &["--dim", "8", "--hidden", "2048"]);
     let job = |name: &str, rows: u64, row_group: &str| {
         let data = f.data(
             name,
