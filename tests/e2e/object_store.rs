@@ -333,7 +333,7 @@ fn an_input_that_changes_mid_job_fails_the_shards_that_read_it() {
             "--row-group-rows",
             "2000",
         ],
-        &["--hidden", "1536"],
+        &["--hidden", "4096"],
     );
     let out = "s3://lake/out/changed";
     let spec = s.spec(
@@ -341,14 +341,9 @@ fn an_input_that_changes_mid_job_fails_the_shards_that_read_it() {
         &format!("{out}/"),
         "[batch]\nsize = 500\n[shards]\nrows = 4000\ncheckpoint_rows = 2000\n",
     );
-    let cmd = s.command(&spec, &s.s3.endpoint(), "state");
-    let mut child = ChildGuard::spawn_logged(cmd, &s.f.path("run.log"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while s.list(&format!("{out}/_parts/")).is_empty() {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // Replace the second file (not yet read: shards go in order) with other content.
+    // The other content is made before the run starts, so that it replaces the file within
+    // moments of the first part (made after it, it once came too late: the job had read the
+    // second file and succeeded).
     let other = s.f.data(
         "other",
         &[
@@ -362,6 +357,14 @@ fn an_input_that_changes_mid_job_fails_the_shards_that_read_it() {
             "99",
         ],
     );
+    let cmd = s.command(&spec, &s.s3.endpoint(), "state");
+    let mut child = ChildGuard::spawn_logged(cmd, &s.f.path("run.log"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while s.list(&format!("{out}/_parts/")).is_empty() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Replace the second file (not yet read: shards go in order) with other content.
     s.rt.block_on(s.s3.put(
         "s3://lake/in/part-001.parquet",
         std::fs::read(other.join("part-000.parquet")).unwrap(),
