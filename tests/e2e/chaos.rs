@@ -10,6 +10,8 @@
 //!   NIGHTSHIFT_CHAOS=long cargo test -p nightshift --test chaos -- --nocapture
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nightshift_tests::PgServer;
@@ -22,6 +24,20 @@ use nightshift_tests::verify::verify_output_with;
 use rand::{Rng, SeedableRng};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nightshift");
+/// How often the chaos run's state is asked.
+const POLL: Duration = Duration::from_millis(200);
+/// One event in this many is a SIGTERM (a drain), the others SIGKILLs.
+const TERM_EVERY: u32 = 6;
+
+/// Sets its flag when dropped, also on a panic: it stops the state poller, which the scope
+/// would otherwise wait for.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
 
 struct Mode {
     rows: u64,
@@ -40,7 +56,7 @@ fn mode() -> Mode {
         }
     } else {
         Mode {
-            rows: 300_000,
+            rows: 400_000,
             workers: 3,
             min_kills: 20,
             hidden: "2048",
@@ -204,93 +220,109 @@ fn chaos_leaves_the_output_exact() {
         (0.65, "coordinator"),
     ];
     let expected = calm_took.as_secs_f64() * 1.5;
-    // Kills spread evenly over the first half of the undisturbed run's length, then none: enough for the
-    // count (a chaos run now lasts little longer than a calm one), without killing every
-    // worker before it gets going.
+    // Kills and drains spread evenly over the first half of the undisturbed run's length, then
+    // none: enough for the count (a chaos run lasts little longer than a calm one), without
+    // killing every worker before it gets going. With one event in TERM_EVERY a drain, the
+    // budget holds min_kills + 5 kills; a restart takes about a second, hence the floor. A fresh
+    // worker ripens for 1.5 s, so three workers allow about 1.5 events a second: at 300,000
+    // rows the job ended with 27 events in a CI run (18.5 s), and here with the last one
+    // (22 s); at 400,000 the calm run takes about 20 s.
     let budget = m.min_kills + 10;
-    // Half of it: SIGTERM drains take seconds each, and with stragglers copied to idle workers
-    // a chaos run ends sooner than it did.
-    // A turn also asks the job's state (a process) and a restart takes about a second: with a
-    // 0.4 s floor and 200,000 rows, a chaos run here (14.6 s) had room for 21 kills and drains
-    // and got 19 kills. Hence more rows and a lower floor.
     let every = Duration::from_secs_f64((calm_took.as_secs_f64() * 0.5 / budget as f64).max(0.3));
-    loop {
-        let state = job_state(&coordinator.url(), "chaos");
-        if state.as_deref() == Some("succeeded") {
-            break;
-        }
-        assert!(
-            !matches!(state.as_deref(), Some("failed" | "cancelled")),
-            "chaos job ended {state:?}"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "chaos run did not finish in time"
-        );
-        let t = started.elapsed().as_secs_f64();
-        if let Some(&(at, what)) = planned.first()
-            && t >= at * expected
-        {
-            planned.remove(0);
-            eprintln!(
-                "  {:>6.1} s: restart {what}",
-                started.elapsed().as_secs_f64()
-            );
-            match what {
-                "coordinator" => {
-                    coordinator.restart(Duration::from_millis(500));
-                    coordinator_restarts += 1;
-                }
-                _ => {
-                    rt.block_on(pg.crash_restart()).expect("postgres crash");
-                    pg_restarts += 1;
-                }
+    // The job's state is polled by a thread of its own: asking it is a process, and with one per
+    // turn of the kill loop a CI run had room for only 27 of its 30 events.
+    let chaos_state = Mutex::new(None::<String>);
+    let stop_polling = AtomicBool::new(false);
+    let url = coordinator.url();
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop_polling);
+        s.spawn(|| {
+            while !stop_polling.load(Ordering::Relaxed) {
+                let state = job_state(&url, "chaos");
+                *chaos_state.lock().unwrap() = state;
+                std::thread::sleep(POLL);
             }
-            continue;
-        }
-        std::thread::sleep(every.mul_f64(rng.random_range(0.6..1.4)));
-        if kills + terms >= budget {
-            continue;
-        }
-        // A victim that has lived long enough to hold a shard and be past its first batches.
-        let ripe: Vec<usize> = (0..workers.len())
-            .filter(|&i| workers[i].1.elapsed() > Duration::from_millis(1500))
-            .collect();
-        if ripe.is_empty() {
-            continue;
-        }
-        let victim = ripe[rng.random_range(0..ripe.len())];
-        let (mut w, _) = workers.remove(victim);
-        if rng.random_bool(0.15) {
-            w.child.signal("TERM");
-            let asked = Instant::now();
-            let exited = w.child.wait_for(Duration::from_secs(40));
-            eprintln!(
-                "  {:>6.1} s: SIGTERM drained in {:.1} s",
-                started.elapsed().as_secs_f64(),
-                asked.elapsed().as_secs_f64()
+        });
+        loop {
+            let state = chaos_state.lock().unwrap().clone();
+            if state.as_deref() == Some("succeeded") {
+                break;
+            }
+            assert!(
+                !matches!(state.as_deref(), Some("failed" | "cancelled")),
+                "chaos job ended {state:?}"
             );
             assert!(
-                exited.is_some_and(|s| s.success()),
-                "SIGTERM: worker did not drain and exit 0: {}",
-                w.log_text()
+                Instant::now() < deadline,
+                "chaos run did not finish in time"
             );
-            terms += 1;
-        } else {
-            w.child.kill();
-            kills += 1;
-            eprintln!(
-                "  {:>6.1} s: SIGKILL {}",
-                started.elapsed().as_secs_f64(),
-                w.id
-            );
+            let t = started.elapsed().as_secs_f64();
+            if let Some(&(at, what)) = planned.first()
+                && t >= at * expected
+            {
+                planned.remove(0);
+                eprintln!(
+                    "  {:>6.1} s: restart {what}",
+                    started.elapsed().as_secs_f64()
+                );
+                match what {
+                    "coordinator" => {
+                        coordinator.restart(Duration::from_millis(500));
+                        coordinator_restarts += 1;
+                    }
+                    _ => {
+                        rt.block_on(pg.crash_restart()).expect("postgres crash");
+                        pg_restarts += 1;
+                    }
+                }
+                continue;
+            }
+            std::thread::sleep(every.mul_f64(rng.random_range(0.6..1.4)));
+            if kills + terms >= budget {
+                continue;
+            }
+            // A victim that has lived long enough to hold a shard and be past its first batches.
+            let ripe: Vec<usize> = (0..workers.len())
+                .filter(|&i| workers[i].1.elapsed() > Duration::from_millis(1500))
+                .collect();
+            if ripe.is_empty() {
+                continue;
+            }
+            let victim = ripe[rng.random_range(0..ripe.len())];
+            let (mut w, _) = workers.remove(victim);
+            // Every TERM_EVERY-th event is a SIGTERM, the others SIGKILLs: a fixed share, so
+            // that the count of kills does not depend on the draw.
+            if (kills + terms + 1) % TERM_EVERY == 0 {
+                w.child.signal("TERM");
+                let asked = Instant::now();
+                let exited = w.child.wait_for(Duration::from_secs(40));
+                eprintln!(
+                    "  {:>6.1} s: SIGTERM drained in {:.1} s",
+                    started.elapsed().as_secs_f64(),
+                    asked.elapsed().as_secs_f64()
+                );
+                assert!(
+                    exited.is_some_and(|s| s.success()),
+                    "SIGTERM: worker did not drain and exit 0: {}",
+                    w.log_text()
+                );
+                terms += 1;
+            } else {
+                w.child.kill();
+                kills += 1;
+                eprintln!(
+                    "  {:>6.1} s: SIGKILL {}",
+                    started.elapsed().as_secs_f64(),
+                    w.id
+                );
+            }
+            logs.push(w.log.clone());
+            workers.push((
+                start_worker(next_name(), &coordinator.url()),
+                Instant::now(),
+            ));
         }
-        logs.push(w.log.clone());
-        workers.push((
-            start_worker(next_name(), &coordinator.url()),
-            Instant::now(),
-        ));
-    }
+    });
     let took = started.elapsed();
     for (w, _) in &mut workers {
         w.child.signal("TERM");
