@@ -64,7 +64,8 @@ fn mode() -> Mode {
     }
 }
 
-fn job_state(coordinator: &str, job: &str) -> Option<String> {
+/// The job's state and rows done, as `nightshift status` tells them.
+fn job_state(coordinator: &str, job: &str) -> Option<(String, u64)> {
     let mut cmd = nightshift(Path::new(BIN));
     cmd.args([
         "status",
@@ -77,7 +78,8 @@ fn job_state(coordinator: &str, job: &str) -> Option<String> {
     ]);
     let o = run(cmd, Duration::from_secs(30));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
-    v["state"].as_str().map(str::to_string)
+    let state = v["state"].as_str()?.to_string();
+    Some((state, v["rows_done"].as_u64()?))
 }
 
 fn submit(f: &Fixture, coordinator: &str, spec: &Path, envs: &[(&str, String)]) {
@@ -182,7 +184,7 @@ fn chaos_leaves_the_output_exact() {
             .collect();
         submit(&f, &coordinator.url(), &spec("calm"), &[]);
         let deadline = Instant::now() + Duration::from_secs(240);
-        while job_state(&coordinator.url(), "calm").as_deref() != Some("succeeded") {
+        while job_state(&coordinator.url(), "calm").is_none_or(|(state, _)| state != "succeeded") {
             assert!(
                 Instant::now() < deadline,
                 "undisturbed run did not finish: {}",
@@ -214,12 +216,13 @@ fn chaos_leaves_the_output_exact() {
     let (mut kills, mut terms, mut coordinator_restarts, mut pg_restarts) =
         (0u32, 0u32, 0u32, 0u32);
     let deadline = started + Duration::from_secs(if m.min_kills > 20 { 1500 } else { 220 });
+    // The restarts come at shares of the rows done, not of the calm run's time: a chaos run
+    // faster than expected cannot end before them.
     let mut planned = vec![
         (0.25, "coordinator"),
         (0.45, "postgres"),
         (0.65, "coordinator"),
     ];
-    let expected = calm_took.as_secs_f64() * 1.5;
     // Kills and drains spread evenly over the first half of the undisturbed run's length, then
     // none: enough for the count (a chaos run lasts little longer than a calm one), without
     // killing every worker before it gets going. With one event in TERM_EVERY a drain, the
@@ -231,7 +234,7 @@ fn chaos_leaves_the_output_exact() {
     let every = Duration::from_secs_f64((calm_took.as_secs_f64() * 0.5 / budget as f64).max(0.3));
     // The job's state is polled by a thread of its own: asking it is a process, and with one per
     // turn of the kill loop a CI run had room for only 27 of its 30 events.
-    let chaos_state = Mutex::new(None::<String>);
+    let chaos_state = Mutex::new(None::<(String, u64)>);
     let stop_polling = AtomicBool::new(false);
     let url = coordinator.url();
     std::thread::scope(|s| {
@@ -244,7 +247,7 @@ fn chaos_leaves_the_output_exact() {
             }
         });
         loop {
-            let state = chaos_state.lock().unwrap().clone();
+            let (state, rows_done) = chaos_state.lock().unwrap().clone().unzip();
             if state.as_deref() == Some("succeeded") {
                 break;
             }
@@ -256,9 +259,8 @@ fn chaos_leaves_the_output_exact() {
                 Instant::now() < deadline,
                 "chaos run did not finish in time"
             );
-            let t = started.elapsed().as_secs_f64();
             if let Some(&(at, what)) = planned.first()
-                && t >= at * expected
+                && rows_done.unwrap_or(0) as f64 >= at * m.rows as f64
             {
                 planned.remove(0);
                 eprintln!(

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nightshift_tests::cluster::{
-    self, CoordinatorProc, SUBMIT_TOKEN, WORKER_TOKEN, WorkerProc, rows_inferred,
+    self, CoordinatorProc, SUBMIT_TOKEN, WORKER_TOKEN, WorkerProc, paced, rows_inferred,
 };
 use nightshift_tests::fixtures::Fixture;
 use nightshift_tests::postgres::server_with_database;
@@ -163,7 +163,7 @@ fn a_worker_killed_mid_shard_costs_at_most_one_checkpoint_interval() {
     let job = f.job(
         "kill",
         &["--rows", "32000", "--files", "2", "--row-group-rows", "2000"],
-        &["--hidden", "1536"],
+        &["--hidden", "256"],
         &format!("[batch]\nsize = {batch}\n[shards]\nrows = 16000\ncheckpoint_rows = {checkpoint}\n[retry]\nmax_attempts = 10\n"),
     );
     let c = coordinator(
@@ -176,13 +176,16 @@ fn a_worker_killed_mid_shard_costs_at_most_one_checkpoint_interval() {
         "RUST_LOG".to_string(),
         "warn,nightshift_worker=debug".to_string(),
     )];
+    // The victim runs at 5,000 rows/s at most (100 ms a 500-row batch), so a shard stays
+    // between its first checkpoints for over a second: at full speed a shard ran that stretch
+    // in a tenth of one, as fast as the test polls.
     let mut victim = WorkerProc::start(
         Path::new(BIN),
         f.dir.path(),
         "victim",
         &c.url(),
         &[],
-        &debug,
+        &[debug[0].clone(), paced(100)],
     );
     let o = submit(&f, &c.url(), &job.spec, &[]);
     assert!(o.status.success(), "{}", output_text(&o));
@@ -320,11 +323,19 @@ fn cancel_stops_the_workers_shards() {
             "--row-group-rows",
             "2000",
         ],
-        &["--hidden", "1536"],
+        &["--hidden", "256"],
         "[batch]\nsize = 500\n[shards]\nrows = 10000\ncheckpoint_rows = 1000\n",
     );
     let c = coordinator(&f, &url, "coord", &["--lease-ttl", "3s"]);
-    let w = WorkerProc::start(Path::new(BIN), f.dir.path(), "w1", &c.url(), &[], &[]);
+    // At 5,000 rows/s at most the job lasts 8 s: the cancel lands while a shard runs.
+    let w = WorkerProc::start(
+        Path::new(BIN),
+        f.dir.path(),
+        "w1",
+        &c.url(),
+        &[],
+        &[paced(100)],
+    );
     assert!(submit(&f, &c.url(), &job.spec, &[]).status.success());
     let deadline = Instant::now() + Duration::from_secs(120);
     while !shards(&url).iter().any(|s| s.1 == "leased" && s.3 > 0) {

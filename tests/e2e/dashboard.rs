@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
-use nightshift_tests::cluster::{self, CoordinatorProc, SUBMIT_TOKEN, WorkerProc};
+use nightshift_tests::cluster::{self, CoordinatorProc, SUBMIT_TOKEN, WorkerProc, paced};
 use nightshift_tests::fixtures::{Fixture, spec_toml};
 use nightshift_tests::process::{ChildGuard, free_port, output_text};
 use serde_json::json;
@@ -128,7 +128,7 @@ async fn log_in(client: &Client, base: &str, token: &str) {
 
 /// The job, submitted; and a nightly schedule, so the overview has one to show.
 async fn submit_work(f: &Fixture, c: &CoordinatorProc) -> String {
-    let model = f.model("m.onnx", &["--dim", "8", "--hidden", "1024"]);
+    let model = f.model("m.onnx", &["--dim", "8", "--hidden", "256"]);
     let rows = ROWS.to_string();
     let data = f.data(
         "in",
@@ -196,7 +196,9 @@ async fn the_dashboard_logs_in_shows_the_work_and_refreshes_itself() {
         "w1",
         &c.url(),
         &["--slots", "1", "--threads", "1"],
-        &[],
+        // At most 5,120 rows/s (200 ms a 1,024-row batch): the job outlasts the browser's
+        // work (about a minute under load), whatever the machine, and is cancelled at the end.
+        &[paced(200)],
     );
     let (_driver, client) = browser(f.dir.path()).await;
     let base = c.url();

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nightshift_tests::PgServer;
-use nightshift_tests::cluster::{CoordinatorProc, SUBMIT_TOKEN, WorkerProc, rows_inferred};
+use nightshift_tests::cluster::{CoordinatorProc, SUBMIT_TOKEN, WorkerProc, paced, rows_inferred};
 use nightshift_tests::fixtures::{Fixture, spec_toml};
 use nightshift_tests::imds::MetadataServer;
 use nightshift_tests::process::{nightshift, run};
@@ -44,10 +44,8 @@ fn preempted(preempt: impl FnOnce(&mut WorkerProc), spot: Option<&str>, name: &s
             "--row-group-rows",
             "2000",
         ],
-        // Slow enough (about 10,000 rows/s on 2 cores) that a notice sent at a shard's first
-        // checkpoint reaches the worker (polled every 200 ms) long before the shard's end. A
-        // model 1,536 wide ran the rest of a shard within that time, and nothing was released.
-        &["--hidden", "4096"],
+        // The first worker is paced (see `first` below), so the model's width does not matter.
+        &["--hidden", "256"],
         "[batch]\nsize = 500\n[shards]\nrows = 16000\ncheckpoint_rows = 4000\n",
     );
     let allow = f.allow_uri();
@@ -69,13 +67,18 @@ fn preempted(preempt: impl FnOnce(&mut WorkerProc), spot: Option<&str>, name: &s
     } else {
         extra.extend(["--spot-metadata", "off"]);
     }
+    // At most 3,333 rows/s (150 ms a 500-row batch), whatever the load: the shard stays at its
+    // first checkpoint for over a second, and a notice sent then reaches the worker (polled
+    // every 200 ms) seconds before the shard's end. Unpaced, a model 1,536 wide ran the rest of
+    // a shard within that time, and a model 4,096 wide left the test a 0.4 s window to see the
+    // first checkpoint.
     let mut first = WorkerProc::start(
         Path::new(BIN),
         f.dir.path(),
         "first",
         &c.url(),
         &extra,
-        &debug,
+        &[debug[0].clone(), paced(150)],
     );
     let mut submit = nightshift(Path::new(BIN));
     submit.args(["submit"]).arg(&job.spec).args([

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use nightshift_tests::cluster::paced;
 use nightshift_tests::fixtures::{Fixture, spec_toml};
 use nightshift_tests::process::{ChildGuard, nightshift, run};
 use nightshift_tests::python::run_script;
@@ -181,11 +182,15 @@ fn start_and_wait(
     ready: impl Fn(&[(i64, String, i64, i64)]) -> bool,
 ) -> ChildGuard {
     let mut cmd = nightshift(Path::new(BIN));
+    // At most 8,333 rows/s (60 ms a 500-row batch), whatever the machine's load: a 12,000-row
+    // shard lasts over a second.
+    let (key, value) = paced(60);
     cmd.current_dir(f.dir.path())
         .arg("run")
         .arg(spec)
         .arg("--state")
-        .arg(f.path("state"));
+        .arg(f.path("state"))
+        .env(key, value);
     let mut child = ChildGuard::spawn_logged(cmd, &f.path("run.log"));
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -207,7 +212,7 @@ fn start_and_wait(
 }
 
 fn slow_job(f: &Fixture) -> (PathBuf, PathBuf, String, PathBuf) {
-    // Wide enough that the job takes seconds, so it can be stopped in the middle.
+    // Run paced by `start_and_wait`, so that it takes seconds and can be stopped in the middle.
     let job = f.job(
         "slow",
         &[
@@ -218,7 +223,7 @@ fn slow_job(f: &Fixture) -> (PathBuf, PathBuf, String, PathBuf) {
             "--row-group-rows",
             "2000",
         ],
-        &["--hidden", "2048"],
+        &["--hidden", "256"],
         "[batch]\nsize = 500\n\n[shards]\nrows = 12000\ncheckpoint_rows = 2000\n",
     );
     (job.spec, job.model, job.input, job.out)
@@ -230,7 +235,8 @@ fn sigkill_mid_job_then_rerun_is_exact_and_recomputes_no_done_shard() {
     let (spec, model, input, out) = slow_job(&f);
     let mut child = start_and_wait(&f, &spec, |s| {
         let done = s.iter().filter(|x| x.1 == "done").count();
-        let partial = s.iter().any(|x| x.1 == "leased" && x.3 > 0);
+        // At most half done, so the shard is still partial when the kill lands.
+        let partial = s.iter().any(|x| x.1 == "leased" && x.3 > 0 && x.3 <= 6000);
         done >= 2 && partial
     });
     child.kill();

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use nightshift_tests::cluster::paced;
 use nightshift_tests::fault_proxy::{FaultPlan, FaultProxy};
 use nightshift_tests::fixtures::{Fixture, spec_toml};
 use nightshift_tests::process::{ChildGuard, nightshift, run};
@@ -267,7 +268,7 @@ fn orphan_parts_of_a_killed_run_are_removed_and_files_meet_the_size_rule() {
             "--row-group-rows",
             "1000",
         ],
-        &["--hidden", "1536"],
+        &["--hidden", "256"],
     );
     let out = "s3://lake/out/orphans";
     let spec = s.spec(
@@ -280,7 +281,11 @@ fn orphan_parts_of_a_killed_run_are_removed_and_files_meet_the_size_rule() {
         "passthrough = [\"id\", \"group\"]\ntarget_file_mb = 1",
     );
     std::fs::write(&spec, text_spec).unwrap();
-    let cmd = s.command(&spec, &s.s3.endpoint(), "state");
+    let mut cmd = s.command(&spec, &s.s3.endpoint(), "state");
+    // At most 5,000 rows/s (100 ms a 500-row batch): the sixth part comes about 1.2 s in,
+    // and the job lasts 6 s, whatever the load.
+    let (key, value) = paced(100);
+    cmd.env(key, value);
     let mut child = ChildGuard::spawn_logged(cmd, &s.f.path("run.log"));
     // Kill it while parts exist that no checkpoint recorded yet (uploads in flight count).
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -333,7 +338,7 @@ fn an_input_that_changes_mid_job_fails_the_shards_that_read_it() {
             "--row-group-rows",
             "2000",
         ],
-        &["--hidden", "4096"],
+        &["--hidden", "256"],
     );
     let out = "s3://lake/out/changed";
     let spec = s.spec(
@@ -357,7 +362,11 @@ fn an_input_that_changes_mid_job_fails_the_shards_that_read_it() {
             "99",
         ],
     );
-    let cmd = s.command(&spec, &s.s3.endpoint(), "state");
+    let mut cmd = s.command(&spec, &s.s3.endpoint(), "state");
+    // At most 3,333 rows/s (150 ms a 500-row batch), whatever the load: the second file is
+    // first read seconds after the first part. Unpaced, a job 4,096 wide ran in 1.2 s once.
+    let (key, value) = paced(150);
+    cmd.env(key, value);
     let mut child = ChildGuard::spawn_logged(cmd, &s.f.path("run.log"));
     let deadline = Instant::now() + Duration::from_secs(120);
     while s.list(&format!("{out}/_parts/")).is_empty() {

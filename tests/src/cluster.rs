@@ -201,3 +201,13 @@ pub fn rows_inferred(logs: &[PathBuf]) -> u64 {
         })
         .sum()
 }
+
+/// The environment that makes each model call of a worker (or of `nightshift run`) wait `ms`
+/// first, through the `model-run-delay` failpoint: a known speed, whatever the machine's load,
+/// for tests that must act while a job runs.
+pub fn paced(ms: u64) -> (String, String) {
+    (
+        "FAILPOINTS".to_string(),
+        format!("model-run-delay=sleep({ms})"),
+    )
+}
