@@ -265,7 +265,8 @@ impl Service {
 
     /// The job `own_uid` holds `output_uri`, which cancelled jobs held before it. None of them
     /// can be retried now, nor after this job ends (`files_removed`), so the files their merge
-    /// work wrote in place there (which would block this job's own) go. Answers the jobs whose
+    /// work wrote in place there (which would block this job's own) go. A cancelled job holds
+    /// no output, so for one this does nothing. Answers the jobs whose
     /// files are all gone now (removed by this call or before it); a failure is logged, and
     /// the job's merge work then names the file in its way.
     async fn clear_released_output(&self, own_uid: &str, output_uri: &str) -> HashSet<String> {
@@ -276,7 +277,12 @@ impl Service {
                 return HashSet::new();
             }
         };
-        let cancelled: Vec<&JobRecord> = cancelled.iter().filter(|j| j.uid != own_uid).collect();
+        // A cancelled job holds no output: its merge work, whose lease lives on until it
+        // expires, clears nothing of the jobs that took the output after it.
+        if cancelled.iter().any(|j| j.uid == own_uid) {
+            return HashSet::new();
+        }
+        let cancelled: Vec<&JobRecord> = cancelled.iter().collect();
         if cancelled.is_empty() {
             return HashSet::new();
         }
@@ -694,7 +700,7 @@ impl Service {
     }
 
     /// Extends the leases `worker` holds; any other lease it names answers `lost`. The GPU
-    /// samples it sends go to `/metrics`.
+    /// samples and models it sends go to `/metrics` when it holds one of them.
     pub async fn heartbeat(&self, req: &HeartbeatRequest) -> Result<HeartbeatResponse, ApiError> {
         let (worker, leases) = (req.worker_id.as_str(), req.leases.as_slice());
         check_worker_id(worker)?;
@@ -702,8 +708,6 @@ impl Service {
         check_gpu_samples(&req.gpus)?;
         check_loaded_models(&req.models)?;
         check_slots(req.slots)?;
-        self.metrics
-            .record_worker(worker, &req.gpus, &req.models, req.slots);
         let lot = HeartbeatLot {
             worker: worker.to_string(),
             leases: leases.to_vec(),
@@ -720,6 +724,12 @@ impl Service {
                 .pop()
                 .unwrap_or_else(|| Ok(Vec::new()))?,
         };
+        // Only a worker holding a lease is remembered: the reports stay as many as the leases,
+        // whatever ids workers make up.
+        if statuses.iter().any(|s| s.state == LeaseState::Held) {
+            self.metrics
+                .record_worker(worker, &req.gpus, &req.models, req.slots);
+        }
         Ok(HeartbeatResponse {
             leases: statuses,
             drain: self.is_draining(worker).await?,

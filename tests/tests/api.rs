@@ -342,9 +342,29 @@ async fn status_and_metrics_show_which_worker_holds_the_jobs_model() {
         loaded(&model_uri, "cuda:1"),
         loaded("s3://other/model.onnx", "cpu"),
     ];
-    w1.heartbeat("w1", vec![lease.lease_ref()], Vec::new(), models, None)
+    w1.heartbeat(
+        "w1",
+        vec![lease.lease_ref()],
+        Vec::new(),
+        models.clone(),
+        None,
+    )
+    .await
+    .unwrap();
+    // A worker that holds none of the leases it names is not remembered: else any number of
+    // made-up worker ids would each keep a report in the coordinator's memory.
+    let stranger = CoordinatorClient::new(&api.url, "W").for_worker("stranger");
+    let beat = stranger
+        .heartbeat(
+            "stranger",
+            vec![lease.lease_ref()],
+            Vec::new(),
+            models,
+            None,
+        )
         .await
         .unwrap();
+    assert_eq!(beat.leases[0].state, nightshift_proto::LeaseState::Lost);
     let (_, text) = api.get(Some("S"), "/v1/jobs/api-job").await;
     let view: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(
@@ -358,6 +378,7 @@ async fn status_and_metrics_show_which_worker_holds_the_jobs_model() {
         "nightshift_worker_model_loaded{{worker=\"w1\",model=\"{model_uri}\",device=\"cuda:1\"}} 1"
     );
     assert!(metrics.contains(&line), "{metrics}");
+    assert!(!metrics.contains("stranger"), "{metrics}");
     // What a worker reports is checked like everything else it sends.
     for (bad, why) in [
         (loaded(&model_uri, "auto"), "device `auto`"),

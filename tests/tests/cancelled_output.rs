@@ -209,6 +209,33 @@ async fn a_file_a_cancelled_jobs_worker_finishes_late_does_not_fail_the_next_job
     case.succeeds_alone("second", &left).await;
 }
 
+/// Submits the fixture's job under the name `name`.
+async fn submit_as(api: &Api, f: &Fixture, name: &str) {
+    let spec = job(f).replace("api-job", name);
+    let (s, body) = api.submit(Some("S"), None, &spec).await;
+    assert_eq!(s, reqwest::StatusCode::CREATED, "{body}");
+}
+
+/// Leases every row shard `w` is granted, checkpoints each whole and completes them; answers
+/// how many there were.
+async fn run_row_shards(w: &CoordinatorClient) -> usize {
+    let leases = w.lease("hand", 10).await.unwrap().leases;
+    for l in &leases {
+        w.checkpoint(l.lease_ref(), write_part(l, 0, l.plan.rows), None)
+            .await
+            .unwrap();
+    }
+    let refs = leases.iter().map(|l| l.lease_ref()).collect();
+    assert!(
+        w.complete_many(refs)
+            .await
+            .unwrap()
+            .iter()
+            .all(Result::is_ok)
+    );
+    leases.len()
+}
+
 /// The next lease of `w` for merge work, waiting for the coordinator to plan it.
 async fn merge_lease(w: &CoordinatorClient) -> ShardLease {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -232,34 +259,12 @@ async fn merge_work_that_met_a_cancelled_jobs_file_is_retried_though_the_file_we
     let f = Fixture::new();
     let api = start(&f, AllowList::everything(), 30_000).await;
     let w = CoordinatorClient::new(&api.url, "W").for_worker("hand");
-    let first = job(&f).replace("api-job", "first");
-    assert_eq!(
-        api.submit(Some("S"), None, &first).await.0,
-        reqwest::StatusCode::CREATED
-    );
+    submit_as(&api, &f, "first").await;
     let cancelled_uid = w.lease("hand", 1).await.unwrap().leases[0].job_uid.clone();
     let (s, body) = api.post("S", "/v1/jobs/first/cancel").await;
     assert!(s.is_success(), "{s}: {body}");
-    let second = job(&f).replace("api-job", "second");
-    assert_eq!(
-        api.submit(Some("S"), None, &second).await.0,
-        reqwest::StatusCode::CREATED
-    );
-    let leases = w.lease("hand", 10).await.unwrap().leases;
-    assert_eq!(leases.len(), 4, "the second job's row shards");
-    for l in &leases {
-        w.checkpoint(l.lease_ref(), write_part(l, 0, l.plan.rows), None)
-            .await
-            .unwrap();
-    }
-    let refs = leases.iter().map(|l| l.lease_ref()).collect();
-    assert!(
-        w.complete_many(refs)
-            .await
-            .unwrap()
-            .iter()
-            .all(Result::is_ok)
-    );
+    submit_as(&api, &f, "second").await;
+    assert_eq!(run_row_shards(&w).await, 4, "the second job's row shards");
     // No file of the cancelled job is left at the output: the report names it all the same.
     let merge = merge_lease(&w).await;
     let met = |by: &str| Some(by.to_string());
@@ -294,6 +299,45 @@ async fn merge_work_that_met_a_cancelled_jobs_file_is_retried_though_the_file_we
         assert!(Instant::now() < deadline, "the job did not fail: {view}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Merge work of a cancelled job is no longer its output's: its report of a file met
+/// (`taken_by`) clears nothing. Before, a cancelled job's merge lease, still held until it
+/// expired, could report such a file after a later job took the output and was cancelled in
+/// turn, and that later job's files went with it: it could no longer be retried.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_jobs_merge_work_clears_no_later_jobs_files() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let w = CoordinatorClient::new(&api.url, "W").for_worker("hand");
+    submit_as(&api, &f, "first").await;
+    assert_eq!(run_row_shards(&w).await, 4, "the job's row shards");
+    let stale = merge_lease(&w).await;
+    let (s, body) = api.post("S", "/v1/jobs/first/cancel").await;
+    assert!(s.is_success(), "{s}: {body}");
+    // A later job takes the output, writes a part, and is cancelled: it can be retried.
+    submit_as(&api, &f, "second").await;
+    let l = w.lease("hand", 1).await.unwrap().leases.remove(0);
+    assert_ne!(l.job_uid, stale.job_uid);
+    let part = write_part(&l, 0, l.plan.rows);
+    w.checkpoint(l.lease_ref(), part.clone(), None)
+        .await
+        .unwrap();
+    let (s, body) = api.post("S", "/v1/jobs/second/cancel").await;
+    assert!(s.is_success(), "{s}: {body}");
+    // The first job's merge lease has not expired; its report of a file met is refused or
+    // taken, but clears nothing of the second job's.
+    let _ = w
+        .fail_taken(
+            stale.lease_ref(),
+            FailureClass::Permanent,
+            "taken".into(),
+            Some(l.job_uid.clone()),
+        )
+        .await;
+    assert!(Path::new(&part.uri).exists(), "the second job's part went");
+    let (s, body) = api.post("S", "/v1/jobs/second/retry").await;
+    assert!(s.is_success(), "{s}: {body}");
 }
 
 /// A cancelled job whose files went when a later job took its output cannot be retried, even
