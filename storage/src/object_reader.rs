@@ -12,9 +12,10 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use object_store::{GetOptions, GetRange, ObjectStoreExt};
 use parquet::arrow::arrow_reader::ArrowReaderOptions;
-use parquet::arrow::async_reader::AsyncFileReader;
+use parquet::arrow::async_reader::{AsyncFileReader, MetadataFetch};
 use parquet::errors::ParquetError;
-use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::FOOTER_SIZE;
+use parquet::file::metadata::{FooterTail, ParquetMetaData, ParquetMetaDataReader};
 
 use crate::error::StorageError;
 use crate::location::Location;
@@ -51,6 +52,11 @@ impl ReadCounter {
 const COALESCE_BYTES: u64 = 1024 * 1024;
 /// Bytes read from the end of a file in the first footer request.
 const FOOTER_PREFETCH: usize = 64 * 1024;
+/// The largest Parquet footer read (its metadata, by the length the file's last bytes give).
+/// A real one is kilobytes, megabytes for thousands of columns and row groups; a file that
+/// claims more is refused before its footer is fetched, so that no file (a worker's part the
+/// coordinator checks, an input) can make a reader hold gigabytes.
+pub const MAX_FOOTER_BYTES: usize = 64 * 1024 * 1024;
 
 /// A row group's bytes being fetched in the background.
 type Prefetch = tokio::task::JoinHandle<Result<Vec<Bytes>, ParquetError>>;
@@ -109,15 +115,25 @@ impl ObjectReader {
         &self.location
     }
 
-    /// Reads and parses the footer (usually one ranged GET).
+    /// Reads and parses the footer (usually one ranged GET); one longer than
+    /// `MAX_FOOTER_BYTES` is refused.
     pub async fn footer(&mut self) -> Result<Arc<ParquetMetaData>, ParquetError> {
+        self.footer_within(MAX_FOOTER_BYTES).await
+    }
+
+    async fn footer_within(&mut self, max: usize) -> Result<Arc<ParquetMetaData>, ParquetError> {
         if let Some(m) = &self.metadata {
             return Ok(m.clone());
         }
         let size = self.size;
+        let fetch = CappedFooter {
+            reader: self,
+            size,
+            max,
+        };
         let meta = ParquetMetaDataReader::new()
             .with_prefetch_hint(Some(FOOTER_PREFETCH))
-            .load_and_finish(&mut *self, size)
+            .load_and_finish(fetch, size)
             .await?;
         let meta = Arc::new(meta);
         self.metadata = Some(meta.clone());
@@ -218,6 +234,35 @@ impl ObjectReader {
             self.pending = Some((next, tokio::spawn(fetch)));
         }
         Ok(out)
+    }
+}
+
+/// Fetches a footer for `ParquetMetaDataReader`, refusing one longer than `max` as soon as the
+/// file's tail (the first fetch, which ends at the file's end) gives its length.
+struct CappedFooter<'a> {
+    reader: &'a mut ObjectReader,
+    size: u64,
+    max: usize,
+}
+
+impl MetadataFetch for CappedFooter<'_> {
+    fn fetch(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        let (size, max, ends) = (self.size, self.max, range.end == self.size);
+        let get = self.reader.get_bytes(range);
+        async move {
+            let bytes = get.await?;
+            if let Some(tail) = bytes.len().checked_sub(FOOTER_SIZE).filter(|_| ends) {
+                let len = FooterTail::try_from(&bytes[tail..])?.metadata_length();
+                if len > max {
+                    return Err(ParquetError::General(format!(
+                        "its footer is {len} bytes long, more than the {max} bytes a footer \
+                         may be (file of {size} bytes)"
+                    )));
+                }
+            }
+            Ok(bytes)
+        }
+        .boxed()
     }
 }
 
@@ -373,5 +418,46 @@ mod tests {
             needed,
             "every needed byte read once"
         );
+    }
+
+    fn reader_of(path: &std::path::Path) -> ObjectReader {
+        let size = std::fs::metadata(path).unwrap().len();
+        let stores = Stores::new(S3Settings::default());
+        ObjectReader::new(stores.locate(path.to_str().unwrap()).unwrap(), size, None)
+    }
+
+    #[tokio::test]
+    async fn a_footer_longer_than_the_cap_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        write_file(&path);
+        let footer = reader_of(&path).footer_within(1 << 20).await.unwrap();
+        assert_eq!(footer.file_metadata().num_rows(), 8000);
+        let err = reader_of(&path).footer_within(100).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("more than the 100 bytes a footer may be"),
+            "{err}"
+        );
+
+        // A file whose last bytes claim a 4 GiB footer: refused at the cap, nothing more read.
+        let fake = dir.path().join("fake.parquet");
+        let mut bytes = b"PAR1".to_vec();
+        bytes.extend([0u8; 64]);
+        bytes.extend(u32::MAX.to_le_bytes());
+        bytes.extend(b"PAR1");
+        std::fs::write(&fake, &bytes).unwrap();
+        let counter = ReadCounter::default();
+        let err = reader_of(&fake)
+            .with_counter(counter.clone())
+            .footer()
+            .await
+            .unwrap_err();
+        let said = format!(
+            "its footer is {} bytes long, more than the {MAX_FOOTER_BYTES}",
+            u32::MAX
+        );
+        assert!(err.to_string().contains(&said), "{err}");
+        assert_eq!(counter.requests(), 1, "only the file's tail was read");
     }
 }
