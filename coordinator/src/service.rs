@@ -14,7 +14,7 @@ use nightshift_proto::wire::{
 };
 use nightshift_proto::{FailureClass, JobSpec, LeaseState, check_free_text, check_text};
 use nightshift_storage::Stores;
-use nightshift_storage::location::{is_local_uri, resolve_links};
+use nightshift_storage::location::{canonical_uri, is_local_uri, resolve_links};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -415,6 +415,9 @@ impl Service {
                 }
                 // Links are followed first: the allow-list judges where a path really leads.
                 *uri = resolve_links(uri);
+            } else if field == "output.uri" {
+                // Outputs are owned by prefix: each place is stored in one spelling only.
+                *uri = canonical_uri(uri);
             }
             self.allowed(field, uri)?;
         }

@@ -118,19 +118,9 @@ impl Stores {
             uri: uri.to_string(),
             reason: reason.to_string(),
         };
-        if let Some(rest) = uri
-            .strip_prefix("s3://")
-            .or_else(|| uri.strip_prefix("s3a://"))
-        {
-            let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(bad("no bucket name"));
-            }
-            let store = self.bucket(uri, bucket)?.store();
-            let path = Path::parse(key.trim_end_matches('/'))
-                .map_err(|e| bad(&format!("invalid key: {e}")))?;
+        if let Some((bucket, path)) = parse_s3(uri)? {
             return Ok(Location {
-                store,
+                store: self.bucket(uri, bucket)?.store(),
                 path,
                 root: format!("s3://{bucket}"),
             });
@@ -267,6 +257,38 @@ fn absolute(p: &str) -> Result<std::path::PathBuf, String> {
     Ok(out)
 }
 
+/// The bucket and key of an `s3://` (or `s3a://`) URI; `None` for any other URI.
+fn parse_s3(uri: &str) -> Result<Option<(&str, Path)>, StorageError> {
+    let Some(rest) = uri
+        .strip_prefix("s3://")
+        .or_else(|| uri.strip_prefix("s3a://"))
+    else {
+        return Ok(None);
+    };
+    let bad = |reason: String| StorageError::BadUri {
+        uri: uri.to_string(),
+        reason,
+    };
+    let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(bad("no bucket name".into()));
+    }
+    let path =
+        Path::parse(key.trim_end_matches('/')).map_err(|e| bad(format!("invalid key: {e}")))?;
+    Ok(Some((bucket, path)))
+}
+
+/// An object store URI in the one form `Location::uri` gives for the objects it names
+/// (`s3a://` read as `s3://`, no leading or trailing `/` on the key), so that two spellings of
+/// one place compare equal; a local path or a URI that names no object unchanged.
+pub fn canonical_uri(uri: &str) -> String {
+    match parse_s3(uri) {
+        Ok(Some((bucket, path))) if path.as_ref().is_empty() => format!("s3://{bucket}"),
+        Ok(Some((bucket, path))) => format!("s3://{bucket}/{path}"),
+        _ => uri.to_string(),
+    }
+}
+
 /// Whether a URI is a local path (not an object store URL).
 pub fn is_local_uri(uri: &str) -> bool {
     !uri.contains("://") || uri.starts_with("file://")
@@ -366,6 +388,32 @@ fn remove_staged(paths: &HashSet<PathBuf>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spellings_of_one_s3_place_have_one_canonical_form_and_locate_there() {
+        let stores = Stores::new(crate::s3::S3Settings::default());
+        for uri in [
+            "s3://b/out/a",
+            "s3a://b/out/a",
+            "s3://b//out/a/",
+            "s3a://b/out/a//",
+        ] {
+            assert_eq!(canonical_uri(uri), "s3://b/out/a", "{uri}");
+            assert_eq!(stores.locate(uri).unwrap().uri(), "s3://b/out/a", "{uri}");
+        }
+        assert_eq!(canonical_uri("s3a://b/"), "s3://b");
+        // Not an object store URI, or not a valid one: unchanged (locate says what is wrong).
+        for uri in [
+            "/data/out/",
+            "file:///data/out",
+            "s3://",
+            "s3://b/a//c",
+            "gs://b/k",
+        ] {
+            assert_eq!(canonical_uri(uri), uri);
+        }
+        assert!(stores.locate("s3://b/a//c").is_err());
+    }
 
     #[test]
     fn links_resolve_up_to_the_glob_or_what_does_not_exist() {

@@ -1,16 +1,21 @@
 //! The HTTP API of an in-process coordinator (real HTTP on 127.0.0.1, a real SQLite store):
 //! idempotent submission, roles and tokens, the allow-list, cancel, readiness and metrics, and
-//! stale fencing tokens refused on every lease write.
+//! stale fencing tokens refused on every lease write, and one S3 output spelled two ways owned once.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nightshift_coordinator::AllowList;
+use nightshift_metastore::Metastore;
+use nightshift_metastore::sqlite::SqliteStore;
 use nightshift_proto::layout::{JOB_UID_KEY, OUTPUT_FILE_STEM, data_file};
 use nightshift_proto::wire::{LeaseRef, PartRecord, ShardLease};
-use nightshift_tests::api_server::{job, start};
-use nightshift_tests::fixtures::Fixture;
+use nightshift_storage::Stores;
+use nightshift_tests::api_server::{job, start, start_with};
+use nightshift_tests::fixtures::{Fixture, spec_toml};
 use nightshift_tests::parts::{part_path, write_part};
+use nightshift_tests::s3::{S3Server, settings};
 use nightshift_worker::client::{ClientError, CoordinatorClient};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use reqwest::StatusCode;
@@ -817,4 +822,44 @@ async fn merge_work_of_a_worker_that_predates_output_names_is_committed_from_its
         })
         .sum();
     assert_eq!(published, 2000, "every row, in the files the merges made");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_s3_output_spelled_two_ways_is_owned_by_one_job() {
+    let f = Fixture::new();
+    let s3 = S3Server::start().await.expect("moto");
+    s3.create_bucket("lake").await.unwrap();
+    let data = f.data("in", &["--rows", "1000", "--files", "1"]);
+    s3.upload_dir(&data, "s3://lake/in/").await.unwrap();
+    let model = f.model("m.onnx", &[]);
+    s3.put("s3://lake/m.onnx", std::fs::read(&model).unwrap())
+        .await
+        .unwrap();
+    let sqlite = SqliteStore::open(&f.path("state/db.sqlite")).await.unwrap();
+    sqlite.migrate().await.unwrap();
+    let stores = Arc::new(Stores::new(settings(&s3.endpoint())));
+    let api = start_with(Arc::new(sqlite), AllowList::everything(), 30_000, stores).await;
+    let spec = |name: &str, out: &str| {
+        let model = Path::new("s3://lake/m.onnx");
+        spec_toml(name, "s3://lake/in/*.parquet", model, Path::new(out), "")
+    };
+    let (s, first) = api
+        .submit(Some("S"), None, &spec("first", "s3a://lake/out/a/"))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{first}");
+    assert_eq!(first["job"]["output_uri"], "s3://lake/out/a", "{first}");
+    // The same place in other spellings: the output is taken.
+    for (i, out) in ["s3://lake/out/a", "s3://lake//out/a", "s3a://lake/out/a/b"]
+        .into_iter()
+        .enumerate()
+    {
+        let (s, body) = api
+            .submit(Some("S"), None, &spec(&format!("second-{i}"), out))
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{out}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("overlaps"),
+            "{out}: {body}"
+        );
+    }
 }
