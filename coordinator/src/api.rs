@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use nightshift_metastore::SCHEDULE_KEYS;
 use nightshift_proto::wire::{JobList, JobQuery, JobView, SubmitResponse};
 use nightshift_proto::{ErrorBody, ErrorCode, JobSpec};
 
@@ -236,7 +237,7 @@ pub(crate) async fn metrics(
 /// `Idempotency-Key`, the same key and spec answer the job it made (200), another spec 409.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
     request_body(content((JobSpec = "application/json"), (String = "application/toml"))),
-    params(("idempotency-key" = Option<String>, Header, description = "Makes a retried submit safe")),
+    params(("idempotency-key" = Option<String>, Header, description = "Makes a retried submit safe; keys starting `schedule:` are the schedules' own")),
     responses((status = 201, body = SubmitResponse, description = "Created"),
         (status = 200, body = SubmitResponse, description = "The job this key already made"),
         SubmitErrors),
@@ -267,6 +268,14 @@ pub(crate) async fn submit(
         ),
         None => None,
     };
+    if let Some(k) = key.as_deref().filter(|k| k.starts_with(SCHEDULE_KEYS)) {
+        // A submitter could otherwise take a schedule's next fire time (same spec) or block it.
+        return Err(ApiError::BadRequest(format!(
+            "Idempotency-Key `{}` starts with `{SCHEDULE_KEYS}`, which names the jobs schedules \
+             make; choose another",
+            nightshift_proto::excerpt(k)
+        )));
+    }
     let resp = state.service.submit(spec, key).await?;
     let status = if resp.created {
         StatusCode::CREATED

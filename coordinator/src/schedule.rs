@@ -12,7 +12,7 @@ use croner::Cron;
 use croner::parser::{CronParser, Seconds};
 use nightshift_metastore::{NewSchedule, ScheduleRecord, StoreError};
 use nightshift_proto::wire::{FireView, ScheduleRequest, ScheduleView};
-use nightshift_proto::{CatchUp, JobSpec, SpecError};
+use nightshift_proto::{CatchUp, JobSpec, SpecError, check_text};
 use tokio_util::sync::CancellationToken;
 
 use crate::api_error::ApiError;
@@ -198,6 +198,7 @@ impl Service {
     }
 
     pub async fn schedule(&self, name: &str) -> Result<ScheduleView, ApiError> {
+        check_text("schedule", name)?;
         let record = self.store.schedule(name).await?;
         self.schedule_view(record.ok_or_else(|| no_schedule(name))?)
             .await
@@ -206,6 +207,7 @@ impl Service {
     /// Pauses a schedule; resuming it fires next at its first fire time from now (the ones
     /// in between are not caught up).
     pub async fn pause_schedule(&self, name: &str, paused: bool) -> Result<ScheduleView, ApiError> {
+        check_text("schedule", name)?;
         let record = self
             .store
             .schedule(name)
@@ -223,6 +225,7 @@ impl Service {
     }
 
     pub async fn delete_schedule(&self, name: &str) -> Result<(), ApiError> {
+        check_text("schedule", name)?;
         if self.store.delete_schedule(name).await? {
             Ok(())
         } else {
@@ -254,7 +257,10 @@ impl Service {
 }
 
 fn no_schedule(name: &str) -> ApiError {
-    ApiError::NotFound(format!("no schedule named `{name}`"))
+    ApiError::NotFound(format!(
+        "no schedule named `{}`",
+        nightshift_proto::excerpt(name)
+    ))
 }
 
 /// Makes the jobs of the fire times that have come until `shutdown`.

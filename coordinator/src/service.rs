@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nightshift_proto::spec_check::{MAX_BATCH_SIZE, MAX_NAME_LEN};
+use nightshift_proto::spec_check::{MAX_BATCH_SIZE, MAX_NAME_LEN, job_id_of};
 use nightshift_proto::wire::{
     CostView, GpuSample, HeartbeatRequest, HeartbeatResponse, JobList, JobPlan, JobQuery, JobView,
     LeaseRef, LeaseRequest, LeaseResponse, LeaseStatus, LoadedModel, ManifestField, PartRecord,
@@ -531,9 +531,9 @@ impl Service {
     /// A job by numeric id or, failing that, the newest job of that name.
     pub async fn find(&self, id_or_name: &str) -> Result<JobRecord, ApiError> {
         check_text("job", id_or_name)?;
-        let found = match id_or_name.parse::<i64>() {
-            Ok(id) => self.store.job(id).await?,
-            Err(_) => self.store.job_by_name(id_or_name).await?,
+        let found = match job_id_of(id_or_name) {
+            Some(id) => self.store.job(id).await?,
+            None => self.store.job_by_name(id_or_name).await?,
         };
         found.ok_or_else(|| {
             ApiError::NotFound(format!(

@@ -241,9 +241,13 @@ pub fn schedule_key(schedule: &str, fire_ms: i64) -> String {
     format!("{}{fire_ms}", schedule_key_prefix(schedule))
 }
 
+/// What the idempotency key of every job a schedule makes starts with: keys so named are the
+/// schedules' own, never a submitter's.
+pub const SCHEDULE_KEYS: &str = "schedule:";
+
 /// What the idempotency keys of a schedule's jobs start with.
 pub fn schedule_key_prefix(schedule: &str) -> String {
-    format!("schedule:{schedule}:")
+    format!("{SCHEDULE_KEYS}{schedule}:")
 }
 
 /// A schedule to insert, checked by the coordinator.

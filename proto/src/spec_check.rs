@@ -51,6 +51,12 @@ impl fmt::Display for SpecError {
 }
 
 pub const MAX_NAME_LEN: usize = 64;
+
+/// The job id a job reference (`nightshift status X`, `/v1/jobs/X`) names, when it reads as
+/// one rather than as a name: so no job may be named so.
+pub fn job_id_of(reference: &str) -> Option<i64> {
+    reference.parse().ok()
+}
 pub const MAX_BATCH_SIZE: u64 = 1 << 20;
 pub const MAX_SHARD_ROWS: u64 = 1 << 31;
 pub const MAX_ATTEMPTS: u32 = 100;
@@ -218,6 +224,15 @@ impl JobSpec {
                 format!(
                     "name `{}` may hold only letters, digits, '-' and '_', not {c:?}",
                     excerpt(&self.name)
+                ),
+            );
+        }
+        if job_id_of(&self.name).is_some() {
+            return err(
+                "name",
+                format!(
+                    "name `{}` reads as a job id (commands take an id or a name); add a letter",
+                    self.name
                 ),
             );
         }
@@ -711,6 +726,13 @@ passthrough = ["id"]
             }
             assert_eq!(e.line, Some(line), "{to}: {e}");
         }
+        for id in ["42", "007", "-5"] {
+            let named = GOOD.replace("demo-scores", id);
+            let e = JobSpec::from_toml(&named).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("name"), "{id}: {e}");
+            assert!(e.message.contains("reads as a job id"), "{id}: {e}");
+        }
+        JobSpec::from_toml(&GOOD.replace("demo-scores", "2026-11-28")).unwrap();
         let long = format!("name = \"{}\"", "a".repeat(65));
         let e = JobSpec::from_toml(&GOOD.replace("name = \"demo-scores\"", &long)).unwrap_err();
         assert!(e.message.contains("1 to 64"), "{e}");

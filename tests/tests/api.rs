@@ -64,6 +64,15 @@ async fn submission_is_idempotent_and_another_spec_with_the_key_is_a_conflict() 
             .contains("nightly-2026-11-28"),
         "{c}"
     );
+    // The keys of schedules' jobs are theirs: a submitter can neither take nor block a fire.
+    let (s, e) = api
+        .submit(Some("S"), Some("schedule:nightly:1796000000000"), &toml)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("`schedule:`"),
+        "{e}"
+    );
     // Without a key, every submission is a new job.
     let (s4, d) = api
         .submit(

@@ -322,6 +322,24 @@ async fn control_characters_are_refused_at_the_door_naming_the_field() {
     assert!(message(&body).contains("output.uri"), "{body}");
     let (s, body) = api.get(Some("S"), "/v1/jobs/a%00b").await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    // So are schedule names (PostgreSQL refuses a NUL byte: it answered 503).
+    let (s, body) = api.get(Some("S"), "/v1/schedules/a%00b").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("schedule"), "{body}");
+    for action in ["pause", "resume"] {
+        let (s, body) = api
+            .post("S", &format!("/v1/schedules/a%00b/{action}"))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{action}: {body}");
+    }
+    let deleted = api
+        .http
+        .delete(format!("{}/v1/schedules/a%00b", api.url))
+        .bearer_auth("S")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::BAD_REQUEST);
     // The lease is untouched and its holder goes on.
     let (_, body) = post(
         &api,
