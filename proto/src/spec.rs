@@ -417,15 +417,11 @@ impl JobSpec {
             Some(t) if t.field(c).is_some() => t.column.clone(),
             _ => c.clone(),
         };
-        let mut cols: Vec<String> = Vec::new();
-        for c in
-            (self.model.inputs.values().map(text)).chain(self.output.passthrough.iter().cloned())
-        {
-            if !cols.contains(&c) {
-                cols.push(c);
-            }
-        }
-        cols
+        let mut seen = std::collections::HashSet::new();
+        (self.model.inputs.values().map(text))
+            .chain(self.output.passthrough.iter().cloned())
+            .filter(|c| seen.insert(c.clone()))
+            .collect()
     }
 }
 

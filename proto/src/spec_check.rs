@@ -1,5 +1,6 @@
 //! Parsing and checking a spec: every error names the key and, for TOML, the line.
 
+use std::collections::HashSet;
 use std::fmt;
 
 use crate::spec::{BatchSize, JobSpec};
@@ -272,21 +273,21 @@ impl JobSpec {
             }
         }
         self.check_text_job()?;
-        let mut out_cols: Vec<&str> = Vec::new();
+        // Sets, not lists: a spec of many columns is checked in linear time.
+        let mut out_cols: HashSet<&str> = HashSet::new();
         for (name, target) in &self.model.outputs {
             let col = target.column();
-            if out_cols.contains(&col) {
+            if !out_cols.insert(col) {
                 return err(
                     &format!("model.outputs.{name}"),
                     format!("output column `{col}` is mapped twice"),
                 );
             }
-            out_cols.push(col);
         }
-        let mut seen: Vec<&String> = Vec::new();
+        let mut seen: HashSet<&String> = HashSet::new();
         for col in &self.output.passthrough {
             let col_str = col.as_str();
-            if seen.contains(&col) {
+            if !seen.insert(col) {
                 return err(
                     "output.passthrough",
                     format!("column `{col}` is listed twice"),
@@ -298,7 +299,6 @@ impl JobSpec {
                     format!("column `{col}` is also a model output column"),
                 );
             }
-            seen.push(col);
         }
         if let BatchSize::Rows(n) = self.batch.size
             && !(1..=MAX_BATCH_SIZE).contains(&n)
