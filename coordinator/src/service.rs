@@ -282,16 +282,23 @@ impl Service {
         if cancelled.iter().any(|j| j.uid == own_uid) {
             return HashSet::new();
         }
-        let cancelled: Vec<&JobRecord> = cancelled.iter().collect();
         if cancelled.is_empty() {
             return HashSet::new();
         }
-        // Their checkpoints are about to point at nothing: no retry may resume from them.
+        // Their checkpoints are about to point at nothing: no retry may resume from them. One
+        // retried since it was read is not marked, and its files stay.
         let ids: Vec<i64> = cancelled.iter().map(|old| old.id).collect();
-        if let Err(e) = self.store.files_removed(&ids).await {
-            tracing::warn!(output = output_uri, error = %e, "marking the output's earlier jobs failed; their files stay");
-            return HashSet::new();
-        }
+        let marked = match self.store.files_removed(&ids).await {
+            Ok(marked) => marked,
+            Err(e) => {
+                tracing::warn!(output = output_uri, error = %e, "marking the output's earlier jobs failed; their files stay");
+                return HashSet::new();
+            }
+        };
+        let cancelled: Vec<&JobRecord> = cancelled
+            .iter()
+            .filter(|j| marked.contains(&j.id))
+            .collect();
         let mut cleared = HashSet::new();
         for (output_uri, uids) in by_output(&cancelled) {
             let removed = match self.stores.locate(output_uri) {

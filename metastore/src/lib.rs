@@ -353,8 +353,9 @@ pub trait Jobs: Send + Sync {
     async fn retry_job(&self, id: i64, queued: bool) -> Result<JobRecord>;
     /// Notes, before they go, that the files of these cancelled jobs are removed (a later job
     /// took their output): none of them may be retried from its checkpoints any more. A job
-    /// not cancelled is left alone.
-    async fn files_removed(&self, job_ids: &[i64]) -> Result<()>;
+    /// not cancelled (retried meanwhile) is left alone. Answers the jobs so marked, by this
+    /// call or before it: only their files may go.
+    async fn files_removed(&self, job_ids: &[i64]) -> Result<Vec<i64>>;
     /// Starts queued jobs, by priority then submission order, until `max_running` jobs run;
     /// answers the ids started. Replicas doing it at once never pass the limit.
     async fn start_queued(&self, max_running: u32) -> Result<Vec<i64>>;

@@ -239,20 +239,23 @@ where
         }
     }
 
-    async fn files_removed(&self, job_ids: &[i64]) -> Result<()> {
+    async fn files_removed(&self, job_ids: &[i64]) -> Result<Vec<i64>> {
         let mut tx = self.pool.begin().await?;
+        let mut marked = Vec::new();
         for id in job_ids {
-            sqlx::query(D::sql(
-                "UPDATE jobs SET files_removed_at_ms = {now} \
-                 WHERE id = $1 AND state = $2 AND files_removed_at_ms IS NULL",
-            ))
-            .bind(id)
-            .bind(JobState::Cancelled.as_str())
-            .execute(D::ex(&mut tx))
-            .await?;
+            let sql = D::sql(
+                "UPDATE jobs SET files_removed_at_ms = COALESCE(files_removed_at_ms, {now}) \
+                 WHERE id = $1 AND state = $2 RETURNING id",
+            );
+            let row: Option<i64> = sqlx::query_scalar(sql)
+                .bind(id)
+                .bind(JobState::Cancelled.as_str())
+                .fetch_optional(D::ex(&mut tx))
+                .await?;
+            marked.extend(row);
         }
         tx.commit().await?;
-        Ok(())
+        Ok(marked)
     }
 
     /// Starts queued jobs, by priority then submission, until `max_running` run; answers

@@ -346,7 +346,10 @@ pub async fn a_cancelled_job_whose_files_were_removed_is_not_retried(store: DynM
     store.checkpoint(l, &part(l, 0, 4)).await.unwrap();
     store.cancel_job(first).await.unwrap();
     let running = create(&store, "running", "", 1).await;
-    store.files_removed(&[first, running]).await.unwrap();
+    // Only cancelled jobs are marked, and the answer says which: only their files may go.
+    let marked = store.files_removed(&[first, running]).await.unwrap();
+    assert_eq!(marked, [first]);
+    assert_eq!(store.files_removed(&[first]).await.unwrap(), [first]);
     store.cancel_job(running).await.unwrap();
     assert_err!(
         store.retry_job(first, false).await,
@@ -355,12 +358,15 @@ pub async fn a_cancelled_job_whose_files_were_removed_is_not_retried(store: DynM
     let job = store.job(first).await.unwrap().unwrap();
     assert_eq!(job.state, JobState::Cancelled);
     assert!(job.files_removed_at_ms.is_some());
-    // Only cancelled jobs are marked: the one running then retries as before.
+    // The one running then retries as before; once retried, it is not marked.
     let retried = store.retry_job(running, false).await.unwrap();
     assert_eq!(
         (retried.state, retried.files_removed_at_ms),
         (JobState::Running, None)
     );
+    assert!(store.files_removed(&[running]).await.unwrap().is_empty());
+    let running = store.job(running).await.unwrap().unwrap();
+    assert_eq!(running.files_removed_at_ms, None);
 }
 
 pub async fn retry_drops_a_stale_finalizer_claim(store: DynMetastore) {
