@@ -308,29 +308,16 @@ fn lock_state(dir: &Path) -> Result<std::fs::File> {
 }
 
 /// `--restart`: the old job's record, parts and output go: `_SUCCESS` first, so that no reader
-/// trusts what is left mid-way, then its files (committed, or written in place by its merge
-/// work before it stopped), then its manifest.
+/// trusts what is left mid-way, and its manifest (`unpublish`), then its files (committed, or
+/// written in place by its merge work before it stopped).
 async fn discard(
     stores: &Stores,
     store: &DynMetastore,
     old: &nightshift_metastore::JobRecord,
 ) -> Result<()> {
-    use nightshift_proto::layout::{MANIFEST, SUCCESS};
-    use object_store::ObjectStoreExt;
     let out = stores.locate(&old.output_uri)?;
-    let manifest = out.join(MANIFEST);
-    let committed = match nightshift_storage::read_all(&manifest).await {
-        Ok(bytes) => serde_json::from_slice::<nightshift_proto::wire::Manifest>(&bytes)
-            .is_ok_and(|m| m.job_uid == old.uid),
-        Err(_) => false,
-    };
-    if committed {
-        let _ = out.store().delete(out.join(SUCCESS).path()).await;
-    }
+    nightshift_coordinator::unpublish(&out, &old.uid).await?;
     nightshift_coordinator::remove_job_files(&out, &[old.uid.as_str()].into()).await?;
-    if committed {
-        let _ = out.store().delete(manifest.path()).await;
-    }
     nightshift_coordinator::finalizer::collect_garbage(stores, &old.output_uri, &old.uid, &[])
         .await?;
     store.delete_job(old.id).await?;

@@ -33,7 +33,7 @@ pub use allow_list::AllowList;
 pub use cost::PriceTable;
 pub use notifier::{CallbackConfig, JOB_HEADER, SIGNATURE_HEADER, signature};
 pub use openapi::spec as openapi_spec;
-pub use ownership::remove_job_files;
+pub use ownership::{remove_job_files, unpublish};
 pub use server::{Coordinator, CoordinatorConfig};
 pub use service::Service;
 

@@ -216,6 +216,8 @@ async fn commit(
                 job = job.id,
                 "job no longer ours to commit (cancelled or taken)"
             );
+            // Cancelled after its manifest was published: it goes.
+            service.unpublish_if_cancelled(job.id).await;
             return true;
         }
         Err(e) if e.is_retryable() => {
@@ -230,6 +232,8 @@ async fn commit(
     let succeeded = matches!(outcome, JobOutcome::Succeeded);
     if let Err(e) = service.store.finish_job(job.id, replica, outcome).await {
         tracing::warn!(job = job.id, error = %e, "recording the commit failed");
+        // Cancelled after its `_SUCCESS` was published: it goes.
+        service.unpublish_if_cancelled(job.id).await;
         return false;
     }
     if succeeded {

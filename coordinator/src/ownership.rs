@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 
 use futures::{StreamExt, TryStreamExt};
-use nightshift_proto::layout::{DATA_EXT, ERROR_FILE_STEM, parts_dir};
+use nightshift_proto::layout::{DATA_EXT, ERROR_FILE_STEM, MANIFEST, SUCCESS, parts_dir};
 use nightshift_proto::wire::Manifest;
 use nightshift_storage::{
     Location, Occupant, StorageError, Stores, occupant, owned_by, read_all, stamp,
@@ -92,6 +92,29 @@ pub async fn check_manifest_owner(loc: &Location, job_uid: &str) -> Result<(), F
         Err(StorageError::NotFound { .. }) => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Takes back what job `job_uid` published at `out`, when the manifest there is its own: its
+/// `_SUCCESS` first (readers trust the output only while it is there), then the manifest. A
+/// cancelled job holds no output: one cancelled while its commit published (or after a
+/// coordinator died between publishing and recording the end) must not leave a committed
+/// look, nor block the output's next job. Answers whether there was anything to take back.
+pub async fn unpublish(out: &Location, job_uid: &str) -> Result<bool, StorageError> {
+    let manifest = out.join(MANIFEST);
+    let ours = match read_all(&manifest).await {
+        Ok(bytes) => serde_json::from_slice::<Manifest>(&bytes).is_ok_and(|m| m.job_uid == job_uid),
+        Err(StorageError::NotFound { .. }) => false,
+        Err(e) => return Err(e),
+    };
+    if ours {
+        for loc in [out.join(SUCCESS), manifest] {
+            match loc.store().delete(loc.path()).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(StorageError::from_store(&loc.uri(), e)),
+            }
+        }
+    }
+    Ok(ours)
 }
 
 /// The size of the file at `dest` when an earlier attempt of this commit (or merge work, which

@@ -12,7 +12,7 @@ use nightshift_proto::wire::{
     LeaseRef, LeaseRequest, LeaseResponse, LeaseStatus, LoadedModel, ManifestField, PartRecord,
     ShardLease, SubmitResponse, TextView, TokenCounts,
 };
-use nightshift_proto::{FailureClass, JobSpec, LeaseState, check_free_text, check_text};
+use nightshift_proto::{FailureClass, JobSpec, JobState, LeaseState, check_free_text, check_text};
 use nightshift_storage::Stores;
 use nightshift_storage::location::{canonical_uri, is_local_uri, resolve_links};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,7 @@ use crate::job_check::{Checked, check_job};
 use crate::lease_check::{Grants, held_by, renew_every};
 use crate::metrics::Metrics;
 use crate::notifier::CallbackConfig;
-use crate::ownership::remove_job_files;
+use crate::ownership::{remove_job_files, unpublish};
 use crate::part_check::{check_counts, check_objects};
 use nightshift_metastore::speculation::SpeculationPolicy;
 use nightshift_metastore::{
@@ -595,7 +595,34 @@ impl Service {
         let job = self.store.cancel_job(job.id).await?;
         self.leases_ended();
         tracing::info!(job = job.id, "job cancelled");
+        self.unpublish_if_cancelled(job.id).await;
         self.view(&job).await
+    }
+
+    /// When job `id` is cancelled, takes back what its commit published (`unpublish`): a
+    /// commit the cancel stopped after its manifest, or a coordinator that died between
+    /// publishing and recording the end. A failure is logged: the output's next job is then
+    /// refused (the manifest is there) until it is removed by hand.
+    pub(crate) async fn unpublish_if_cancelled(&self, id: i64) {
+        let job = match self.store.job(id).await {
+            Ok(Some(job)) if job.state == JobState::Cancelled => job,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(job = id, error = %e, "reading a cancelled job failed; what it published stays");
+                return;
+            }
+        };
+        let taken = match self.stores.locate(&job.output_uri) {
+            Ok(out) => unpublish(&out, &job.uid).await,
+            Err(e) => Err(e),
+        };
+        match taken {
+            Ok(true) => tracing::info!(job = id, "a cancelled job's _SUCCESS and manifest removed"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(job = id, error = %e, "removing a cancelled job's _SUCCESS and manifest failed")
+            }
+        }
     }
 
     /// Leases ended other than by their holders: their next heartbeats ask the store.

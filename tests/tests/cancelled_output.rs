@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nightshift_coordinator::AllowList;
 use nightshift_proto::FailureClass;
-use nightshift_proto::layout::{JOB_UID_KEY, parts_dir};
+use nightshift_proto::layout::{JOB_UID_KEY, MANIFEST, SUCCESS, parts_dir};
 use nightshift_proto::wire::ShardLease;
 use nightshift_tests::api_server::{Api, job, start};
 use nightshift_tests::fixtures::{Fixture, spec_toml};
@@ -367,4 +367,51 @@ async fn a_cancelled_job_whose_files_were_removed_is_not_retried() {
     // The later job's own files are still there to retry from.
     let (s, body) = api.post("S", "/v1/jobs/second/retry").await;
     assert!(s.is_success(), "{s}: {body}");
+}
+
+/// Writes a manifest of job `uid` and a `_SUCCESS` at `out`, as a commit publishes them.
+fn publish(out: &Path, uid: &str) {
+    let manifest = serde_json::json!({
+        "job": "api-job", "job_uid": uid, "spec_hash": "", "total_rows": 0, "input_rows": 0,
+        "error_rows": 0, "files": [], "schema": [], "input_snapshot": []
+    });
+    std::fs::write(out.join(MANIFEST), manifest.to_string()).unwrap();
+    std::fs::write(out.join(SUCCESS), b"").unwrap();
+}
+
+/// A job cancelled after its commit published (the cancel landed between the commit's last
+/// steps, or a coordinator died between writing `_SUCCESS` and recording the end) takes its
+/// `_SUCCESS` and manifest back: no reader trusts the output, and the output's next job is not
+/// refused as if it were committed. Another job's manifest is never taken.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_cancelled_after_publishing_takes_its_success_and_manifest_back() {
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let w = CoordinatorClient::new(&api.url, "W").for_worker("hand");
+    submit_as(&api, &f, "first").await;
+    let uid = w
+        .lease("hand", 1)
+        .await
+        .unwrap()
+        .leases
+        .remove(0)
+        .job_uid
+        .clone();
+    let out = f.path("out");
+    publish(&out, &uid);
+    let (s, body) = api.post("S", "/v1/jobs/first/cancel").await;
+    assert!(s.is_success(), "{s}: {body}");
+    assert!(
+        !out.join(SUCCESS).exists(),
+        "the cancelled job's _SUCCESS went"
+    );
+    assert!(
+        !out.join(MANIFEST).exists(),
+        "the cancelled job's manifest went"
+    );
+    submit_as(&api, &f, "second").await;
+    publish(&out, "another-job");
+    let (s, body) = api.post("S", "/v1/jobs/second/cancel").await;
+    assert!(s.is_success(), "{s}: {body}");
+    assert!(out.join(SUCCESS).exists() && out.join(MANIFEST).exists());
 }
