@@ -131,8 +131,8 @@ pub fn to_run(policy: CatchUp, due: Vec<i64>, now_ms: i64) -> Vec<i64> {
 
 /// The rules of `schedule create`: a name like a job's, a cron expression and time zone that
 /// parse, and a spec that is valid at the next two fire times and writes to another output at
-/// each. Answers the schedule to insert.
-fn check(req: ScheduleRequest, now_ms: i64) -> Result<NewSchedule, ApiError> {
+/// each. Answers the schedule to insert and the spec of its first fire.
+fn check(req: ScheduleRequest, now_ms: i64) -> Result<(NewSchedule, JobSpec), ApiError> {
     let name_ok = !req.name.is_empty()
         && req.name.len() <= nightshift_proto::spec_check::MAX_NAME_LEN
         && req
@@ -153,17 +153,14 @@ fn check(req: ScheduleRequest, now_ms: i64) -> Result<NewSchedule, ApiError> {
     let second = table
         .next_after(first)
         .ok_or_else(|| invalid("cron", "fires only once".into()))?;
-    let outputs = [first, second].map(|fire| -> Result<String, ApiError> {
+    let [a, b] = [first, second].map(|fire| -> Result<JobSpec, ApiError> {
         let text = table
             .render(&req.spec, &req.name, fire)
             .map_err(|e| invalid("spec", e))?;
-        Ok(JobSpec::from_toml(&text)
-            .map_err(ApiError::Spec)?
-            .output
-            .uri)
+        JobSpec::from_toml(&text).map_err(ApiError::Spec)
     });
-    let [a, b] = outputs;
-    if a? == b? {
+    let first_spec = a?;
+    if first_spec.output.uri == b?.output.uri {
         return Err(invalid(
             "output.uri",
             "must differ between fire times: put a variable in it, e.g. \
@@ -171,20 +168,24 @@ fn check(req: ScheduleRequest, now_ms: i64) -> Result<NewSchedule, ApiError> {
                 .into(),
         ));
     }
-    Ok(NewSchedule {
+    let schedule = NewSchedule {
         name: req.name,
         cron: req.cron,
         timezone,
         catch_up: req.catch_up,
         spec: req.spec,
         next_fire_at_ms: first,
-    })
+    };
+    Ok((schedule, first_spec))
 }
 
 impl Service {
     pub async fn create_schedule(&self, req: ScheduleRequest) -> Result<ScheduleView, ApiError> {
         let now = self.store.now_ms().await?;
-        let record = self.store.create_schedule(check(req, now)?).await?;
+        let (schedule, mut first) = check(req, now)?;
+        // Its jobs must pass what every job passes (allow-list, callback), or every fire fails.
+        self.admit(&mut first)?;
+        let record = self.store.create_schedule(schedule).await?;
         tracing::info!(schedule = %record.name, cron = %record.cron, "schedule created");
         self.schedule_view(record).await
     }
@@ -458,7 +459,8 @@ mod tests {
     #[test]
     fn a_schedule_is_checked_at_its_next_two_fire_times() {
         let now = ms(chrono_tz::UTC, 2026, 11, 28, 12, 0);
-        let made = check(request("s3://lake/out/{{ date }}/"), now).unwrap();
+        let (made, first) = check(request("s3://lake/out/{{ date }}/"), now).unwrap();
+        assert_eq!(first.output.uri, "s3://lake/out/2026-11-29/");
         assert_eq!(
             made.next_fire_at_ms,
             ms(chrono_tz::Europe::Berlin, 2026, 11, 29, 2, 0)
@@ -466,7 +468,7 @@ mod tests {
         assert_eq!(made.timezone, "Europe/Berlin");
         let key = |r: ScheduleRequest| match check(r, now) {
             Err(ApiError::Spec(e)) => (e.key.unwrap_or_default(), e.message),
-            other => panic!("{:?}", other.map(|s| s.name)),
+            other => panic!("{:?}", other.map(|s| s.0.name)),
         };
         let (k, m) = key(request("s3://lake/out/fixed/"));
         assert_eq!(k, "output.uri", "{m}");

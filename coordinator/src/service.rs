@@ -394,15 +394,12 @@ impl Service {
         FailureClass::Retryable
     }
 
-    /// Submits a job. With an idempotency key, the same key and spec return the existing job
-    /// (created: false); the same key with another spec is a conflict.
-    pub async fn submit(
-        &self,
-        mut spec: JobSpec,
-        key: Option<String>,
-    ) -> Result<SubmitResponse, ApiError> {
+    /// What every job passes before it is made, submitted or made by a schedule: the spec's
+    /// rules, the callback the coordinator can sign, and URIs the allow-list admits (local
+    /// ones absolute, links followed; an output in the one spelling it is owned by).
+    pub(crate) fn admit(&self, spec: &mut JobSpec) -> Result<(), ApiError> {
         spec.check().map_err(ApiError::Spec)?;
-        self.callback(&mut spec)?;
+        self.callback(spec)?;
         let mut uris = vec![
             ("input.uri", &mut spec.input.uri),
             ("model.uri", &mut spec.model.uri),
@@ -428,6 +425,17 @@ impl Service {
             }
             self.allowed(field, uri)?;
         }
+        Ok(())
+    }
+
+    /// Submits a job. With an idempotency key, the same key and spec return the existing job
+    /// (created: false); the same key with another spec is a conflict.
+    pub async fn submit(
+        &self,
+        mut spec: JobSpec,
+        key: Option<String>,
+    ) -> Result<SubmitResponse, ApiError> {
+        self.admit(&mut spec)?;
         if let Some(k) = &key {
             if k.is_empty() || k.chars().count() > MAX_KEY_CHARS {
                 return Err(ApiError::BadRequest(format!(

@@ -200,6 +200,24 @@ async fn uris_outside_the_allow_list_are_refused() {
         StatusCode::FORBIDDEN,
         "`..` does not escape the list: {body}"
     );
+    // A schedule's jobs pass the same list: refused when it is made, not at every fire.
+    let out = f.path("out").display().to_string();
+    let template = toml.replace(&out, &format!("{out}/{{{{ date }}}}"));
+    let schedule = serde_json::json!({"name": "nightly", "cron": "0 2 * * *", "spec": template});
+    let made = api
+        .http
+        .post(format!("{}/v1/schedules", api.url))
+        .bearer_auth("S")
+        .json(&schedule)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), StatusCode::FORBIDDEN);
+    let body: serde_json::Value = made.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("model.uri"),
+        "{body}"
+    );
     let relative = toml.replace(&f.path("in").display().to_string(), "in");
     let (s, body) = api.submit(Some("S"), None, &relative).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
