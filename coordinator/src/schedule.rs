@@ -28,6 +28,12 @@ const MAX_FIRES_PER_PASS: usize = 1000;
 const MS_PER_S: i64 = 1000;
 /// Fire times a schedule's status lists.
 const FIRES_SHOWN: u32 = 20;
+/// A schedule's output must differ at every fire time within this span of its first (every
+/// variable repeats within a day, or never).
+const REPEAT_HORIZON_MS: i64 = 2 * 24 * 3600 * MS_PER_S;
+/// Fire times whose outputs are compared at most (a cron of every second reaches it in under
+/// three hours).
+const FIRES_CHECKED: usize = 10_000;
 /// The variables a spec template may use, as `{{ name }}`.
 pub const VARIABLES: [&str; 5] = ["date", "time", "datetime", "timestamp", "schedule"];
 
@@ -129,9 +135,34 @@ pub fn to_run(policy: CatchUp, due: Vec<i64>, now_ms: i64) -> Vec<i64> {
     }
 }
 
+/// Whether the output a spec template names repeats among the fire times of the two days from
+/// `first` (at most `FIRES_CHECKED` of them): `{{ date }}` under an hourly cron, or `{{ time }}`
+/// the next day. Read from the template's `output.uri` alone, when the template is TOML before
+/// its variables are filled in (they stand in strings); otherwise the next two fire times are
+/// all that is compared.
+fn output_repeats(table: &Timetable, template: &str, schedule: &str, first: i64) -> bool {
+    let Ok(raw) = toml::from_str::<toml::Table>(template) else {
+        return false;
+    };
+    let Some(uri) = raw
+        .get("output")
+        .and_then(|o| o.get("uri"))
+        .and_then(|u| u.as_str())
+    else {
+        return false;
+    };
+    let fires = table.between(first, first + REPEAT_HORIZON_MS, FIRES_CHECKED);
+    let mut seen = std::collections::HashSet::new();
+    fires
+        .into_iter()
+        .filter_map(|fire| table.render(uri, schedule, fire).ok())
+        .any(|out| !seen.insert(out))
+}
+
 /// The rules of `schedule create`: a name like a job's, a cron expression and time zone that
 /// parse, and a spec that is valid at the next two fire times and writes to another output at
-/// each. Answers the schedule to insert and the spec of its first fire.
+/// each (and at every fire time of the next two days: `output_repeats`). Answers the schedule
+/// to insert and the spec of its first fire.
 fn check(req: ScheduleRequest, now_ms: i64) -> Result<(NewSchedule, JobSpec), ApiError> {
     let name_ok = !req.name.is_empty()
         && req.name.len() <= nightshift_proto::spec_check::MAX_NAME_LEN
@@ -160,11 +191,14 @@ fn check(req: ScheduleRequest, now_ms: i64) -> Result<(NewSchedule, JobSpec), Ap
         JobSpec::from_toml(&text).map_err(ApiError::Spec)
     });
     let first_spec = a?;
-    if first_spec.output.uri == b?.output.uri {
+    let repeated = first_spec.output.uri == b?.output.uri
+        || output_repeats(&table, &req.spec, &req.name, first);
+    if repeated {
         return Err(invalid(
             "output.uri",
-            "must differ between fire times: put a variable in it, e.g. \
-             `.../{{ date }}/` for a daily schedule or `.../{{ datetime }}/`"
+            "must differ between fire times: put a variable in it that changes as often as \
+             the schedule fires, e.g. `.../{{ date }}/` for a daily schedule or \
+             `.../{{ datetime }}/`"
                 .into(),
         ));
     }
@@ -472,6 +506,23 @@ mod tests {
         };
         let (k, m) = key(request("s3://lake/out/fixed/"));
         assert_eq!(k, "output.uri", "{m}");
+        // Outputs that repeat later than the next fire time: a date under an hourly cron
+        // (its first two fires fall on two days at 22:30), a time of day under any cron.
+        let late = ms(chrono_tz::UTC, 2026, 11, 28, 22, 30);
+        let mut hourly = request("s3://lake/out/{{ date }}/");
+        hourly.cron = "0 * * * *".into();
+        hourly.timezone = Some("UTC".into());
+        let Err(ApiError::Spec(e)) = check(hourly.clone(), late) else {
+            panic!("an hourly schedule writing daily outputs was accepted")
+        };
+        assert_eq!(e.key.as_deref(), Some("output.uri"), "{e}");
+        hourly.spec = hourly.spec.replace("{{ date }}", "{{ time }}");
+        assert!(
+            check(hourly.clone(), late).is_err(),
+            "the time repeats a day later"
+        );
+        hourly.spec = hourly.spec.replace("{{ time }}", "{{ datetime }}");
+        check(hourly, late).unwrap();
         let (k, m) = key(request("s3://lake/out/{{ day }}/"));
         assert!(
             k == "spec" && m.contains("unknown variable `day`"),
