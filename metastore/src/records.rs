@@ -77,6 +77,16 @@ impl JobRecord {
     }
 }
 
+/// The stored state and planning flag of jobs shown in `shown` (`JobRecord::shown_state`):
+/// what a filter by the state a user sees compares.
+pub(crate) fn stored_state(shown: JobState) -> (JobState, Option<bool>) {
+    match shown {
+        JobState::Planning => (JobState::Running, Some(true)),
+        JobState::Running => (JobState::Running, Some(false)),
+        state => (state, None),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ShardRow {
     pub id: i64,

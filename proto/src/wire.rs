@@ -189,6 +189,8 @@ pub struct JobQuery {
     /// Jobs per page (1 to 1000; 50 when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
+    /// Jobs in this state, as a job's `state` shows it (`planning` while its shards are
+    /// still being cut, `running` after).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<crate::JobState>,
     /// Jobs whose name starts with this.

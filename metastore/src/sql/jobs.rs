@@ -7,7 +7,7 @@ use sqlx::{ColumnIndex, Encode, Type};
 
 use super::{Conn, Dialect, RowOf, SqlStore, Value};
 use crate::Jobs;
-use crate::records::{FileRow, ShardTally, StateTally, tally};
+use crate::records::{FileRow, ShardTally, StateTally, stored_state, tally};
 use crate::rules::{self, CANCELLABLE, ShardKind};
 use crate::{
     JobFilter, JobRecord, NewJob, PartRow, PlanPiece, Result, ShardRow, StoreError, Submitted,
@@ -136,22 +136,25 @@ where
             .await?)
     }
 
-    /// Jobs that pass `filter`, newest first. Prefixes are compared as text, not as patterns.
+    /// Jobs that pass `filter`, newest first; a state is the one a user sees (`shown_state`).
+    /// Prefixes are compared as text, not as patterns.
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>> {
         let sql = D::sql(
             "SELECT {job} FROM jobs WHERE id < $2 \
-               AND ($3 IS NULL OR state = $3) \
+               AND ($3 IS NULL OR (state = $3 AND ($6 IS NULL OR planning = ($6 = 1)))) \
                AND ($4 IS NULL OR substr(name, 1, length($4)) = $4) \
                AND ($5 IS NULL OR substr(idempotency_key, 1, length($5)) = $5) \
              ORDER BY id DESC LIMIT $1",
         );
         let schedule = filter.schedule.as_deref().map(crate::schedule_key_prefix);
+        let (state, planning) = filter.state.map(stored_state).unzip();
         Ok(sqlx::query_as(sql)
             .bind(i64::from(filter.limit))
             .bind(filter.before_id.unwrap_or(i64::MAX))
-            .bind(filter.state.map(JobState::as_str))
+            .bind(state.map(JobState::as_str))
             .bind(filter.name_prefix.as_deref())
             .bind(schedule.as_deref())
+            .bind(planning.flatten().map(i64::from))
             .fetch_all(D::ex(&mut *self.conn().await?))
             .await?)
     }

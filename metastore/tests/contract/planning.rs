@@ -3,7 +3,7 @@
 //! nor settled until the last piece.
 
 use nightshift_metastore::merges::plan_groups_for;
-use nightshift_metastore::{DynMetastore, PlanPiece, Submitted};
+use nightshift_metastore::{DynMetastore, JobFilter, PlanPiece, Submitted};
 use nightshift_proto::JobState;
 use nightshift_proto::wire::{InputFile, JobPlan, ShardPlan};
 
@@ -67,6 +67,20 @@ pub async fn a_job_planned_in_pieces_runs_before_its_plan_ends(store: DynMetasto
         .map(|j| j.id)
         .collect();
     assert_eq!(planning, vec![id]);
+    // Listed by the state it shows: planning, not running.
+    let listed = |state| {
+        let store = store.clone();
+        async move {
+            let filter = JobFilter {
+                state: Some(state),
+                ..JobFilter::newest(10)
+            };
+            let jobs = store.list_jobs(&filter).await.unwrap();
+            jobs.iter().map(|j| j.id).collect::<Vec<i64>>()
+        }
+    };
+    assert_eq!(listed(JobState::Planning).await, [id]);
+    assert!(listed(JobState::Running).await.is_empty());
     let first = piece(0, 2, 4);
     assert!(store.append_plan(id, &first).await.unwrap());
     // The same piece again (another replica planned it meanwhile) records nothing.
@@ -102,6 +116,8 @@ pub async fn a_job_planned_in_pieces_runs_before_its_plan_ends(store: DynMetasto
     );
     assert_eq!(job.shown_state(), JobState::Running);
     assert!(store.planning_jobs().await.unwrap().is_empty());
+    assert_eq!(listed(JobState::Running).await, [id]);
+    assert!(listed(JobState::Planning).await.is_empty());
     let recorded: Vec<String> = store
         .input_files(id)
         .await
