@@ -565,7 +565,12 @@ impl Service {
 
     /// A page of jobs, newest first, as `query` filters them.
     pub async fn list(&self, query: JobQuery) -> Result<JobList, ApiError> {
-        let limit = query.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+        let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(ApiError::BadRequest(format!(
+                "limit must be between 1 and {MAX_PAGE}, not {limit}"
+            )));
+        }
         for (field, text) in [
             ("name_prefix", &query.name_prefix),
             ("schedule", &query.schedule),

@@ -473,7 +473,13 @@ async fn jobs_are_listed_by_page_and_filter_and_bad_filters_are_refused() {
     assert_eq!(names(&alpha), ["alpha-2", "alpha-1"]);
     let (_, none) = list("state=succeeded").await;
     assert!(names(&none).is_empty());
-    for bad in ["state=sleeping", "limit=many", "colour=red"] {
+    for bad in [
+        "state=sleeping",
+        "limit=many",
+        "colour=red",
+        "limit=0",
+        "limit=1001",
+    ] {
         let (s, body) = list(bad).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {body}");
     }
