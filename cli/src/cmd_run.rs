@@ -106,6 +106,8 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
             service.submit(spec.clone(), None).await?.job.id
         }
         Some(old) if old.state == JobState::Succeeded => {
+            // What a run that died after the commit left uncollected goes now.
+            nightshift_coordinator::collect_pending(&stores, &store, Duration::ZERO).await;
             let view = service.view(&old).await?;
             if args.json {
                 print_summary(&view, started.elapsed().as_secs_f64(), 0)?;

@@ -36,18 +36,6 @@ use crate::ownership::{check_manifest_owner, owned_file, verify_parts};
 use crate::part_check::PartError;
 use nightshift_metastore::{DynMetastore, JobRecord, PartRow};
 
-/// A point where crash tests stop the process, for real (the only way to land a crash exactly
-/// between two commit steps): with the `failpoints` feature and `FAILPOINTS=NAME=return`
-/// (`failpoints_from_env`); nothing at all in other builds.
-macro_rules! crash_point {
-    ($name:literal) => {
-        fail::fail_point!($name, |_| {
-            eprintln!("crash point {}: aborting", $name);
-            std::process::abort()
-        })
-    };
-}
-
 /// Output files written at once.
 const FILE_CONCURRENCY: usize = 4;
 

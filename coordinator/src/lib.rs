@@ -2,6 +2,18 @@
 //! serves the HTTP API for people and workers, and runs the background loops (reaper, settler,
 //! finalizer, completion callbacks, schedules). Several replicas may run against one database.
 
+/// A point where crash tests stop the process, for real (the only way to land a crash exactly
+/// between two commit steps): with the `failpoints` feature and `FAILPOINTS=NAME=return`
+/// (`failpoints_from_env`); nothing at all in other builds.
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| {
+            eprintln!("crash point {}: aborting", $name);
+            std::process::abort()
+        })
+    };
+}
+
 mod allow_list;
 mod api;
 mod api_error;
@@ -11,6 +23,7 @@ mod dashboard;
 pub mod finalizer;
 mod fleet;
 mod fleet_api;
+mod garbage;
 mod insight;
 mod job_check;
 mod job_view;
@@ -31,6 +44,7 @@ mod worker_api;
 
 pub use allow_list::AllowList;
 pub use cost::PriceTable;
+pub use garbage::collect_pending;
 pub use notifier::{CallbackConfig, JOB_HEADER, SIGNATURE_HEADER, signature};
 pub use openapi::spec as openapi_spec;
 pub use ownership::{remove_job_files, unpublish};

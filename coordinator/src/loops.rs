@@ -7,7 +7,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::finalizer::{Claim, FinalizeError, collect_garbage, finalize};
+use crate::finalizer::{Claim, FinalizeError, finalize};
+use crate::garbage::collect_succeeded;
 use crate::service::Service;
 use nightshift_metastore::JobOutcome;
 use nightshift_metastore::merges::plan_groups_for;
@@ -238,17 +239,7 @@ async fn commit(
     }
     if succeeded {
         service.metrics.commits.observe(started.elapsed());
-        match collect_garbage(&service.stores, &job.output_uri, &job.uid, &names).await {
-            Ok(g) => tracing::info!(
-                job = job.id,
-                objects = g.objects,
-                uploads = g.uploads,
-                "parts deleted, open uploads aborted"
-            ),
-            Err(e) => {
-                tracing::warn!(job = job.id, error = %e, "collecting the job's garbage failed")
-            }
-        }
+        collect_succeeded(&service.stores, &service.store, &job, &names).await;
         service.collect_released_parts(&job).await;
     }
     true

@@ -132,6 +132,10 @@ impl Coordinator {
             self.config.finalize_claim,
             shutdown.clone(),
         ));
+        tracker.spawn(crate::garbage::collector(
+            self.service.clone(),
+            shutdown.clone(),
+        ));
         tracker.spawn(crate::schedule::scheduler(
             self.service.clone(),
             shutdown.clone(),

@@ -464,6 +464,12 @@ pub trait Loops: Send + Sync {
     /// Creates merge work for `groups` of a running job; a group already made is skipped.
     /// Answers how many were made.
     async fn create_merges(&self, job_id: i64, groups: &[MergeGroup]) -> Result<u64>;
+    /// Succeeded jobs whose garbage (parts, uploads left open) is not collected yet, that
+    /// ended at least `age_ms` ago (database clock), oldest first, at most `limit`: what a
+    /// coordinator that died before collecting it, or a store that refused, left.
+    async fn garbage_pending(&self, age_ms: i64, limit: u32) -> Result<Vec<JobRecord>>;
+    /// Notes that a succeeded job's garbage is collected.
+    async fn garbage_collected(&self, job_id: i64) -> Result<()>;
     /// The files merge work wrote for a job (its output files), in row order.
     async fn merged_parts(&self, job_id: i64) -> Result<Vec<PartRow>>;
     async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics>;

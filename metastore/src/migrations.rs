@@ -38,6 +38,7 @@ const FILES: &[File] = &files! {
     11 => "0011_copies.sql",
     12 => "0012_merge_files.sql",
     13 => "0013_files_removed.sql",
+    14 => "0014_garbage.sql",
 };
 
 pub fn sqlite() -> Migrator {

@@ -153,6 +153,7 @@ contract!(
     loops::callbacks_go_once_a_job_ends_and_again_after_a_retry,
     loops::schedules_fire_once_per_time_and_move_on_from_what_was_read,
     loops::the_dashboard_sees_rows_over_time_and_who_holds_what,
+    loops::a_succeeded_jobs_garbage_is_pending_until_collected,
 );
 
 // Readiness before any migration: the one check that needs a store `open` did not migrate.

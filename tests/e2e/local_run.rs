@@ -13,15 +13,30 @@ use nightshift_tests::verify::verify_output;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nightshift");
 
-fn run_job(f: &Fixture, spec: &Path, extra: &[&str]) -> Output {
+/// `nightshift run SPEC` with the fixture's state directory.
+fn run_command(f: &Fixture, spec: &Path) -> std::process::Command {
     let mut cmd = nightshift(Path::new(BIN));
     cmd.current_dir(f.dir.path())
         .arg("run")
         .arg(spec)
         .arg("--state")
-        .arg(f.path("state"))
-        .args(extra);
+        .arg(f.path("state"));
+    cmd
+}
+
+fn run_job(f: &Fixture, spec: &Path, extra: &[&str]) -> Output {
+    let mut cmd = run_command(f, spec);
+    cmd.args(extra);
     run(cmd, Duration::from_secs(300))
+}
+
+/// `run_job` stopped for real at the crash point `failpoint`: it must fail.
+fn crash_at(f: &Fixture, spec: &Path, failpoint: &str) -> Output {
+    let mut cmd = run_command(f, spec);
+    cmd.env("FAILPOINTS", format!("{failpoint}=return"));
+    let o = run(cmd, Duration::from_secs(300));
+    assert!(!o.status.success(), "{}", text(&o));
+    o
 }
 
 fn text(o: &Output) -> String {
@@ -457,15 +472,7 @@ fn a_crash_mid_commit_publishes_each_file_once_on_the_next_run() {
         "passthrough = [\"id\", \"features\"]\ntarget_file_mb = 1",
     );
     std::fs::write(&job.spec, spec).unwrap();
-    let mut cmd = nightshift(Path::new(BIN));
-    cmd.current_dir(f.dir.path())
-        .arg("run")
-        .arg(&job.spec)
-        .arg("--state")
-        .arg(f.path("state"))
-        .env("FAILPOINTS", "finalize-before-manifest=return");
-    let o = run(cmd, Duration::from_secs(300));
-    assert!(!o.status.success(), "{}", text(&o));
+    crash_at(&f, &job.spec, "finalize-before-manifest");
     // The files were moved into place (their merged sources are gone), no manifest yet.
     let listing = |dir: &Path| -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -503,6 +510,30 @@ fn a_crash_mid_commit_publishes_each_file_once_on_the_next_run() {
         "the same files, not rewritten"
     );
     assert!(!job.out.join("_parts").exists(), "{:?}", listing(&job.out));
+    verify_output(job.out.to_str().unwrap(), &job.input, &job.model, 0, &[]).assert_exact(&[]);
+}
+
+/// A run that dies between recording its job's success and deleting its parts leaves them
+/// marked as garbage: the next run of the job (which only reports it done) collects them.
+#[test]
+fn parts_a_crash_left_after_the_commit_are_collected_by_the_next_run() {
+    let f = Fixture::new();
+    let job = f.job(
+        "collected",
+        &["--rows", "4000", "--files", "1"],
+        &["--hidden", "16"],
+        "[shards]\nrows = 1000\n",
+    );
+    let o = crash_at(&f, &job.spec, "finalize-before-garbage");
+    assert!(job.out.join("_SUCCESS").exists(), "{}", text(&o));
+    assert!(job.out.join("_parts").exists(), "the crash left the parts");
+    let o = run_job(&f, &job.spec, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("already succeeded"), "{}", text(&o));
+    assert!(
+        !job.out.join("_parts").exists(),
+        "the next run collected them"
+    );
     verify_output(job.out.to_str().unwrap(), &job.input, &job.model, 0, &[]).assert_exact(&[]);
 }
 

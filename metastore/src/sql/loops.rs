@@ -174,9 +174,10 @@ where
             JobOutcome::Failed(e) => (JobState::Failed, Some(e)),
         };
         let mut conn = self.conn().await?;
+        // A succeeded job's parts and open uploads are garbage from now on, until collected.
         let ended = sqlx::query(D::sql(
             "UPDATE jobs SET state = $1, error = $2, finished_at_ms = {now}, \
-             finalizer_owner = NULL, finalizer_expires_at_ms = NULL \
+             finalizer_owner = NULL, finalizer_expires_at_ms = NULL, garbage_pending = ($1 = $6) \
              WHERE id = $3 AND state = $5 AND finalizer_owner = $4",
         ))
         .bind(state.as_str())
@@ -184,6 +185,7 @@ where
         .bind(job_id)
         .bind(owner)
         .bind(JobState::Finalizing.as_str())
+        .bind(JobState::Succeeded.as_str())
         .execute(D::ex(&mut conn))
         .await?;
         if D::affected(&ended) > 0 {
@@ -278,6 +280,27 @@ where
         .bind(ShardKind::Merge.as_str())
         .fetch_all(D::ex(&mut *self.conn().await?))
         .await?)
+    }
+
+    async fn garbage_pending(&self, age_ms: i64, limit: u32) -> Result<Vec<JobRecord>> {
+        let sql = D::sql(
+            "SELECT {job} FROM jobs WHERE garbage_pending AND state = $1 \
+               AND finished_at_ms <= {now} - $2 ORDER BY id LIMIT $3",
+        );
+        Ok(sqlx::query_as(sql)
+            .bind(JobState::Succeeded.as_str())
+            .bind(age_ms)
+            .bind(i64::from(limit))
+            .fetch_all(D::ex(&mut *self.conn().await?))
+            .await?)
+    }
+
+    async fn garbage_collected(&self, job_id: i64) -> Result<()> {
+        sqlx::query("UPDATE jobs SET garbage_pending = FALSE WHERE id = $1")
+            .bind(job_id)
+            .execute(D::ex(&mut *self.conn().await?))
+            .await?;
+        Ok(())
     }
 
     async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics> {

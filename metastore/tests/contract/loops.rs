@@ -861,3 +861,29 @@ pub async fn the_dashboard_sees_rows_over_time_and_who_holds_what(store: DynMeta
     let done = shards.iter().find(|s| s.id == l0.shard_id).unwrap();
     assert_eq!(done.state, ShardState::Done);
 }
+
+/// A succeeded job's garbage is pending from its end until a pass notes it collected; a job
+/// that failed leaves none to collect (its parts are kept for a retry).
+pub async fn a_succeeded_jobs_garbage_is_pending_until_collected(store: DynMetastore) {
+    let done = finished_job(&store, "done").await;
+    let failed = finished_job(&store, "failed").await;
+    let pending = |age_ms| {
+        let store = store.clone();
+        async move {
+            let jobs = store.garbage_pending(age_ms, 10).await.unwrap();
+            jobs.iter().map(|j| j.id).collect::<Vec<i64>>()
+        }
+    };
+    for (id, outcome) in [
+        (done, JobOutcome::Succeeded),
+        (failed, JobOutcome::Failed("commit failed".into())),
+    ] {
+        let claimed = store.claim_finalize("f", 60_000).await.unwrap().unwrap();
+        assert_eq!(claimed.id, id);
+        store.finish_job(id, "f", outcome).await.unwrap();
+    }
+    assert_eq!(pending(0).await, [done]);
+    assert!(pending(3_600_000).await.is_empty(), "ended just now");
+    store.garbage_collected(done).await.unwrap();
+    assert!(pending(0).await.is_empty());
+}
