@@ -461,8 +461,9 @@ pub trait Loops: Send + Sync {
     /// A job's row shards from the first one no merge covers, in order, up to and with the
     /// first that is not done: all the merge rule reads (`merges.rs`).
     async fn merge_candidates(&self, job_id: i64) -> Result<Vec<MergeCandidate>>;
-    /// Creates merge work for `groups` of a running job; a group already made is skipped.
-    /// Answers how many were made.
+    /// Creates merge work for `groups` of a running job, in order, up to the first it does
+    /// not make (made already, or the job stopped meanwhile): the groups after it are planned
+    /// again by a later pass, so merges never leave a gap. Answers how many were made.
     async fn create_merges(&self, job_id: i64, groups: &[MergeGroup]) -> Result<u64>;
     /// Succeeded jobs whose garbage (parts, uploads left open) is not collected yet, that
     /// ended at least `age_ms` ago (database clock), oldest first, at most `limit`: what a
