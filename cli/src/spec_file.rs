@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
 use nightshift_proto::JobSpec;
-use nightshift_storage::location::absolutize;
+use nightshift_storage::location::{absolutize, canonical_uri};
 
 pub fn load(path: &Path) -> Result<JobSpec> {
     let text = std::fs::read_to_string(path)
@@ -18,5 +18,8 @@ pub fn load(path: &Path) -> Result<JobSpec> {
     ] {
         *uri = absolutize(uri);
     }
+    // The output as the coordinator keeps it (one spelling per place), so that the spec of a
+    // rerun hashes as the job's does.
+    spec.output.uri = canonical_uri(&spec.output.uri);
     Ok(spec)
 }
