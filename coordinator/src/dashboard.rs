@@ -1,7 +1,11 @@
 //! The operator dashboard at `/`: one page and its script and style, built into the binary (no
-//! CDN: it works offline), and a login form that turns a submit token into an HttpOnly cookie.
-//! The cookie opens the read-only (`GET`) routes of the submit role only, so a page elsewhere
-//! cannot make a logged-in browser change anything; it is `SameSite=Strict` besides.
+//! CDN: it works offline), and a login form that turns a submit token into an HttpOnly session
+//! cookie. The cookie opens the read-only (`GET`) routes of the submit role only, so a page
+//! elsewhere cannot make a logged-in browser change anything; it is `SameSite=Strict` besides.
+//! It holds the login's time and a MAC of it keyed by the token, never the token: a copied
+//! cookie reads for at most `SESSION_MAX_AGE`, and gives no token to act with.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Form;
 use axum::Router;
@@ -10,8 +14,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use cookie::{Cookie, SameSite};
+use hmac::{Hmac, Mac};
 use nightshift_proto::wire::{ShardList, Throughput, WorkerList};
 use serde::Deserialize;
+use sha2::Sha256;
 
 use crate::api::{ApiState, Role, authorize, authorize_token};
 use crate::api_error::ApiError;
@@ -21,8 +27,12 @@ use crate::openapi::{JobPath, SubmitErrors};
 pub const COOKIE: &str = "nightshift_session";
 /// The header a TLS-terminating proxy names the client's scheme in.
 const FORWARDED_PROTO: &str = "x-forwarded-proto";
-/// How long a login lasts.
-const SESSION_MAX_AGE: cookie::time::Duration = cookie::time::Duration::hours(12);
+/// How long a login lasts (the browser is told, and the coordinator checks).
+const SESSION_MAX_AGE: Duration = Duration::from_secs(12 * 3600);
+/// A session issued this far ahead of a replica's clock still reads (clocks differ a little).
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// What a session's MAC covers before its time, so that it proves nothing anywhere else.
+const SESSION_CONTEXT: &[u8] = b"nightshift dashboard session ";
 /// Where a refused login lands: the page shows "wrong token".
 const REFUSED: &str = "/?login=refused";
 
@@ -94,11 +104,13 @@ pub(crate) async fn login(
     headers: HeaderMap,
     Form(form): Form<Login>,
 ) -> Response {
-    if authorize_token(&state, form.token.trim(), Role::Submit).is_err() {
+    let token = form.token.trim();
+    if authorize_token(&state, token, Role::Submit).is_err() {
         return redirect(REFUSED, None);
     }
-    let cookie = session_cookie(hex::encode(form.token.trim()), &headers)
-        .max_age(SESSION_MAX_AGE)
+    let max_age = cookie::time::Duration::seconds(SESSION_MAX_AGE.as_secs() as i64);
+    let cookie = session_cookie(session_value(token, unix_now()), &headers)
+        .max_age(max_age)
         .build();
     redirect("/", Some(cookie))
 }
@@ -138,8 +150,46 @@ fn redirect(to: &'static str, cookie: Option<Cookie<'static>>) -> Response {
     resp
 }
 
-/// The token in the login cookie, if the request carries one.
-fn cookie_token(headers: &HeaderMap) -> Option<String> {
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The MAC of a session issued at `issued_s` (Unix seconds), keyed by the submit token.
+fn session_mac(token: &str, issued_s: u64) -> Hmac<Sha256> {
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(token.as_bytes()).expect("HMAC takes a key of any length");
+    mac.update(SESSION_CONTEXT);
+    mac.update(issued_s.to_string().as_bytes());
+    mac
+}
+
+/// The session cookie's value for a login with `token` at `issued_s`: `TIME.MAC` in hex.
+fn session_value(token: &str, issued_s: u64) -> String {
+    let tag = session_mac(token, issued_s).finalize().into_bytes();
+    format!("{issued_s}.{}", hex::encode(tag))
+}
+
+/// Whether a session cookie's value was issued, within `SESSION_MAX_AGE` of `now_s`, for one
+/// of `tokens` (every replica sharing the token reads it; a token removed ends its sessions).
+fn session_holds(value: &str, tokens: &[String], now_s: u64) -> bool {
+    let Some((issued, tag)) = value.split_once('.') else {
+        return false;
+    };
+    let (Ok(issued_s), Ok(tag)) = (issued.parse::<u64>(), hex::decode(tag)) else {
+        return false;
+    };
+    let fresh = issued_s <= now_s.saturating_add(CLOCK_SKEW.as_secs())
+        && now_s.saturating_sub(issued_s) <= SESSION_MAX_AGE.as_secs();
+    fresh
+        && tokens
+            .iter()
+            .any(|t| session_mac(t, issued_s).verify_slice(&tag).is_ok())
+}
+
+/// The login cookie's value, if the request carries one.
+fn session_cookie_value(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -147,17 +197,20 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
         .flat_map(Cookie::split_parse)
         .filter_map(Result::ok)
         .find(|c| c.name() == COOKIE)
-        .and_then(|c| hex::decode(c.value()).ok())
-        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .map(|c| c.value().to_string())
 }
 
-/// A read-only route of the submit role: a bearer token, or else the login cookie.
+/// A read-only route of the submit role: a bearer token, or else a login session that holds.
 pub(crate) fn authorize_read(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
     if headers.contains_key(header::AUTHORIZATION) {
         return authorize(state, headers, Role::Submit);
     }
-    let token = cookie_token(headers).ok_or(ApiError::Unauthorized)?;
-    authorize_token(state, &token, Role::Submit)
+    let value = session_cookie_value(headers).ok_or(ApiError::Unauthorized)?;
+    if session_holds(&value, &state.tokens.submit, unix_now()) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
 }
 
 /// A job's shards in row order.
@@ -196,4 +249,43 @@ pub(crate) async fn workers(
 ) -> Result<axum::Json<WorkerList>, ApiError> {
     authorize_read(&state, &headers)?;
     Ok(axum::Json(state.service.workers().await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_holds_for_its_token_within_its_age_and_shows_nothing_of_it() {
+        let tokens = vec!["other".to_string(), "S3cret-token".to_string()];
+        let issued = 1_796_000_000;
+        let value = session_value("S3cret-token", issued);
+        assert!(!value.contains("S3cret") && !value.contains(&hex::encode("S3cret-token")));
+        let max = SESSION_MAX_AGE.as_secs();
+        assert!(session_holds(&value, &tokens, issued));
+        assert!(session_holds(&value, &tokens, issued + max));
+        assert!(!session_holds(&value, &tokens, issued + max + 1), "expired");
+        assert!(session_holds(
+            &value,
+            &tokens,
+            issued - CLOCK_SKEW.as_secs()
+        ));
+        assert!(
+            !session_holds(&value, &tokens, issued - CLOCK_SKEW.as_secs() - 1),
+            "from the future"
+        );
+        assert!(
+            !session_holds(&value, &tokens[..1], issued),
+            "its token was removed"
+        );
+        let (_, tag) = value.split_once('.').unwrap();
+        let later = format!("{}.{tag}", issued + max);
+        assert!(
+            !session_holds(&later, &tokens, issued + max),
+            "its time was changed"
+        );
+        for garbage in ["", ".", "x.y", "1796000000", &hex::encode("S3cret-token")] {
+            assert!(!session_holds(garbage, &tokens, issued), "{garbage}");
+        }
+    }
 }

@@ -633,9 +633,18 @@ async fn the_dashboard_cookie_opens_reads_only() {
             .status(),
         StatusCode::UNAUTHORIZED
     );
-    // A forged cookie (a worker token's, or garbage) opens nothing.
+    // The cookie holds no token; a forged one (a token as cookies once held it, a session
+    // time moved on, or garbage) opens nothing.
+    let value = cookie.split_once('=').unwrap().1;
+    let (issued, tag) = value.split_once('.').expect("TIME.MAC");
+    let moved = format!(
+        "nightshift_session={}.{tag}",
+        issued.parse::<u64>().unwrap() + 1
+    );
     for forged in [
+        format!("nightshift_session={}", hex::encode("S")),
         format!("nightshift_session={}", hex::encode("W")),
+        moved,
         "nightshift_session=zz".into(),
     ] {
         let resp = api
