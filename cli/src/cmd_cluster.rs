@@ -278,6 +278,8 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
         config.worker_id = id;
     }
     config.instance = instance(&args).await;
+    let explicit = args.spot_metadata != nightshift_worker::spot::EC2_METADATA;
+    let insist = nightshift_worker::spot::keeps_polling(explicit, config.instance.as_ref());
     let stores = Arc::new(Stores::new(
         nightshift_storage::s3::S3Settings::load().await,
     ));
@@ -286,8 +288,7 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
     let _signals = crate::signals::cancel_on_signal(shutdown.clone());
     let stop_watching = CancellationToken::new();
     if args.spot_metadata != "off" {
-        let explicit = args.spot_metadata != nightshift_worker::spot::EC2_METADATA;
-        let watcher = SpotWatcher::new(&args.spot_metadata, args.spot_poll, explicit);
+        let watcher = SpotWatcher::new(&args.spot_metadata, args.spot_poll, insist);
         tokio::spawn(watcher.run(shutdown.clone(), stop_watching.clone()));
     }
     let report = worker.run(shutdown).await;

@@ -29,6 +29,14 @@ pub enum Notice {
     Interruption { action: String, time: String },
 }
 
+/// Whether a watcher keeps polling after its first poll fails: when its endpoint was given
+/// explicitly, or the worker runs on a spot instance it knows (given by flags, or read from the
+/// metadata service at start), where a failed poll is a passing fault and giving up would let
+/// a reclaim kill the worker without a drain. Elsewhere (not on EC2) it gives up at once.
+pub fn keeps_polling(explicit_endpoint: bool, instance: Option<&InstanceInfo>) -> bool {
+    explicit_endpoint || instance.is_some_and(|i| i.capacity_type == CapacityType::Spot)
+}
+
 impl SpotWatcher {
     pub fn new(endpoint: &str, every: Duration, insist: bool) -> Self {
         Self {
@@ -176,4 +184,22 @@ pub async fn instance_identity(endpoint: &str) -> Result<InstanceInfo, String> {
         instance_type,
         capacity_type,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_on_a_spot_instance_it_knows_keeps_polling_after_a_failed_poll() {
+        let on = |capacity_type| InstanceInfo {
+            id: "i-0abc".into(),
+            instance_type: "g5.xlarge".into(),
+            capacity_type,
+        };
+        assert!(keeps_polling(true, None), "an endpoint given explicitly");
+        assert!(keeps_polling(false, Some(&on(CapacityType::Spot))));
+        assert!(!keeps_polling(false, Some(&on(CapacityType::OnDemand))));
+        assert!(!keeps_polling(false, None), "not on EC2");
+    }
 }
