@@ -28,11 +28,21 @@ pub fn check_free_text(field: &str, value: &str) -> Result<(), TextError> {
     check_chars(field, value, |c| matches!(c, '\n' | '\t' | '\r'))
 }
 
+/// Unicode's bidirectional control characters (UAX #9): they reorder how the text around them
+/// is shown, so that a worker id or a message could read as another (CVE-2021-42574). No field
+/// accepts them, free text included.
+fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
 fn check_chars(field: &str, value: &str, allowed: impl Fn(char) -> bool) -> Result<(), TextError> {
     match value
         .chars()
         .enumerate()
-        .find(|&(_, c)| c.is_control() && !allowed(c))
+        .find(|&(_, c)| (c.is_control() && !allowed(c)) || is_bidi_control(c))
     {
         None => Ok(()),
         Some((at, c)) => Err(TextError {
@@ -51,7 +61,7 @@ pub fn excerpt(value: &str) -> String {
         .chars()
         .take(EXCERPT_CHARS)
         .flat_map(|c| {
-            if c.is_control() {
+            if c.is_control() || is_bidi_control(c) {
                 c.escape_default().collect::<Vec<_>>()
             } else {
                 vec![c]
@@ -80,6 +90,17 @@ mod tests {
         assert!(check_text("uri", "a\u{7f}b").is_err());
         assert!(check_free_text("message", "line 1\nline 2\tx").is_ok());
         assert!(check_free_text("message", "x\0").is_err());
+        // Text-direction controls: `w1` followed by a right-to-left override reads as another id.
+        for bidi in ['\u{202E}', '\u{2066}', '\u{200F}', '\u{061C}'] {
+            let e = check_text("worker_id", &format!("w1{bidi}2w")).unwrap_err();
+            assert_eq!(e.at, 2, "{bidi:?}");
+            assert!(check_free_text("message", &format!("a{bidi}b")).is_err());
+            assert!(!excerpt(&format!("a{bidi}b")).contains(bidi));
+        }
+        assert!(
+            check_text("name", "مرحبا-שלום").is_ok(),
+            "right-to-left letters themselves pass"
+        );
         assert!(check_free_text("message", "\u{1b}[31m").is_err());
     }
 
