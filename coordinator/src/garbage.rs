@@ -2,7 +2,8 @@
 //! workers left open. The finalizer collects it right after the commit; a job whose collection
 //! did not happen (the coordinator died first, the store refused) stays marked in the metastore
 //! (`garbage_pending`) and a later pass collects it, on any replica, or in local mode at the
-//! next run of the job.
+//! next run of the job. The same pass forgets workers unseen for a week that hold no lease
+//! (`Fleet::forget_workers`): each worker process has an id of its own, so they only pile up.
 
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 const LEFT_TO_FINALIZER: Duration = Duration::from_secs(60);
 /// Jobs one pass collects at most.
 const JOBS_PER_PASS: u32 = 100;
+/// A worker unseen this long, holding no lease, is forgotten.
+const WORKERS_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Collects the garbage of succeeded job `job` (`names`: its manifest's files) and notes it
 /// collected. Answers whether it is; if not, a later pass tries again.
@@ -90,7 +93,8 @@ async fn manifest_names(stores: &Stores, job: &JobRecord) -> Vec<String> {
     }
 }
 
-/// Collects garbage left uncollected, every `SWEEP_EVERY`, until `shutdown`.
+/// Collects garbage left uncollected and forgets workers long gone, every `SWEEP_EVERY`,
+/// until `shutdown`.
 pub async fn collector(service: Service, shutdown: CancellationToken) {
     loop {
         tokio::select! {
@@ -100,6 +104,15 @@ pub async fn collector(service: Service, shutdown: CancellationToken) {
         let n = collect_pending(&service.stores, &service.store, LEFT_TO_FINALIZER).await;
         if n > 0 {
             tracing::info!(jobs = n, "garbage left uncollected is collected");
+        }
+        match service
+            .store
+            .forget_workers(WORKERS_KEPT.as_millis() as i64)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(workers = n, "workers unseen for a week forgotten"),
+            Err(e) => tracing::warn!(error = %e, "forgetting workers long unseen failed"),
         }
     }
 }

@@ -554,6 +554,10 @@ pub trait Views: Send + Sync {
 pub trait Fleet: Send + Sync {
     /// Records what a worker says about its machine (and that it was seen now).
     async fn note_machine(&self, worker: &str, machine: &WorkerMachine) -> Result<()>;
+    /// Forgets workers not seen for `unseen_ms` that hold no lease (a worker id is made per
+    /// process, so they only accumulate); answers how many. A job's cost keeps what it needs
+    /// of them (`lease_usage`).
+    async fn forget_workers(&self, unseen_ms: i64) -> Result<u64>;
     /// Marks a worker to drain; false when no such worker is known.
     async fn request_drain(&self, worker: &str) -> Result<bool>;
     /// Notes that a coordinator told a worker marked to drain (answering its claim or

@@ -105,6 +105,7 @@ contract!(
     copies::no_copy_before_a_job_s_tail,
     fleet::lease_time_is_kept_by_machine_whatever_ends_the_lease,
     fleet::workers_report_machines_and_drains_are_marked,
+    fleet::workers_unseen_for_long_are_forgotten_unless_they_hold_a_lease,
     jobs::ready_after_migrate,
     jobs::create_and_read_back,
     jobs::idempotent_create,

@@ -43,6 +43,19 @@ where
         Ok(())
     }
 
+    async fn forget_workers(&self, unseen_ms: i64) -> Result<u64> {
+        let sql = D::sql(
+            "DELETE FROM workers WHERE last_seen_ms < {now} - $1 AND id NOT IN \
+             (SELECT worker_id FROM shards WHERE state = $2 AND worker_id IS NOT NULL)",
+        );
+        let done = sqlx::query(sql)
+            .bind(unseen_ms)
+            .bind(ShardState::Leased.as_str())
+            .execute(D::ex(&mut *self.conn().await?))
+            .await?;
+        Ok(D::affected(&done))
+    }
+
     async fn request_drain(&self, worker: &str) -> Result<bool> {
         let sql = D::sql(
             "UPDATE workers SET drain_requested_at_ms = COALESCE(drain_requested_at_ms, {now}) \

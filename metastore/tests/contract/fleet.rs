@@ -109,3 +109,28 @@ pub async fn workers_report_machines_and_drains_are_marked(store: DynMetastore) 
     assert_eq!(w1.capacity_type.as_deref(), Some("on-demand"));
     assert_eq!(w1.slots, Some(4));
 }
+
+/// Workers long unseen are forgotten, unless they hold a lease.
+pub async fn workers_unseen_for_long_are_forgotten_unless_they_hold_a_lease(store: DynMetastore) {
+    create(&store, "forgetting", "", 1).await;
+    let spot = machine("i-1", CapacityType::Spot, 1, 1);
+    for w in ["idle", "busy"] {
+        store.note_machine(w, &spot).await.unwrap();
+    }
+    assert_eq!(store.claim("busy", 1, long()).await.unwrap().len(), 1);
+    assert_eq!(
+        store.forget_workers(60_000).await.unwrap(),
+        0,
+        "seen just now"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(store.forget_workers(10).await.unwrap(), 1);
+    let seen: Vec<String> = store
+        .workers_seen(60_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(seen, ["busy"]);
+}
