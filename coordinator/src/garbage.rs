@@ -8,12 +8,11 @@
 use std::time::Duration;
 
 use nightshift_metastore::{DynMetastore, JobRecord};
-use nightshift_proto::layout::MANIFEST;
-use nightshift_proto::wire::Manifest;
-use nightshift_storage::{Stores, read_all};
+use nightshift_storage::Stores;
 use tokio_util::sync::CancellationToken;
 
 use crate::finalizer::collect_garbage;
+use crate::ownership::own_manifest;
 use crate::service::Service;
 
 /// How often a coordinator looks for garbage left uncollected.
@@ -81,15 +80,11 @@ async fn manifest_names(stores: &Stores, job: &JobRecord) -> Vec<String> {
     let Ok(out) = stores.locate(&job.output_uri) else {
         return Vec::new();
     };
-    match read_all(&out.join(MANIFEST)).await {
-        Ok(bytes) => match serde_json::from_slice::<Manifest>(&bytes) {
-            Ok(m) if m.job_uid == job.uid => {
-                let files = m.files.iter().chain(&m.error_files);
-                files.map(|f| f.path.clone()).collect()
-            }
-            _ => Vec::new(),
-        },
-        Err(_) => Vec::new(),
+    match own_manifest(&out, &job.uid).await {
+        Ok(Some(m)) => (m.files.iter().chain(&m.error_files))
+            .map(|f| f.path.clone())
+            .collect(),
+        _ => Vec::new(),
     }
 }
 

@@ -100,14 +100,9 @@ pub async fn check_manifest_owner(loc: &Location, job_uid: &str) -> Result<(), F
 /// coordinator died between publishing and recording the end) must not leave a committed
 /// look, nor block the output's next job. Answers whether there was anything to take back.
 pub async fn unpublish(out: &Location, job_uid: &str) -> Result<bool, StorageError> {
-    let manifest = out.join(MANIFEST);
-    let ours = match read_all(&manifest).await {
-        Ok(bytes) => serde_json::from_slice::<Manifest>(&bytes).is_ok_and(|m| m.job_uid == job_uid),
-        Err(StorageError::NotFound { .. }) => false,
-        Err(e) => return Err(e),
-    };
+    let ours = own_manifest(out, job_uid).await?.is_some();
     if ours {
-        for loc in [out.join(SUCCESS), manifest] {
+        for loc in [out.join(SUCCESS), out.join(MANIFEST)] {
             match loc.store().delete(loc.path()).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(StorageError::from_store(&loc.uri(), e)),
@@ -115,6 +110,20 @@ pub async fn unpublish(out: &Location, job_uid: &str) -> Result<bool, StorageErr
         }
     }
     Ok(ours)
+}
+
+/// The manifest at `out`, when there is one and it is job `job_uid`'s.
+pub(crate) async fn own_manifest(
+    out: &Location,
+    job_uid: &str,
+) -> Result<Option<Manifest>, StorageError> {
+    match read_all(&out.join(MANIFEST)).await {
+        Ok(bytes) => Ok(serde_json::from_slice::<Manifest>(&bytes)
+            .ok()
+            .filter(|m| m.job_uid == job_uid)),
+        Err(StorageError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// The size of the file at `dest` when an earlier attempt of this commit (or merge work, which
