@@ -240,7 +240,9 @@ impl Service {
     }
 
     /// Pauses a schedule; resuming it fires next at its first fire time from now (the ones
-    /// in between are not caught up).
+    /// in between are not caught up). Resuming a schedule that is not paused changes nothing:
+    /// a fire time that is due but not yet fired (the scheduler's next pass, or the catch-up
+    /// after every replica was down) still fires.
     pub async fn pause_schedule(&self, name: &str, paused: bool) -> Result<ScheduleView, ApiError> {
         check_text("schedule", name)?;
         let record = self
@@ -248,6 +250,9 @@ impl Service {
             .schedule(name)
             .await?
             .ok_or_else(|| no_schedule(name))?;
+        if record.paused == paused {
+            return self.schedule_view(record).await;
+        }
         let next = if paused {
             None
         } else {

@@ -75,7 +75,8 @@ pub(crate) async fn pause(
     Ok(Json(state.service.pause_schedule(&name, true).await?).into_response())
 }
 
-/// Lets a paused schedule fire again, from its next fire time after now.
+/// Lets a paused schedule fire again, from its next fire time after now; a schedule that is not
+/// paused is left as it is, its due fire time included.
 #[utoipa::path(post, path = "/v1/schedules/{name}/resume", tag = "schedules", params(SchedulePath),
     responses((status = 200, body = ScheduleView), SubmitErrors), security(("submit_token" = [])))]
 pub(crate) async fn resume(

@@ -905,3 +905,45 @@ async fn one_s3_output_spelled_two_ways_is_owned_by_one_job() {
         );
     }
 }
+
+/// Resuming a schedule that is not paused keeps a fire time that is due but not yet fired: no
+/// scheduler runs here (the coordinator is built, not served), as after every replica was down.
+#[tokio::test(flavor = "multi_thread")]
+async fn resuming_a_schedule_that_is_not_paused_keeps_its_due_fire() {
+    let f = Fixture::new();
+    let sqlite = SqliteStore::open(&f.path("state/db.sqlite")).await.unwrap();
+    sqlite.migrate().await.unwrap();
+    let config = nightshift_tests::api_server::config(AllowList::everything(), 30_000);
+    let coordinator =
+        nightshift_coordinator::Coordinator::new(config, Arc::new(sqlite), Default::default());
+    let service = coordinator.service();
+    let out = f.path("out").display().to_string();
+    let template = job(&f).replace(&out, &format!("{out}/{{{{ datetime }}}}"));
+    let made = service
+        .create_schedule(nightshift_proto::wire::ScheduleRequest {
+            name: "often".into(),
+            cron: "* * * * * *".into(),
+            timezone: None,
+            catch_up: Default::default(),
+            spec: template,
+        })
+        .await
+        .unwrap();
+    let due = made.next_fire_at_ms.unwrap();
+    // Past the fire time, and not fired: no scheduler runs.
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    while (now().unwrap().as_millis() as i64) <= due + 100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resumed = service.pause_schedule("often", false).await.unwrap();
+    assert_eq!(
+        resumed.next_fire_at_ms,
+        Some(due),
+        "the due fire time was skipped"
+    );
+    // A paused schedule resumes from its next fire time after now, as before.
+    let paused = service.pause_schedule("often", true).await.unwrap();
+    assert_eq!(paused.next_fire_at_ms, None);
+    let resumed = service.pause_schedule("often", false).await.unwrap();
+    assert!(resumed.next_fire_at_ms.unwrap() > due, "{resumed:?}");
+}
