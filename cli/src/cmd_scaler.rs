@@ -62,6 +62,13 @@ pub struct ScalerArgs {
     /// terminated and replaced.
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
     pub lost_after: Duration,
+    /// After instances never start a worker, launches wait this long, doubling with each
+    /// further round up to `--launch-backoff-max`, then one instance is tried at a time until
+    /// a worker starts (0s: replace them at once).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub launch_backoff: Duration,
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub launch_backoff_max: Duration,
     /// Time between decisions.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub interval: Duration,
@@ -112,6 +119,13 @@ fn policy(args: &ScalerArgs) -> Result<Policy> {
     if !(args.default_rows_per_s.is_finite() && args.default_rows_per_s > 0.0) {
         bail!("--default-rows-per-s must be a number above 0");
     }
+    if args.launch_backoff_max < args.launch_backoff {
+        bail!(
+            "--launch-backoff-max {:?} is below --launch-backoff {:?}",
+            args.launch_backoff_max,
+            args.launch_backoff
+        );
+    }
     Ok(Policy {
         min_workers: args.min_workers,
         max_workers: args.max_workers,
@@ -123,6 +137,8 @@ fn policy(args: &ScalerArgs) -> Result<Policy> {
         warm_ahead: args.warm_ahead,
         warm_hold: args.warm_hold,
         lost_after: args.lost_after,
+        launch_backoff: args.launch_backoff,
+        launch_backoff_max: args.launch_backoff_max,
     })
 }
 
@@ -194,4 +210,44 @@ async fn ec2(args: &ScalerArgs) -> Result<nightshift_fleet::Ec2Provider> {
 #[cfg(not(feature = "ec2"))]
 async fn ec2(_: &ScalerArgs) -> Result<nightshift_fleet::DryRun> {
     bail!("this nightshift was built without the `ec2` feature: use --provider none")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        scaler: ScalerArgs,
+    }
+
+    fn policy_of(flags: &[&str]) -> Result<Policy> {
+        let args = Args::try_parse_from(
+            ["scaler", "--coordinator", "http://127.0.0.1:1"]
+                .iter()
+                .chain(flags),
+        )?;
+        policy(&args.scaler)
+    }
+
+    #[test]
+    fn launch_backoff_flags_reach_the_policy_and_a_maximum_below_the_first_hold_is_refused() {
+        let p = policy_of(&[]).unwrap();
+        assert_eq!(
+            (p.launch_backoff, p.launch_backoff_max),
+            (Duration::from_secs(300), Duration::from_secs(1800))
+        );
+        let p = policy_of(&["--launch-backoff", "0s"]).unwrap();
+        assert!(p.launch_backoff.is_zero());
+        let e = policy_of(&["--launch-backoff", "10m", "--launch-backoff-max", "2m"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--launch-backoff-max 120s is below --launch-backoff 600s"
+        );
+        let e = policy_of(&["--min-workers", "3", "--max-workers", "2"]).unwrap_err();
+        assert!(e.to_string().contains("--max-workers 2"), "{e}");
+    }
 }

@@ -34,6 +34,12 @@ pub struct Policy {
     /// A worker not seen this long (and holding no lease) is gone: its instance is terminated
     /// and replaced.
     pub lost_after: Duration,
+    /// After instances never started a worker (a broken launch template, a worker that cannot
+    /// reach the coordinator), launches are held back this long, doubling with each further
+    /// round of such instances up to `launch_backoff_max`; after a hold, one instance is tried
+    /// at a time until a worker starts on one. Zero: instances are replaced at once.
+    pub launch_backoff: Duration,
+    pub launch_backoff_max: Duration,
 }
 
 /// Why the desired count is what it is (a metric label and a log field).
@@ -100,6 +106,9 @@ pub struct Decision {
     pub reason: Option<Reason>,
     /// Instances to launch now.
     pub launch: u32,
+    /// Instances the work wants that are not launched: launches are held back after instances
+    /// that never started a worker (`Policy::launch_backoff`).
+    pub held: u32,
     /// Workers (ids) to ask to drain.
     pub drain: Vec<String>,
     /// Instances to terminate, with why.
@@ -126,6 +135,18 @@ pub struct Scaler {
     draining: std::collections::BTreeSet<String>,
     /// The warm pool is held until this time (ms), from the scheduled runs seen.
     warm_until_ms: i64,
+    /// Launches held back since instances never started a worker.
+    launch_hold: Option<LaunchHold>,
+}
+
+/// Launches held back: rounds of instances that never started a worker since one last did.
+#[derive(Debug, Clone, Copy)]
+struct LaunchHold {
+    rounds: u32,
+    /// When the last round was seen: an instance launched since then belongs to the next.
+    since_ms: i64,
+    /// No launch before this time.
+    until_ms: i64,
 }
 
 /// Milliseconds per second: `now_ms` clocks against rates in rows per second.
@@ -183,6 +204,7 @@ impl Scaler {
             history: VecDeque::new(),
             draining: BTreeSet::new(),
             warm_until_ms: i64::MIN,
+            launch_hold: None,
         }
     }
 
@@ -207,14 +229,17 @@ impl Scaler {
             reason
         };
         let current = to_u32(members.iter().filter(|m| m.counted()).count());
+        // Tops up to what the work needs now, not to a count the window still holds: a worker
+        // lost while a larger count is held is replaced only if it is still needed, so that
+        // nothing launched is drained again within the window.
+        let wanted = clamped.saturating_sub(current);
+        let launch = self.launches_allowed(now, &members, wanted);
         let mut decision = Decision {
             desired,
             current,
             reason: Some(reason),
-            // Tops up to what the work needs now, not to a count the window still holds: a
-            // worker lost while a larger count is held is replaced only if it is still needed,
-            // so that nothing launched is drained again within the window.
-            launch: clamped.saturating_sub(current),
+            launch,
+            held: wanted - launch,
             drain: self.drains_to_repeat(now, &members),
             terminate: members
                 .iter()
@@ -324,6 +349,40 @@ impl Scaler {
             })
             .map(|w| w.id.clone())
             .collect()
+    }
+
+    /// Of `wanted` launches, those allowed now. A round of instances that never started a worker
+    /// (any launched since the last round) holds launches back for `launch_backoff`, doubled for
+    /// each round before it, at most `launch_backoff_max`; after the hold one instance is tried
+    /// at a time, while none boots. A worker on an instance launched since the last round ends
+    /// the hold.
+    fn launches_allowed(&mut self, now: i64, members: &[Member], wanted: u32) -> u32 {
+        if self.policy.launch_backoff.is_zero() {
+            return wanted;
+        }
+        let since = self.launch_hold.map_or(i64::MIN, |h| h.since_ms);
+        let new = |m: &&Member| m.instance.launched_ms >= since;
+        let never = State::Remove(Removal::NeverStarted);
+        if members.iter().filter(new).any(|m| m.state == never) {
+            let rounds = self.launch_hold.map_or(0, |h| h.rounds).saturating_add(1);
+            let doubled = 1u32.checked_shl(rounds - 1).unwrap_or(u32::MAX);
+            let hold = (self.policy.launch_backoff.saturating_mul(doubled))
+                .min(self.policy.launch_backoff_max);
+            self.launch_hold = Some(LaunchHold {
+                rounds,
+                since_ms: now,
+                until_ms: now.saturating_add(ms(hold)),
+            });
+        } else if self.launch_hold.is_some()
+            && members.iter().filter(new).any(|m| m.worker.is_some())
+        {
+            self.launch_hold = None;
+        }
+        match self.launch_hold {
+            None => wanted,
+            Some(h) if now < h.until_ms || members.iter().any(|m| m.state == State::Booting) => 0,
+            Some(_) => wanted.min(1),
+        }
     }
 
     /// Workers the jobs need: each job's pending rows at the measured per-worker rate, within
@@ -541,6 +600,8 @@ mod tests {
             warm_ahead: Duration::from_secs(600),
             warm_hold: Duration::from_secs(300),
             lost_after: Duration::from_secs(60),
+            launch_backoff: Duration::from_secs(300),
+            launch_backoff_max: Duration::from_secs(1200),
         }
     }
 
@@ -775,8 +836,85 @@ mod tests {
         );
         assert_eq!((d.current, d.launch), (1, 0));
         let d = decide(&mut s, &obs(T0 + 3 * MINUTE + 1, work(), vec![], booting));
-        assert_eq!((d.current, d.launch), (0, 1));
+        assert_eq!(
+            (d.current, d.launch, d.held),
+            (0, 0, 1),
+            "launches back off"
+        );
         assert_eq!(terminated(&d), [("i-1", Removal::NeverStarted)]);
+    }
+
+    #[test]
+    fn instances_that_never_start_hold_launches_back_doubling_until_a_worker_starts() {
+        let mut s = Scaler::new(policy());
+        let work = || vec![job(3 * ROWS_PER_WORKER, 100)];
+        let d = decide(&mut s, &obs(T0, work(), vec![], vec![]));
+        assert_eq!(d.launch, 3);
+        // All three never start: terminated, and nothing replaces them for 5 minutes.
+        let batch: Vec<Instance> = (1..=3).map(|n| instance(n, T0)).collect();
+        let t1 = T0 + 3 * MINUTE + 1;
+        let d = decide(&mut s, &obs(t1, work(), vec![], batch.clone()));
+        assert_eq!((d.launch, d.held, d.terminate.len()), (0, 3, 3), "{d:?}");
+        // Still listed while they shut down: the same round, not a new one.
+        let d = decide(&mut s, &obs(t1 + 5 * MINUTE - 1, work(), vec![], batch));
+        assert_eq!((d.launch, d.held), (0, 3));
+        // After the hold, one instance is tried, and none more while it boots.
+        let d = decide(&mut s, &obs(t1 + 5 * MINUTE, work(), vec![], vec![]));
+        assert_eq!((d.launch, d.held), (1, 2));
+        let probe = vec![instance(4, t1 + 5 * MINUTE)];
+        let d = decide(&mut s, &obs(t1 + 6 * MINUTE, work(), vec![], probe.clone()));
+        assert_eq!((d.current, d.launch, d.held), (1, 0, 2));
+        // It never starts either: the hold doubles.
+        let t2 = t1 + 8 * MINUTE + 1;
+        let d = decide(&mut s, &obs(t2, work(), vec![], probe));
+        assert_eq!(terminated(&d), [("i-4", Removal::NeverStarted)]);
+        assert_eq!(d.launch, 0);
+        let d = decide(&mut s, &obs(t2 + 10 * MINUTE - 1, work(), vec![], vec![]));
+        assert_eq!(d.launch, 0, "held for 10 minutes");
+        let d = decide(&mut s, &obs(t2 + 10 * MINUTE, work(), vec![], vec![]));
+        assert_eq!(d.launch, 1);
+        // This one's worker starts: the hold ends and the rest launch at once.
+        let t3 = t2 + 12 * MINUTE;
+        let started = worker(5, t3, 1);
+        let d = decide(
+            &mut s,
+            &obs(
+                t3,
+                work(),
+                vec![started],
+                vec![instance(5, t2 + 10 * MINUTE)],
+            ),
+        );
+        assert_eq!((d.current, d.launch, d.held), (1, 2, 0), "{d:?}");
+    }
+
+    #[test]
+    fn the_launch_hold_stops_doubling_at_its_maximum_and_zero_turns_it_off() {
+        let mut s = Scaler::new(policy());
+        let work = || vec![job(ROWS_PER_WORKER, 100)];
+        let mut now = T0;
+        // Rounds 1 to 4 hold 5, 10, 20 (the maximum) and 20 minutes.
+        for (n, hold) in [(1, 5), (2, 10), (3, 20), (4, 20)] {
+            let failed = vec![instance(n, now)];
+            now += 3 * MINUTE + 1;
+            let d = decide(&mut s, &obs(now, work(), vec![], failed));
+            assert_eq!(d.launch, 0, "round {n}");
+            let d = decide(
+                &mut s,
+                &obs(now + hold * MINUTE - 1, work(), vec![], vec![]),
+            );
+            assert_eq!(d.launch, 0, "round {n}");
+            now += hold * MINUTE;
+            let d = decide(&mut s, &obs(now, work(), vec![], vec![]));
+            assert_eq!(d.launch, 1, "round {n}: held {hold} minutes");
+        }
+        let mut s = Scaler::new(Policy {
+            launch_backoff: Duration::ZERO,
+            ..policy()
+        });
+        let failed = vec![instance(1, T0)];
+        let d = decide(&mut s, &obs(T0 + 3 * MINUTE + 1, work(), vec![], failed));
+        assert_eq!((d.launch, d.held), (1, 0), "replaced at once");
     }
 
     #[test]

@@ -16,6 +16,8 @@ use crate::provider::Instance;
 
 pub const DESIRED: &str = "nightshift_scaler_desired_workers";
 pub const CURRENT: &str = "nightshift_scaler_current_workers";
+/// Instances wanted but held back after instances never started a worker.
+pub const HELD: &str = "nightshift_scaler_launches_held";
 pub const INSTANCES: &str = "nightshift_scaler_instances";
 pub const DECISIONS: &str = "nightshift_scaler_decisions_total";
 pub const LAUNCHED: &str = "nightshift_scaler_launched_total";
@@ -28,6 +30,7 @@ pub const ERRORS: &str = "nightshift_scaler_errors_total";
 struct State {
     desired: u32,
     current: u32,
+    held: u32,
     instances: BTreeMap<&'static str, u64>,
     /// `(metric, label name, label value)` -> count (no label when its name is empty).
     counters: BTreeMap<(&'static str, &'static str, String), u64>,
@@ -56,6 +59,7 @@ impl ScalerMetrics {
         let mut state = self.state();
         state.desired = decision.desired;
         state.current = decision.current;
+        state.held = decision.held;
         state.instances.clear();
         for kind in [CapacityType::Spot, CapacityType::OnDemand] {
             let n = instances.iter().filter(|i| i.capacity_type == kind).count();
@@ -89,6 +93,7 @@ impl ScalerMetrics {
         let mut out = String::new();
         let _ = writeln!(out, "# TYPE {DESIRED} gauge\n{DESIRED} {}", state.desired);
         let _ = writeln!(out, "# TYPE {CURRENT} gauge\n{CURRENT} {}", state.current);
+        let _ = writeln!(out, "# TYPE {HELD} gauge\n{HELD} {}", state.held);
         let _ = writeln!(out, "# TYPE {INSTANCES} gauge");
         for (kind, n) in &state.instances {
             let _ = writeln!(out, "{INSTANCES}{{capacity_type=\"{kind}\"}} {n}");

@@ -184,7 +184,14 @@ async fn launch<P: Provider>(
 fn log(d: &Decision) {
     let reason = d.reason.map_or("none", |r| r.as_str());
     if d.launch > 0 || !d.drain.is_empty() || !d.terminate.is_empty() {
-        tracing::info!(desired = d.desired, current = d.current, reason, launch = d.launch, drain = ?d.drain, terminate = ?d.terminate, "scaling");
+        tracing::info!(desired = d.desired, current = d.current, reason, launch = d.launch, held = d.held, drain = ?d.drain, terminate = ?d.terminate, "scaling");
+    } else if d.held > 0 {
+        tracing::warn!(
+            desired = d.desired,
+            current = d.current,
+            held = d.held,
+            "instances never started a worker: launches held back"
+        );
     } else {
         tracing::debug!(desired = d.desired, current = d.current, reason, "holding");
     }

@@ -104,6 +104,8 @@ fn policy() -> Policy {
         warm_ahead: Duration::from_secs(600),
         warm_hold: Duration::from_secs(300),
         lost_after: Duration::from_secs(60),
+        launch_backoff: Duration::from_secs(300),
+        launch_backoff_max: Duration::from_secs(1800),
     }
 }
 
