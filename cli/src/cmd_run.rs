@@ -16,7 +16,8 @@ use nightshift_proto::{JobSpec, JobState};
 use nightshift_storage::Stores;
 use nightshift_worker::model_files::ModelFiles;
 use nightshift_worker::model_session::ModelSession;
-use nightshift_worker::{Worker, WorkerConfig, onnx_runtime};
+use nightshift_worker::{Worker, WorkerConfig, WorkerError, WorkerReport, onnx_runtime};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::OrtArgs;
@@ -151,34 +152,18 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let coordinator_task = tokio::spawn(coordinator.run(listener, coordinator_stop.clone()));
 
     let workers_stop = CancellationToken::new();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let mut workers = Vec::new();
+    let mut workers = LocalWorkers::default();
     for i in 0..worker_count {
-        let mut wc = WorkerConfig::new(&url, &worker_token);
-        wc.worker_id = format!("local-{}-{i}", std::process::id());
-        wc.ort_lib = args.ort.ort_lib.clone();
-        wc.gpus = gpus
-            .get(i % gpus.len().max(1))
-            .copied()
-            .into_iter()
-            .collect();
-        wc.intra_threads = if worker_count > 1 {
-            (cores / worker_count).max(1)
-        } else {
-            0
-        };
-        wc.cache_dir = models.clone();
-        wc.idle_poll = Duration::from_millis(100);
+        let wc = local_worker(&args, &url, &worker_token, &gpus, i, worker_count);
         let worker = Worker::build(wc, stores.clone())?;
-        workers.push(tokio::spawn(worker.run(workers_stop.clone())));
+        workers.tasks.spawn(worker.run(workers_stop.clone()));
     }
 
     let first = service.get(&job_id.to_string()).await?;
     let rows_at_start = first.rows_done;
     let progress = Progress::new(!args.json, first.rows_total, &spec.name);
     let mut view = first;
+    let mut workers_gone = None;
     loop {
         progress.update(&view);
         if view.state.is_terminal() || shutdown.is_cancelled() {
@@ -186,22 +171,30 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         }
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::time::sleep(POLL) => {}
+            why = workers.all_stopped() => {
+                workers_gone = Some(why);
+                break;
+            }
         }
         view = service.get(&job_id.to_string()).await?;
     }
     // Drain the workers (on Ctrl-C they finish the batch in flight and checkpoint it), then
     // stop the coordinator.
     workers_stop.cancel();
-    for w in workers {
-        if let Ok(Err(e)) = w.await {
-            tracing::error!(error = %e, "a local worker stopped");
-        }
-    }
+    workers.all_stopped().await;
     let view = service.get(&job_id.to_string()).await?;
     coordinator_stop.cancel();
     let _ = coordinator_task.await;
     progress.finish();
+    if let Some(why) = workers_gone.filter(|_| !view.state.is_terminal()) {
+        bail!(
+            "every local worker stopped before job `{}` ended ({why}); {} of {} rows are committed, run the same command again to resume",
+            spec.name,
+            view.rows_done,
+            view.rows_total
+        );
+    }
     let seconds = started.elapsed().as_secs_f64();
     let was_interrupted = shutdown.is_cancelled() && !view.state.is_terminal();
     interrupted.abort();
@@ -223,6 +216,68 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The job's progress is read this often.
+const POLL: Duration = Duration::from_millis(200);
+/// A local worker looks for work this often when it found none.
+const LOCAL_IDLE_POLL: Duration = Duration::from_millis(100);
+
+/// Local worker `i` of `count`: its GPU, and a share of the cores when there are several.
+fn local_worker(
+    args: &RunArgs,
+    url: &str,
+    token: &str,
+    gpus: &[u32],
+    i: usize,
+    count: usize,
+) -> WorkerConfig {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut wc = WorkerConfig::new(url, token);
+    wc.worker_id = format!("local-{}-{i}", std::process::id());
+    wc.ort_lib = args.ort.ort_lib.clone();
+    wc.gpus = gpus
+        .get(i % gpus.len().max(1))
+        .copied()
+        .into_iter()
+        .collect();
+    wc.intra_threads = if count > 1 { (cores / count).max(1) } else { 0 };
+    wc.cache_dir = args.state.join("models");
+    wc.idle_poll = LOCAL_IDLE_POLL;
+    wc
+}
+
+/// The local workers' tasks. A worker stops on its own only when it cannot go on (its
+/// inference threads did not start, it panicked): the job is watched only while one runs.
+#[derive(Default)]
+struct LocalWorkers {
+    tasks: JoinSet<Result<WorkerReport, WorkerError>>,
+    /// Why the last worker that stopped on its own did.
+    last_error: Option<String>,
+}
+
+impl LocalWorkers {
+    /// Resolves once every worker has stopped (at once if none runs), with why the last one
+    /// that failed did; each failure is logged as it happens. Cancel-safe: a call dropped
+    /// before its end loses nothing.
+    async fn all_stopped(&mut self) -> String {
+        while let Some(ended) = self.tasks.join_next().await {
+            let failure = match ended {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(format!("its task ended: {e}")),
+            };
+            if let Some(why) = failure {
+                tracing::error!(error = %why, "a local worker stopped");
+                self.last_error = Some(why);
+            }
+        }
+        self.last_error
+            .clone()
+            .unwrap_or_else(|| "they stopped without an error".into())
+    }
 }
 
 fn print_summary(view: &JobView, seconds: f64, rows_this_run: u64) -> Result<()> {
@@ -324,4 +379,33 @@ async fn discard(
         .await?;
     store.delete_job(old.id).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(why: &str) -> Result<WorkerReport, WorkerError> {
+        Err(WorkerError::Threads(std::io::Error::other(why.to_string())))
+    }
+
+    #[tokio::test]
+    async fn the_job_is_watched_while_one_local_worker_runs_and_no_longer() {
+        let mut workers = LocalWorkers::default();
+        workers.tasks.spawn(async { failed("no threads left") });
+        let running = CancellationToken::new();
+        let stop = running.clone();
+        workers.tasks.spawn(async move {
+            stop.cancelled().await;
+            failed("the second one")
+        });
+        let waited = tokio::time::timeout(Duration::from_millis(300), workers.all_stopped()).await;
+        assert!(waited.is_err(), "one worker still runs");
+        running.cancel();
+        let why = workers.all_stopped().await;
+        assert!(why.contains("the second one"), "{why}");
+        workers.tasks.spawn(async { panic!("a bug") });
+        let why = workers.all_stopped().await;
+        assert!(why.contains("panicked"), "{why}");
+    }
 }
