@@ -7,7 +7,9 @@
 //! key order), so the coordinator holds two pieces of it; a local directory, which lists in
 //! no order, is read whole and sorted first.
 //! A problem fails the job with the message `submit` would have given. A coordinator that
-//! stops mid-plan, or a retried job, plans on from the files recorded.
+//! stops mid-plan, or a retried job, plans on from the files recorded. One replica plans a job
+//! at a time: it claims the job before it lists the input and renews the claim before each
+//! piece (`Jobs::claim_planning`); the others skip the job until the claim expires.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -31,6 +33,22 @@ const PIECE_FILES: usize = 256;
 /// How often the loop looks for jobs to plan besides being woken (jobs a retry, another
 /// replica or a coordinator that stopped left planning).
 const PLANNING_TICK: Duration = Duration::from_secs(2);
+/// How long a replica's claim to plan a job lasts; it is renewed before each piece. A piece
+/// that takes longer lets another replica take the job over (the store still records each
+/// piece once).
+const PLAN_CLAIM: Duration = Duration::from_secs(15);
+
+/// How planning a job here ended, short of an error.
+#[derive(Debug, PartialEq, Eq)]
+enum Planned {
+    /// The last piece is recorded.
+    Complete,
+    /// The job stopped planning meanwhile (cancelled, failed, deleted), or another replica
+    /// that took over an expired claim recorded the piece first.
+    Stopped,
+    /// Another replica holds the claim.
+    Elsewhere,
+}
 
 /// Why a job's planning stopped before its end.
 #[derive(Debug, thiserror::Error)]
@@ -49,8 +67,9 @@ impl From<JobCheckError> for PlanningError {
     }
 }
 
-/// Plans every job that is planning, each in its own task, until `shutdown`.
-pub async fn planning_loop(service: Service, shutdown: CancellationToken) {
+/// Plans every job that is planning and that no other replica plans, each in its own task,
+/// until `shutdown`; `owner` names this replica's claims.
+pub async fn planning_loop(service: Service, owner: String, shutdown: CancellationToken) {
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut planning: HashMap<tokio::task::Id, i64> = HashMap::new();
     loop {
@@ -59,7 +78,7 @@ pub async fn planning_loop(service: Service, shutdown: CancellationToken) {
                 for job in jobs {
                     if !planning.values().any(|&id| id == job.id) {
                         let id = job.id;
-                        let task = tasks.spawn(plan_job(service.clone(), job));
+                        let task = tasks.spawn(plan_job(service.clone(), owner.clone(), job));
                         planning.insert(task.id(), id);
                     }
                 }
@@ -86,14 +105,20 @@ pub async fn planning_loop(service: Service, shutdown: CancellationToken) {
 }
 
 /// Plans one job to its end, or until it stops being planned here.
-async fn plan_job(service: Service, job: JobRecord) {
-    match plan_rest(&service, &job).await {
-        Ok(true) => {
+async fn plan_job(service: Service, owner: String, job: JobRecord) {
+    match plan_rest(&service, &owner, &job).await {
+        Ok(Planned::Complete) => {
             tracing::info!(job = job.id, "planning done");
             // Its last merge and its commit need not wait for the finalizer's next tick.
             service.shard_done.notify_one();
         }
-        Ok(false) => tracing::info!(job = job.id, "planning stopped: the job is not planning"),
+        Ok(Planned::Stopped) => {
+            tracing::info!(
+                job = job.id,
+                "planning stopped: the job ended, or another replica recorded the piece"
+            );
+        }
+        Ok(Planned::Elsewhere) => tracing::debug!(job = job.id, "another replica plans the job"),
         Err(PlanningError::Store(e)) => {
             tracing::warn!(job = job.id, error = %e, "planning paused: the store failed");
         }
@@ -106,9 +131,21 @@ async fn plan_job(service: Service, job: JobRecord) {
     }
 }
 
-/// Lists the job's input and records it piece by piece from the files recorded on; answers
-/// whether the plan is complete (false: the job stopped planning meanwhile).
-async fn plan_rest(service: &Service, job: &JobRecord) -> Result<bool, PlanningError> {
+/// Lists the job's input and records it piece by piece from the files recorded on, while this
+/// replica holds the job's claim.
+async fn plan_rest(
+    service: &Service,
+    owner: &str,
+    job: &JobRecord,
+) -> Result<Planned, PlanningError> {
+    let claim = || {
+        service
+            .store
+            .claim_planning(job.id, owner, millis(PLAN_CLAIM))
+    };
+    if !claim().await? {
+        return Ok(Planned::Elsewhere);
+    }
     let spec = &job.spec;
     let mut planner = Planner::new(&service.stores, spec).await?;
     let InputStream {
@@ -131,6 +168,9 @@ async fn plan_rest(service: &Service, job: &JobRecord) -> Result<bool, PlanningE
         };
         let last = next.is_empty();
         slow_down().await;
+        if !claim().await? {
+            return Ok(Planned::Elsewhere);
+        }
         let plan = plan_piece(service, &mut planner, &piece, after).await?;
         rows += plan.rows_total;
         if last && rows == 0 {
@@ -145,10 +185,10 @@ async fn plan_rest(service: &Service, job: &JobRecord) -> Result<bool, PlanningE
             last,
         };
         if !service.store.append_plan(job.id, &recorded).await? {
-            return Ok(false);
+            return Ok(Planned::Stopped);
         }
         if last {
-            return Ok(true);
+            return Ok(Planned::Complete);
         }
         after += files;
         piece = next;
@@ -213,6 +253,11 @@ async fn skip_recorded(
     let first = first.ok_or_else(changed)?;
     planner.plan(std::slice::from_ref(&first), 0).await?;
     Ok(())
+}
+
+/// A duration in ms, as the store's claims take it.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// The index of an input file, as shards record it.

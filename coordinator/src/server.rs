@@ -123,6 +123,7 @@ impl Coordinator {
         ));
         tracker.spawn(crate::planning::planning_loop(
             self.service.clone(),
+            self.config.replica_id.clone(),
             shutdown.clone(),
         ));
         tracker.spawn(crate::loops::finalizer(

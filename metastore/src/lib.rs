@@ -326,6 +326,9 @@ pub trait Jobs: Send + Sync {
     async fn fail_planning(&self, job_id: i64, message: &str) -> Result<()>;
     /// Jobs still being planned that have not ended: what a starting coordinator resumes.
     async fn planning_jobs(&self) -> Result<Vec<JobRecord>>;
+    /// Takes, or renews, the claim to plan a job for `ttl_ms`: true while `owner` holds it,
+    /// false when another owner's claim has not expired or the job is no longer planning.
+    async fn claim_planning(&self, job_id: i64, owner: &str, ttl_ms: i64) -> Result<bool>;
     async fn job_by_key(&self, key: &str) -> Result<Option<JobRecord>>;
     async fn job(&self, id: i64) -> Result<Option<JobRecord>>;
     /// The newest job of that name.
@@ -475,7 +478,7 @@ pub trait Loops: Send + Sync {
     async fn merged_parts(&self, job_id: i64) -> Result<Vec<PartRow>>;
     async fn metrics(&self, workers_window_ms: i64) -> Result<StoreMetrics>;
     /// For a database no other process uses (local mode, after a crash; the run holds its lock
-    /// file): every lease and finalizer claim still marked held is from the dead run, so all
+    /// file): every lease, finalizer and planner claim still marked held is from the dead run, so all
     /// expire now instead of waiting out their TTL; the reaper returns the shards to the queue
     /// and the finalizer takes the job again. Returns the shards freed.
     async fn recover_after_crash(&self) -> Result<u64>;

@@ -39,6 +39,7 @@ const FILES: &[File] = &files! {
     12 => "0012_merge_files.sql",
     13 => "0013_files_removed.sql",
     14 => "0014_garbage.sql",
+    15 => "0015_planner_claim.sql",
 };
 
 pub fn sqlite() -> Migrator {

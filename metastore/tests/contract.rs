@@ -150,6 +150,7 @@ contract!(
     loops::churn_commits_every_row_once,
     planning::a_job_planned_in_pieces_runs_before_its_plan_ends,
     planning::a_planning_failure_fails_the_job_and_a_retry_plans_on,
+    planning::one_owner_plans_a_job_until_its_claim_expires,
     loops::recovery_after_a_crash_expires_every_claim_at_once,
     loops::callbacks_go_once_a_job_ends_and_again_after_a_retry,
     loops::schedules_fire_once_per_time_and_move_on_from_what_was_read,

@@ -44,11 +44,22 @@ fn many_files(f: &Fixture) -> GeneratedJob {
 }
 
 fn coordinator(f: &Fixture, db: &str) -> CoordinatorProc {
-    let envs = [("FAILPOINTS".to_string(), PIECE_DELAY.to_string())];
+    replica(f, db, "coord")
+}
+
+fn replica(f: &Fixture, db: &str, name: &str) -> CoordinatorProc {
+    let envs = [
+        ("FAILPOINTS".to_string(), PIECE_DELAY.to_string()),
+        // How each replica's planning of a job ended.
+        (
+            "RUST_LOG".to_string(),
+            "warn,nightshift_coordinator::planning=info".to_string(),
+        ),
+    ];
     CoordinatorProc::start(
         Path::new(BIN),
         f.dir.path(),
-        "coord",
+        name,
         db,
         &["--allow-uri", &f.allow_uri()],
         &envs,
@@ -178,5 +189,28 @@ fn a_bad_file_found_while_planning_fails_the_job_naming_it() {
     assert!(
         error.contains("is not a Parquet file") && error.contains(bad.to_str().unwrap()),
         "{error}"
+    );
+}
+
+/// Two replicas on one database: one plans the job (it holds the claim), the other neither
+/// lists its input nor has a piece refused and starts over.
+#[test]
+fn of_two_replicas_one_plans_a_job() {
+    let f = Fixture::new();
+    let (_rt, _pg, url) = server_with_database();
+    let job = many_files(&f);
+    let a = replica(&f, &url, "coord-a");
+    let b = replica(&f, &url, "coord-b");
+    let submitted = submit(&f, &a, &job.spec);
+    assert_eq!(submitted.state, JobState::Planning, "{submitted:?}");
+    let planned = wait_for(&a, submitted.id, "planned", |v| v.planning.is_none());
+    assert_eq!(planned.rows_total, (FILES * ROWS_PER_FILE) as u64);
+    let logs = [&a, &b].map(|c| std::fs::read_to_string(&c.log).unwrap_or_default());
+    let count = |what: &str| logs.iter().map(|l| l.matches(what).count()).sum::<usize>();
+    assert_eq!(count("planning done"), 1, "{logs:#?}");
+    assert_eq!(
+        count("planning stopped"),
+        0,
+        "a replica planned in vain: {logs:#?}"
     );
 }

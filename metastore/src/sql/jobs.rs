@@ -116,6 +116,22 @@ where
             .await?)
     }
 
+    async fn claim_planning(&self, job_id: i64, owner: &str, ttl_ms: i64) -> Result<bool> {
+        let claimed = sqlx::query(D::sql(
+            "UPDATE jobs SET planner_owner = $2, planner_expires_at_ms = {now} + $3 \
+             WHERE id = $1 AND planning AND state IN ($4, $5) AND (planner_owner IS NULL \
+               OR planner_owner = $2 OR planner_expires_at_ms < {now})",
+        ))
+        .bind(job_id)
+        .bind(owner)
+        .bind(ttl_ms)
+        .bind(JobState::Running.as_str())
+        .bind(JobState::Queued.as_str())
+        .execute(D::ex(&mut *self.conn().await?))
+        .await?;
+        Ok(D::affected(&claimed) > 0)
+    }
+
     /// The cancelled jobs whose output overlaps `uri`'s, oldest first.
     async fn cancelled_at(&self, uri: &str) -> Result<Vec<JobRecord>> {
         let sql = D::sql(&format!(

@@ -339,6 +339,9 @@ where
         )
         .execute(D::ex(&mut tx))
         .await?;
+        sqlx::query("UPDATE jobs SET planner_expires_at_ms = 0 WHERE planner_owner IS NOT NULL")
+            .execute(D::ex(&mut tx))
+            .await?;
         let freed = sqlx::query("UPDATE shards SET lease_expires_at_ms = 0 WHERE state = $1")
             .bind(ShardState::Leased.as_str())
             .execute(D::ex(&mut tx))

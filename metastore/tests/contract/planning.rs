@@ -173,3 +173,29 @@ pub async fn a_planning_failure_fails_the_job_and_a_retry_plans_on(store: DynMet
     let job = store.job(cancelled).await.unwrap().unwrap();
     assert_eq!((job.state, job.error), (JobState::Cancelled, None));
 }
+
+pub async fn one_owner_plans_a_job_until_its_claim_expires(store: DynMetastore) {
+    let id = planning_job(&store, "claimed").await;
+    assert!(store.claim_planning(id, "a", 60_000).await.unwrap());
+    assert!(
+        !store.claim_planning(id, "b", 60_000).await.unwrap(),
+        "a holds it"
+    );
+    assert!(
+        store.claim_planning(id, "a", 60_000).await.unwrap(),
+        "renewed"
+    );
+    // Expired (a renewal that already ran out), another owner takes it and `a` no longer can.
+    assert!(store.claim_planning(id, "a", -1).await.unwrap());
+    assert!(store.claim_planning(id, "b", 60_000).await.unwrap());
+    assert!(!store.claim_planning(id, "a", 60_000).await.unwrap());
+    // A local run after a crash takes its dead process's claim at once.
+    store.recover_after_crash().await.unwrap();
+    assert!(store.claim_planning(id, "c", 60_000).await.unwrap());
+    // A job planned to its end, or no longer planning, is claimed by no one.
+    assert!(store.append_plan(id, &piece(0, 1, 1)).await.unwrap());
+    assert!(!store.claim_planning(id, "c", 60_000).await.unwrap());
+    let cancelled = planning_job(&store, "claimed-cancelled").await;
+    store.cancel_job(cancelled).await.unwrap();
+    assert!(!store.claim_planning(cancelled, "a", 60_000).await.unwrap());
+}
