@@ -9,7 +9,7 @@ use std::time::Duration;
 use nightshift_coordinator::AllowList;
 use nightshift_storage::Stores;
 use nightshift_tests::api_server::{Api, job, start};
-use nightshift_tests::fixtures::Fixture;
+use nightshift_tests::fixtures::{Fixture, spec_toml};
 use nightshift_tests::python::ort_library;
 use nightshift_tests::verify::verify_output;
 use nightshift_worker::context::WorkerReport;
@@ -22,7 +22,12 @@ const BATCH: u64 = 1024;
 
 /// Runs the fixture's job to the end with one in-process worker; answers its report.
 async fn run_job(f: &Fixture, api: &Api) -> WorkerReport {
-    let (s, body) = api.submit(Some("S"), None, &job(f)).await;
+    run_spec(f, api, &job(f), "api-job").await
+}
+
+/// Runs the job of `spec`, named `name`, to the end with one in-process worker.
+async fn run_spec(f: &Fixture, api: &Api, spec: &str, name: &str) -> WorkerReport {
+    let (s, body) = api.submit(Some("S"), None, spec).await;
     assert_eq!(s, reqwest::StatusCode::CREATED, "{body}");
     let mut config = WorkerConfig::new(&api.url, "W");
     config.ort_lib = Some(ort_library());
@@ -30,8 +35,7 @@ async fn run_job(f: &Fixture, api: &Api) -> WorkerReport {
     let worker = Worker::build(config, Arc::new(Stores::default())).expect("worker");
     let stop = CancellationToken::new();
     let running = tokio::spawn(worker.run(stop.clone()));
-    api.wait_succeeded("api-job", Duration::from_secs(120))
-        .await;
+    api.wait_succeeded(name, Duration::from_secs(120)).await;
     stop.cancel();
     running.await.expect("worker task").expect("worker")
 }
@@ -77,5 +81,33 @@ async fn calls_the_device_cannot_hold_are_halved_until_they_fit() {
         .as_u64()
         .expect("batch_rows in the status");
     assert!((LIMIT / 2..=LIMIT).contains(&shown), "{view}");
+    verify(&f);
+
+    // A large batch the device holds one row of at a time: its calls are many, each of one
+    // row, and none of them deepens the inference thread's stack.
+    const WIDE: u64 = 20_000;
+    let f = Fixture::new();
+    let api = start(&f, AllowList::everything(), 30_000).await;
+    let rows = WIDE.to_string();
+    let data = f.data(
+        "in",
+        &["--rows", &rows, "--files", "1", "--row-group-rows", &rows],
+    );
+    let spec = spec_toml(
+        "one-row-calls",
+        &format!("{}/*.parquet", data.display()),
+        &f.model("m.onnx", &["--hidden", "16"]),
+        &f.path("out"),
+        &format!("[shards]\nrows = {WIDE}\n\n[batch]\nsize = {WIDE}\n"),
+    );
+    fail::cfg("model-run-oom", "return(1)").unwrap();
+    let report = run_spec(&f, &api, &spec, "one-row-calls").await;
+    fail::remove("model-run-oom");
+    assert_eq!(
+        (report.rows, report.largest_model_call),
+        (WIDE, 1),
+        "{report:?}"
+    );
+    assert_eq!(report.error_rows, 0, "{report:?}");
     verify(&f);
 }

@@ -324,12 +324,19 @@ impl Calls<'_> {
     /// Runs rows `[from, to)` in calls of at most the session's row limit. A call the device
     /// has no memory for halves the limit (for this and every later batch) and is run again in
     /// pieces; a call the model rejects is split in halves down to single rows. `failed` is a
-    /// failure this range already had as one call.
+    /// failure this range already had as one call. The calls of a range above the limit are
+    /// made in a loop: the stack deepens only with each halving, never with the number of
+    /// calls (a batch of 16,384 rows the device holds one row of would otherwise overflow it).
     fn run(&mut self, from: usize, to: usize, failed: Option<RunError>) -> Result<(), ShardError> {
         let rows = to - from;
-        if let Some(limit) = self.session.row_limit.filter(|&l| rows > l) {
-            self.run(from, from + limit, None)?;
-            return self.run(from + limit, to, None);
+        if self.session.row_limit.is_some_and(|l| rows > l) {
+            let mut start = from;
+            while let Some(limit) = self.session.row_limit.filter(|_| start < to) {
+                let end = to.min(start + limit);
+                self.run(start, end, None)?;
+                start = end;
+            }
+            return Ok(());
         }
         let outcome = match failed {
             Some(e) => Err(e),
