@@ -9,8 +9,8 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use nightshift_proto::wire::{
     Ack, CheckpointRequest, CompleteManyRequest, CompleteManyResponse, CompleteRequest,
-    FailRequest, GpuSample, HeartbeatRequest, HeartbeatResponse, LeaseRef, LeaseRequest,
-    LeaseResponse, LoadedModel, PartRecord, ReleaseRequest, ShardLease,
+    FailRequest, GpuSample, HeartbeatRequest, HeartbeatResponse, LeaseGrant, LeaseRef,
+    LeaseRequest, LeaseResponse, LoadedModel, PartRecord, ReleaseRequest, ShardLease,
 };
 use nightshift_proto::{ErrorBody, ErrorCode, FailureClass, JobSpec};
 use serde::Serialize;
@@ -187,19 +187,36 @@ impl CoordinatorClient {
         .await
     }
 
-    /// A lease request that also says what the worker runs on.
+    /// A lease request that also says what the worker runs on. A grant whose spec cannot be
+    /// had (the job ended meanwhile, the coordinator went away, a spec this worker cannot read)
+    /// is failed as retryable with why, so that its shard goes back to the queue after the
+    /// backoff and shows the reason; the other grants are answered.
     pub async fn lease_with(&self, request: &LeaseRequest) -> Result<Leases, ClientError> {
         let answer: LeaseResponse = self.post("/v1/worker/lease", request).await?;
         let mut leases = Vec::with_capacity(answer.leases.len());
         for grant in answer.leases {
-            let spec = self.spec(&grant.spec_hash).await?;
-            leases.push(ShardLease { grant, spec });
+            match self.spec(&grant.spec_hash).await {
+                Ok(spec) => leases.push(ShardLease { grant, spec }),
+                Err(e) => self.give_back(&grant, &e).await,
+            }
         }
         Ok(Leases {
             leases,
             lease_ttl_ms: answer.lease_ttl_ms,
             drain: answer.drain,
         })
+    }
+
+    /// Fails a grant this worker cannot run for want of its spec (`why`).
+    async fn give_back(&self, grant: &LeaseGrant, why: &ClientError) {
+        tracing::warn!(job = grant.job_id, shard = grant.shard_id, error = %why, "no spec for a granted shard; failing its lease");
+        let message = format!("the worker could not read the job's spec: {why}");
+        let failed = self
+            .fail(grant.lease_ref(), FailureClass::Retryable, message)
+            .await;
+        if let Err(e) = failed {
+            tracing::warn!(shard = grant.shard_id, error = %e, "failing the lease failed; it expires");
+        }
     }
 
     /// The spec of hash `hash`, from the cache or the coordinator; one whose hash is not
@@ -377,4 +394,122 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use axum::Json;
+    use axum::extract::{Path, State};
+    use axum::http::StatusCode;
+    use axum::routing::{get, post};
+    use nightshift_proto::wire::{InputFile, LeaseSecret, ShardPlan};
+
+    use super::*;
+
+    const SPEC: &str = r#"name = "j"
+[input]
+uri = "/in/*.parquet"
+[model]
+uri = "/m.onnx"
+[model.inputs]
+x = "features"
+[model.outputs]
+logits = "logits"
+[output]
+uri = "/out"
+"#;
+
+    fn grant(shard_id: i64, spec_hash: &str) -> LeaseGrant {
+        LeaseGrant {
+            job_id: shard_id,
+            job_uid: format!("uid{shard_id}"),
+            shard_id,
+            token: 1,
+            secret: LeaseSecret::from_u128(7),
+            attempt: 1,
+            file: InputFile {
+                uri: "/in/a.parquet".into(),
+                size: 10,
+                etag: None,
+            },
+            plan: ShardPlan {
+                file_index: 0,
+                row_group_start: 0,
+                row_group_end: 1,
+                file_row_start: 0,
+                rows: 10,
+            },
+            checkpoint_rows: 0,
+            spec_hash: spec_hash.into(),
+            merge: None,
+            merge_files: None,
+        }
+    }
+
+    /// A coordinator that grants shard 1 of a job whose spec it serves and shard 2 of one whose
+    /// spec it no longer has, and records the leases failed.
+    async fn coordinator(spec: JobSpec) -> (String, Arc<Mutex<Vec<FailRequest>>>) {
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let hash = spec.hash();
+        let leases = vec![grant(1, &hash), grant(2, "0123")];
+        let app = axum::Router::new()
+            .route(
+                "/v1/worker/lease",
+                post(move || async move {
+                    Json(LeaseResponse {
+                        leases,
+                        lease_ttl_ms: 30_000,
+                        drain: false,
+                    })
+                }),
+            )
+            .route(
+                "/v1/worker/specs/{hash}",
+                get(move |Path(asked): Path<String>| async move {
+                    if asked == spec.hash() {
+                        Ok(Json(spec))
+                    } else {
+                        Err(StatusCode::NOT_FOUND)
+                    }
+                }),
+            )
+            .route(
+                "/v1/worker/fail",
+                post(
+                    |State(failed): State<Arc<Mutex<Vec<FailRequest>>>>,
+                     Json(req): Json<FailRequest>| async move {
+                        failed.lock().unwrap().push(req);
+                        Json(Ack { ok: true })
+                    },
+                ),
+            )
+            .with_state(failed.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, failed)
+    }
+
+    #[tokio::test]
+    async fn a_grant_whose_spec_cannot_be_had_is_failed_and_the_others_are_kept() {
+        let spec = JobSpec::from_toml(SPEC).unwrap();
+        let (url, failed) = coordinator(spec.clone()).await;
+        let client = CoordinatorClient::new(&url, "W")
+            .for_worker("w1")
+            .with_retry_times(0);
+        let leases = client
+            .lease("w1", 2)
+            .await
+            .expect("the spec that exists is used");
+        let shards: Vec<i64> = leases.leases.iter().map(|l| l.grant.shard_id).collect();
+        assert_eq!(shards, [1]);
+        assert_eq!(leases.leases[0].spec, spec);
+        let failed = failed.lock().unwrap();
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].lease.shard_id, 2);
+        assert_eq!(failed[0].class, FailureClass::Retryable);
+        assert!(failed[0].message.contains("spec"), "{}", failed[0].message);
+    }
 }
