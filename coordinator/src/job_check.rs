@@ -12,7 +12,7 @@ use nightshift_proto::wire::{InputFile, JobPlan, Manifest};
 use nightshift_signature::{ModelSignature, plan_tensors};
 use nightshift_storage::input_listing::input_base;
 use nightshift_storage::{
-    InputObject, ObjectReader, StorageError, Stores, list_inputs_upto, read_all,
+    FooterError, InputObject, ObjectReader, StorageError, Stores, list_inputs_upto, read_all,
 };
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
@@ -218,7 +218,10 @@ async fn read_footer(object: &InputObject) -> Result<ArrowReaderMetadata, JobChe
     let footer = reader
         .footer()
         .await
-        .map_err(|e| not_parquet(e.to_string()))?;
+        .map_err(|e| match FooterError::from(e) {
+            FooterError::Storage(e) => JobCheckError::Input(e),
+            FooterError::NotParquet(reason) => not_parquet(reason),
+        })?;
     ArrowReaderMetadata::try_new(footer, ArrowReaderOptions::new())
         .map_err(|e| not_parquet(e.to_string()))
 }

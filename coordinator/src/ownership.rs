@@ -11,7 +11,7 @@ use futures::{StreamExt, TryStreamExt};
 use nightshift_proto::layout::{DATA_EXT, ERROR_FILE_STEM, MANIFEST, SUCCESS, parts_dir};
 use nightshift_proto::wire::Manifest;
 use nightshift_storage::{
-    Location, Occupant, StorageError, Stores, occupant, owned_by, read_all, stamp,
+    FooterError, Location, Occupant, StorageError, Stores, occupant, owned_by, read_all, stamp,
 };
 use object_store::ObjectStoreExt;
 
@@ -66,7 +66,8 @@ pub async fn verify_parts(
             };
             match stamp(&out.join(rel), bytes).await {
                 Ok(stamp) => owned_by(stamp, &job.uid, rows).map_err(bad),
-                Err(e) => Err(bad(format!("not a Parquet part: {e}"))),
+                Err(FooterError::Storage(e)) => Err(FinalizeError::Storage(e)),
+                Err(FooterError::NotParquet(e)) => Err(bad(format!("not a Parquet part: {e}"))),
             }
         })
         .buffer_unordered(VERIFY_CONCURRENCY)
@@ -164,7 +165,12 @@ pub async fn remove_job_files(
             if !name.ends_with(&format!(".{DATA_EXT}")) {
                 continue;
             }
-            if let Ok((Some(owner), _)) = stamp(&loc, size).await
+            let owner = match stamp(&loc, size).await {
+                Ok((owner, _)) => owner,
+                Err(FooterError::Storage(e)) => return Err(e),
+                Err(FooterError::NotParquet(_)) => None,
+            };
+            if let Some(owner) = owner
                 && job_uids.contains(owner.as_str())
             {
                 match loc.store().delete(loc.path()).await {

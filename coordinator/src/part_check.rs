@@ -10,7 +10,9 @@
 use nightshift_proto::spec_check::MAX_TEXT_TOKENS;
 use nightshift_proto::wire::{LeaseRef, ManifestField, PartRecord, part_object};
 use nightshift_storage::location::plain_file_inside;
-use nightshift_storage::{Location, StorageError, Stores, owned_by, read_footer, stamp_of};
+use nightshift_storage::{
+    FooterError, Location, StorageError, Stores, owned_by, read_footer, stamp_of,
+};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 
 use crate::finalizer::manifest_fields;
@@ -196,9 +198,10 @@ async fn check_stamp(
         rows,
         found,
     };
-    let footer = read_footer(loc, bytes)
-        .await
-        .map_err(|e| not_ours(format!("not a Parquet file: {e}")))?;
+    let footer = read_footer(loc, bytes).await.map_err(|e| match e {
+        FooterError::Storage(e) => PartError::Storage(e),
+        FooterError::NotParquet(e) => not_ours(format!("not a Parquet file: {e}")),
+    })?;
     owned_by(stamp_of(&footer), job_uid, rows).map_err(not_ours)?;
     let arrow = ArrowReaderMetadata::try_new(footer, ArrowReaderOptions::new())
         .map_err(|e| not_ours(format!("no Arrow schema: {e}")))?;

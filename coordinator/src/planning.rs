@@ -17,6 +17,7 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use futures::stream::{BoxStream, TryChunks};
 use nightshift_metastore::{JobRecord, PlanPiece, StoreError};
+use nightshift_proto::FailureClass;
 use nightshift_proto::wire::JobPlan;
 use nightshift_storage::input_listing::{InputStream, stream_inputs};
 use nightshift_storage::location::{is_local_uri, resolve_links};
@@ -56,6 +57,10 @@ enum PlanningError {
     /// The store failed: the job stays planning and is taken up again.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The object store failed in a way worth another try: the job stays planning and is
+    /// taken up again.
+    #[error(transparent)]
+    Storage(StorageError),
     /// What `submit` would have refused the job for: the job fails with it.
     #[error("{0}")]
     Refused(String),
@@ -63,7 +68,14 @@ enum PlanningError {
 
 impl From<JobCheckError> for PlanningError {
     fn from(e: JobCheckError) -> Self {
-        PlanningError::Refused(ApiError::Check(e).to_string())
+        match e {
+            JobCheckError::Input(e) | JobCheckError::Model(e)
+                if e.class() == FailureClass::Retryable =>
+            {
+                PlanningError::Storage(e)
+            }
+            e => PlanningError::Refused(ApiError::Check(e).to_string()),
+        }
     }
 }
 
@@ -121,6 +133,9 @@ async fn plan_job(service: Service, owner: String, job: JobRecord) {
         Ok(Planned::Elsewhere) => tracing::debug!(job = job.id, "another replica plans the job"),
         Err(PlanningError::Store(e)) => {
             tracing::warn!(job = job.id, error = %e, "planning paused: the store failed");
+        }
+        Err(PlanningError::Storage(e)) => {
+            tracing::warn!(job = job.id, error = %e, "planning paused: the object store failed");
         }
         Err(PlanningError::Refused(message)) => {
             tracing::warn!(job = job.id, error = %message, "planning failed the job");

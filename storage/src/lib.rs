@@ -20,4 +20,4 @@ pub use object_reader::{read_all, storage_cause};
 pub use open_uploads::{OpenUpload, S3Bucket};
 pub use part_upload::{PartUpload, sync_local};
 pub use publish::publish_object;
-pub use stamp::{Occupant, occupant, owned_by, read_footer, stamp, stamp_of};
+pub use stamp::{FooterError, Occupant, occupant, owned_by, read_footer, stamp, stamp_of};

@@ -6,23 +6,46 @@ use std::sync::Arc;
 
 use nightshift_proto::layout::JOB_UID_KEY;
 use object_store::ObjectStoreExt;
+use parquet::errors::ParquetError;
 use parquet::file::metadata::ParquetMetaData;
 
 use crate::error::StorageError;
 use crate::location::Location;
 use crate::object_reader::ObjectReader;
 
-/// The job a Parquet file's footer names (if any) and the rows it holds; `Err` with the
-/// reason when it is not a Parquet file.
-pub async fn stamp(loc: &Location, size: u64) -> Result<(Option<String>, u64), String> {
+/// Why a footer was not read: the store failed (its class says whether to try again), or the
+/// bytes are not a Parquet footer.
+#[derive(Debug, thiserror::Error)]
+pub enum FooterError {
+    #[error(transparent)]
+    Storage(StorageError),
+    #[error("{0}")]
+    NotParquet(String),
+}
+
+impl From<ParquetError> for FooterError {
+    /// A storage error the reader met stays one, so that a store that blipped is never taken
+    /// for a file that is not Parquet.
+    fn from(e: ParquetError) -> Self {
+        match e {
+            ParquetError::External(inner) => match inner.downcast::<StorageError>() {
+                Ok(storage) => FooterError::Storage(*storage),
+                Err(other) => FooterError::NotParquet(ParquetError::External(other).to_string()),
+            },
+            other => FooterError::NotParquet(other.to_string()),
+        }
+    }
+}
+
+/// The job a Parquet file's footer names (if any) and the rows it holds.
+pub async fn stamp(loc: &Location, size: u64) -> Result<(Option<String>, u64), FooterError> {
     Ok(stamp_of(&*read_footer(loc, size).await?))
 }
 
-/// The footer of the Parquet file at `loc` of `size` bytes; `Err` with the reason when it is
-/// not one.
-pub async fn read_footer(loc: &Location, size: u64) -> Result<Arc<ParquetMetaData>, String> {
+/// The footer of the Parquet file at `loc` of `size` bytes.
+pub async fn read_footer(loc: &Location, size: u64) -> Result<Arc<ParquetMetaData>, FooterError> {
     let mut reader = ObjectReader::new(loc.clone(), size, None);
-    reader.footer().await.map_err(|e| e.to_string())
+    Ok(reader.footer().await?)
 }
 
 /// The job a footer names (if any) and the rows it holds.
@@ -71,7 +94,10 @@ pub async fn occupant(dest: &Location, job_uid: &str, rows: u64) -> Result<Occup
         Err(e) => return Err(StorageError::from_store(&dest.uri(), e)),
     };
     let (found, owner) = match stamp(dest, meta.size).await {
-        Err(e) => (format!("not a Parquet file this job wrote: {e}"), None),
+        Err(FooterError::Storage(e)) => return Err(e),
+        Err(FooterError::NotParquet(e)) => {
+            (format!("not a Parquet file this job wrote: {e}"), None)
+        }
         Ok(stamp) => {
             let owner = stamp.0.clone().filter(|uid| uid != job_uid);
             match owned_by(stamp, job_uid, rows) {

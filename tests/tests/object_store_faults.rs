@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use nightshift_coordinator::finalizer::{Garbage, collect_garbage};
-use nightshift_storage::{ObjectReader, PartUpload, ReadCounter, StorageError, Stores};
+use nightshift_storage::{
+    FooterError, ObjectReader, PartUpload, ReadCounter, StorageError, Stores,
+};
 use nightshift_tests::fault_proxy::{Fault, FaultPlan, FaultProxy};
 use nightshift_tests::python::run_script;
 use nightshift_tests::s3::{self, S3Server};
@@ -817,6 +819,45 @@ async fn proxy_keeps_connections_and_forwards_chunked_bodies() {
         assert_eq!(stats.requests, 14, "{stats:?}");
         // The raw connection carried two requests, and the client reused its connections.
         assert!(stats.connections <= 4, "{stats:?}");
+    })
+    .await
+}
+
+/// A footer the store fails to serve is a storage error of its class, never "not a Parquet
+/// file": the commit and planning try again instead of failing the job for good, and the
+/// output-name check does not take the file for another job's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_footer_the_store_fails_to_serve_is_a_retryable_storage_error() {
+    bounded(async {
+        let s3 = started().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (uri, local) = parquet_input(&s3, "footers", dir.path()).await;
+        let mut plan = FaultPlan::new(1, 1.0).with_kinds(&[Fault::InternalError]);
+        plan.delay = Duration::ZERO;
+        let proxy = FaultProxy::start(s3.addr(), plan).unwrap();
+        let mut settings = s3::settings(&proxy.endpoint());
+        settings.retry = Some(object_store::RetryConfig {
+            max_retries: 1,
+            retry_timeout: Duration::from_secs(5),
+            backoff: object_store::BackoffConfig::default(),
+        });
+        let stores = Stores::new(settings);
+        let loc = stores.locate(&uri).unwrap();
+        let err = nightshift_storage::stamp(&loc, local.len() as u64)
+            .await
+            .expect_err("every request fails");
+        match err {
+            FooterError::Storage(e) => {
+                assert_eq!(e.class(), nightshift_proto::FailureClass::Retryable, "{e}")
+            }
+            other => panic!("taken for a file that is not Parquet: {other}"),
+        }
+        // Through the direct store the same file reads as Parquet.
+        let direct = s3.locate(&uri).unwrap();
+        let (owner, rows) = nightshift_storage::stamp(&direct, local.len() as u64)
+            .await
+            .unwrap();
+        assert_eq!((owner, rows), (None, 20_000));
     })
     .await
 }
