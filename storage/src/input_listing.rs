@@ -160,7 +160,7 @@ impl Source {
         let base = loc.clone();
         Ok(Source::Under {
             base: loc,
-            keep: Box::new(move |m| !hidden(&base, m)),
+            keep: Box::new(move |m| !marker(m) && !hidden(&base, m)),
         })
     }
 
@@ -179,13 +179,18 @@ impl Source {
                 reason: format!("bad glob: {e}"),
             })?
             .compile_matcher();
+        // Hidden names below the base are skipped as in a directory, unless the pattern
+        // itself names one (`data/*/_meta.parquet`).
+        let names_hidden = pattern.split('/').any(is_hidden_name);
         let within = base.clone();
         Ok(Source::Under {
             base,
             keep: Box::new(move |m: &ObjectMeta| {
-                within
-                    .relative(&m.location)
-                    .is_some_and(|rel| glob.is_match(&rel))
+                !marker(m)
+                    && (names_hidden || !hidden(&within, m))
+                    && within
+                        .relative(&m.location)
+                        .is_some_and(|rel| glob.is_match(&rel))
             }),
         })
     }
@@ -261,14 +266,22 @@ impl Source {
     }
 }
 
-/// Whether any part of the object's path below the listed prefix starts with `_` or `.`.
+/// Whether any part of the object's path below the listed prefix is hidden: `_SUCCESS`,
+/// `_temporary/`, `_parts/`, `.crc` files, as Spark and Hive skip them.
 fn hidden(base: &Location, meta: &ObjectMeta) -> bool {
     base.relative(&meta.location)
-        .map(|rel| {
-            rel.split('/')
-                .any(|p| p.starts_with('_') || p.starts_with('.'))
-        })
+        .map(|rel| rel.split('/').any(is_hidden_name))
         .unwrap_or(false)
+}
+
+fn is_hidden_name(name: &str) -> bool {
+    name.starts_with('_') || name.starts_with('.')
+}
+
+/// An empty object in a listing: the "folder" an S3 console makes (key `data/2024/`, which
+/// lists as `data/2024`), or an empty file. Neither can be a Parquet file, so neither is input.
+fn marker(meta: &ObjectMeta) -> bool {
+    meta.size == 0
 }
 
 #[cfg(test)]
@@ -292,9 +305,13 @@ mod tests {
             "a/_SUCCESS",
             "a/.crc",
             "a/sub/3.parquet",
+            "a/_temporary/0/4.parquet",
+            "a/sub/.5.parquet",
         ] {
             touch(d, f);
         }
+        std::fs::write(d.join("a/empty.parquet"), b"").unwrap();
+        touch(d, "b/x/_meta.parquet");
         let stores = Stores::new(S3Settings::default());
         let names = |v: Vec<InputObject>| {
             v.into_iter()
@@ -315,7 +332,15 @@ mod tests {
         let deep = list_inputs(&stores, &format!("{base}/a/**/*.parquet"))
             .await
             .unwrap();
-        assert_eq!(names(deep).len(), 3);
+        assert_eq!(
+            names(deep),
+            ["1.parquet", "2.parquet", "3.parquet"],
+            "hidden and empty objects are no input"
+        );
+        let named = list_inputs(&stores, &format!("{base}/b/*/_meta.parquet"))
+            .await
+            .unwrap();
+        assert_eq!(names(named), ["_meta.parquet"], "a pattern may name one");
 
         let none = list_inputs(&stores, &format!("{base}/a/*.csv"))
             .await

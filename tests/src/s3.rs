@@ -187,6 +187,16 @@ impl S3Server {
         Ok(())
     }
 
+    /// Writes an empty object at `key` as it is spelled, e.g. `in/2024/`: the "folder" an S3
+    /// console makes (an unsigned PUT, which the emulator accepts).
+    pub async fn put_folder_marker(&self, bucket: &str, key: &str) -> Result<()> {
+        let (status, body) = raw_request(self.port, "PUT", &format!("/{bucket}/{key}")).await?;
+        if status != 200 {
+            bail!("PUT /{bucket}/{key}: {status} {body}");
+        }
+        Ok(())
+    }
+
     /// Reads one whole object.
     pub async fn get(&self, uri: &str) -> Result<Bytes> {
         let loc = self.locate(uri)?;

@@ -18,6 +18,13 @@ async fn an_s3_input_streams_in_key_order() {
     s3.put(&format!("s3://{BUCKET}/in/_SUCCESS"), "")
         .await
         .unwrap();
+    // What a failed Spark attempt leaves, and the folders an S3 console makes: never input.
+    s3.put(&format!("s3://{BUCKET}/in/_temporary/0/f.parquet"), "x")
+        .await
+        .unwrap();
+    for marker in ["in/", "in/2024/"] {
+        s3.put_folder_marker(BUCKET, marker).await.unwrap();
+    }
     let names = |uris: Vec<String>| -> Vec<String> {
         uris.iter()
             .map(|u| u.rsplit('/').next().unwrap().to_string())
@@ -26,6 +33,7 @@ async fn an_s3_input_streams_in_key_order() {
     for uri in [
         format!("s3://{BUCKET}/in/"),
         format!("s3://{BUCKET}/in/*.parquet"),
+        format!("s3://{BUCKET}/in/**/*.parquet"),
     ] {
         let stream = stream_inputs(s3.stores(), &uri).await.unwrap();
         assert_eq!(
