@@ -121,11 +121,11 @@ fn template(path: &std::path::Path) -> Result<String> {
     let mut doc: toml::Table = text
         .parse()
         .map_err(|e| anyhow!("{}: not TOML: {e}", path.display()))?;
-    for table in ["input", "model", "output"] {
+    for (table, key) in crate::spec_file::PATH_KEYS {
         if let Some(toml::Value::String(uri)) = doc
             .get_mut(table)
             .and_then(|t| t.as_table_mut())
-            .and_then(|t| t.get_mut("uri"))
+            .and_then(|t| t.get_mut(key))
         {
             *uri = absolutize(uri);
         }
