@@ -92,6 +92,9 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     config.finalize_every = Duration::from_millis(200);
     let coordinator = Coordinator::new(config, store.clone(), stores.clone());
     let service = coordinator.service().clone();
+    // Compared with the job's by hash as the job keeps it (a path through a link is kept as
+    // where it leads).
+    let spec = service.admitted(spec)?;
 
     // The job: new, resumed, or already done.
     let job_id = match store.job_by_name(&spec.name).await? {

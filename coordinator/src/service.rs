@@ -428,6 +428,13 @@ impl Service {
         Ok(())
     }
 
+    /// `spec` as a job keeps it once admitted (local paths with their links followed, the
+    /// output in its one spelling): what a rerun of the same spec file is compared by.
+    pub fn admitted(&self, mut spec: JobSpec) -> Result<JobSpec, ApiError> {
+        self.admit(&mut spec)?;
+        Ok(spec)
+    }
+
     /// Submits a job. With an idempotency key, the same key and spec return the existing job
     /// (created: false); the same key with another spec is a conflict.
     pub async fn submit(

@@ -164,7 +164,11 @@ fn rerun_reports_done_and_a_changed_spec_needs_restart() {
     let model = f.model("m.onnx", &["--hidden", "32"]);
     let out = f.path("out");
     let input = format!("{}/*.parquet", data.display());
-    let toml = spec_toml("again", &input, &model, &out, "[batch]\nsize = 256\n");
+    // Written through a link and a `..`: the job keeps the path as it leads, and a rerun
+    // still finds it the same spec.
+    std::os::unix::fs::symlink(&data, f.path("linked")).unwrap();
+    let written = format!("{}/../linked/*.parquet", data.display());
+    let toml = spec_toml("again", &written, &model, &out, "[batch]\nsize = 256\n");
     let spec = f.spec("job.toml", &toml);
     assert!(run_job(&f, &spec, &[]).status.success());
 
