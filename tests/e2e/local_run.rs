@@ -200,10 +200,20 @@ fn start_and_wait(
     spec: &Path,
     ready: impl Fn(&[(i64, String, i64, i64)]) -> bool,
 ) -> ChildGuard {
-    let mut cmd = nightshift(Path::new(BIN));
     // At most 8,333 rows/s (60 ms a 500-row batch), whatever the machine's load: a 12,000-row
     // shard lasts over a second.
-    let (key, value) = paced(60);
+    start_paced(f, spec, 60, ready)
+}
+
+/// As `start_and_wait`, each model call taking `pace_ms`.
+fn start_paced(
+    f: &Fixture,
+    spec: &Path,
+    pace_ms: u64,
+    ready: impl Fn(&[(i64, String, i64, i64)]) -> bool,
+) -> ChildGuard {
+    let mut cmd = nightshift(Path::new(BIN));
+    let (key, value) = paced(pace_ms);
     cmd.current_dir(f.dir.path())
         .arg("run")
         .arg(spec)
@@ -332,6 +342,36 @@ fn ctrl_c_drains_then_rerun_finishes() {
     );
     assert!(!out.join("_SUCCESS").exists());
 
+    let o = run_job(&f, &spec, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    verify_output(out.to_str().unwrap(), &input, &model, 1500, &[]).assert_exact(&[]);
+}
+
+/// A second Ctrl-C stops at once instead of waiting for the drain; what was held resumes from
+/// its checkpoints on the next run, exactly once.
+#[test]
+fn a_second_ctrl_c_stops_without_waiting_for_the_drain() {
+    const BATCH_MS: u64 = 10_000;
+    let f = Fixture::new();
+    let (spec, model, input, out) = slow_job(&f);
+    let mut child = start_paced(&f, &spec, BATCH_MS, |s| s.iter().any(|x| x.1 == "leased"));
+    // A batch is in flight: the drain would wait for it.
+    std::thread::sleep(Duration::from_millis(500));
+    child.signal("INT");
+    std::thread::sleep(Duration::from_millis(300));
+    child.signal("INT");
+    let stopped = Instant::now();
+    let status = child
+        .wait_for(Duration::from_secs(60))
+        .expect("stopped within a minute");
+    let log = std::fs::read_to_string(f.path("run.log")).unwrap_or_default();
+    assert!(
+        stopped.elapsed() < Duration::from_millis(BATCH_MS / 2),
+        "waited {:?} for the drain: {log}",
+        stopped.elapsed()
+    );
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(log.contains("stopping without draining"), "{log}");
     let o = run_job(&f, &spec, &[]);
     assert!(o.status.success(), "{}", text(&o));
     verify_output(out.to_str().unwrap(), &input, &model, 1500, &[]).assert_exact(&[]);
