@@ -520,13 +520,16 @@ fn a_worker_is_listed_and_drained_from_the_cli() {
 fn a_worker_the_coordinator_refuses_exits_with_the_reason() {
     let f = Fixture::new();
     let c = coordinator(&f, f.path("coordinator.db").to_str().unwrap(), "coord", &[]);
-    for (token, id, why) in [
-        ("not-a-token", "w1", "(401)"),
-        (SUBMIT_TOKEN, "w1", "(403)"),
-        (WORKER_TOKEN, "tab\tid", "control character"),
+    let api = format!("{}/v1", c.url());
+    for (url, token, id, why) in [
+        (c.url(), "not-a-token", "w1", "(401)"),
+        (c.url(), SUBMIT_TOKEN, "w1", "(403)"),
+        (c.url(), WORKER_TOKEN, "tab\tid", "control character"),
+        // A coordinator URL with a path: no such route.
+        (api, WORKER_TOKEN, "w1", "(404)"),
     ] {
         let mut cmd = nightshift(Path::new(BIN));
-        cmd.args(["worker", "--coordinator", &c.url(), "--token", token])
+        cmd.args(["worker", "--coordinator", &url, "--token", token])
             .args(["--worker-id", id, "--spot-metadata", "off", "--cache-dir"])
             .arg(f.path("cache"));
         let o = run(cmd, Duration::from_secs(30));

@@ -37,10 +37,11 @@ pub enum ClientError {
 
 impl ClientError {
     /// Of a claim: the coordinator refuses the worker itself, not one request: its token
-    /// (401), its role (403) or what the claim says about it (400: its id, slots, GPUs or
-    /// machine). No retry changes that.
+    /// (401), its role (403), what the claim says about it (400: its id, slots, GPUs or
+    /// machine), or the claim's route is not there (404, 405: the coordinator URL names
+    /// something else, such as a path after the host). No retry changes that.
     pub fn refuses_worker(&self) -> bool {
-        matches!(self, ClientError::Refused { status, .. } if matches!(status, 400 | 401 | 403))
+        matches!(self, ClientError::Refused { status, .. } if matches!(status, 400 | 401 | 403 | 404 | 405))
     }
 
     fn transient(&self) -> bool {
