@@ -11,6 +11,7 @@ use nightshift_proto::JobSpec;
 use nightshift_proto::wire::{InputFile, JobPlan, Manifest};
 use nightshift_signature::{ModelSignature, plan_tensors};
 use nightshift_storage::input_listing::input_base;
+use nightshift_storage::location::canonical_uri;
 use nightshift_storage::{
     FooterError, InputObject, ObjectReader, StorageError, Stores, list_inputs_upto, read_all,
 };
@@ -68,7 +69,8 @@ pub enum JobCheckError {
 
 /// Whether one of two locations lies inside the other (or they are the same).
 fn overlap(a: &str, b: &str) -> bool {
-    let (a, b) = (output_key(a), output_key(b));
+    // In one spelling each: `s3a://b//data/` is the place `s3://b/data` names.
+    let (a, b) = (output_key(&canonical_uri(a)), output_key(&canonical_uri(b)));
     a.starts_with(&b) || b.starts_with(&a)
 }
 
@@ -311,4 +313,35 @@ pub async fn check_output(stores: &Stores, spec: &JobSpec) -> Result<(), JobChec
     }
     let _ = probe.store().delete(probe.path()).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(input: &str, output: &str) -> JobSpec {
+        JobSpec::from_toml(&format!(
+            "name = \"j\"\n[input]\nuri = \"{input}\"\n[model]\nuri = \"s3://m/m.onnx\"\n\
+             [model.inputs]\nx = \"f\"\n[model.outputs]\ny = \"y\"\n[output]\nuri = \"{output}\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_output_inside_its_input_is_refused_however_either_is_spelled() {
+        for input in [
+            "s3://b/data/",
+            "s3a://b/data/*.parquet",
+            "s3://b//data/",
+            "s3://b/data",
+        ] {
+            let err = check_apart(&spec(input, "s3://b/data/scores/")).unwrap_err();
+            assert!(
+                matches!(err, JobCheckError::OutputOverlapsInput { .. }),
+                "{input}: {err}"
+            );
+        }
+        assert!(check_apart(&spec("s3a://b/data/", "s3://b/data-scores/")).is_ok());
+        assert!(overlap("s3a://b/data/x.parquet", "s3://b/data"));
+    }
 }
