@@ -14,6 +14,9 @@ pub enum StorageError {
     NoSuchBucket { uri: String },
     #[error("access to `{uri}` denied: {message}")]
     AccessDenied { uri: String, message: String },
+    /// Refused for a reason that passes (a skewed clock, expired temporary credentials).
+    #[error("access to `{uri}` refused for now: {message}")]
+    RefusedForNow { uri: String, message: String },
     #[error("no input files match `{uri}`")]
     NoMatch { uri: String },
     #[error("`{uri}` changed since the job was planned ({detail}); refusing to mix versions")]
@@ -46,6 +49,12 @@ impl StorageError {
                     message: denied.to_string(),
                 };
             }
+            Some(passing @ S3Refusal::Passing { .. }) => {
+                return StorageError::RefusedForNow {
+                    uri,
+                    message: passing.to_string(),
+                };
+            }
             None => {}
         }
         match e {
@@ -67,7 +76,7 @@ impl StorageError {
     /// Whether trying again may help. Missing things and refusals do not.
     pub fn class(&self) -> FailureClass {
         match self {
-            StorageError::Io { .. } => FailureClass::Retryable,
+            StorageError::Io { .. } | StorageError::RefusedForNow { .. } => FailureClass::Retryable,
             _ => FailureClass::Permanent,
         }
     }

@@ -17,6 +17,14 @@ use serde::Deserialize;
 
 /// The S3 error code of a request for a bucket that does not exist.
 const NO_SUCH_BUCKET: &str = "NoSuchBucket";
+/// 403 codes that a clock sync or a credential refresh fixes, so that trying again helps:
+/// the request's time is too far from the server's, or its temporary credentials expired.
+const PASSING_403: [&str; 4] = [
+    "RequestTimeTooSkewed",
+    "RequestExpired",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+];
 
 /// Why S3 refused a request, where that decides what the user is told.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,6 +35,9 @@ pub enum S3Refusal {
     /// A 403, with S3's code and message (`AccessDenied`, `InvalidAccessKeyId`, ...).
     #[error("S3 answered 403 {code}: {message}")]
     Denied { code: String, message: String },
+    /// A 403 that passes (`PASSING_403`): a skewed clock or expired temporary credentials.
+    #[error("S3 answered 403 {code}: {message}")]
+    Passing { code: String, message: String },
 }
 
 /// The fields of S3's `<Error>` body that matter here.
@@ -48,10 +59,18 @@ impl S3Refusal {
             StatusCode::NOT_FOUND => error()
                 .filter(|e| e.code == NO_SUCH_BUCKET)
                 .map(|_| S3Refusal::NoSuchBucket),
-            StatusCode::FORBIDDEN => error().map(|e| S3Refusal::Denied {
-                code: e.code,
-                message: e.message,
-            }),
+            StatusCode::FORBIDDEN => {
+                error().map(|e| match PASSING_403.contains(&e.code.as_str()) {
+                    true => S3Refusal::Passing {
+                        code: e.code,
+                        message: e.message,
+                    },
+                    false => S3Refusal::Denied {
+                        code: e.code,
+                        message: e.message,
+                    },
+                })
+            }
             _ => None,
         }
     }
@@ -193,6 +212,26 @@ mod tests {
             generic("403 Forbidden: <Code>AccessDenied</Code> NoSuchBucket".into()),
         );
         assert!(matches!(e, StorageError::Io { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn a_skewed_clock_or_expired_credentials_are_tried_again_a_denial_is_not() {
+        let generic = |r: S3Refusal| object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(HttpError::new(HttpErrorKind::Unknown, r)),
+        };
+        for code in PASSING_403 {
+            let body = error_body(code, "try later");
+            let refusal = S3Refusal::read(StatusCode::FORBIDDEN, body.as_bytes()).unwrap();
+            assert!(matches!(refusal, S3Refusal::Passing { .. }), "{code}");
+            let e = StorageError::from_store("s3://b/k", generic(refusal));
+            assert_eq!(e.class(), nightshift_proto::FailureClass::Retryable, "{e}");
+            assert!(e.to_string().contains(code), "{e}");
+        }
+        let body = error_body("AccessDenied", "no");
+        let refusal = S3Refusal::read(StatusCode::FORBIDDEN, body.as_bytes()).unwrap();
+        let e = StorageError::from_store("s3://b/k", generic(refusal));
+        assert_eq!(e.class(), nightshift_proto::FailureClass::Permanent, "{e}");
     }
 
     /// An S3 endpoint that answers every request with the given status and body.
