@@ -187,45 +187,103 @@ async fn follow(client: &ApiClient, job: &str, json: bool) -> Result<ExitCode> {
 }
 
 fn print_view(v: &JobView) {
-    println!("job {} `{}`: {}", v.id, v.name, v.state);
+    for line in view_lines(v) {
+        println!("{line}");
+    }
+}
+
+/// The lines `status` prints for a job.
+fn view_lines(v: &JobView) -> Vec<String> {
+    let mut lines = Vec::new();
+    lines.push(format!("job {} `{}`: {}", v.id, v.name, v.state));
     if let Some(p) = &v.planning {
         let listed = p
             .files_listed
             .map_or("files still being listed".into(), |n| {
                 format!("of {n} input files")
             });
-        println!("  planning  {} {listed}", p.files_planned);
+        lines.push(format!("  planning  {} {listed}", p.files_planned));
     }
-    println!(
+    lines.push(format!(
         "  rows      {} of {} ({} poison)",
         v.rows_done, v.rows_total, v.error_rows
-    );
+    ));
     let copies = match v.shards.copies {
         0 => String::new(),
         n => format!(" ({n} speculative copies of stragglers running)"),
     };
-    println!(
+    lines.push(format!(
         "  shards    {} pending, {} leased, {} done, {} dead{copies}",
         v.shards.pending, v.shards.leased, v.shards.done, v.shards.dead
-    );
-    println!(
+    ));
+    lines.push(format!(
         "  rate      {:.0} rows/s{}",
         v.rows_per_s,
         v.eta_s
             .map(|e| format!(", ETA {e:.0} s"))
             .unwrap_or_default()
-    );
+    ));
     if let Some(rows) = v.batch_rows {
-        println!("  batch     {rows} rows per model call");
+        lines.push(format!("  batch     {rows} rows per model call"));
     }
     if let Some(text) = &v.text {
-        println!("  text      {text}");
+        lines.push(format!("  text      {text}"));
     }
     if let Some(cost) = &v.cost {
-        println!("  cost      {cost}");
+        lines.push(format!("  cost      {cost}"));
     }
-    println!("  output    {}", v.output_uri);
+    lines.push(format!("  output    {}", v.output_uri));
     if let Some(e) = &v.error {
-        println!("  error     {e}");
+        lines.push(format!("  error     {e}"));
+    }
+    if !v.model_held_by.is_empty() {
+        let held: Vec<String> = v
+            .model_held_by
+            .iter()
+            .map(|h| format!("{} ({})", h.worker, h.device))
+            .collect();
+        lines.push(format!("  model     held by {}", held.join(", ")));
+    }
+    if let Some(n) = &v.notify {
+        let last = match (n.last_status, &n.last_error) {
+            (Some(status), _) => format!(", last answer HTTP {status}"),
+            (None, Some(e)) => format!(", last try failed: {e}"),
+            (None, None) => String::new(),
+        };
+        lines.push(format!(
+            "  notify    {} after {} tries{last}: {}",
+            n.state, n.attempts, n.url
+        ));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_shows_who_holds_the_model_and_how_the_callback_went() {
+        let view: JobView = serde_json::from_value(serde_json::json!({
+            "id": 7, "name": "nightly", "state": "running", "priority": 0, "spec_hash": "h",
+            "output_uri": "s3://out/x", "rows_total": 100, "rows_done": 40, "error_rows": 0,
+            "shards": {"pending": 1, "leased": 1, "done": 2, "dead": 0},
+            "rows_per_s": 10.0, "created_at_ms": 1,
+            "model_held_by": [{"worker": "w1", "device": "cuda:0"}, {"worker": "w2", "device": "cpu"}],
+            "notify": {"url": "https://backlog/done", "state": "pending", "attempts": 3,
+                       "last_status": 503},
+        }))
+        .unwrap();
+        let text = view_lines(&view).join("\n");
+        assert!(
+            text.contains("model     held by w1 (cuda:0), w2 (cpu)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "notify    pending after 3 tries, last answer HTTP 503: https://backlog/done"
+            ),
+            "{text}"
+        );
     }
 }
